@@ -1,0 +1,170 @@
+"""Stage configs are flat dataclasses, resolved as: defaults < --config YAML < CLI flags < --set key=value.
+
+Every layer is checked against the dataclass: an unknown key or a value of the wrong type is a
+UsageError naming the key, so a typo in a 500-step paper run fails in the first second, not at step 400.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prism_cli.errors import UsageError
+
+
+@dataclasses.dataclass
+class CommonConfig:
+    """Fields every stage has. Stage configs inherit these so the CLI can treat them alike."""
+
+    out: str = ""
+    seed: int = 0
+    overwrite: bool = False
+    resume: bool = False
+    dry_run: bool = False
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp, from_text: bool) -> Any:
+    """Check (or, for --set text, parse) one value against a field's annotated type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (from_text and str(value).lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a, from_text)
+            except UsageError as e:
+                errors.append(e)
+        raise errors[0] if errors else UsageError(f"config key '{key}': None is not allowed")
+    if origin in (list, tuple):
+        inner = args[0] if args else str
+        if from_text and isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(key, v, inner, from_text) for v in value]
+    if origin is dict or tp is dict:
+        if from_text and isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise UsageError(f"config key '{key}' expects a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return yaml.safe_load(value) if from_text and isinstance(value, str) else value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UsageError(f"config key '{key}' expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise UsageError(f"config key '{key}' expects an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if from_text and isinstance(value, str):
+            try:
+                f = float(value)
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+        raise UsageError(f"config key '{key}' expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise UsageError(f"config key '{key}' expects a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-5" as a string; accept numeric text anywhere
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UsageError(f"config key '{key}' expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UsageError(f"config key '{key}' expects a string, got {value!r}")
+    raise UsageError(f"config key '{key}' has an unsupported type {_type_name(tp)}")
+
+
+def _apply(cls, values: dict, updates: dict, source: str, from_text: bool) -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in updates.items():
+        if key not in hints:
+            close = [n for n in hints if n.replace("_", "") == key.replace("_", "").replace("-", "")]
+            hint = f"did you mean '{close[0]}'?" if close else f"see `prism <stage> --help`; valid keys: {', '.join(sorted(hints))}"
+            raise UsageError(f"unknown config key '{key}' in {source}", hint=hint)
+        values[key] = _coerce(key, value, hints[key], from_text)
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UsageError(f"malformed YAML in {p}{where}: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {p} is not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {p} must be a mapping of key: value, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_sets(sets: list[str] | None) -> dict:
+    out = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise UsageError(f"--set expects key=value, got '{item}'")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = v
+    return out
+
+
+def resolve(cls, config_file: str | None = None, flags: dict | None = None, sets: list[str] | None = None):
+    """defaults < YAML < flags (only those given: None means 'not given') < --set."""
+    values: dict = {}
+    if config_file:
+        _apply(cls, values, load_yaml(config_file), f"config file {config_file}", from_text=False)
+    _apply(cls, values, {k: v for k, v in (flags or {}).items() if v is not None}, "command-line options",
+           from_text=False)
+    _apply(cls, values, parse_sets(sets), "--set", from_text=True)
+    try:
+        cfg = cls(**values)
+    except TypeError as e:  # a required field with no default was not given
+        raise UsageError(str(e)) from None
+    check = getattr(cfg, "validate", None)
+    if check is not None:
+        check()
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,79 @@
+"""Rich output shared by every stage: one-line errors, progress bars, tables."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+# stdout carries results (tables, paths); stderr carries progress and diagnostics.
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def info(message: str) -> None:
+    if is_main_process():
+        err.print(message)
+
+
+def warn(message: str) -> None:
+    if is_main_process():
+        err.print(f"[yellow]warning:[/] {message}")
+
+
+def error_line(message: str, hint: str | None = None) -> None:
+    text = f"[bold red]error:[/] {message}"
+    if hint:
+        text += f" [dim](hint: {hint})[/]"
+    err.print(text, soft_wrap=True)
+
+
+@contextmanager
+def progress(description: str, total: int | None, enabled: bool = True):
+    """A rich progress bar; yields an object with .advance(n=1) and .update(**fields)."""
+    show = enabled and is_main_process() and not os.environ.get("PRISM_NO_PROGRESS")
+    bar = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                   MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[status]}"), console=err, disable=not show,
+                   transient=False)
+    with bar:
+        task = bar.add_task(description, total=total, status="")
+
+        class _Handle:
+            def advance(self, n: int = 1, status: str | None = None) -> None:
+                bar.advance(task, n)
+                if status is not None:
+                    bar.update(task, status=status)
+
+            def update(self, status: str) -> None:
+                bar.update(task, status=status)
+
+        yield _Handle()
+
+
+def table(title: str, columns: list[str], rows: list[list]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*["" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r])
+    return t
+
+
+def print_table(title: str, columns: list[str], rows: list[list]) -> None:
+    if is_main_process():
+        out.print(table(title, columns, rows))
+
+
+def flush() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()

@@ -1,0 +1,219 @@
+"""The embedded tiny Qwen3-VL (`--ckpt tiny`) and Qwen3-VL-MoE (`--ckpt tiny-moe`).
+
+Real architectures, real processor, random weights: a fresh machine with no model hub runs every stage
+for real on them. Everything is built from fixed seeds (tokenizer corpus, weights), so two machines
+build the same bytes; the result is cached under $PRISM_HOME/tiny (default ~/.cache/prism/tiny).
+
+The tokenizer is a byte-level BPE trained here with Qwen2's pre-tokenizer, plus Qwen's special tokens
+and the protocol tags as single tokens. The chat template follows Qwen's shape and wraps assistant
+turns in {% generation %} markers, so `return_assistant_tokens_mask=True` gives the exact label mask.
+A 64x64 image becomes an 8x8 grid of 8-pixel patches, merged 2x2 into 16 <|image_pad|> tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+# Bump when anything below changes what is built: it keys the cache.
+TINY_BUILD_VERSION = "1"
+
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+                  "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+PROTOCOL_TOKENS = ["<caption>", "</caption>", "<think>", "</think>", "<answer>", "</answer>"]
+
+QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                           r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}{%- if 'text' in part -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}"
+    "{%- else -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in part -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Sizes (about 1.6M parameters dense). H != I and H != 2I so MoE expert tensors never need a transpose.
+TEXT_SIZE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, max_position_embeddings=8192)
+ROPE = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [8, 4, 4], "mrope_interleaved": True}
+VISION_SIZE = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=8, spatial_merge_size=2,
+                   temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64,
+                   deepstack_visual_indexes=[0])
+# Image pixel bounds of the tiny processor: 32x32 .. 128x128 (larger images are downscaled).
+MIN_PIXELS = 32 * 32
+MAX_PIXELS = 128 * 128
+VOCAB_TARGET = 2048
+MOE_EXPERTS = 4
+MOE_TOP_K = 2
+
+_WORDS = (
+    "the a an of in on to is are and or with what how many which shape shapes object objects image picture "
+    "shows there here this that these those count total number sum difference more less larger smaller "
+    "largest smallest bigger biggest left right top bottom middle center above below next to between "
+    "red green blue yellow purple orange black white gray grey brown pink cyan "
+    "circle circles square squares triangle triangles pentagon pentagons hexagon hexagons rectangle star "
+    "bar bars chart value values height label labels axis side sides corner corners area size "
+    "first second third then so therefore because step steps answer final question option options choose "
+    "select letter describe description caption think reasoning reason each all none both only "
+    "background style plot diagram figure text key items item one two three four five six seven eight "
+    "nine ten eleven twelve zero plus minus times equals equal yes no true false "
+    "you are helpful assistant user system please respond format following"
+).split()
+
+
+def _tokenizer_corpus(rng: random.Random) -> list[str]:
+    """Text the BPE learns from: protocol-shaped responses, questions, numbers, and filler words."""
+    corpus = []
+    for _ in range(6000):
+        corpus.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 24))) + rng.choice([".", "?", "\n", ":"]))
+    for _ in range(3000):
+        n = rng.randint(0, 999)
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        corpus.append(f"<caption>\n- {rng.choice(_WORDS)} {rng.choice(_WORDS)}: {n}\n- {a} {rng.choice(_WORDS)}\n"
+                      f"</caption>\n<think>\n{a} + {b} = {a + b}. {a} - {b} = {a - b}. So the answer is {n}.\n"
+                      f"</think>\n<answer>{rng.choice([str(n), 'A', 'B', 'C', 'D', '(B)', '3.5', '1/2'])}</answer>")
+    corpus += [str(i) for i in range(1000)] + ["A. B. C. D. (A) (B) (C) (D)"] * 20
+    return corpus
+
+
+def _build_tokenizer(seed: int):
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import AddedToken, Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    n_added = len(SPECIAL_TOKENS) + len(PROTOCOL_TOKENS)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_TARGET - n_added, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])
+    bpe.train_from_iterator(_tokenizer_corpus(random.Random(seed)), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", extra_special_tokens={})
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PROTOCOL_TOKENS])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _build_processor(tok):
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
+    image = Qwen2VLImageProcessor(patch_size=8, temporal_patch_size=2, merge_size=2, size=size,
+                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    video = Qwen3VLVideoProcessor(patch_size=8, temporal_patch_size=2, merge_size=2,
+                                  size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS * 8},
+                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=video, chat_template=CHAT_TEMPLATE)
+
+
+def _special_ids(tok) -> dict:
+    return dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+                video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+                vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+                vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+
+
+def _build_model(tok, moe: bool, seed: int):
+    import torch
+    from transformers import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                              Qwen3VLMoeForConditionalGeneration)
+
+    text = dict(TEXT_SIZE, vocab_size=len(tok), rope_parameters=dict(ROPE), pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    if moe:
+        text.update(moe_intermediate_size=TEXT_SIZE["intermediate_size"], num_experts=MOE_EXPERTS,
+                    num_experts_per_tok=MOE_TOP_K, decoder_sparse_step=1, mlp_only_layers=[],
+                    router_aux_loss_coef=0.01)
+        cfg = Qwen3VLMoeConfig(text_config=text, vision_config=dict(VISION_SIZE), tie_word_embeddings=False,
+                               **_special_ids(tok))
+        model = Qwen3VLMoeForConditionalGeneration(cfg)
+    else:
+        cfg = Qwen3VLConfig(text_config=text, vision_config=dict(VISION_SIZE), tie_word_embeddings=False,
+                            **_special_ids(tok))
+        model = Qwen3VLForConditionalGeneration(cfg)
+    gc = model.generation_config
+    gc.eos_token_id = tok.eos_token_id
+    gc.pad_token_id = tok.pad_token_id
+    gc.bos_token_id = None
+    gc.do_sample = True
+    gc.temperature = 1.0
+    gc.top_p = 1.0
+    gc.top_k = 0
+    return model
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PRISM_HOME", Path.home() / ".cache" / "prism")) / "tiny"
+
+
+def build_key(name: str, seed: int = 0) -> str:
+    import transformers
+
+    spec = json.dumps([TINY_BUILD_VERSION, name, seed, TEXT_SIZE, VISION_SIZE, ROPE, VOCAB_TARGET,
+                       transformers.__version__], sort_keys=True)
+    return hashlib.sha256(spec.encode()).hexdigest()[:12]
+
+
+def build(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Build tiny (dense) or tiny-moe into out_dir (save_pretrained layout)."""
+    if name not in ("tiny", "tiny-moe"):
+        raise ValueError(f"unknown tiny model {name!r}")
+    out_dir = Path(out_dir)
+    tok = _build_tokenizer(seed)
+    processor = _build_processor(tok)
+    model = _build_model(tok, moe=(name == "tiny-moe"), seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def ensure(name: str, seed: int = 0) -> Path:
+    """Path of the cached tiny model, building it on first use (atomically: build in a temp dir, rename)."""
+    target = cache_root() / f"{name}-{build_key(name, seed)}"
+    if (target / "config.json").is_file() and (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build(name, tmp, seed)
+        (tmp / ".complete").write_text("ok\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race; use theirs
+            if not (target / ".complete").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
