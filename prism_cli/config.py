@@ -17,15 +17,27 @@ import yaml
 from prism_cli.errors import UsageError
 
 
+def opt(default=dataclasses.MISSING, help: str = "", group: str = "Options", flag: str | None = None,
+        cli: bool = True, factory=None):
+    """A config field with what the CLI needs: help text, the --help panel it appears in, its flag.
+
+    cli=False keeps a field reachable only through YAML and --set (rarely changed knobs).
+    """
+    meta = {"help": help, "group": group, "flag": flag, "cli": cli}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclasses.dataclass
 class CommonConfig:
     """Fields every stage has. Stage configs inherit these so the CLI can treat them alike."""
 
-    out: str = ""
-    seed: int = 0
-    overwrite: bool = False
-    resume: bool = False
-    dry_run: bool = False
+    out: str = opt("", "output checkpoint directory", group="Output")
+    seed: int = opt(0, "random seed (data order, sampling, init)", group="Output")
+    overwrite: bool = opt(False, "replace a complete output directory", group="Output")
+    resume: bool = opt(False, "continue a partial output directory from its state/", group="Output")
+    dry_run: bool = opt(False, "validate the config, print the resolved plan, run nothing", group="Output")
 
 
 def field_names(cls) -> list[str]:

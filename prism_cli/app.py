@@ -1,0 +1,185 @@
+"""The `prism` command line: one thin command per stage.
+
+Each stage command is generated from the stage's Config dataclass (its fields' help text and panels
+become the grouped --help), resolves the config (defaults < --config YAML < flags < --set) and calls
+the stage's run(config). Stage modules are imported only when their command runs, so `prism --help`
+stays fast (no torch import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import os
+import sys
+import traceback
+import typing
+from typing import Optional
+
+import typer
+
+from prism_cli import __version__, console
+from prism_cli import config as cfgmod
+from prism_cli.errors import NotBuiltError, PrismError, UsageError
+
+# stage -> (config class, run function, one-line description)
+STAGES = {
+    "curate": ("stages.curate.config:CurateConfig", "stages.curate.run:run",
+               "Collect teacher demonstrations (Gemini, OpenAI-compatible, local, oracle) for what the student cannot solve."),
+    "sft": ("stages.sft.config:SFTConfig", "stages.sft.run:run",
+            "Supervised fine-tuning on demonstrations (assistant-token loss, packing, accelerate)."),
+    "align": ("stages.align.config:AlignConfig", "stages.align.run:run",
+              "PRISM pre-alignment: adversarial on-policy distillation against an MoE discriminator."),
+    "rl": ("stages.rl.config:RLConfig", "stages.rl.run:run",
+           "Verifiable-reward RL with GRPO, DAPO or GSPO."),
+    "eval": ("stages.eval.config:EvalConfig", "stages.eval.run:run",
+             "Evaluate checkpoints on synth and lmms-eval benchmarks; compare runs in a table."),
+    "export": ("stages.export.config:ExportConfig", "stages.export.run:run",
+               "Export a checkpoint as a plain Hugging Face folder with a model card."),
+}
+
+app = typer.Typer(name="prism", add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="PRISM post-training for vision-language models: curate -> sft -> align -> rl -> eval -> export.")
+
+
+def _import(path: str):
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _version_callback(value: bool):
+    if value:
+        console.out.print(f"prism {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Optional[bool] = typer.Option(None, "--version", callback=_version_callback, is_eager=True,
+                                                 help="Show the version and exit.")):
+    pass
+
+
+def report_errors(fn, debug: bool):
+    """Run fn; a PrismError becomes one line and its exit code, a bug one line (traceback under --debug)."""
+    try:
+        return fn()
+    except PrismError as e:
+        if debug:
+            traceback.print_exc()
+        console.error_line(e.message, e.hint)
+        raise typer.Exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.error_line("interrupted", "re-run with --resume to continue")
+        raise typer.Exit(130)
+    except (typer.Exit, SystemExit):
+        raise
+    except Exception as e:  # a bug, not a user error: say so, keep it to one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else ""
+        console.error_line(f"internal error: {type(e).__name__}: {first}",
+                           None if debug else "run with --debug for the traceback")
+        raise typer.Exit(1)
+
+
+def _cli_type(tp):
+    """The type typer should parse a field as (always optional: None means 'not given')."""
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")) and len(args) == 1:
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return Optional[list[str]]
+    if tp in (int, float, str, bool):
+        return Optional[tp]
+    return Optional[str]
+
+
+def _make_stage_command(stage: str, config_path: str, run_path: str, description: str):
+    try:
+        config_cls = _import(config_path)
+    except (ImportError, AttributeError):
+        config_cls = None
+
+    if config_cls is None:
+        def not_built(args: Optional[list[str]] = typer.Argument(None, hidden=True)):
+            console.error_line(f"`prism {stage}` is not built in this version yet",
+                               "see the README's status table")
+            raise typer.Exit(NotBuiltError.exit_code)
+        not_built.__doc__ = description + " [not built yet]"
+        app.command(stage, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(not_built)
+        return
+
+    hints = typing.get_type_hints(config_cls)
+    params = [
+        inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                          default=typer.Option(None, "--config", help="YAML file of config values.",
+                                               rich_help_panel="Config")),
+        inspect.Parameter("sets", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
+                          default=typer.Option(None, "--set", help="Override any config field: key=value (repeatable).",
+                                               rich_help_panel="Config")),
+        inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--debug", help="Show tracebacks.", rich_help_panel="Config")),
+    ]
+    cli_fields = []
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata or {}
+        if not meta.get("cli", True):
+            continue
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        default_text = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        tp = _cli_type(hints[f.name])
+        names = [flag] if tp is not Optional[bool] else [f"{flag}/{flag.replace('--', '--no-', 1)}"]
+        option = typer.Option(None, *names, help=f"{meta.get('help', '')} [dim](default: {default_text!r})[/]",
+                              rich_help_panel=meta.get("group", "Options"), show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp, default=option))
+        cli_fields.append(f.name)
+
+    def command(**kwargs):
+        debug = kwargs.pop("debug")
+        config_file = kwargs.pop("config_file")
+        sets = kwargs.pop("sets")
+        flags = {k: v for k, v in kwargs.items() if v is not None}
+
+        def go():
+            cfg = cfgmod.resolve(config_cls, config_file=config_file, flags=flags, sets=sets)
+            run = _import(run_path)
+            result = run(cfg)
+            if result is not None:
+                console.out.print(str(result))
+
+        report_errors(go, debug)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = description
+    command.__name__ = stage
+    app.command(stage, help=description)(command)
+
+
+for _stage, (_cfg, _run, _desc) in STAGES.items():
+    _make_stage_command(_stage, _cfg, _run, _desc)
+
+
+@app.command("inspect", help="Show a checkpoint's stage, lineage, config highlights and metrics.")
+def inspect_cmd(path: str = typer.Argument(..., help="checkpoint directory"),
+                verify: bool = typer.Option(False, "--verify", help="re-hash every file against the manifest"),
+                debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    from prism_cli.inspect import show
+
+    report_errors(lambda: show(path, verify=verify), debug)
+
+
+def main():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=True)
+    except SystemExit as e:
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""The checkpoint-directory contract (ARCHITECTURE.md).
+
+A stage reads checkpoint specs (`resolve`) and writes exactly one output directory (`open_output` ->
+`Run`). The manifest prism.json is written last and atomically: its presence means the directory is
+complete. It records the stage, versions, parents with fingerprints, the resolved config, data
+fingerprints, summary metrics, every file's size and sha256, and a hash of itself so hand edits are
+caught. Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prism_cli import __version__
+from prism_cli.errors import PrismError, UsageError
+
+FORMAT_VERSION = 1
+MANIFEST = "prism.json"
+RUN_MARKER = ".prism-run.json"  # written at start: marks a directory as a (possibly partial) prism run
+STAGES = ("curate", "sft", "align", "rl", "eval", "export")
+TINY_SPECS = ("tiny", "tiny-moe")
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.I)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "prism": __version__}
+    for name in ("torch", "transformers", "accelerate", "datasets", "deepspeed", "vllm", "flash-attn",
+                 "google-genai", "lmms-eval"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def scrub(obj: Any) -> Any:
+    """Belt and braces: configs never hold secrets, but a key that looks secret is never written."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and v not in (None, "") else scrub(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+@dataclasses.dataclass
+class CkptSpec:
+    """What a --ckpt / --data / --disc argument resolved to."""
+
+    ref: str                      # as the user gave it
+    kind: str                     # "prism" | "hf" | "hub" | "tiny"
+    path: Path | None = None      # directory on disk (prism checkpoint dir or HF model dir)
+    manifest: dict | None = None  # prism.json for kind == "prism"
+
+    @property
+    def stage(self) -> str:
+        return self.manifest["stage"] if self.manifest else "base"
+
+    @property
+    def model_path(self) -> str:
+        """Where from_pretrained should load the policy from."""
+        if self.kind == "prism":
+            return str(self.path / "model")
+        if self.kind == "tiny":
+            from stages.common import tiny
+
+            return str(tiny.ensure(self.ref))
+        if self.kind == "hf":
+            return str(self.path)
+        return self.ref
+
+    @property
+    def fingerprint(self) -> str:
+        if self.kind == "prism":
+            return hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
+        if self.kind == "tiny":
+            from stages.common import tiny
+
+            return f"tiny:{tiny.build_key(self.ref)}"
+        if self.kind == "hf" and (self.path / "config.json").is_file():
+            return "config:" + sha256_file(self.path / "config.json")
+        return f"hub:{self.ref}"
+
+    def describe(self) -> str:
+        return f"{self.ref} ({self.stage if self.kind == 'prism' else self.kind + ' base model'})"
+
+
+def load_manifest(path: str | Path) -> dict:
+    """Read and validate prism.json of a checkpoint directory (without re-hashing the files)."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PrismError(f"{path} has no {MANIFEST}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PrismError(f"{mpath} is not valid JSON ({e.__class__.__name__})",
+                         hint="the checkpoint is corrupt; re-run the stage that wrote it") from None
+    if not isinstance(manifest, dict) or "self_sha256" not in manifest:
+        raise PrismError(f"{mpath} is not a prism manifest")
+    claimed = manifest["self_sha256"]
+    body = {k: v for k, v in manifest.items() if k != "self_sha256"}
+    if hashlib.sha256(_canonical(body)).hexdigest() != claimed:
+        raise PrismError(f"{mpath} does not match its own checksum: it was edited or corrupted",
+                         hint="re-run the stage that wrote it")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PrismError(f"{mpath} has format version {manifest.get('format_version')}, "
+                         f"this prism reads version {FORMAT_VERSION}")
+    if manifest.get("stage") not in STAGES:
+        raise PrismError(f"{mpath} names an unknown stage {manifest.get('stage')!r}")
+    return manifest
+
+
+def verify_files(path: str | Path, manifest: dict | None = None, full: bool = True) -> list[str]:
+    """Problems with the files a manifest lists: missing, wrong size, (full) wrong sha256."""
+    path = Path(path)
+    manifest = manifest or load_manifest(path)
+    problems = []
+    for rel, info in sorted(manifest.get("files", {}).items()):
+        f = path / rel
+        if not f.is_file():
+            problems.append(f"{rel}: missing")
+        elif f.stat().st_size != info["size"]:
+            problems.append(f"{rel}: size {f.stat().st_size} != {info['size']}")
+        elif full and sha256_file(f) != info["sha256"]:
+            problems.append(f"{rel}: sha256 mismatch")
+    return problems
+
+
+# Files up to this size are re-hashed every time a checkpoint is opened (configs, tokenizers, data
+# shards of tiny runs); larger ones get a size check, and a full re-hash with `prism inspect --verify`.
+QUICK_HASH_LIMIT = 64 << 20
+
+
+def _quick_verify(path: Path, manifest: dict) -> None:
+    for rel, info in sorted(manifest.get("files", {}).items()):
+        f = path / rel
+        if not f.is_file():
+            raise PrismError(f"checkpoint {path} is missing {rel}", hint="it was modified after it was written")
+        size = f.stat().st_size
+        if size != info["size"] or (size <= QUICK_HASH_LIMIT and sha256_file(f) != info["sha256"]):
+            raise PrismError(f"checkpoint {path}: {rel} does not match its checksum in {MANIFEST}",
+                             hint="the file was modified or corrupted; re-run the stage that wrote it")
+
+
+def resolve(ref: str, role: str = "--ckpt") -> CkptSpec:
+    """Turn a checkpoint spec into a CkptSpec, refusing incomplete, corrupt or unknown directories."""
+    if not ref:
+        raise UsageError(f"{role} is required")
+    if ref in TINY_SPECS:
+        return CkptSpec(ref=ref, kind="tiny")
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if (path / MANIFEST).is_file():
+            manifest = load_manifest(path)
+            _quick_verify(path, manifest)
+            return CkptSpec(ref=ref, kind="prism", path=path, manifest=manifest)
+        if (path / RUN_MARKER).is_file() or (path / "state").is_dir():
+            raise PrismError(f"{role} {ref} is an incomplete checkpoint (no {MANIFEST}): its run was interrupted",
+                             hint=f"finish it with --resume --out {ref}")
+        if (path / "config.json").is_file():
+            return CkptSpec(ref=ref, kind="hf", path=path)
+        raise PrismError(f"{role} {ref} is neither a prism checkpoint (no {MANIFEST}) nor a Hugging Face model "
+                         f"directory (no config.json)")
+    if path.exists():
+        raise PrismError(f"{role} {ref} is a file, not a checkpoint directory")
+    first = ref.split("/")[0]
+    looks_local = ref.startswith((".", "/", "~")) or Path(first).exists() or not _HUB_ID.match(ref)
+    if looks_local:
+        raise PrismError(f"{role} {ref} does not exist", hint="give a prism checkpoint, an HF model directory, "
+                                                               "a hub id, or 'tiny'")
+    return CkptSpec(ref=ref, kind="hub")
+
+
+def require_stage(spec: CkptSpec, allowed: tuple[str, ...], role: str = "--ckpt") -> CkptSpec:
+    """Refuse a checkpoint from the wrong stage, naming what was expected."""
+    if spec.stage not in allowed:
+        want = " or ".join(f"'{s}'" for s in allowed)
+        raise PrismError(f"{role} {spec.ref} is a '{spec.stage}' checkpoint; this stage needs {want}")
+    return spec
+
+
+def lineage(spec: CkptSpec, max_depth: int = 16) -> list[dict]:
+    """Walk parents back to the base model: [{ref, stage, role, ok}] from this checkpoint backwards."""
+    chain = [{"ref": spec.ref, "stage": spec.stage, "role": "self", "ok": True}]
+    current = spec
+    for _ in range(max_depth):
+        if current.kind != "prism":
+            break
+        parents = current.manifest.get("parents", [])
+        policy = next((p for p in parents if p["role"] in ("policy", "model")), parents[0] if parents else None)
+        if policy is None:
+            break
+        try:
+            nxt = resolve(policy["ref"])
+            ok = nxt.fingerprint == policy["fingerprint"]
+        except PrismError:
+            chain.append({"ref": policy["ref"], "stage": policy.get("stage", "?"), "role": policy["role"],
+                          "ok": False})
+            break
+        chain.append({"ref": policy["ref"], "stage": nxt.stage, "role": policy["role"], "ok": ok})
+        current = nxt
+    return chain
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+class Run:
+    """An output directory being written by one stage. `finalize` makes it a checkpoint."""
+
+    def __init__(self, path: Path, stage: str, config: dict, parents: list[CkptSpec | tuple[str, CkptSpec]],
+                 resuming: bool):
+        self.path = path
+        self.stage = stage
+        self.config = config
+        self.parents = parents
+        self.resuming = resuming
+        self.main = is_main_process()
+
+    model_dir = property(lambda self: self.path / "model")
+    state_dir = property(lambda self: self.path / "state")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+
+    def log_metrics(self, record: dict) -> None:
+        """Append one JSON line to metrics.jsonl (main process only)."""
+        if not self.main:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, after_step: int, key: str = "step") -> None:
+        """On resume, drop records logged after the saved state so the log has no duplicated steps."""
+        if not self.main or not self.metrics_path.is_file():
+            return
+        kept = [r for r in self.read_metrics() if r.get(key, 0) <= after_step]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.metrics_path)
+
+    def finalize(self, summary: dict | None = None, data: dict | None = None, keep_state: bool = False) -> Path:
+        """Hash every file and write prism.json last, atomically. Returns the directory."""
+        if not self.main:
+            return self.path
+        if not keep_state and self.state_dir.exists():
+            shutil.rmtree(self.state_dir)
+        files = {}
+        for f in sorted(self.path.rglob("*")):
+            rel = f.relative_to(self.path).as_posix()
+            if f.is_file() and rel not in (MANIFEST, RUN_MARKER) and not rel.endswith(".tmp"):
+                files[rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        parents = []
+        for item in self.parents:
+            role, spec = item if isinstance(item, tuple) else ("policy", item)
+            parents.append({"role": role, "ref": spec.ref, "kind": spec.kind, "stage": spec.stage,
+                            "fingerprint": spec.fingerprint})
+        body = {
+            "format_version": FORMAT_VERSION,
+            "stage": self.stage,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": library_versions(),
+            "parents": parents,
+            "config": scrub(self.config),
+            "data": data or {},
+            "summary": scrub(summary or {}),
+            "files": files,
+        }
+        manifest = dict(body, self_sha256=hashlib.sha256(_canonical(body)).hexdigest())
+        tmp = self.path / (MANIFEST + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / MANIFEST)
+        (self.path / RUN_MARKER).unlink(missing_ok=True)
+        return self.path
+
+
+def _config_for_compare(config: dict) -> dict:
+    plain = json.loads(json.dumps(scrub(config), default=str))
+    return {k: v for k, v in plain.items() if k not in ("resume", "overwrite", "dry_run")}
+
+
+def open_output(out: str, stage: str, config: dict, parents: list, overwrite: bool = False,
+                resume: bool = False) -> Run:
+    """Prepare the output directory of a stage run.
+
+    complete (manifest) -> refused unless --overwrite; partial (marker or state/) -> refused unless
+    --resume or --overwrite; a non-empty directory that is not a prism run -> refused unless --overwrite.
+    """
+    if not out:
+        raise UsageError("--out is required")
+    path = Path(out).expanduser()
+    main = is_main_process()
+    resuming = False
+    if path.exists() and not path.is_dir():
+        raise PrismError(f"--out {out} exists and is a file")
+    if path.is_dir() and any(path.iterdir()):
+        complete = (path / MANIFEST).is_file()
+        partial = not complete and ((path / RUN_MARKER).is_file() or (path / "state").is_dir())
+        if overwrite:
+            if main:
+                shutil.rmtree(path)
+        elif complete:
+            raise PrismError(f"--out {out} already holds a complete '{_stage_of(path)}' checkpoint",
+                             hint="pass --overwrite to replace it, or choose another --out")
+        elif partial and resume:
+            marker = _read_marker(path)
+            if marker.get("stage") != stage:
+                raise PrismError(f"--out {out} holds a partial '{marker.get('stage')}' run, not '{stage}'")
+            before, now = _config_for_compare(marker.get("config", {})), _config_for_compare(config)
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            if changed:
+                raise PrismError(f"cannot resume {out}: config differs from the interrupted run in "
+                                 f"{', '.join(changed)}", hint="resume with the same options, or --overwrite")
+            resuming = True
+        elif partial:
+            raise PrismError(f"--out {out} holds an interrupted run",
+                             hint="pass --resume to continue it or --overwrite to start again")
+        else:
+            raise PrismError(f"--out {out} is a non-empty directory that is not a prism run",
+                             hint="choose an empty or new directory, or pass --overwrite")
+    if main:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if not resuming:
+                (path / RUN_MARKER).write_text(json.dumps({"stage": stage, "config": scrub(config)}, default=str,
+                                                          sort_keys=True))
+        except OSError as e:
+            raise PrismError(f"cannot write to --out {out}: {e.strerror}") from None
+    return Run(path, stage, config, parents, resuming)
+
+
+def _read_marker(path: Path) -> dict:
+    try:
+        return json.loads((path / RUN_MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _stage_of(path: Path) -> str:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("stage", "?")
+    except (OSError, json.JSONDecodeError):
+        return "?"

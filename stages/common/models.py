@@ -1,0 +1,136 @@
+"""Load a policy and its processor from any checkpoint spec, on any hardware.
+
+One code path for the tiny model on a CPU and Qwen3-VL-4B on GPUs: the dtype (bf16 on GPU, fp32 on CPU)
+and attention (flash_attention_2 when installed on a GPU, else sdpa) are chosen here, never by callers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from prism_cli.checkpoint import CkptSpec, resolve
+from prism_cli.errors import PrismError
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str = "auto", device: torch.device | None = None) -> torch.dtype:
+    device = device or default_device()
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in table:
+        raise PrismError(f"unknown dtype {dtype!r}", hint="use auto, bf16, fp16 or fp32")
+    return table[dtype]
+
+
+def pick_attention(attn: str = "auto", device: torch.device | None = None) -> str:
+    device = device or default_device()
+    if attn != "auto":
+        if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise PrismError("attention flash_attention_2 was asked for but flash-attn is not installed",
+                             hint="pip install 'prism-vlm[gpu]' or use --set attn=sdpa")
+        return attn
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def as_spec(ckpt: str | CkptSpec) -> CkptSpec:
+    return ckpt if isinstance(ckpt, CkptSpec) else resolve(ckpt)
+
+
+def load_processor(ckpt: str | CkptSpec, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The model's processor (tokenizer + image processor + chat template); pixel bounds honoured."""
+    from transformers import AutoProcessor, ProcessorMixin
+
+    path = as_spec(ckpt).model_path
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except OSError as e:
+        raise PrismError(f"cannot load the processor of {path}: {str(e).splitlines()[0]}") from None
+    # Without torchvision, AutoProcessor silently falls back to a bare tokenizer; a VLM can't train on that.
+    if not isinstance(processor, ProcessorMixin) or not hasattr(processor, "image_processor"):
+        raise PrismError(f"{path} did not load as a multimodal processor (got {type(processor).__name__})",
+                         hint="is torchvision installed and importable?")
+    if min_pixels or max_pixels:
+        ip = processor.image_processor
+        size = dict(getattr(ip, "size", None) or {})
+        if min_pixels:
+            size["shortest_edge"] = int(min_pixels)
+            if hasattr(ip, "min_pixels"):
+                ip.min_pixels = int(min_pixels)
+        if max_pixels:
+            size["longest_edge"] = int(max_pixels)
+            if hasattr(ip, "max_pixels"):
+                ip.max_pixels = int(max_pixels)
+        ip.size = size
+    tok = processor.tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return processor
+
+
+def load_policy(ckpt: str | CkptSpec, *, dtype: str = "auto", attn: str = "auto", device: torch.device | None = None,
+                gradient_checkpointing: bool = False, freeze_vision: bool = False, train: bool = True):
+    """The policy as an image-text-to-text model, on `device`, in the dtype/attention for that device."""
+    from transformers import AutoModelForImageTextToText
+
+    spec = as_spec(ckpt)
+    device = device or default_device()
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            spec.model_path, dtype=pick_dtype(dtype, device), attn_implementation=pick_attention(attn, device))
+    except OSError as e:
+        raise PrismError(f"cannot load model weights from {spec.describe()}: {str(e).splitlines()[0]}") from None
+    model.to(device)
+    if freeze_vision:
+        freeze_vision_tower(model)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train(train)
+    return model
+
+
+def vision_tower(model):
+    for name in ("visual", "model.visual"):
+        obj = model
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    raise PrismError(f"{type(model).__name__} has no vision tower to freeze")
+
+
+def freeze_vision_tower(model) -> None:
+    for p in vision_tower(model).parameters():
+        p.requires_grad_(False)
+
+
+def count_parameters(model, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def save_policy(model, processor, out_dir: str | Path) -> Path:
+    """HF save_pretrained layout (safetensors + config + processor + chat template + generation config)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unwrapped = getattr(model, "module", model)
+    unwrapped.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    return out_dir
