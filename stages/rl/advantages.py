@@ -55,7 +55,7 @@ def _work_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _as_1d_float(values, name: str, device=None) -> torch.Tensor:
+def _as_1d(values, name: str, device=None) -> torch.Tensor:
     t = torch.as_tensor(values, device=device)
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D (one value per response), got shape {tuple(t.shape)}")
@@ -93,7 +93,7 @@ def group_normalized_advantages(rewards, group_ids: GroupIds, normalize_std: boo
     its advantage is r_i / (1 + eps) (r_i with normalize_std=False). Groups of identical rewards get 0.
     Returns float32 [N] on the rewards' device; the stage broadcasts it over the response tokens.
     """
-    rewards = _as_1d_float(rewards, "rewards")
+    rewards = _as_1d(rewards, "rewards")
     index, num_groups, _ = group_index(group_ids, rewards.numel(), rewards.device)
     return _group_normalize(rewards, index, num_groups, normalize_std, eps).to(torch.float32)
 
@@ -150,12 +150,13 @@ def dynamic_sampling_keep(acc, group_ids: GroupIds) -> DynamicSamplingKeep:
     (acc is 0/1 from the reward function). A group of one response is kept: under the group-of-one
     convention its advantage is its reward, not 0, so it still carries signal.
     """
-    acc = _as_1d_float(acc, "acc")
+    acc = _as_1d(acc, "acc")
     index, num_groups, keys = group_index(group_ids, acc.numel(), acc.device)
     x = acc.to(_work_dtype(acc.device))
-    count = torch.zeros(num_groups, dtype=x.dtype, device=x.device).index_add(0, index, torch.ones_like(x))
-    group_max = torch.full((num_groups,), -torch.inf, dtype=x.dtype, device=x.device).scatter_reduce(0, index, x, "amax")
-    group_min = torch.full((num_groups,), torch.inf, dtype=x.dtype, device=x.device).scatter_reduce(0, index, x, "amin")
+    empty = torch.empty(num_groups, dtype=x.dtype, device=x.device)
+    group_max = torch.full_like(empty, -torch.inf).scatter_reduce(0, index, x, "amax")
+    group_min = torch.full_like(empty, torch.inf).scatter_reduce(0, index, x, "amin")
+    count = torch.zeros_like(empty).index_add(0, index, torch.ones_like(x))
     group_mask = (group_max != group_min) | (count == 1)
     return DynamicSamplingKeep(
         response_mask=group_mask[index],

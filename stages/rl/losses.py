@@ -2,7 +2,8 @@
 
 Shapes: `logp`, `old_logp`, `ref_logp` and `mask` are [B, T] (B responses, T response tokens, right
 padded); `mask` is bool or 0/1 and marks the real response tokens. Padded positions never count and
-may hold anything (even inf/NaN): they are replaced before any arithmetic that could spread them.
+may hold anything (even inf/NaN): they are replaced before any arithmetic that could spread them
+(for `kl_penalty`, pass its `mask`).
 Advantages are per response [B] (broadcast over tokens) or per token [B, T].
 
 Losses are returned as 0-dim tensors to call `.backward()` on; stats are detached 0-dim tensors
@@ -69,10 +70,11 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
     if normalizer is None:
         normalizer = aggregation_normalizer(mask, mode).to(loss_mat.device)
     if isinstance(normalizer, torch.Tensor):
+        # a zero count only happens with nothing to sum (numerator 0): avoid 0/0, keep fractions (n / W)
         normalizer = normalizer.to(device=loss_mat.device, dtype=loss_mat.dtype)
-        denominator = normalizer.clamp(min=1.0)
+        denominator = torch.where(normalizer > 0, normalizer, torch.ones_like(normalizer))
     else:
-        denominator = max(float(normalizer), 1.0)
+        denominator = float(normalizer) if normalizer > 0 else 1.0
 
     if mode == "token-mean":
         return masked.sum() / denominator
@@ -107,11 +109,14 @@ def _masked_log_ratio(logp, old_logp, mask):
     return torch.where(mask, log_ratio, torch.zeros_like(log_ratio))
 
 
-def _clip_stats(ratio, log_ratio, adv, mask, clip_low, clip_high) -> dict[str, torch.Tensor]:
+def _clip_stats(ratio, token_log_ratio, adv, mask, clip_low, clip_high) -> dict[str, torch.Tensor]:
+    ratio = ratio.detach()
+    token_log_ratio = token_log_ratio.detach()
     clipped_low = (adv < 0) & (ratio < 1.0 - clip_low)
     clipped_high = (adv > 0) & (ratio > 1.0 + clip_high)
-    # k3 estimate of KL(old || new) on tokens sampled from old: (r - 1) - log r >= 0
-    approx_kl = (ratio - 1.0) - log_ratio
+    # k3 estimate of KL(old || new) on tokens sampled from old: (r - 1) - log r >= 0, r the token ratio
+    token_ratio = torch.exp(token_log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    approx_kl = (token_ratio - 1.0) - token_log_ratio
     return {
         "clipfrac_low": _masked_mean(clipped_low.to(ratio.dtype), mask),
         "clipfrac_high": _masked_mean(clipped_high.to(ratio.dtype), mask),
@@ -197,22 +202,25 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     adv = _token_advantages(advantages, ratio)
 
     loss_mat = _clipped_surrogate(ratio, adv, clip_low, clip_high)
-    stats = _clip_stats(ratio.detach(), token_log_ratio.detach(), adv, mask, clip_low, clip_high)
-    # _clip_stats' approx_kl used r = s_i; recompute it from the token ratios it is meant to estimate
-    token_ratio = torch.exp(token_log_ratio.detach().clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
-    stats["approx_kl"] = _masked_mean((token_ratio - 1.0) - token_log_ratio.detach(), mask)
+    stats = _clip_stats(ratio, token_log_ratio, adv, mask, clip_low, clip_high)
     return aggregate(loss_mat, mask, agg, normalizer), stats
 
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3",
+               mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) on tokens sampled from the policy.
 
     k1: logp - ref_logp                                   (unbiased, high variance, can be negative)
     k3: exp(ref_logp - logp) - (ref_logp - logp) - 1      (unbiased, low variance, always >= 0)
-    Returns [B, T] like logp; mask it with `aggregate`. The reference is never differentiated through.
+    Returns [B, T] like logp, to be reduced with `aggregate`. Pass `mask` when padded positions may
+    hold inf/NaN: they are then zeroed before the exp, so no NaN reaches the gradient. The reference
+    is never differentiated through.
     """
     dtype = _compute_dtype(logp)
     log_ratio_ref = ref_logp.detach().to(dtype) - logp.to(dtype)
+    if mask is not None:
+        mask = _bool_mask(mask, logp)
+        log_ratio_ref = torch.where(mask, log_ratio_ref, torch.zeros_like(log_ratio_ref))
     if kind == "k1":
         return -log_ratio_ref
     if kind == "k3":

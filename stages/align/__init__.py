@@ -1,0 +1,1 @@
+"""PRISM alignment stage: MoE-discriminator pre-alignment (black-box on-policy distillation)."""

@@ -1,0 +1,1 @@
+"""RLVR stage: GRPO / DAPO / GSPO policy optimisation with verifiable rewards."""
