@@ -1,0 +1,21 @@
+"""synth: the built-in synthetic visual-reasoning benchmark and its oracle teacher.
+
+Small, high-contrast scenes (shapes on a 3x3 grid, or a colour-coded bar chart) at 64x64 by default,
+with questions that need perception and a short computation, so the tiny Qwen3-VL can learn them on
+a CPU. Everything is a deterministic function of (split, index, seed); the test split owns a fixed
+slice of the scene-hash space, so train and test never share a scene.
+
+    samples = load("synth:test:200:d2")
+    demo = oracle_demo(samples[0])                         # clean: Teacher(caption, think, answer)
+    noisy = oracle_demo(samples[0], caption_error_rate=0.2, reasoning_slip_rate=0.2)
+    caption_accuracy(demo.caption, samples[0])["f1"]       # 1.0
+"""
+
+from .benchmark import SynthSpec, generate, load, parse_spec
+from .caption_check import caption_accuracy
+from .oracle import caption_for, oracle_demo
+from .scene import render, scene_hash, split_of
+from .tasks import TASKS
+
+__all__ = ["TASKS", "SynthSpec", "caption_accuracy", "caption_for", "generate", "load", "oracle_demo",
+           "parse_spec", "render", "scene_hash", "split_of"]
