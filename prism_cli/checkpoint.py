@@ -28,7 +28,8 @@ MANIFEST = "prism.json"
 RUN_MARKER = ".prism-run.json"  # written at start: marks a directory as a (possibly partial) prism run
 STAGES = ("curate", "sft", "align", "rl", "eval", "export")
 TINY_SPECS = ("tiny", "tiny-moe")
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.I)
+# Keys that name a credential ("api_key", "hf_token", "password"), not counts like "max_new_tokens".
+_SECRET_KEY = re.compile(r"(api[_-]?key|secret|passw(or)?d|(^|[_-])(access|auth|bearer|hf|api)?[_-]?token)$", re.I)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -1,0 +1,85 @@
+"""RLConfig: `prism rl --algo grpo|dapo|gspo`. Defaults follow the paper's RLVR stage (REFERENCE.md 1);
+knobs left as None take the chosen algorithm's default (see ALGO_DEFAULTS)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prism_cli.config import CommonConfig, opt
+from prism_cli.errors import UsageError
+
+# What each algorithm means when the user does not override a knob.
+ALGO_DEFAULTS = {
+    "grpo": dict(clip_low=0.2, clip_high=0.2, loss_agg="token-mean", dynamic_sampling=False, overlong_buffer=0),
+    "dapo": dict(clip_low=0.2, clip_high=0.28, loss_agg="token-mean", dynamic_sampling=True, overlong_buffer=4096),
+    "gspo": dict(clip_low=3e-4, clip_high=4e-4, loss_agg="seq-mean-token-mean", dynamic_sampling=False,
+                 overlong_buffer=0),
+}
+
+
+@dataclass
+class RLConfig(CommonConfig):
+    algo: str = opt("dapo", "grpo, dapo or gspo", group="Algorithm")
+    ckpt: str = opt("", "policy to train: an sft/align/rl checkpoint, an HF dir or hub id, or tiny", group="Model")
+    data: list[str] = opt(help="prompts with ground-truth answers (repeatable): synth, a curate dir, parquet...",
+                          group="Data", factory=lambda: ["synth"])
+
+    steps: int = opt(60, "optimizer rollout steps (paper: 2K prompts at 32 per step)", group="Rollout")
+    prompts_per_step: int = opt(32, "prompts per rollout batch", group="Rollout")
+    rollouts_per_prompt: int = opt(16, "samples per prompt (the group size n)", group="Rollout")
+    max_new_tokens: int = opt(8192, "max response tokens", group="Rollout")
+    temperature: float = opt(1.0, "sampling temperature", group="Rollout")
+    top_p: float = opt(1.0, "nucleus sampling", group="Rollout")
+    engine: str = opt("auto", "rollout engine: auto (vllm when installed on a GPU, else hf), hf, vllm", group="Rollout")
+
+    lr: float = opt(1e-6, "learning rate", group="Optimization")
+    warmup: float = opt(10, "lr warmup: steps if >= 1, else a ratio of steps", group="Optimization")
+    weight_decay: float = opt(0.01, "AdamW weight decay", group="Optimization")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm", group="Optimization")
+    ppo_epochs: int = opt(1, "passes over each rollout batch", group="Optimization")
+    mini_batches: int = opt(1, "optimizer updates per pass over a rollout batch", group="Optimization")
+    micro_batch_tokens: int = opt(16384, "token budget of one forward/backward micro-batch", group="Optimization")
+
+    clip_low: float | None = opt(None, "PPO clip below 1 (default by algo: 0.2 / gspo 3e-4)", group="Algorithm")
+    clip_high: float | None = opt(None, "PPO clip above 1 (grpo 0.2, dapo 0.28, gspo 4e-4)", group="Algorithm")
+    loss_agg: str | None = opt(None, "token-mean, seq-mean-token-mean, seq-mean-token-sum", group="Algorithm")
+    normalize_std: bool = opt(True, "divide advantages by the group std", group="Algorithm")
+    kl_coef: float = opt(0.0, "KL penalty to the frozen initial policy (0: off, no reference loaded)",
+                         group="Algorithm")
+    kl_kind: str = opt("k3", "KL estimator: k1 or k3 (low-variance)", group="Algorithm")
+    dynamic_sampling: bool | None = opt(None, "drop groups whose accuracy is all equal (dapo default on)",
+                                        group="Algorithm")
+    max_num_gen_batches: int = opt(10, "rollout batches drawn at most to fill one step (dynamic sampling)",
+                                   group="Algorithm")
+    overlong_buffer: int | None = opt(None, "DAPO overlong buffer in tokens (0: off; capped at max_new_tokens)",
+                                      group="Algorithm")
+    overlong_penalty: float = opt(1.0, "DAPO overlong penalty factor", group="Algorithm")
+    acc_weight: float = opt(0.8, "reward = acc_weight * acc + format_weight * format", group="Algorithm")
+    format_weight: float = opt(0.2, "see acc_weight", group="Algorithm")
+
+    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp32", group="Hardware")
+    attn: str = opt("auto", "auto, sdpa, flash_attention_2, eager", group="Hardware")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward", group="Hardware")
+    freeze_vision: bool = opt(False, "keep the vision tower frozen", group="Hardware")
+
+    save_every: int = opt(10, "save resumable state every N steps", group="Logging")
+    report_to: str = opt("none", "trackers through accelerate: none, tensorboard, wandb", group="Logging")
+    keep_state: bool = opt(False, "keep optimizer state in the final checkpoint", group="Output", cli=False)
+
+    def resolved(self, key: str):
+        value = getattr(self, key)
+        return ALGO_DEFAULTS[self.algo][key] if value is None else value
+
+    def validate(self) -> None:
+        if self.algo not in ALGO_DEFAULTS:
+            raise UsageError(f"unknown --algo {self.algo!r}", hint="use grpo, dapo or gspo")
+        if not self.ckpt:
+            raise UsageError("--ckpt is required", hint="e.g. --ckpt out/sft or --ckpt tiny")
+        if self.rollouts_per_prompt < 1 or self.prompts_per_step < 1 or self.steps < 1:
+            raise UsageError("steps, prompts_per_step and rollouts_per_prompt must be positive")
+        if self.resolved("loss_agg") not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+            raise UsageError(f"unknown loss_agg {self.loss_agg!r}")
+        if self.kl_kind not in ("k1", "k3"):
+            raise UsageError(f"unknown kl_kind {self.kl_kind!r}", hint="use k1 or k3")
+        if self.prompts_per_step * self.rollouts_per_prompt % self.mini_batches:
+            raise UsageError("prompts_per_step x rollouts_per_prompt must be divisible by mini_batches")

@@ -1,0 +1,1 @@
+"""`prism sft`: supervised fine-tuning on demonstrations (the first PRISM stage)."""

@@ -1,0 +1,212 @@
+"""SFT data: samples -> token ids with an assistant-only label mask -> packed or padded micro-batches.
+
+Encoding happens once, up front (tokenizer + image processor), so a training step only concatenates
+tensors. Packing puts a micro-batch's samples in one row with no padding: text positions restart at 0
+for every sample, which transformers turns into a block-diagonal causal mask (attention never crosses
+samples), and the M-RoPE positions of each sample are computed on that sample alone.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from stages.common.chat import sft_messages
+from stages.common.data import Sample
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: torch.Tensor                 # [L] long
+    label_mask: torch.Tensor                # [L] bool: tokens the loss is on (assistant turns)
+    mm_token_type_ids: torch.Tensor         # [L] 0 text, 1 image, 2 video
+    rope_positions: torch.Tensor | None     # [3, L] M-RoPE positions of this sample alone
+    pixel_values: torch.Tensor | None       # [patches, dim] of this sample's images
+    image_grid_thw: torch.Tensor | None     # [images, 3]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def n_targets(self) -> int:
+        # token t predicts t+1, so the first token is never a target
+        return int(self.label_mask[1:].sum())
+
+
+def _image_blocks(mm_token_type_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each contiguous run of image tokens."""
+    is_img = (mm_token_type_ids == 1).tolist()
+    blocks, start = [], None
+    for i, flag in enumerate(is_img + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            blocks.append((start, i))
+            start = None
+    return blocks
+
+
+def truncate(enc: dict, max_length: int) -> tuple[dict, int] | None:
+    """Cut a sequence to max_length without ever cutting an image: if the cut falls inside or before an
+    image, cut before that image (dropping it and later images). Returns (enc, images kept) or None when
+    nothing trainable would remain."""
+    ids = enc["input_ids"]
+    n_images = 0 if enc.get("image_grid_thw") is None else len(enc["image_grid_thw"])
+    if ids.numel() <= max_length:
+        return enc, n_images
+    cut = max_length
+    blocks = _image_blocks(enc["mm_token_type_ids"])
+    kept = 0
+    for start, end in blocks:
+        if end <= cut:
+            kept += 1
+            continue
+        # the image's <|vision_start|> sits just before its first pad token
+        cut = min(cut, max(0, start - 1))
+        break
+    out = {k: v[:cut] for k, v in enc.items() if k in ("input_ids", "assistant_masks", "mm_token_type_ids")}
+    if kept < n_images:
+        grid = enc["image_grid_thw"][:kept]
+        out["image_grid_thw"] = grid if kept else None
+        rows = int(grid.prod(-1).sum()) if kept else 0
+        out["pixel_values"] = enc["pixel_values"][:rows] if kept else None
+    else:
+        out["image_grid_thw"] = enc.get("image_grid_thw")
+        out["pixel_values"] = enc.get("pixel_values")
+    if int(out["assistant_masks"][1:].sum()) == 0:
+        return None
+    return out, kept
+
+
+def encode_sample(sample: Sample, processor, rope_index, max_length: int, system_prompt: bool = True
+                  ) -> Encoded | str:
+    """One sample -> Encoded, or a short reason string when it is skipped."""
+    images = sample.pil_images() if sample.images else None
+    messages = sft_messages(sample, system_prompt, images)
+    if messages is None:
+        return "no target (no teacher demonstration or conversation)"
+    enc = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
+                                        return_assistant_tokens_mask=True)
+    enc = {
+        "input_ids": enc["input_ids"][0],
+        "assistant_masks": torch.as_tensor(enc["assistant_masks"])[0].bool(),
+        "mm_token_type_ids": enc["mm_token_type_ids"][0] if "mm_token_type_ids" in enc
+        else torch.zeros_like(enc["input_ids"][0]),
+        "pixel_values": enc.get("pixel_values"),
+        "image_grid_thw": enc.get("image_grid_thw"),
+    }
+    cut = truncate(enc, max_length)
+    if cut is None:
+        return "prompt longer than max_length"
+    enc, _ = cut
+    rope = None
+    if rope_index is not None:
+        rope = rope_index(enc["input_ids"][None], enc["mm_token_type_ids"][None], enc["image_grid_thw"])[:, 0]
+    return Encoded(input_ids=enc["input_ids"], label_mask=enc["assistant_masks"],
+                   mm_token_type_ids=enc["mm_token_type_ids"], rope_positions=rope,
+                   pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
+
+
+def rope_index_of(model):
+    """The model's M-RoPE position function (Qwen-VL family), wrapped to return [3, B, L]."""
+    inner = getattr(getattr(model, "module", model), "model", None)
+    fn = getattr(inner, "get_rope_index", None)
+    if fn is None:
+        return None
+
+    def rope_index(input_ids, mm_token_type_ids, image_grid_thw):
+        with torch.no_grad():
+            pos, _ = fn(input_ids=input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw)
+        return pos
+
+    return rope_index
+
+
+def _cat_images(items: list[Encoded]):
+    pv = [e.pixel_values for e in items if e.pixel_values is not None]
+    grid = [e.image_grid_thw for e in items if e.image_grid_thw is not None]
+    return (torch.cat(pv) if pv else None), (torch.cat(grid) if grid else None)
+
+
+def pack(items: list[Encoded]) -> dict:
+    """One padding-free row: model inputs plus `targets` [1, L] (IGNORE where no loss).
+
+    position_ids is [4, 1, L]: row 0 the text positions (restarting per sample, which is how
+    transformers detects the packed samples and builds their block-diagonal mask), rows 1-3 M-RoPE."""
+    ids = torch.cat([e.input_ids for e in items])
+    targets = torch.cat([_targets(e) for e in items])
+    text_pos = torch.cat([torch.arange(e.n_tokens) for e in items])
+    if all(e.rope_positions is not None for e in items):
+        rope = torch.cat([e.rope_positions for e in items], dim=1)
+        position_ids = torch.cat([text_pos[None], rope]).unsqueeze(1)
+    else:
+        position_ids = text_pos.view(1, 1, -1).expand(4, 1, -1)
+    pixel_values, grid = _cat_images(items)
+    batch = {"input_ids": ids[None], "position_ids": position_ids, "attention_mask": None,
+             "mm_token_type_ids": torch.cat([e.mm_token_type_ids for e in items])[None], "targets": targets[None]}
+    if pixel_values is not None:
+        batch.update(pixel_values=pixel_values, image_grid_thw=grid)
+    return batch
+
+
+def pad(items: list[Encoded], pad_id: int) -> dict:
+    """A right-padded batch (used when packing is off, e.g. for attention backends without packing)."""
+    length = max(e.n_tokens for e in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(items), length), IGNORE, dtype=torch.long)
+    attn = torch.zeros((len(items), length), dtype=torch.long)
+    mm = torch.zeros((len(items), length), dtype=torch.long)
+    for i, e in enumerate(items):
+        ids[i, :e.n_tokens] = e.input_ids
+        targets[i, :e.n_tokens] = _targets(e)
+        attn[i, :e.n_tokens] = 1
+        mm[i, :e.n_tokens] = e.mm_token_type_ids
+    pixel_values, grid = _cat_images(items)
+    batch = {"input_ids": ids, "attention_mask": attn, "mm_token_type_ids": mm, "targets": targets}
+    if pixel_values is not None:
+        batch.update(pixel_values=pixel_values, image_grid_thw=grid)
+    return batch
+
+
+def _targets(e: Encoded) -> torch.Tensor:
+    """targets[t] = the token position t must predict (input_ids[t+1]) where t+1 is a label, else IGNORE."""
+    t = torch.full_like(e.input_ids, IGNORE)
+    nxt = e.input_ids[1:]
+    t[:-1] = torch.where(e.label_mask[1:], nxt, torch.full_like(nxt, IGNORE))
+    return t
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch: a permutation fixed by (seed, epoch), so resume replays it."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def step_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Global sample indices of one optimizer step (partial batches at an epoch's end are dropped)."""
+    steps_per_epoch = n // batch_size
+    epoch, within = divmod(step, steps_per_epoch)
+    order = epoch_order(n, seed, epoch)
+    return order[within * batch_size:(within + 1) * batch_size]
+
+
+def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A deterministic held-out split by sample id (stable when the data order changes)."""
+    if fraction <= 0 or len(samples) < 2:
+        return samples, []
+    ranked = sorted(samples, key=lambda s: hash_unit(f"{seed}:{s.id}"))
+    n_eval = max(1, int(round(fraction * len(samples))))
+    held = {s.id for s in ranked[:n_eval]}
+    return [s for s in samples if s.id not in held], [s for s in samples if s.id in held]
+
+
+def hash_unit(text: str) -> float:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64

@@ -1,0 +1,56 @@
+"""The SFT objective: summed next-token NLL over assistant tokens, normalised by the step's token count.
+
+The logits over a 151,936-entry vocabulary for an 8K-token response would take 5 GB in fp32, so the
+model is run for its last hidden states only (logits_to_keep=1) and the NLL is computed chunk by chunk
+by stages.common.logprobs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from stages.sft.data import IGNORE
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+
+
+def lm_head_of(model):
+    inner = getattr(model, "module", model)
+    return inner.get_output_embeddings()
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = hidden @ weight.t()
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def chunked_target_logprobs(hidden: torch.Tensor, lm_head, targets: torch.Tensor, chunk_size: int = 1024
+                            ) -> torch.Tensor:
+    """log p(target) for N positions given their hidden states [N, H], never holding more than
+    chunk_size x vocab logits; under autograd each chunk recomputes its logits in backward."""
+    weight = lm_head.weight
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            out.append(checkpoint(_chunk_logprobs, h, weight, t, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(h, weight, t))
+    return torch.cat(out)
+
+
+def summed_nll(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+    """(sum of -log p(target) over target positions, number of target positions) for one micro-batch."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if inputs.get("attention_mask") is None:
+        inputs.pop("attention_mask", None)
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    hidden = out.hidden_states[-1]                    # [B, L, H] after the final norm
+    targets = batch["targets"].to(hidden.device)
+    mask = targets != IGNORE
+    rows, cols = mask.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return hidden.sum() * 0.0, 0
+    logp = chunked_target_logprobs(hidden[rows, cols], lm_head_of(model), targets[rows, cols], chunk_size=chunk_size)
+    return -logp.float().sum(), int(rows.numel())

@@ -1,0 +1,266 @@
+"""`prism sft`: supervised fine-tuning, read top to bottom.
+
+    resolve inputs -> open the output dir -> load policy + processor -> load and mix data -> hold out
+    an eval split -> encode once -> train (packed micro-batches, manual accumulation, periodic eval and
+    resumable saves) -> save model/ -> plot -> manifest
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from prism_cli import checkpoint, console
+from prism_cli.config import to_dict
+from prism_cli.errors import PrismError
+from stages.common import training
+from stages.common.data import Sample, fingerprint_samples
+from stages.common.models import load_policy, load_processor, estimate_training_memory
+from stages.sft.config import SFTConfig
+from stages.sft.data import Encoded, encode_sample, pack, pad, rope_index_of, split_holdout, step_indices
+from stages.sft.loss import summed_nll
+
+POLICY_STAGES = ("base", "sft", "align", "rl")
+
+
+def run(cfg: SFTConfig) -> Path:
+    training.seed_everything(cfg.seed)
+    policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), POLICY_STAGES)
+    mixture = load_mixture(cfg.data, cfg.seed)
+    train_samples, eval_samples = split_holdout(mixture.samples, cfg.eval_fraction, cfg.seed)
+    steps_per_epoch = len(train_samples) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise PrismError(f"{len(train_samples)} training samples are fewer than one batch ({cfg.batch_size})",
+                         hint="lower --batch-size or add data")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * steps_per_epoch))
+    if cfg.dry_run:
+        return print_plan(cfg, policy_spec, mixture, len(train_samples), len(eval_samples), total_steps)
+
+    accelerator = training.make_accelerator(report_to=cfg.report_to, project_dir=cfg.out)
+    run_dir = checkpoint.open_output(cfg.out, "sft", to_dict(cfg), [("policy", policy_spec), *mixture.parents],
+                                     overwrite=cfg.overwrite, resume=cfg.resume)
+    processor = load_processor(policy_spec, cfg.min_pixels, cfg.max_pixels)
+    model = load_policy(policy_spec, dtype=cfg.dtype, attn=cfg.attn, device=accelerator.device,
+                        gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision)
+
+    train_set = encode_all(train_samples, processor, model, cfg, "encoding train")
+    eval_set = encode_all(eval_samples, processor, model, cfg, "encoding eval")
+
+    optimizer = training.build_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = training.build_scheduler(optimizer, cfg.schedule, training.warmup_steps_from(cfg.warmup, total_steps),
+                                         total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if cfg.report_to != "none":
+        accelerator.init_trackers("prism-sft", config=to_dict(cfg))
+
+    start_step = 0
+    if run_dir.resuming:
+        state = training.load_state(accelerator, run_dir.state_dir)
+        if state is not None:
+            start_step = state["step"]
+            run_dir.truncate_metrics(start_step)
+            console.info(f"resuming {cfg.out} at step {start_step}/{total_steps}")
+
+    train_loop(cfg, accelerator, model, optimizer, scheduler, processor, train_set, eval_set, run_dir,
+               start_step, total_steps)
+
+    training.save_model(accelerator, model, processor, run_dir.model_dir)
+    records = run_dir.read_metrics()
+    training.plot_curves(records, {"loss": "train loss", "eval_loss": "eval loss"}, run_dir.path / "loss.png",
+                         f"SFT loss ({cfg.ckpt})")
+    summary = summarize(records, train_set, total_steps)
+    accelerator.end_training()
+    return run_dir.finalize(summary=summary, data=mixture.fingerprints, keep_state=cfg.keep_state)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+class Mixture:
+    def __init__(self, samples: list[Sample], fingerprints: dict, parents: list, counts: dict):
+        self.samples, self.fingerprints, self.parents, self.counts = samples, fingerprints, parents, counts
+
+
+def load_mixture(specs: list[str], seed: int) -> Mixture:
+    """Load every --data source; with weights, resample them to those proportions of the total size."""
+    from stages.common.formats import load_samples, parse_mixture
+
+    sources = []
+    for spec, weight in parse_mixture(specs):
+        samples, _problems = load_samples(spec)
+        samples = attach_oracle_demos(samples)
+        if not samples:
+            raise PrismError(f"--data {spec} holds no samples")
+        sources.append((spec, weight, samples))
+    if any(w is not None for _, w, _ in sources):
+        total = sum(len(s) for _, _, s in sources)
+        weights = [w if w is not None else 1.0 for _, w, _ in sources]
+        mixed = []
+        rng = random.Random(seed)
+        for (spec, _, samples), w in zip(sources, weights):
+            k = int(round(total * w / sum(weights)))
+            picked = samples * (k // len(samples)) + rng.sample(samples, k % len(samples))
+            mixed.extend(picked)
+    else:
+        mixed = [s for _, _, samples in sources for s in samples]
+    # Resampled duplicates need distinct ids (the held-out split is keyed by id).
+    seen: dict[str, int] = {}
+    for s in mixed:
+        n = seen.get(s.id, 0)
+        seen[s.id] = n + 1
+    out, used = [], {}
+    for s in mixed:
+        if seen[s.id] > 1:
+            k = used.get(s.id, 0)
+            used[s.id] = k + 1
+            s = Sample(**{**s.__dict__, "id": f"{s.id}#{k}"})
+        out.append(s)
+    parents = []
+    for spec, _, _ in sources:
+        ref = spec
+        try:
+            cs = checkpoint.resolve(ref, role="--data")
+            if cs.kind == "prism":
+                parents.append(("data", cs))
+        except PrismError:
+            pass
+    fingerprints = {spec: fingerprint_samples(samples) for spec, _, samples in sources}
+    return Mixture(out, fingerprints, parents, {spec: len(s) for spec, _, s in sources})
+
+
+def attach_oracle_demos(samples: list[Sample]) -> list[Sample]:
+    """synth samples used directly as SFT data get the oracle's demonstration as their target."""
+    if not any(s.source == "synth" and s.teacher is None and not s.conversation for s in samples):
+        return samples
+    from stages.common import synth
+
+    return [Sample(**{**s.__dict__, "teacher": synth.oracle_demo(s)})
+            if s.source == "synth" and s.teacher is None and not s.conversation else s for s in samples]
+
+
+def encode_all(samples: list[Sample], processor, model, cfg: SFTConfig, what: str) -> list[Encoded]:
+    rope_index = rope_index_of(model)
+    encoded, skipped = [], {}
+    with console.progress(what, total=len(samples)) as bar:
+        for s in samples:
+            e = encode_sample(s, processor, rope_index, cfg.max_length, cfg.system_prompt)
+            if isinstance(e, str):
+                skipped[e] = skipped.get(e, 0) + 1
+            else:
+                encoded.append(e)
+            bar.advance()
+    for reason, n in skipped.items():
+        console.warn(f"{what}: skipped {n} sample(s): {reason}")
+    if samples and not encoded:
+        raise PrismError(f"{what}: no sample has a training target ({', '.join(skipped)})")
+    return encoded
+
+
+# --------------------------------------------------------------------------------------------- training
+
+def micro_batches(items: list[Encoded], size: int) -> list[list[Encoded]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def collate(items: list[Encoded], cfg: SFTConfig, pad_id: int) -> dict:
+    return pack(items) if cfg.packing else pad(items, pad_id)
+
+
+def train_loop(cfg, accelerator, model, optimizer, scheduler, processor, train_set, eval_set, run_dir,
+               start_step, total_steps):
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise PrismError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size x processes "
+                         f"({cfg.micro_batch_size} x {world})")
+    grad_accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    pad_id = processor.tokenizer.pad_token_id
+    model.train()
+    with console.progress("sft", total=total_steps) as bar:
+        bar.advance(start_step)
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            global_idx = step_indices(len(train_set), cfg.batch_size, cfg.seed, step)
+            mine = [train_set[i] for i in global_idx[rank::world]]
+            n_targets = training.global_sum(accelerator, sum(e.n_targets for e in mine))
+            scale = training.loss_scale(accelerator, grad_accum) / max(n_targets, 1.0)
+            loss_sum, tokens, padded = 0.0, 0, 0
+            micros = micro_batches(mine, cfg.micro_batch_size)
+            for i, items in enumerate(micros):
+                batch = to_device(collate(items, cfg, pad_id), accelerator.device)
+                with training.accumulate(accelerator, model, last=(i == len(micros) - 1)):
+                    nll, _ = summed_nll(model, batch)
+                    accelerator.backward(nll * scale)
+                loss_sum += float(nll.detach())
+                tokens += sum(e.n_tokens for e in items)
+                padded += int(batch["input_ids"].numel())
+            grad_norm = training.optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+            elapsed = time.perf_counter() - t0
+            loss = training.global_sum(accelerator, loss_sum) / max(n_targets, 1.0)
+            tokens_all = training.global_sum(accelerator, tokens)
+            record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "tokens": tokens_all, "tokens_per_s": tokens_all / elapsed,
+                      "padding_ratio": 1.0 - tokens / max(padded, 1), "step_time": elapsed}
+            last = step + 1 == total_steps
+            if eval_set and ((step + 1) % cfg.eval_every == 0 or last):
+                record["eval_loss"] = eval_loss(cfg, accelerator, model, eval_set, pad_id)
+            if (step + 1) % cfg.log_every == 0 or last or "eval_loss" in record:
+                run_dir.log_metrics(record)
+                if cfg.report_to != "none":
+                    accelerator.log({k: v for k, v in record.items() if v is not None}, step=step + 1)
+            bar.advance(status=f"loss {loss:.3f}" + (f" eval {record['eval_loss']:.3f}" if "eval_loss" in record
+                                                      else "") + f" {record['tokens_per_s']:.0f} tok/s")
+            if (step + 1) % cfg.save_every == 0 and not last:
+                training.save_state(accelerator, run_dir.state_dir, {"step": step + 1})
+
+
+@torch.no_grad()
+def eval_loss(cfg, accelerator, model, eval_set, pad_id) -> float:
+    rank, world = accelerator.process_index, accelerator.num_processes
+    model.eval()
+    total, count = 0.0, 0
+    for items in micro_batches(eval_set[rank::world], cfg.micro_batch_size):
+        batch = to_device(collate(items, cfg, pad_id), accelerator.device)
+        nll, n = summed_nll(model, batch)
+        total += float(nll)
+        count += n
+    model.train()
+    return training.global_sum(accelerator, total) / max(training.global_sum(accelerator, count), 1.0)
+
+
+# --------------------------------------------------------------------------------------------- reporting
+
+def summarize(records: list[dict], train_set: list[Encoded], total_steps: int) -> dict:
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    speeds = sorted(r["tokens_per_s"] for r in records if "tokens_per_s" in r)
+    return {
+        "steps": total_steps, "train_samples": len(train_set),
+        "final_loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None,
+        "final_eval_loss": evals[-1] if evals else None,
+        "median_tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
+    }
+
+
+def print_plan(cfg: SFTConfig, policy_spec, mixture: Mixture, n_train: int, n_eval: int, total_steps: int) -> None:
+    mem = estimate_training_memory(policy_spec, cfg.dtype)
+    rows = [
+        ["policy", policy_spec.describe()],
+        ["data", ", ".join(f"{k} ({v})" for k, v in mixture.counts.items())],
+        ["train / eval samples", f"{n_train} / {n_eval}"],
+        ["steps", f"{total_steps} (batch {cfg.batch_size}, micro-batch {cfg.micro_batch_size}, "
+                  f"{'packed' if cfg.packing else 'padded'}, max_length {cfg.max_length})"],
+        ["optimizer", f"AdamW lr {cfg.lr} {cfg.schedule}, warmup {cfg.warmup}, wd {cfg.weight_decay}"],
+        ["parameters", f"{mem['parameters'] / 1e6:.1f}M"],
+        ["memory (weights+grads+Adam, unsharded)", f"{mem['training_bytes'] / 2**30:.2f} GiB "
+                                                    f"(ZeRO-3/FSDP over N GPUs: about / N, plus activations)"],
+        ["output", cfg.out or "(--out not set)"],
+    ]
+    console.print_table("prism sft --dry-run", ["", "plan"], rows)
+    return None
