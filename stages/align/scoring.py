@@ -1,0 +1,395 @@
+"""Discriminator scoring per segment, and the model side of the discriminator warmup.
+
+A response is scored twice: prompt + caption (perception) and prompt + think (reasoning). Each input is
+the prompt as the chat template renders it (images included, generation prompt opened) followed by the
+segment as a complete assistant turn, `segment<|im_end|>`; the score is the value head at that closing
+<|im_end|>, the segment's last token. Reading it at a terminal token that every segment has makes an
+empty segment well defined: it is scored at the <|im_end|> straight after the prompt (a format-invalid
+rollout with no caption gets a score there; the align stage leaves such rollouts out of the loss).
+Segment text is tokenised with special tokens split, so a rollout that writes "<|image_pad|>" as text
+cannot inject a vision placeholder.
+
+Two layouts give the same scores (to float rounding):
+
+  separate  the authors' layout: one full sequence per (prompt, segment), right-padded into a batch;
+            the model builds its own causal mask and M-RoPE positions.
+  shared    one sequence per prompt group: the prompt (its images encoded once), then every segment of
+            the group one after another. A 4-D additive mask lets the prompt attend causally to itself
+            and each segment to the whole prompt and causally to itself, never to another segment.
+            Position ids are M-RoPE ids [3, B, T]: the prompt's from the backbone's get_rope_index
+            (vision tokens get their temporal/height/width grid positions), and each segment restarts at
+            the prompt's max position + 1 on all three axes -- what the segment gets as a separate
+            sequence. The prompt is processed once instead of 2(n+1) times.
+
+The mask is a float [B, 1, T, T] tensor (0 = attend, dtype-min = blocked): transformers 5.23's
+create_causal_mask returns any 4-D mask as is, and both sdpa and eager add it to the attention logits
+(flash_attention_2 cannot take it, hence the discriminator's sdpa default). Rows of padding attend to
+themselves only, so no softmax row is empty.
+
+`score_segments` / `score_groups` return raw scores (float32); `clip_scores` is the [-10, 10] clip the
+discriminator loss applies. `warmup_step` / `pairwise_accuracy` are the Bradley-Terry warmup on
+(teacher, student) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from stages.align.discriminator import aux_loss_coef, is_text_only
+
+LAYOUTS = ("shared", "separate")
+SCORE_CLIP = 10.0
+END_TOKEN = "<|im_end|>"
+_PAD_BLOCK = -2     # block id of padding tokens
+_PROMPT_BLOCK = -1  # block id of prompt tokens; segments are 0, 1, ...
+
+
+def clip_scores(scores: torch.Tensor, bound: float = SCORE_CLIP) -> torch.Tensor:
+    """Scores clipped to [-bound, bound] (the discriminator loss's clip; REFERENCE.md section 1)."""
+    return scores.clamp(-bound, bound)
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+@dataclass
+class EncodedPrompt:
+    """A prompt tokenised once: ids and modality types [P]; pixels and grids of its images (or None)."""
+
+    input_ids: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def strip_images(messages: list[dict]) -> list[dict]:
+    """The messages without their image parts (the text-only discriminator's view of a prompt)."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [part for part in content
+                       if not (isinstance(part, dict) and (part.get("type") == "image" or "image" in part))]
+        out.append({**message, "content": content})
+    return out
+
+
+def encode_prompt(processor, prompt: Any, text_only: bool = False) -> EncodedPrompt:
+    """Tokenise a RolloutPrompt-like object (`.messages`, `.images`) with its images, generation prompt opened."""
+    messages, images = prompt.messages, list(getattr(prompt, "images", None) or [])
+    if text_only:
+        messages, images = strip_images(messages), []
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    batch = processor(text=[text], images=images or None, return_tensors="pt")
+    input_ids = batch["input_ids"][0]
+    mm_types = batch.get("mm_token_type_ids")
+    if mm_types is None:  # processors that do not return it: image placeholders are type 1
+        image_token_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        mm_types = (batch["input_ids"] == image_token_id).long()
+    return EncodedPrompt(input_ids=input_ids, mm_token_type_ids=mm_types[0].long(),
+                         pixel_values=batch.get("pixel_values") if images else None,
+                         image_grid_thw=batch.get("image_grid_thw") if images else None)
+
+
+def encode_segment(tokenizer, text: str | None, max_tokens: int | None = None) -> list[int]:
+    """Token ids of `text<|im_end|>` (module docstring); None or "" gives just the end token.
+    max_tokens caps the text part (the end token is always kept)."""
+    end_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
+    if end_id is None or end_id == getattr(tokenizer, "unk_token_id", None):
+        end_id = tokenizer.eos_token_id
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return list(ids) + [end_id]
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+@dataclass
+class ScoreResult:
+    """scores: one float32 tensor per prompt group (in segment order). aux_loss: the router aux loss of
+    the forward (MoE with output_router_logits), unscaled. num_tokens: real tokens run through the
+    backbone; num_padded_tokens: batch rows x row length."""
+
+    scores: list[torch.Tensor]
+    aux_loss: torch.Tensor | None = None
+    num_tokens: int = 0
+    num_padded_tokens: int = 0
+    num_rows: int = 0
+
+    @property
+    def flat(self) -> torch.Tensor:
+        return torch.cat(self.scores) if self.scores else torch.zeros(0)
+
+
+def _model_device_dtype(disc) -> tuple[torch.device, torch.dtype]:
+    param = next(disc.parameters())
+    return param.device, param.dtype
+
+
+def _backbone(disc):
+    return getattr(disc, "module", disc).model
+
+
+def score_groups(disc, processor, prompts: Sequence[Any], segments: Sequence[Sequence[str | None]],
+                 layout: str = "shared", *, text_only: bool | None = None, output_router_logits: bool = False,
+                 max_segment_tokens: int | None = None, max_row_tokens: int | None = None) -> ScoreResult:
+    """Score every segment of every prompt group: segments[g] are the texts scored against prompts[g].
+
+    text_only: withhold images (default: the discriminator's own text_only flag; a text-only
+    discriminator cannot be given images). max_row_tokens (shared layout): split a group over several
+    rows, each repeating the prompt, so that no row exceeds it (the mask is T x T per row).
+    Gradients flow to the discriminator's parameters unless called under torch.no_grad().
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown scoring layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    if len(prompts) != len(segments):
+        raise ValueError(f"{len(prompts)} prompts but {len(segments)} segment lists")
+    disc_text_only = is_text_only(disc)
+    if text_only is None:
+        text_only = disc_text_only
+    elif disc_text_only and not text_only:
+        raise ValueError("this discriminator is text-only; it cannot score with images")
+    encoded = [encode_prompt(processor, p, text_only=text_only) for p in prompts]
+    seg_ids = [[encode_segment(processor.tokenizer, s, max_segment_tokens) for s in group] for group in segments]
+    if layout == "separate":
+        return _score_separate(disc, processor, encoded, seg_ids, output_router_logits)
+    return _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_row_tokens)
+
+
+def score_segments(disc, processor, prompt: Any, segments: Sequence[str | None], layout: str = "shared",
+                   **kwargs) -> torch.Tensor:
+    """Raw scores [len(segments)] of segments against one prompt (score_groups for one group)."""
+    return score_groups(disc, processor, [prompt], [segments], layout, **kwargs).scores[0]
+
+
+def _cat_images(rows_prompts: list[EncodedPrompt]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    pixels = [p.pixel_values for p in rows_prompts if p.pixel_values is not None]
+    grids = [p.image_grid_thw for p in rows_prompts if p.image_grid_thw is not None]
+    if not pixels:
+        return None, None
+    return torch.cat(pixels), torch.cat(grids)
+
+
+def _score_separate(disc, processor, encoded, seg_ids, output_router_logits) -> ScoreResult:
+    device, dtype = _model_device_dtype(disc)
+    pad_id = processor.tokenizer.pad_token_id
+    rows, row_prompts, lengths = [], [], []
+    for prompt, group in zip(encoded, seg_ids):
+        for ids in group:
+            rows.append((prompt, ids))
+            row_prompts.append(prompt)
+            lengths.append(len(prompt) + len(ids))
+    if not rows:
+        return ScoreResult(scores=[torch.zeros(0, device=device) for _ in encoded])
+    width = max(lengths)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mm_types = torch.zeros((len(rows), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (prompt, ids) in enumerate(rows):
+        n = lengths[r]
+        input_ids[r, :n] = torch.cat([prompt.input_ids, torch.tensor(ids, dtype=torch.long)])
+        mm_types[r, :len(prompt)] = prompt.mm_token_type_ids
+        attention_mask[r, :n] = 1
+    pixel_values, grid = _cat_images(row_prompts)
+    out = disc(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+               mm_token_type_ids=mm_types.to(device),
+               pixel_values=pixel_values.to(device, dtype) if pixel_values is not None else None,
+               image_grid_thw=grid.to(device) if grid is not None else None,
+               output_router_logits=output_router_logits)
+    last = torch.tensor(lengths, device=device) - 1
+    flat = out.values[torch.arange(len(rows), device=device), last]
+    sizes = [len(group) for group in seg_ids]
+    return ScoreResult(scores=list(torch.split(flat, sizes)), aux_loss=out.aux_loss, num_tokens=sum(lengths),
+                       num_padded_tokens=len(rows) * width, num_rows=len(rows))
+
+
+@dataclass
+class _Row:
+    prompt: EncodedPrompt
+    group: int
+    segments: list[int] = field(default_factory=list)  # indices into the group's segment list
+    length: int = 0
+
+
+def _pack_rows(encoded, seg_ids, max_row_tokens) -> list[_Row]:
+    rows = []
+    for g, (prompt, group) in enumerate(zip(encoded, seg_ids)):
+        row = _Row(prompt, g, [], len(prompt))
+        for i, ids in enumerate(group):
+            if row.segments and max_row_tokens is not None and row.length + len(ids) > max_row_tokens:
+                rows.append(row)
+                row = _Row(prompt, g, [], len(prompt))
+            row.segments.append(i)
+            row.length += len(ids)
+        if row.segments:
+            rows.append(row)
+    return rows
+
+
+def prompt_positions(disc, prompt: EncodedPrompt) -> torch.Tensor:
+    """M-RoPE position ids [3, P] of a prompt alone, from the backbone's own get_rope_index."""
+    device = next(disc.parameters()).device
+    positions, _ = _backbone(disc).get_rope_index(
+        prompt.input_ids[None].to(device), mm_token_type_ids=prompt.mm_token_type_ids[None].to(device),
+        image_grid_thw=prompt.image_grid_thw.to(device) if prompt.image_grid_thw is not None else None)
+    return positions[:, 0]
+
+
+def shared_layout_mask(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask [B, 1, T, T] from block ids [B, T] (-1 prompt, 0.. segments, -2 padding): key k is
+    visible to query q iff k <= q and k is a prompt token or in q's block; padding sees only itself."""
+    length = blocks.shape[1]
+    idx = torch.arange(length, device=blocks.device)
+    causal = idx[None, :, None] >= idx[None, None, :]                     # [1, Tq, Tk]
+    q_block, k_block = blocks[:, :, None], blocks[:, None, :]
+    visible = causal & ((k_block == _PROMPT_BLOCK) | (k_block == q_block)) & (q_block != _PAD_BLOCK)
+    visible |= torch.eye(length, dtype=torch.bool, device=blocks.device)[None]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=blocks.device)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_row_tokens) -> ScoreResult:
+    device, dtype = _model_device_dtype(disc)
+    pad_id = processor.tokenizer.pad_token_id
+    rows = _pack_rows(encoded, seg_ids, max_row_tokens)
+    if not rows:
+        return ScoreResult(scores=[torch.zeros(0, device=device) for _ in encoded])
+    width = max(row.length for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mm_types = torch.zeros((len(rows), width), dtype=torch.long)
+    blocks = torch.full((len(rows), width), _PAD_BLOCK, dtype=torch.long)
+    positions = torch.zeros((3, len(rows), width), dtype=torch.long)
+    last_index = []  # (row, column, group, segment) of every segment's last token
+    prompt_pos_cache: dict[int, torch.Tensor] = {}
+    for r, row in enumerate(rows):
+        prompt = row.prompt
+        p_len = len(prompt)
+        if id(prompt) not in prompt_pos_cache:
+            prompt_pos_cache[id(prompt)] = prompt_positions(disc, prompt).cpu()
+        p_pos = prompt_pos_cache[id(prompt)]
+        input_ids[r, :p_len] = prompt.input_ids
+        mm_types[r, :p_len] = prompt.mm_token_type_ids
+        blocks[r, :p_len] = _PROMPT_BLOCK
+        positions[:, r, :p_len] = p_pos
+        start = int(p_pos.max()) + 1  # where text after the prompt continues, on all three axes
+        col = p_len
+        for block, i in enumerate(row.segments):
+            ids = seg_ids[row.group][i]
+            n = len(ids)
+            input_ids[r, col:col + n] = torch.tensor(ids, dtype=torch.long)
+            blocks[r, col:col + n] = block
+            positions[:, r, col:col + n] = torch.arange(start, start + n)
+            last_index.append((r, col + n - 1, row.group, i))
+            col += n
+    pixel_values, grid = _cat_images([row.prompt for row in rows])
+    blocks = blocks.to(device)
+    out = disc(input_ids=input_ids.to(device), attention_mask=shared_layout_mask(blocks, dtype),
+               position_ids=positions.to(device), mm_token_type_ids=mm_types.to(device),
+               pixel_values=pixel_values.to(device, dtype) if pixel_values is not None else None,
+               image_grid_thw=grid.to(device) if grid is not None else None,
+               output_router_logits=output_router_logits, aux_loss_mask=(blocks != _PAD_BLOCK).long())
+    # put every score back in (group, segment) order
+    order = sorted(range(len(last_index)), key=lambda j: (last_index[j][2], last_index[j][3]))
+    row_idx = torch.tensor([last_index[j][0] for j in order], device=device)
+    col_idx = torch.tensor([last_index[j][1] for j in order], device=device)
+    flat = out.values[row_idx, col_idx]
+    sizes = [len(group) for group in seg_ids]
+    return ScoreResult(scores=list(torch.split(flat, sizes)), aux_loss=out.aux_loss,
+                       num_tokens=sum(row.length for row in rows), num_padded_tokens=len(rows) * width,
+                       num_rows=len(rows))
+
+
+# ------------------------------------------------------------------------------------------ warmup
+
+@dataclass
+class PreferencePair:
+    """One warmup example: a prompt, the teacher's caption/think and a student's caption/think."""
+
+    prompt: Any  # RolloutPrompt-like: .messages, .images
+    teacher_caption: str
+    teacher_think: str
+    student_caption: str
+    student_think: str
+
+
+def _pair_scores(disc, processor, pairs: Sequence[PreferencePair], layout: str, output_router_logits: bool,
+                 **kwargs) -> tuple[torch.Tensor, ScoreResult]:
+    """[N, 4] scores per pair: teacher caption, teacher think, student caption, student think."""
+    groups = [[p.teacher_caption, p.teacher_think, p.student_caption, p.student_think] for p in pairs]
+    result = score_groups(disc, processor, [p.prompt for p in pairs], groups, layout,
+                          output_router_logits=output_router_logits, **kwargs)
+    return torch.stack(result.scores), result
+
+
+def _bt_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    try:  # the align stage's own definition when present
+        from stages.align.advantage import bradley_terry_loss
+    except ImportError:
+        return -torch.nn.functional.logsigmoid(teacher - student).mean()
+    return bradley_terry_loss(teacher, student)
+
+
+def warmup_step(disc, optimizer, pairs: Sequence[PreferencePair], processor, *, layout: str = "shared",
+                scheduler=None, max_grad_norm: float | None = 1.0, score_l2_coef: float = 0.0,
+                clip: float = SCORE_CLIP, **score_kwargs) -> dict:
+    """One pairwise Bradley-Terry step: loss = BT(caption) + BT(think) + aux_coef * router aux loss
+    (+ score_l2_coef * mean squared score over the four score sets), scores clipped to [-clip, clip].
+    Returns float metrics (loss parts, train pairwise accuracy per segment, score means, grad norm)."""
+    disc.train()
+    optimizer.zero_grad(set_to_none=True)
+    raw, result = _pair_scores(disc, processor, pairs, layout, output_router_logits=True, **score_kwargs)
+    s = clip_scores(raw, clip)
+    bt_caption = _bt_loss(s[:, 0], s[:, 2])
+    bt_think = _bt_loss(s[:, 1], s[:, 3])
+    loss = bt_caption + bt_think
+    aux = result.aux_loss
+    coef = aux_loss_coef(disc)
+    if aux is not None and coef:
+        loss = loss + coef * aux
+    if score_l2_coef:
+        loss = loss + score_l2_coef * s.pow(2).mean(dim=0).sum()
+    loss.backward()
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(disc.parameters(), max_grad_norm))
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    with torch.no_grad():
+        metrics = {"loss": float(loss), "bt_caption": float(bt_caption), "bt_think": float(bt_think),
+                   "aux_loss": float(aux) if aux is not None else 0.0,
+                   "acc_caption": float((raw[:, 0] > raw[:, 2]).float().mean()),
+                   "acc_think": float((raw[:, 1] > raw[:, 3]).float().mean()),
+                   "score_teacher": float(raw[:, :2].mean()), "score_student": float(raw[:, 2:].mean()),
+                   "tokens": result.num_tokens}
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
+    return metrics
+
+
+@torch.no_grad()
+def pairwise_accuracy(disc, processor, pairs: Sequence[PreferencePair], *, layout: str = "shared",
+                      batch_size: int = 8, **score_kwargs) -> dict:
+    """Held-out pairwise accuracy per segment: the share of pairs scored teacher > student (a tie counts
+    one half). Returns {"caption", "think", "mean", "n"}."""
+    was_training = disc.training
+    disc.eval()
+    try:
+        hits = torch.zeros(2, dtype=torch.float64)
+        for start in range(0, len(pairs), batch_size):
+            raw, _ = _pair_scores(disc, processor, pairs[start:start + batch_size], layout, False, **score_kwargs)
+            raw = raw.double().cpu()
+            for k in range(2):  # caption, think
+                hits[k] += (raw[:, k] > raw[:, k + 2]).sum() + 0.5 * (raw[:, k] == raw[:, k + 2]).sum()
+    finally:
+        disc.train(was_training)
+    n = len(pairs)
+    acc = (hits / max(n, 1)).tolist()
+    return {"caption": acc[0], "think": acc[1], "mean": (acc[0] + acc[1]) / 2, "n": n}
