@@ -2,14 +2,14 @@
 
 The logits over a 151,936-entry vocabulary for an 8K-token response would take 5 GB in fp32, so the
 model is run for its last hidden states only (logits_to_keep=1) and the NLL is computed chunk by chunk
-by stages.common.logprobs.
+by stages.common.logprobs (the same function RL uses for its logprobs).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
+from stages.common.logprobs import chunked_token_logprobs
 from stages.sft.data import IGNORE
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw")
@@ -18,26 +18,6 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_id
 def lm_head_of(model):
     inner = getattr(model, "module", model)
     return inner.get_output_embeddings()
-
-
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = hidden @ weight.t()
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-
-
-def chunked_target_logprobs(hidden: torch.Tensor, lm_head, targets: torch.Tensor, chunk_size: int = 1024
-                            ) -> torch.Tensor:
-    """log p(target) for N positions given their hidden states [N, H], never holding more than
-    chunk_size x vocab logits; under autograd each chunk recomputes its logits in backward."""
-    weight = lm_head.weight
-    out = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_chunk_logprobs, h, weight, t, use_reentrant=False))
-        else:
-            out.append(_chunk_logprobs(h, weight, t))
-    return torch.cat(out)
 
 
 def summed_nll(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
@@ -52,5 +32,6 @@ def summed_nll(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor
     rows, cols = mask.nonzero(as_tuple=True)
     if rows.numel() == 0:
         return hidden.sum() * 0.0, 0
-    logp = chunked_target_logprobs(hidden[rows, cols], lm_head_of(model), targets[rows, cols], chunk_size=chunk_size)
+    logp, _ = chunked_token_logprobs(lm_head_of(model), hidden[rows, cols], targets[rows, cols], temperature=1.0,
+                                     banned=None, chunk_size=chunk_size)
     return -logp.float().sum(), int(rows.numel())

@@ -1,0 +1,297 @@
+"""The hf rollout engine: plain transformers forward passes with a KV cache, on a CPU or GPUs (same code).
+
+How a call runs (per chunk of unique prompts):
+1. prefill: the unique prompts go through the model once, as one left-padded batch, images through the
+   vision tower once; M-RoPE positions (and each row's rope delta) are computed here, explicitly;
+2. share: the prompt KV cache, the last-position logits, the attention mask and the per-row rope deltas
+   are repeated n-fold (repeat_interleave), so the n samples of a prompt never re-encode it;
+3. decode: a lean loop of model forwards with one new token per row; finished rows are dropped from the
+   batch (cache rows included) once enough of them have finished.
+
+Logprob convention (what `Completion.logprobs` holds, `stages.common.logprobs.sampling_logprobs`, which
+`response_logprobs` recomputes with the same `temperature`): for each sampled token, log_softmax(logits / temperature) with the
+vision special tokens masked to -inf, over the full vocabulary -- i.e. temperature-scaled, vision tokens
+removed, BEFORE top-k/top-p truncation. With top_k=0 and top_p=1 (the RL setting) this is exactly the
+distribution sampled from; with truncation, tokens are drawn from the truncated renormalised distribution
+but the logprob stays the untruncated one (what the policy gradient differentiates). Greedy decoding
+(temperature <= 0) reports logprobs at temperature 1.
+
+Completion.token_ids include the EOS token when a row ends on EOS (so training teaches stopping), and the
+tokens up to the one that completed a stop string; text is decoded without special tokens and cut right
+after the stop string.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from stages.common.logprobs import banned_token_mask, sampling_logprobs
+from stages.common.rollout.base import Completion, RolloutPrompt, SamplingParams
+from stages.common.rollout.prompts import encode_prompts, stop_token_ids, tokenizer_of, vision_token_ids
+
+# Drop finished rows from the decode batch once this fraction of it has finished: index-selecting the
+# cache costs one copy, so doing it every step would cost more than the rows it saves.
+COMPACT_FRACTION = 0.25
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model, processor, *, prompts_per_prefill: int = 32, max_batch_rows: int = 512,
+                 compact_fraction: float = COMPACT_FRACTION):
+        self.model = model
+        self.processor = processor
+        self.prompts_per_prefill = prompts_per_prefill
+        self.max_batch_rows = max_batch_rows
+        self.compact_fraction = compact_fraction
+        self.banned_ids = vision_token_ids(processor)
+        self.eos_ids = stop_token_ids(processor, model)
+
+    def sync_weights(self, model) -> None:
+        # Same process, same tensors: sampling from `model` is enough.
+        self.model = model
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def generate(self, prompts: list[RolloutPrompt], params: SamplingParams) -> list[list[Completion]]:
+        model = getattr(self.model, "module", self.model)
+        device = next(model.parameters()).device
+        seed = params.seed if params.seed is not None else random.randrange(2**62)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        per_chunk = max(1, min(self.prompts_per_prefill, self.max_batch_rows // max(1, params.n)))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                results: list[list[Completion]] = []
+                for start in range(0, len(prompts), per_chunk):
+                    results += self._generate_chunk(model, prompts[start:start + per_chunk], params, generator)
+        finally:
+            model.train(was_training)
+        return results
+
+    def _generate_chunk(self, model, prompts, params, generator) -> list[list[Completion]]:
+        device = next(model.parameters()).device
+        enc = {k: v.to(device) for k, v in encode_prompts(self.processor, prompts, padding_side="left").items()}
+        positions, rope_deltas = prompt_positions(model, enc)
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=positions,
+                    pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"),
+                    use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        n = params.n
+        # Share the prompt across its n samples: the cache and every per-row tensor, repeated in place.
+        cache.batch_repeat_interleave(n)
+        preallocate_cache(cache, params.max_new_tokens)
+        logits = out.logits[:, -1].float().repeat_interleave(n, 0)
+        prompt_mask = enc["attention_mask"].repeat_interleave(n, 0)
+        next_pos = prompt_mask.sum(-1)                     # text position of the first new token
+        rope_deltas = rope_deltas.view(-1).repeat_interleave(n, 0)
+        tokens, logprobs, lengths, reasons = self._decode(model, cache, logits, prompt_mask, next_pos, rope_deltas,
+                                                          params, generator)
+        return self._completions(tokens, logprobs, lengths, reasons, len(prompts), n, params)
+
+    def _decode(self, model, cache, logits, prompt_mask, next_pos, rope_deltas, params, generator):
+        rows, device = logits.shape[0], logits.device
+        max_new = params.max_new_tokens
+        tokens = torch.zeros(rows, max_new, dtype=torch.long, device=device)
+        logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
+        lengths = torch.full((rows,), max_new, dtype=torch.long, device=device)
+        reasons = ["length"] * rows
+        banned = banned_token_mask(logits.shape[-1], self.banned_ids, device)
+        eos = torch.tensor(self.eos_ids or [-1], device=device)
+        stop_checker = StopStringChecker(self.processor, params.stop) if params.stop else None
+        # Preallocated mask: prompt part, then one column per decode step (1 for every live row).
+        mask = torch.cat([prompt_mask, torch.ones(rows, max_new, dtype=prompt_mask.dtype, device=device)], 1)
+        prompt_len = prompt_mask.shape[1]
+        live = torch.arange(rows, device=device)           # original row index of each batch row
+        alive = torch.ones(rows, dtype=torch.bool, device=device)
+        use_4d_mask = model.config._attn_implementation in ("sdpa", "eager")
+        for step in range(max_new):
+            tok, logp = sample_tokens(logits, params.temperature, params.top_k, params.top_p, banned, generator)
+            tokens[live, step] = tok   # finished rows write past their length; _completions cuts it off
+            logprobs[live, step] = logp
+            done = torch.isin(tok, eos)
+            if stop_checker is not None:
+                done |= stop_checker.hit(tokens[live, : step + 1])
+            done &= alive
+            if bool(done.any()):
+                for r in live[done].tolist():
+                    lengths[r] = step + 1
+                    reasons[r] = "stop"
+                alive &= ~done
+            if step + 1 == max_new or not bool(alive.any()):
+                break
+            # Compact: drop finished rows (their cache rows too) once enough have piled up.
+            if int((~alive).sum()) >= self.compact_fraction * alive.numel():
+                idx = alive.nonzero().squeeze(1)
+                cache.batch_select_indices(idx)
+                live, tok, mask, next_pos, rope_deltas = live[idx], tok[idx], mask[idx], next_pos[idx], rope_deltas[idx]
+                alive = alive[idx]
+            kv_len = prompt_len + step + 1
+            step_mask = mask[:, :kv_len]
+            if use_4d_mask:  # skip transformers' per-step mask building: a decode query sees every live key
+                step_mask = step_mask.bool()[:, None, None, :]
+            text_pos = next_pos.view(1, -1, 1)
+            positions = torch.cat([text_pos, (text_pos + rope_deltas.view(1, -1, 1)).expand(3, -1, -1)], 0)
+            out = model(input_ids=tok.view(-1, 1), attention_mask=step_mask, position_ids=positions,
+                        past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+            next_pos = next_pos + 1
+            cache = out.past_key_values
+        return tokens, logprobs, lengths, reasons
+
+    def _completions(self, tokens, logprobs, lengths, reasons, n_prompts, n, params) -> list[list[Completion]]:
+        tok = tokenizer_of(self.processor)
+        tokens, logprobs, lengths = tokens.tolist(), logprobs.tolist(), lengths.tolist()
+        results = []
+        for p in range(n_prompts):
+            group = []
+            for r in range(p * n, (p + 1) * n):
+                ids = tokens[r][: lengths[r]]
+                text = tok.decode(ids, skip_special_tokens=True)
+                text = cut_after_stop(text, params.stop)
+                group.append(Completion(token_ids=ids, text=text, logprobs=logprobs[r][: lengths[r]],
+                                        finish_reason=reasons[r]))
+            results.append(group)
+        return results
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views into buffers sized for the whole rollout, so a decode step
+    writes one column instead of re-concatenating the cache (torch.cat every step is O(length^2) copying)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, extra_tokens: int):
+        super().__init__()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._set_buffers(keys, values, keys.shape[-2] + extra_tokens)
+
+    def _set_buffers(self, keys, values, capacity):
+        self.length = keys.shape[-2]
+        shape = (*keys.shape[:-2], capacity, keys.shape[-1])
+        self.buf_k = keys.new_empty(shape)
+        self.buf_v = values.new_empty(shape)
+        self.buf_k[..., : self.length, :] = keys
+        self.buf_v[..., : self.length, :] = values
+        self._refresh_views()
+
+    def _refresh_views(self):
+        self.keys = self.buf_k[..., : self.length, :]
+        self.values = self.buf_v[..., : self.length, :]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.buf_k.shape[-2]:  # past the planned length: grow (never happens within one rollout)
+            self._set_buffers(self.keys, self.values, 2 * end)
+        self.buf_k[..., self.length:end, :] = key_states
+        self.buf_v[..., self.length:end, :] = value_states
+        self.length = end
+        self._refresh_views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
+        self._refresh_views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.buf_k = self.buf_k.repeat_interleave(repeats, dim=0)
+        self.buf_v = self.buf_v.repeat_interleave(repeats, dim=0)
+        self._refresh_views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.length = max(0, self.length - abs(tokens_to_remove)) if tokens_to_remove < 0 else self.length
+        self._refresh_views()
+
+
+def preallocate_cache(cache, extra_tokens: int) -> None:
+    """Swap each full-attention DynamicLayer of `cache` for a PreallocatedLayer with room for extra_tokens."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.is_initialized:
+            layers[i] = PreallocatedLayer(layer.keys, layer.values, extra_tokens)
+
+
+def prompt_positions(model, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions for a left-padded prompt batch as the model takes them: [4, B, L] (row 0 the text
+    position, rows 1-3 M-RoPE t/h/w), and each row's rope delta [B, 1] (M-RoPE position minus text position
+    for every later token)."""
+    mask = enc["attention_mask"]
+    text_pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    inner = getattr(model, "model", model)
+    if enc.get("image_grid_thw") is not None and hasattr(inner, "get_rope_index"):
+        mrope, deltas = inner.get_rope_index(enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"],
+                                             image_grid_thw=enc["image_grid_thw"], attention_mask=mask)
+    else:
+        mrope = text_pos.unsqueeze(0).expand(3, -1, -1)
+        deltas = torch.zeros(mask.shape[0], 1, dtype=torch.long, device=mask.device)
+    # get_rope_index counts from the first real token; the text row must agree with it for later steps.
+    deltas = deltas.view(-1, 1).to(mask.device)
+    return torch.cat([text_pos.unsqueeze(0), mrope.to(text_pos.dtype)], 0), deltas
+
+
+def truncate_top_k_top_p(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set tokens outside the top-k / the top-p nucleus to -inf (always keeping the most likely token)."""
+    if top_k and 0 < top_k < logp.shape[-1]:
+        kth = logp.topk(top_k, dim=-1).values[:, -1:]
+        logp = logp.masked_fill(logp < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        probs = sorted_logp.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs       # probability of the tokens ranked above
+        drop_sorted = mass_before >= top_p
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logp = logp.masked_fill(drop, float("-inf"))
+    return logp
+
+
+def sample_tokens(logits, temperature, top_k, top_p, banned, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row and its logprob under the convention above (temperature-scaled, banned removed,
+    before truncation)."""
+    logp = sampling_logprobs(logits, temperature, banned)
+    if temperature <= 0:
+        tok = logp.argmax(-1)
+    else:
+        probs = truncate_top_k_top_p(logp, top_k, top_p).exp()
+        tok = inverse_cdf_sample(probs, generator)
+    return tok, logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+
+
+def inverse_cdf_sample(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One draw per row from unnormalised probabilities: the first index whose cumulative mass exceeds
+    u * total. One uniform per row; torch.multinomial was ~20x slower on a CPU for [128, 2048]."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    # Rounding can land past the last token with mass; a zero-probability pick must never come out.
+    picked_zero = probs.gather(-1, tok.unsqueeze(-1)).squeeze(-1) <= 0
+    return torch.where(picked_zero, probs.argmax(-1), tok)
+
+
+class StopStringChecker:
+    """Flags rows whose recent text contains a stop string. Only the tail of each row is decoded: a stop
+    string that ends at this step lies within the last len(stop) tokens (every token is >= 1 character)."""
+
+    def __init__(self, processor, stops: list[str]):
+        self.tok = tokenizer_of(processor)
+        self.stops = [s for s in stops if s]
+        self.window = max(len(s) for s in self.stops) + 1 if self.stops else 0
+
+    def hit(self, tokens_so_far: torch.Tensor) -> torch.Tensor:
+        tails = tokens_so_far[:, -self.window:].tolist()
+        texts = self.tok.batch_decode(tails, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=tokens_so_far.device)
+
+
+def cut_after_stop(text: str, stops: list[str]) -> str:
+    ends = [text.find(s) + len(s) for s in stops if s and s in text]
+    return text[: min(ends)] if ends else text

@@ -1,0 +1,98 @@
+"""RolloutPrompt -> what the processor and the model eat: chat-templated text, images, token tensors.
+
+Shared by the hf engine (left-padded prompt batches), the vllm engine (prompt text + PIL images) and
+logprob recomputation (unpadded prompt ids that responses are appended to), so all three see the same
+prompt tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from prism_cli.errors import PrismError
+from stages.common.rollout.base import RolloutPrompt
+
+# Tokens that only the processor may place (image/video placeholders and their brackets). A sampled one
+# breaks the next forward ("Image features and image tokens do not match"), so sampling never emits them.
+VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+
+
+def tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def vision_token_ids(processor) -> list[int]:
+    """Ids of the vision special tokens this tokenizer knows (unknown ones are skipped)."""
+    tok = tokenizer_of(processor)
+    ids = []
+    for t in VISION_SPECIAL_TOKENS:
+        i = tok.convert_tokens_to_ids(t)
+        if i is not None and i != tok.unk_token_id and i not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def stop_token_ids(processor, model=None) -> list[int]:
+    """EOS ids: the tokenizer's eos plus the model's generation_config eos (Qwen lists <|im_end|> and
+    <|endoftext|>)."""
+    ids = []
+    eos = tokenizer_of(processor).eos_token_id
+    if eos is not None:
+        ids.append(int(eos))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])):
+        if int(i) not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def count_image_parts(messages: list[dict]) -> int:
+    n = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            n += sum(1 for part in content if isinstance(part, dict) and (part.get("type") == "image" or "image" in part))
+    return n
+
+
+def prompt_text(processor, prompt: RolloutPrompt) -> str:
+    """The chat-templated prompt, ending with the assistant turn's opening (add_generation_prompt)."""
+    n_parts = count_image_parts(prompt.messages)
+    if n_parts != len(prompt.images):
+        raise PrismError(f"a prompt has {n_parts} image part(s) in its messages but {len(prompt.images)} image(s)",
+                         hint="put one {'type': 'image'} content part per image, in order")
+    return processor.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(processor, prompts: Sequence[RolloutPrompt], padding_side: str = "left") -> dict:
+    """One padded batch of prompts: input_ids, attention_mask, mm_token_type_ids and, when any prompt has
+    images, pixel_values + image_grid_thw (images in row order, as the model consumes them)."""
+    texts = [prompt_text(processor, p) for p in prompts]
+    images = [img for p in prompts for img in p.images]
+    tok = tokenizer_of(processor)
+    old_side = tok.padding_side
+    tok.padding_side = padding_side
+    try:
+        enc = processor(text=texts, images=images or None, padding=True, return_tensors="pt",
+                        return_mm_token_type_ids=True)
+    finally:
+        tok.padding_side = old_side
+    out = dict(enc)
+    if "mm_token_type_ids" not in out:  # processors that don't emit it: mark image placeholders ourselves
+        image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+        out["mm_token_type_ids"] = (out["input_ids"] == image_id).int()
+    return out
+
+
+def image_patch_counts(prompts: Sequence[RolloutPrompt], image_grid_thw: torch.Tensor | None) -> list[int]:
+    """Rows of pixel_values that belong to each prompt (pixel_values is the concatenation over images)."""
+    if image_grid_thw is None:
+        return [0] * len(prompts)
+    per_image = image_grid_thw.prod(-1).tolist()
+    counts, k = [], 0
+    for p in prompts:
+        counts.append(int(sum(per_image[k:k + len(p.images)])))
+        k += len(p.images)
+    return counts
