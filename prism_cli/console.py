@@ -7,6 +7,7 @@ import sys
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
@@ -31,9 +32,10 @@ def warn(message: str) -> None:
 
 
 def error_line(message: str, hint: str | None = None) -> None:
-    text = f"[bold red]error:[/] {message}"
+    # messages carry user text (paths, option values, "prism-vlm[eval]"): never interpret it as markup
+    text = f"[bold red]error:[/] {escape(message)}"
     if hint:
-        text += f" [dim](hint: {hint})[/]"
+        text += f" [dim](hint: {escape(hint)})[/]"
     err.print(text, soft_wrap=True)
 
 

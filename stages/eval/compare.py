@@ -1,0 +1,93 @@
+"""The paper-style table: rows = checkpoints, columns = tasks + average, accuracies in percent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prism_cli import console
+from prism_cli.errors import PrismError
+from stages.eval.tasks import PAPER_TASKS, split_names
+
+RESULTS = "results.json"
+
+
+def read_results(directory: str | Path) -> dict:
+    """results.json of an eval directory, refusing anything else with a line naming the directory."""
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise PrismError(f"--compare {directory} is not a directory")
+    try:
+        data = json.loads((path / RESULTS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PrismError(f"--compare {directory} has no {RESULTS}", hint="give directories written by prism eval") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PrismError(f"{path / RESULTS} is not valid JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
+        raise PrismError(f"{path / RESULTS} is not a prism eval results file (no 'tasks')")
+    return data
+
+
+def row_label(results: dict, directory: str | Path) -> str:
+    return (results.get("checkpoint") or {}).get("ref") or Path(directory).name
+
+
+def task_columns(all_results: list[dict]) -> list[str]:
+    """The paper's tasks first (in its order), then synth, then anything else in first-seen order."""
+    seen: list[str] = []
+    for r in all_results:
+        for name in r["tasks"]:
+            if name not in seen:
+                seen.append(name)
+    ordered = [t for t in PAPER_TASKS if t in seen]
+    ordered += [t for t in ("synth",) if t in seen]
+    return ordered + [t for t in seen if t not in ordered]
+
+
+def average(results: dict, columns: list[str]) -> float | None:
+    """Mean over the columns; None when the checkpoint lacks one of them (an average of different sets
+    of tasks would not compare)."""
+    values = [results["tasks"].get(c, {}).get("value") for c in columns]
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def table_rows(labels: list[str], all_results: list[dict], columns: list[str]) -> list[list]:
+    rows = []
+    for label, results in zip(labels, all_results):
+        cells = [label]
+        for c in columns:
+            value = results["tasks"].get(c, {}).get("value")
+            cells.append(None if value is None else round(100 * value, 1))
+        avg = average(results, columns)
+        cells.append(None if avg is None else round(100 * avg, 1))
+        rows.append(cells)
+    return rows
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return "-" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def show(directories: list[str], markdown_path: str = "") -> str:
+    """Print the comparison of eval directories (and write it as Markdown); returns the Markdown text."""
+    directories = split_names(directories)
+    all_results = [read_results(d) for d in directories]
+    labels = [row_label(r, d) for r, d in zip(all_results, directories)]
+    columns = task_columns(all_results)
+    header = ["checkpoint", *columns, "avg"]
+    rows = table_rows(labels, all_results, columns)
+    console.print_table("accuracy (%)", header, [[("-" if v is None else v) for v in r] for r in rows])
+    text = markdown(header, rows)
+    if markdown_path:
+        try:
+            Path(markdown_path).expanduser().write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise PrismError(f"cannot write --markdown {markdown_path}: {e.strerror}") from None
+    return text

@@ -1,0 +1,261 @@
+"""What `--tasks` names mean, and how each benchmark is scored without a judge.
+
+A short alias (mathvista, mmmu, ...) maps to the benchmark the paper evaluated (REFERENCE.md 1). With
+`--judge none` every alias runs as one of the task overrides shipped in stages/eval/lmms_tasks/
+(`prism_*`): the same dataset and split as the official lmms-eval task, our prompt (the question and its
+options, under the protocol system prompt), and a rule-based scorer from this module instead of an LLM
+judge. With `--judge URL#MODEL` the benchmarks whose official scorer is a judge run as the official
+lmms-eval task instead. Any other name is passed to lmms-eval unchanged.
+
+The scorers are pure functions `score_<bench>(doc, response) -> {"acc", "format", "pred"}` of a dataset
+row and the model's full protocol response, so they are tested on hand-made rows.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+
+from prism_cli.errors import UsageError
+
+LMMS_TASK_DIR_NAME = "lmms_tasks"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    alias: str
+    override_tasks: tuple[str, ...]   # prism_* tasks shipped here (rule-scored), averaged into one number
+    official_tasks: tuple[str, ...]   # what the paper ran in lmms-eval
+    official_metric: str              # the official task's headline metric (judge mode)
+    needs_judge: bool                 # the official scorer is an LLM judge
+    note: str                         # how rule scoring differs from the official number
+
+
+BENCHMARKS = {b.alias: b for b in [
+    Benchmark("mathvista", ("prism_mathvista_testmini",), ("mathvista_testmini_cot",), "llm_as_judge_eval", True,
+              "answer from <answer>; option letter or option text for multiple choice; numbers compared at the "
+              "question's precision; official: GPT answer extraction then exact match"),
+    Benchmark("mathvision", ("prism_mathvision_testmini",), ("mathvision_testmini",), "mathvision_standard_eval",
+              False, "same kind of rule as the official scorer (letter / value match), math-verify for LaTeX"),
+    Benchmark("mathverse", ("prism_mathverse_testmini",), ("mathverse_testmini",), "gpt_eval_score", True,
+              "answer from <answer> matched by rules + math-verify; official: GPT extraction and GPT judgement"),
+    Benchmark("wemath", ("prism_wemath_testmini",), ("wemath_testmini_reasoning",), "acc_score", False,
+              "per-question option-letter accuracy (the official reasoning task's acc_score); WeMath's "
+              "loose/strict four-dimensional scores are not computed"),
+    Benchmark("mmmu", ("prism_mmmu_val",), ("mmmu_val",), "mmmu_acc", False,
+              "option letter (or option text) for multiple choice, normalised string/number match for open "
+              "questions; official: the same kind of rules with a looser answer extraction"),
+    Benchmark("mmmu_pro", ("prism_mmmu_pro_standard", "prism_mmmu_pro_vision"), ("mmmu_pro",), "mmmu_acc", False,
+              "mean of the standard (10 options) and vision subsets, as the official group"),
+    Benchmark("hallusionbench", ("prism_hallusion_bench_image",), ("hallusion_bench_image",), "aAcc", True,
+              "aAcc by a yes/no rule on <answer>; official: GPT decides yes/no/uncertain; qAcc/fAcc not reported"),
+]}
+ALIASES = {"hallusion": "hallusionbench", "hallusion_bench": "hallusionbench", "mmmu-pro": "mmmu_pro"}
+NATIVE_TASKS = ("synth",)
+PAPER_TASKS = ("mathvista", "mathverse", "mathvision", "wemath", "mmmu", "mmmu_pro", "hallusionbench")
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """One column of the results table: what runs and how it is scored."""
+
+    name: str                   # the column name (alias, or the lmms-eval task name as given)
+    backend: str                # "native" | "lmms"
+    lmms_tasks: tuple[str, ...]  # lmms-eval task names to run (empty for native)
+    scorer: str                 # "rule" | "judge" | "official"
+    metric: str                 # metric key read from lmms-eval results ("acc" for the overrides)
+
+
+def split_names(values: list[str] | str) -> list[str]:
+    """`--tasks a,b --tasks c` -> [a, b, c], order kept, duplicates dropped."""
+    items = [values] if isinstance(values, str) else list(values)
+    names: list[str] = []
+    for item in items:
+        for name in str(item).split(","):
+            name = name.strip()
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
+def plan_task(name: str, judge: str = "none", synth_backend: str = "native") -> TaskPlan:
+    alias = ALIASES.get(name.lower(), name.lower())
+    if alias == "synth":
+        if synth_backend == "lmms":
+            return TaskPlan("synth", "lmms", ("prism_synth",), "rule", "acc")
+        return TaskPlan("synth", "native", (), "rule", "acc")
+    if alias in BENCHMARKS:
+        bench = BENCHMARKS[alias]
+        if judge != "none" and bench.needs_judge:
+            return TaskPlan(alias, "lmms", bench.official_tasks, "judge", bench.official_metric)
+        return TaskPlan(alias, "lmms", bench.override_tasks, "rule", "acc")
+    if not _TASK_NAME.match(name):
+        raise UsageError(f"--tasks: {name!r} is not a task name",
+                         hint=f"use {', '.join(('synth',) + PAPER_TASKS)} or an lmms-eval task name")
+    return TaskPlan(name, "lmms", (name,), "official", "")
+
+
+def plan_tasks(names: list[str] | str, judge: str = "none", synth_backend: str = "native") -> list[TaskPlan]:
+    names = split_names(names)
+    if not names:
+        raise UsageError("--tasks is empty", hint=f"e.g. --tasks synth or --tasks {','.join(PAPER_TASKS)}")
+    return [plan_task(n, judge, synth_backend) for n in names]
+
+
+def parse_judge(judge: str) -> tuple[str, str] | None:
+    """`none` -> None; `URL#MODEL` -> (url, model)."""
+    if not judge or judge == "none":
+        return None
+    url, sep, model = judge.partition("#")
+    if not sep or not url.startswith(("http://", "https://")) or not model:
+        raise UsageError(f"--judge {judge!r} is not 'none' or URL#MODEL",
+                         hint="e.g. --judge http://localhost:8000/v1/chat/completions#Qwen/Qwen3-32B")
+    return url, model
+
+
+# ------------------------------------------------------------------------------------------ rule scoring
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# "A. text", "(A) text", "A: text", "A) text" at the start of a line
+_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.):：]\s*(.*?)\s*$", re.M)
+
+
+def options_in_text(text: str) -> list[str]:
+    """The lettered options listed in a prompt (A, B, C... in order), [] if it lists none."""
+    found = _OPTION_LINE.findall(text or "")
+    options: list[str] = []
+    for letter, body in found:
+        if letter != LETTERS[len(options)]:
+            if letter == "A":  # a second list starts: keep the last complete one
+                options = []
+            else:
+                continue
+        options.append(body)
+    return options if len(options) >= 2 else []
+
+
+def parse_option_list(value) -> list[str]:
+    """MMMU stores options as the text of a Python list; other sets as a list. Never raises."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            parsed = ast.literal_eval(value)
+            if isinstance(parsed, (list, tuple)):
+                return [str(v) for v in parsed]
+        except (ValueError, SyntaxError):
+            return []
+    return []
+
+
+def letter_of(answer: str, choices: list[str]) -> str | None:
+    """The option letter of a ground truth given as a letter or as the option's text."""
+    answer = str(answer).strip()
+    if len(answer) == 1 and answer.upper() in LETTERS[:len(choices)]:
+        return answer.upper()
+    for i, c in enumerate(choices):
+        if str(c).strip() == answer:
+            return LETTERS[i]
+    return None
+
+
+def rule_score(response: str, ground_truth: str, choices: list[str] | None = None,
+               equivalents: list[str] | None = None) -> dict:
+    """The project's verifier on a protocol response: acc without the format gate, format reported apart."""
+    from stages.common.protocol import parse_response
+    from stages.common.rewards import compute_score
+
+    scored = compute_score(response, str(ground_truth), choices=choices or None, equivalents=equivalents or None,
+                           require_format=False)
+    return {"acc": float(scored["acc"]), "format": float(parse_response(response).format_ok),
+            "pred": scored.get("pred")}
+
+
+def score_choice(response: str, answer: str, choices: list[str]) -> dict:
+    """Multiple choice: right if the letter or the option's text is given."""
+    letter = letter_of(answer, choices)
+    if letter is None:  # the ground truth is not among the options: compare values
+        return rule_score(response, answer)
+    option_text = str(choices[LETTERS.index(letter)])
+    return rule_score(response, letter, choices=choices, equivalents=[option_text])
+
+
+def score_mathvista(doc: dict, response: str) -> dict:
+    choices = [str(c) for c in (doc.get("choices") or [])]
+    if doc.get("question_type") == "multi_choice" and choices:
+        return score_choice(response, doc["answer"], choices)
+    return rule_score(response, doc["answer"])
+
+
+def score_mathvision(doc: dict, response: str) -> dict:
+    choices = [str(c) for c in (doc.get("options") or [])]
+    if choices:
+        return score_choice(response, doc["answer"], choices)
+    return rule_score(response, doc["answer"])
+
+
+def score_mathverse(doc: dict, response: str) -> dict:
+    choices = options_in_text(doc.get("query_wo") or doc.get("question") or "")
+    if doc.get("question_type") == "multi-choice" and choices:
+        return score_choice(response, doc["answer"], choices)
+    return rule_score(response, doc["answer"])
+
+
+def score_wemath(doc: dict, response: str) -> dict:
+    choices = options_in_text(str(doc.get("option", "")).replace(";", "\n"))
+    if choices:
+        return score_choice(response, doc["answer"], choices)
+    return rule_score(response, doc["answer"])
+
+
+def score_mmmu(doc: dict, response: str) -> dict:
+    choices = parse_option_list(doc.get("options"))
+    if doc.get("question_type", "multiple-choice") == "multiple-choice" and choices:
+        return score_choice(response, doc["answer"], choices)
+    answers = parse_option_list(doc["answer"]) or [str(doc["answer"])]
+    return rule_score(response, answers[0], equivalents=answers[1:])
+
+
+def score_mmmu_pro_vision(doc: dict, response: str) -> dict:
+    """The options are drawn inside the image; the ground truth is their letter."""
+    choices = parse_option_list(doc.get("options")) or list(LETTERS[:10])
+    return score_choice(response, doc["answer"], choices)
+
+
+def yes_no(text: str | None) -> str | None:
+    """'yes' / 'no' from a short answer ("Yes.", "no, it is not", "(A) yes"), None if neither or both."""
+    words = set(re.findall(r"[a-z]+", (text or "").lower()))
+    has_yes, has_no = bool(words & {"yes", "true", "correct"}), bool(words & {"no", "not", "false", "incorrect"})
+    if has_yes == has_no:
+        return None
+    return "yes" if has_yes else "no"
+
+
+def score_hallusion(doc: dict, response: str) -> dict:
+    """HallusionBench: gt_answer 1 = yes, 0 = no; the answer is read from <answer> (whole text otherwise)."""
+    from stages.common.protocol import parse_response
+
+    parsed = parse_response(response)
+    pred = yes_no(parsed.answer if parsed.answer is not None else response)
+    truth = "yes" if str(doc.get("gt_answer", "")).strip() in ("1", "yes", "Yes") else "no"
+    return {"acc": float(pred == truth), "format": float(parsed.format_ok), "pred": pred}
+
+
+SCORERS = {
+    "prism_mathvista_testmini": score_mathvista,
+    "prism_mathvision_testmini": score_mathvision,
+    "prism_mathverse_testmini": score_mathverse,
+    "prism_wemath_testmini": score_wemath,
+    "prism_mmmu_val": score_mmmu,
+    "prism_mmmu_pro_standard": score_mmmu,
+    "prism_mmmu_pro_vision": score_mmmu_pro_vision,
+    "prism_hallusion_bench_image": score_hallusion,
+}
+
+
+def rule_scored_table() -> list[list[str]]:
+    """Rows for the README / --dry-run: alias, lmms-eval task, how it is scored here vs officially."""
+    return [[b.alias, ", ".join(b.official_tasks), "judge" if b.needs_judge else "rules", b.note]
+            for b in BENCHMARKS.values()]

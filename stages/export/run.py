@@ -1,0 +1,185 @@
+"""`prism export`: a checkpoint as a plain Hugging Face folder, read top to bottom.
+
+    resolve the checkpoint -> check --out (empty or --overwrite, writable) -> load policy (or discriminator)
+    in the export dtype -> save sharded safetensors + config + processor + chat template + generation config
+    into a staging folder -> lineage + README model card -> reload and generate (policy: logits compared with
+    the loaded model) -> move into place -> optionally push to the hub
+
+The folder is not a prism checkpoint (no prism.json, no state/): it is what a user downloads. Its lineage is
+in README.md and prism_lineage.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from prism_cli import checkpoint, console
+from prism_cli.errors import PrismError
+from stages.export import model_card
+from stages.export.config import ExportConfig
+
+POLICY_STAGES = ("base", "sft", "align", "rl")
+LOGITS_ATOL = {"fp32": 1e-4, "bf16": 0.0, "fp16": 0.0}  # same dtype both sides: reload must be bit-exact
+
+
+def run(cfg: ExportConfig) -> Path:
+    spec = checkpoint.resolve(cfg.ckpt)
+    if cfg.what == "discriminator":
+        checkpoint.require_stage(spec, ("align",))
+    else:
+        checkpoint.require_stage(spec, POLICY_STAGES)
+    out = Path(cfg.out).expanduser()
+    check_output(out, cfg.overwrite)
+    if cfg.dry_run:
+        console.print_table("export plan", ["field", "value"], [["checkpoint", spec.describe()], ["what", cfg.what],
+                                                                  ["dtype", cfg.dtype], ["out", str(out)]])
+        return out
+
+    staging = out.with_name(out.name + ".exporting")
+    shutil.rmtree(staging, ignore_errors=True)
+    device = torch.device("cpu")  # export never needs an accelerator, and CPU memory is the larger pool
+    if cfg.what == "discriminator":
+        model, processor = save_discriminator(spec, cfg, staging, device)
+    else:
+        model, processor = save_policy(spec, cfg, staging, device)
+
+    lineage = model_card.lineage_records(spec)
+    evals = model_card.eval_results([Path(d) for d in cfg.eval] or default_eval_dirs(spec))
+    verification = verify(cfg, staging, model, processor) if cfg.verify else {}
+    write_card(staging, out.name, cfg, lineage, evals, verification)
+
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    console.info(f"exported {spec.describe()} ({cfg.what}, {cfg.dtype}) -> {out}")
+    if cfg.push_to_hub:
+        push(out, cfg.push_to_hub, cfg.private)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- pieces
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """--out must be new, empty, or replaced with --overwrite; its parent must be writable."""
+    if out.exists() and not out.is_dir():
+        raise PrismError(f"--out {out} exists and is a file")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise PrismError(f"--out {out} is not empty", hint="pass --overwrite to replace it, or choose another --out")
+    if (out / checkpoint.MANIFEST).is_file() and overwrite:
+        raise PrismError(f"--out {out} is a prism checkpoint; export will not replace one",
+                         hint="choose another --out")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrismError(f"cannot create the parent of --out {out}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PrismError(f"cannot write to --out {out}: {parent} is not writable")
+
+
+def save_policy(spec, cfg: ExportConfig, staging: Path, device):
+    from stages.common.models import load_policy, load_processor
+
+    processor = load_processor(spec)
+    model = load_policy(spec, dtype=cfg.dtype, device=device, train=False)
+    write_hf_folder(model, processor, staging, cfg.max_shard_size)
+    return model, processor
+
+
+def save_discriminator(spec, cfg: ExportConfig, staging: Path, device):
+    from stages.align.discriminator import load_discriminator, load_discriminator_processor
+
+    model = load_discriminator(spec.path, dtype=cfg.dtype, device=device, train=False)
+    processor = load_discriminator_processor(spec.path)
+    write_hf_folder(model, processor, staging, cfg.max_shard_size)
+    return model, processor
+
+
+def write_hf_folder(model, processor, directory: Path, max_shard_size: str) -> None:
+    try:
+        directory.mkdir(parents=True)
+        model.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
+        processor.save_pretrained(directory)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and not (directory / "generation_config.json").is_file():
+            generation_config.save_pretrained(directory)
+    except OSError as e:
+        raise PrismError(f"cannot write the export to {directory}: {e.strerror or e}") from None
+
+
+def default_eval_dirs(spec) -> list[Path]:
+    if spec.path is None:
+        return []
+    return [spec.path.parent / f"eval-{spec.path.name}"]
+
+
+def verify(cfg: ExportConfig, directory: Path, model, processor) -> dict:
+    """Reload the folder the way a user would; compare logits on a synth prompt and generate a few tokens."""
+    if cfg.what == "discriminator":
+        from stages.align.discriminator import load_discriminator
+
+        reloaded = load_discriminator(directory, dtype=cfg.dtype, device=torch.device("cpu"))
+        return {"reloaded": True, "max_abs_weight_diff": max_weight_diff(model, reloaded)}
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        reloaded = AutoModelForImageTextToText.from_pretrained(directory, dtype=model.dtype,
+                                                               attn_implementation=model.config._attn_implementation)
+        reprocessor = AutoProcessor.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise PrismError(f"the export in {directory} does not reload: {str(e).splitlines()[0]}") from None
+    reloaded.eval()
+    inputs = probe_inputs(reprocessor)
+    with torch.inference_mode():
+        diff = (model(**inputs).logits.float() - reloaded(**inputs).logits.float()).abs().max().item()
+        generated = reloaded.generate(**inputs, max_new_tokens=8, do_sample=False)
+    if diff > LOGITS_ATOL[cfg.dtype]:
+        raise PrismError(f"the reloaded export in {directory} computes different logits (max diff {diff:.3g})")
+    new_tokens = int(generated.shape[-1] - inputs["input_ids"].shape[-1])
+    return {"reloaded": True, "max_abs_logit_diff": diff, "generated_tokens": new_tokens}
+
+
+def probe_inputs(processor) -> dict:
+    """One synth problem as the model would see it (image + question under the chat template)."""
+    from stages.common.chat import problem_messages
+    from stages.common.synth import load
+
+    sample = load("synth:test:1")[0]
+    messages = problem_messages(sample, images=sample.pil_images())
+    return dict(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                              return_tensors="pt"))
+
+
+def max_weight_diff(a, b) -> float:
+    theirs = b.state_dict()
+    return max(((t.float() - theirs[k].float()).abs().max().item() for k, t in a.state_dict().items()), default=0.0)
+
+
+def write_card(directory: Path, name: str, cfg: ExportConfig, lineage: list[dict], evals: list[dict],
+               verification: dict) -> None:
+    record = {"exported_from": cfg.ckpt, "what": cfg.what, "dtype": cfg.dtype, "lineage": lineage,
+              "eval": evals, "verification": verification}
+    (directory / model_card.LINEAGE_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
+    (directory / "README.md").write_text(model_card.render(name, cfg.what, cfg.dtype, lineage, evals, verification))
+
+
+def push(directory: Path, repo: str, private: bool) -> None:
+    """Upload the folder; any hub failure (offline, no token, no rights) is one line."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise PrismError(f"cannot push to {repo}: HF_HUB_OFFLINE is set", hint=f"the export is complete in {directory}")
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(directory), commit_message="prism export")
+    except Exception as e:  # network, auth and hub errors come in many types; none is a success
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PrismError(f"cannot push to {repo}: {type(e).__name__}: {first}",
+                         hint=f"the export is complete in {directory}; check network access and $HF_TOKEN") from None
+    console.info(f"pushed {directory} to https://huggingface.co/{repo}")

@@ -1,0 +1,170 @@
+"""prism eval's pure pieces: task aliases and plans, rule scoring of every shipped override, comparison table."""
+
+import json
+
+import pytest
+
+from prism_cli.errors import UsageError
+from stages.eval import compare, tasks
+from stages.eval.lmms_tasks import utils as task_utils
+
+GOOD = "<caption>- a chart</caption><think>reasoning</think><answer>{}</answer>"
+
+
+def test_aliases_map_to_overrides_and_judge_swaps_only_judged_tasks():
+    plans = tasks.plan_tasks(["mathvista,mmmu_pro", "hallusion", "synth", "docvqa_val"])
+    assert [p.name for p in plans] == ["mathvista", "mmmu_pro", "hallusionbench", "synth", "docvqa_val"]
+    assert plans[0].lmms_tasks == ("prism_mathvista_testmini",) and plans[0].scorer == "rule"
+    assert plans[1].lmms_tasks == ("prism_mmmu_pro_standard", "prism_mmmu_pro_vision")
+    assert plans[3].backend == "native"
+    assert plans[4] == tasks.TaskPlan("docvqa_val", "lmms", ("docvqa_val",), "official", "")
+    judged = {p.name: p for p in tasks.plan_tasks("mathvista,mmmu,mathverse,hallusionbench", judge="http://j/v1#m")}
+    assert judged["mathvista"].lmms_tasks == ("mathvista_testmini_cot",) and judged["mathvista"].scorer == "judge"
+    assert judged["mathverse"].lmms_tasks == ("mathverse_testmini",)
+    assert judged["hallusionbench"].metric == "aAcc"
+    assert judged["mmmu"].lmms_tasks == ("prism_mmmu_val",)  # rule-scorable: stays on the override
+    assert tasks.plan_tasks("synth", synth_backend="lmms")[0].lmms_tasks == ("prism_synth",)
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "../x"])
+def test_bad_task_names_are_usage_errors(bad):
+    with pytest.raises(UsageError):
+        tasks.plan_tasks([bad] if bad else [])
+
+
+def test_judge_spec():
+    assert tasks.parse_judge("none") is None
+    assert tasks.parse_judge("http://localhost:8000/v1#Qwen/Qwen3-32B") == ("http://localhost:8000/v1", "Qwen/Qwen3-32B")
+    for bad in ["gpt-4o", "http://x", "ftp://x#m", "http://x#"]:
+        with pytest.raises(UsageError):
+            tasks.parse_judge(bad)
+
+
+def test_every_shipped_override_has_a_yaml_a_scorer_and_a_process_function():
+    from stages.eval.lmms_runner import PACKAGE_TASK_DIR
+
+    yamls = {p.stem for p in PACKAGE_TASK_DIR.glob("prism_*.yaml")}
+    overrides = {t for b in tasks.BENCHMARKS.values() for t in b.override_tasks}
+    assert yamls == overrides == set(tasks.SCORERS)
+    for name in overrides:
+        text = (PACKAGE_TASK_DIR / f"{name}.yaml").read_text()
+        assert f"task: {name}\n" in text and f"utils.process_{name}\n" in text
+        assert hasattr(task_utils, f"process_{name}")
+
+
+def score(task, doc, answer):
+    return task_utils.__dict__[f"process_{task}"](doc, [GOOD.format(answer)])["acc"]
+
+
+def test_mathvista_multi_choice_by_letter_or_text_and_free_form_numbers():
+    mc = {"question_type": "multi_choice", "answer_type": "text", "choices": ["3", "5", "7"], "answer": "5"}
+    assert score("prism_mathvista_testmini", mc, "B") == 1.0
+    assert score("prism_mathvista_testmini", mc, "5") == 1.0
+    assert score("prism_mathvista_testmini", mc, "C") == 0.0
+    free = {"question_type": "free_form", "answer_type": "float", "choices": None, "answer": "1.5", "precision": 1}
+    assert score("prism_mathvista_testmini", free, "1.50") == 1.0
+    assert score("prism_mathvista_testmini", free, "2") == 0.0
+    assert "Options:\nA. 3\nB. 5" in task_utils.mathvista_doc_to_text(dict(mc, question="Which?"))
+
+
+def test_mathvision_letters_and_latex_values():
+    assert score("prism_mathvision_testmini", {"options": ["1", "2", "3", "4", "5"], "answer": "D"}, "(D)") == 1.0
+    assert score("prism_mathvision_testmini", {"options": ["1", "2", "3", "4", "5"], "answer": "D"}, "A") == 0.0
+    assert score("prism_mathvision_testmini", {"options": [], "answer": "0.5"}, r"\frac{1}{2}") == 1.0
+
+
+def test_mathverse_options_from_the_question_text():
+    doc = {"question_type": "multi-choice", "answer": "B",
+           "query_wo": "Find x.\nChoices:\nA:30\nB:45\nC:60\nD:90", "question": "Find x."}
+    assert score("prism_mathverse_testmini", doc, "B") == 1.0
+    assert score("prism_mathverse_testmini", doc, "45") == 1.0
+    assert score("prism_mathverse_testmini", doc, "60") == 0.0
+    assert score("prism_mathverse_testmini", {"question_type": "free-form", "answer": "2\\sqrt{3}"}, "2\\sqrt{3}") == 1.0
+
+
+def test_wemath_option_letters():
+    doc = {"question": "Which?", "option": "A. 2; B. 3; C. 4; D. 5", "answer": "C"}
+    assert score("prism_wemath_testmini", doc, "C") == 1.0
+    assert score("prism_wemath_testmini", doc, "4") == 1.0
+    assert score("prism_wemath_testmini", doc, "A") == 0.0
+
+
+def test_mmmu_choice_open_and_pro_vision():
+    mc = {"question_type": "multiple-choice", "options": "['red', 'green', 'blue']", "answer": "C",
+          "question": "<image 1> colour?"}
+    assert score("prism_mmmu_val", mc, "C") == 1.0
+    assert score("prism_mmmu_val", mc, "blue") == 1.0
+    assert score("prism_mmmu_val", mc, "A") == 0.0
+    assert task_utils.mmmu_image_keys(dict(mc, image_1=object(), image_2=None)) == ["image_1"]
+    open_q = {"question_type": "open", "options": "[]", "answer": "['12', '12.0']", "question": "How many?"}
+    assert score("prism_mmmu_val", open_q, "12") == 1.0
+    std = {"options": str([str(i) for i in range(10)]), "answer": "J", "question": "Pick"}
+    assert score("prism_mmmu_pro_standard", std, "J") == 1.0
+    assert score("prism_mmmu_pro_vision", {"answer": "H", "image": None}, "H") == 1.0
+    assert score("prism_mmmu_pro_vision", {"answer": "H", "image": None}, "B") == 0.0
+
+
+def test_hallusion_yes_no_rule():
+    assert score("prism_hallusion_bench_image", {"gt_answer": "1"}, "Yes.") == 1.0
+    assert score("prism_hallusion_bench_image", {"gt_answer": "0"}, "No, it is not") == 1.0
+    assert score("prism_hallusion_bench_image", {"gt_answer": "1"}, "No") == 0.0
+    assert score("prism_hallusion_bench_image", {"gt_answer": "1"}, "maybe") == 0.0
+    assert tasks.yes_no("yes and no") is None
+
+
+def test_format_is_reported_apart_from_accuracy():
+    doc = {"options": ["1", "2"], "answer": "B"}
+    broken = task_utils.process_prism_mathvision_testmini(doc, ["the answer is B"])
+    assert broken == {"acc": 1.0, "format": 0.0}  # lenient extraction without <answer>, format failed
+    assert task_utils.process_prism_mathvision_testmini(doc, [GOOD.format("B")]) == {"acc": 1.0, "format": 1.0}
+
+
+def test_options_in_text():
+    assert tasks.options_in_text("Q\nA. 1\nB. 2\n(C) 3") == ["1", "2", "3"]
+    assert tasks.options_in_text("no options here") == []
+
+
+def test_synth_scoring_separates_perception_from_reasoning():
+    from stages.common.synth import load, oracle_demo
+    from stages.eval import synth_native
+
+    sample = load("synth:test:1")[0]
+    demo = oracle_demo(sample)
+    right = synth_native.score_synth(sample, GOOD.replace("- a chart", demo.caption).format(demo.answer))
+    assert right["acc"] == 1.0 and right["caption_f1"] == 1.0 and synth_native.error_kind(right) == "right"
+    wrong_reasoning = synth_native.score_synth(sample, GOOD.replace("- a chart", demo.caption).format("zzz"))
+    assert synth_native.error_kind(wrong_reasoning) == "reasoning"
+    wrong_caption = synth_native.score_synth(sample, GOOD.format("zzz"))
+    assert synth_native.error_kind(wrong_caption) == "perception"
+    summary = synth_native.summarize([right, wrong_reasoning, wrong_caption])
+    assert summary["n"] == 3 and summary["value"] == pytest.approx(1 / 3)
+    assert summary["extra"]["perception_errors"] == pytest.approx(1 / 3)
+    assert summary["stderr"] == pytest.approx((1 / 3) ** 0.5 / 3 ** 0.5, rel=1e-6)
+
+
+def write_results(directory, ref, values):
+    directory.mkdir(parents=True)
+    tasks_ = {k: {"metric": "acc", "value": v, "n": 10, "stderr": 0.0} for k, v in values.items()}
+    (directory / "results.json").write_text(json.dumps({"checkpoint": {"ref": ref}, "tasks": tasks_}))
+
+
+def test_compare_table_and_markdown(tmp_path):
+    write_results(tmp_path / "a", "out/sft", {"synth": 0.5, "mmmu": 0.25, "mathvista": 0.75})
+    write_results(tmp_path / "b", "out/rl", {"mathvista": 0.8, "mmmu": 0.4, "synth": 0.9})
+    write_results(tmp_path / "c", "out/x", {"mathvista": 0.1})
+    md = compare.show([f"{tmp_path / 'a'},{tmp_path / 'b'}", str(tmp_path / "c")], str(tmp_path / "t.md"))
+    assert (tmp_path / "t.md").read_text() == md
+    lines = md.splitlines()
+    assert lines[0] == "| checkpoint | mathvista | mmmu | synth | avg |"
+    assert lines[2] == "| out/sft | 75.0 | 25.0 | 50.0 | 50.0 |"
+    assert lines[3] == "| out/rl | 80.0 | 40.0 | 90.0 | 70.0 |"
+    assert lines[4] == "| out/x | 10.0 | - | - | - |"
+
+
+def test_compare_refuses_non_eval_directories(tmp_path):
+    from prism_cli.errors import PrismError
+
+    with pytest.raises(PrismError, match="no results.json"):
+        compare.show([str(tmp_path)])
+    with pytest.raises(PrismError, match="not a directory"):
+        compare.show([str(tmp_path / "missing")])
