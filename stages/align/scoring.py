@@ -336,14 +336,11 @@ def _bt_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return bradley_terry_loss(teacher, student)
 
 
-def warmup_step(disc, optimizer, pairs: Sequence[PreferencePair], processor, *, layout: str = "shared",
-                scheduler=None, max_grad_norm: float | None = 1.0, score_l2_coef: float = 0.0,
-                clip: float = SCORE_CLIP, **score_kwargs) -> dict:
-    """One pairwise Bradley-Terry step: loss = BT(caption) + BT(think) + aux_coef * router aux loss
-    (+ score_l2_coef * mean squared score over the four score sets), scores clipped to [-clip, clip].
-    Returns float metrics (loss parts, train pairwise accuracy per segment, score means, grad norm)."""
-    disc.train()
-    optimizer.zero_grad(set_to_none=True)
+def pair_loss(disc, processor, pairs: Sequence[PreferencePair], *, layout: str = "shared",
+              score_l2_coef: float = 0.0, clip: float = SCORE_CLIP, **score_kwargs) -> tuple[torch.Tensor, dict]:
+    """The pairwise Bradley-Terry objective on (teacher, student) pairs, for the caller to backward:
+    BT(caption) + BT(think) + aux_coef * router aux loss (+ score_l2_coef * mean squared score over the
+    four score sets), scores clipped to [-clip, clip]. Returns (loss, float metrics)."""
     raw, result = _pair_scores(disc, processor, pairs, layout, output_router_logits=True, **score_kwargs)
     s = clip_scores(raw, clip)
     bt_caption = _bt_loss(s[:, 0], s[:, 2])
@@ -355,13 +352,6 @@ def warmup_step(disc, optimizer, pairs: Sequence[PreferencePair], processor, *, 
         loss = loss + coef * aux
     if score_l2_coef:
         loss = loss + score_l2_coef * s.pow(2).mean(dim=0).sum()
-    loss.backward()
-    grad_norm = None
-    if max_grad_norm is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(disc.parameters(), max_grad_norm))
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
     with torch.no_grad():
         metrics = {"loss": float(loss), "bt_caption": float(bt_caption), "bt_think": float(bt_think),
                    "aux_loss": float(aux) if aux is not None else 0.0,
@@ -369,8 +359,24 @@ def warmup_step(disc, optimizer, pairs: Sequence[PreferencePair], processor, *, 
                    "acc_think": float((raw[:, 1] > raw[:, 3]).float().mean()),
                    "score_teacher": float(raw[:, :2].mean()), "score_student": float(raw[:, 2:].mean()),
                    "tokens": result.num_tokens}
-    if grad_norm is not None:
-        metrics["grad_norm"] = grad_norm
+    return loss, metrics
+
+
+def warmup_step(disc, optimizer, pairs: Sequence[PreferencePair], processor, *, layout: str = "shared",
+                scheduler=None, max_grad_norm: float | None = 1.0, score_l2_coef: float = 0.0,
+                clip: float = SCORE_CLIP, **score_kwargs) -> dict:
+    """One single-process Bradley-Terry step (pair_loss, backward, clip, step). The align stage runs the
+    same objective through accelerate instead."""
+    disc.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss, metrics = pair_loss(disc, processor, pairs, layout=layout, score_l2_coef=score_l2_coef, clip=clip,
+                              **score_kwargs)
+    loss.backward()
+    if max_grad_norm is not None:
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(disc.parameters(), max_grad_norm))
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
     return metrics
 
 

@@ -18,6 +18,7 @@ from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
 from prism_cli.errors import PrismError
 from stages.common import training
+from stages.common import synth
 from stages.common.data import Sample, fingerprint_samples
 from stages.common.models import load_policy, load_processor, estimate_training_memory
 from stages.sft.config import SFTConfig
@@ -91,7 +92,7 @@ def load_mixture(specs: list[str], seed: int) -> Mixture:
     sources = []
     for spec, weight in parse_mixture(specs):
         samples, _problems = load_samples(spec)
-        samples = attach_oracle_demos(samples)
+        samples = synth.with_oracle_demos(samples)
         if not samples:
             raise PrismError(f"--data {spec} holds no samples")
         sources.append((spec, weight, samples))
@@ -129,16 +130,6 @@ def load_mixture(specs: list[str], seed: int) -> Mixture:
             pass
     fingerprints = {spec: fingerprint_samples(samples) for spec, _, samples in sources}
     return Mixture(out, fingerprints, parents, {spec: len(s) for spec, _, s in sources})
-
-
-def attach_oracle_demos(samples: list[Sample]) -> list[Sample]:
-    """synth samples used directly as SFT data get the oracle's demonstration as their target."""
-    if not any(s.source == "synth" and s.teacher is None and not s.conversation for s in samples):
-        return samples
-    from stages.common import synth
-
-    return [Sample(**{**s.__dict__, "teacher": synth.oracle_demo(s)})
-            if s.source == "synth" and s.teacher is None and not s.conversation else s for s in samples]
 
 
 def encode_all(samples: list[Sample], processor, model, cfg: SFTConfig, what: str) -> list[Encoded]:

@@ -13,9 +13,9 @@ slice of the scene-hash space, so train and test never share a scene.
 
 from .benchmark import SynthSpec, generate, load, parse_spec
 from .caption_check import caption_accuracy
-from .oracle import caption_for, oracle_demo
+from .oracle import caption_for, oracle_demo, with_oracle_demos
 from .scene import render, scene_hash, split_of
 from .tasks import TASKS
 
-__all__ = ["TASKS", "SynthSpec", "caption_accuracy", "caption_for", "generate", "load", "oracle_demo",
+__all__ = ["TASKS", "SynthSpec", "caption_accuracy", "caption_for", "generate", "load", "oracle_demo", "with_oracle_demos",
            "parse_spec", "render", "scene_hash", "split_of"]

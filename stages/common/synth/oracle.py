@@ -178,3 +178,12 @@ def oracle_demo(sample: Sample, *, caption_error_rate: float = 0.0, reasoning_sl
              "answer_correct": reasoning.answer == sample.answer}
     return Teacher(caption=caption_for(perceived, sample.task), think=reasoning.think, answer=reasoning.answer,
                    model="oracle-noisy" if noisy else "oracle", usage=usage)
+
+
+def with_oracle_demos(samples: list[Sample]) -> list[Sample]:
+    """synth problems used directly as training data get the clean oracle demonstration as their teacher;
+    other samples (and synth samples that already carry one) are returned unchanged."""
+    import dataclasses
+
+    return [dataclasses.replace(s, teacher=oracle_demo(s))
+            if s.source == "synth" and s.teacher is None and not s.conversation else s for s in samples]

@@ -1,0 +1,87 @@
+"""AlignConfig: `prism align`. Defaults are the paper's alignment stage (REFERENCE.md section 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prism_cli.config import CommonConfig, opt
+from prism_cli.errors import UsageError
+
+ADVANTAGE_MODES = ("prism", "acc-gated", "rlvr-mixed")
+
+
+@dataclass
+class AlignConfig(CommonConfig):
+    ckpt: str = opt("", "policy to align: an sft checkpoint (or any policy spec)", group="Model")
+    data: list[str] = opt(help="prompts with teacher demonstrations (repeatable): a curate dir, parquet, synth",
+                          group="Data", factory=list)
+
+    disc_base: str = opt("", "dense Qwen3-VL to upcycle into the MoE discriminator (paper: Qwen3-VL-2B-Instruct; "
+                             "default: the policy's base)", group="Discriminator")
+    disc: str = opt("", "reuse a discriminator: an align checkpoint or a discriminator/ directory",
+                    group="Discriminator")
+    disc_dense: bool = opt(False, "ablation: dense discriminator (no upcycling)", group="Discriminator")
+    disc_text_only: bool = opt(False, "ablation: the discriminator never sees the images", group="Discriminator")
+    num_experts: int = opt(4, "experts per MoE layer", group="Discriminator")
+    top_k: int = opt(2, "experts routed per token", group="Discriminator")
+    expert_noise: float = opt(0.01, "std of the Gaussian noise added to each expert copy", group="Discriminator",
+                              cli=False)
+    router_std: float = opt(0.02, "std of the router initialisation", group="Discriminator", cli=False)
+    aux_loss_coef: float = opt(0.01, "router load-balancing loss coefficient", group="Discriminator", cli=False)
+    disc_lr: float = opt(1e-6, "discriminator learning rate in the game", group="Discriminator")
+    disc_layout: str = opt("shared", "scoring layout: shared (prompt encoded once per group) or separate",
+                           group="Discriminator")
+    score_clip: float = opt(10.0, "discriminator scores are clipped to [-clip, clip] in its loss",
+                            group="Discriminator", cli=False)
+    score_reg: float = opt(0.001, "L2 regularisation of the scores", group="Discriminator", cli=False)
+
+    warmup_steps: int = opt(100, "Bradley-Terry warmup steps of the discriminator (0: skip)", group="Warmup")
+    warmup_pairs: str = opt("", "warmup pairs file (jsonl/parquet: prompt, image, teacher_caption, teacher_cot, "
+                                "student_caption, student_cot); default: sample the policy on the data",
+                            group="Warmup")
+    warmup_prompts: int = opt(512, "prompts sampled from the policy for warmup pairs", group="Warmup")
+    warmup_batch: int = opt(16, "pairs per warmup step", group="Warmup")
+    warmup_lr: float = opt(1e-5, "warmup learning rate (cosine, warmup ratio 0.1)", group="Warmup")
+    warmup_holdout: float = opt(0.1, "held-out fraction of pairs for pairwise accuracy", group="Warmup")
+
+    steps: int = opt(500, "alignment steps", group="Game")
+    prompts_per_step: int = opt(4, "prompts per step", group="Game")
+    rollouts_per_prompt: int = opt(16, "rollouts per prompt (the group size n)", group="Game")
+    max_new_tokens: int = opt(6144, "max response tokens", group="Game")
+    temperature: float = opt(1.0, "sampling temperature", group="Game")
+    lr: float = opt(1e-6, "policy learning rate (constant)", group="Game")
+    weight_decay: float = opt(0.01, "AdamW weight decay (policy and discriminator)", group="Game")
+    alpha: float = opt(0.5, "weight of perception (caption) vs reasoning (think) in the advantage", group="Game")
+    format_penalty: float = opt(1.5, "advantage penalty of a format-invalid response", group="Game")
+    advantage_mode: str = opt("prism", "prism, acc-gated or rlvr-mixed", group="Game")
+    clip_low: float = opt(0.2, "PPO clip below 1", group="Game", cli=False)
+    clip_high: float = opt(0.2, "PPO clip above 1", group="Game", cli=False)
+    loss_agg: str = opt("token-mean", "policy loss aggregation", group="Game", cli=False)
+    max_grad_norm: float = opt(1.0, "gradient clipping (both models)", group="Game", cli=False)
+    micro_batch_tokens: int = opt(16384, "token budget of a policy micro-batch", group="Game", cli=False)
+    engine: str = opt("auto", "rollout engine: auto, hf, vllm", group="Game")
+
+    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp32", group="Hardware")
+    attn: str = opt("auto", "policy attention: auto, sdpa, flash_attention_2", group="Hardware")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward", group="Hardware")
+    freeze_vision: bool = opt(False, "keep the policy's vision tower frozen", group="Hardware")
+
+    save_every: int = opt(25, "save resumable state every N steps", group="Logging")
+    report_to: str = opt("none", "trackers through accelerate: none, tensorboard, wandb", group="Logging")
+    keep_state: bool = opt(False, "keep optimizer state in the final checkpoint", group="Output", cli=False)
+
+    def validate(self) -> None:
+        if not self.ckpt:
+            raise UsageError("--ckpt is required", hint="the SFT checkpoint to align, e.g. --ckpt out/sft")
+        if not self.data:
+            raise UsageError("--data is required", hint="curated prompts with teacher demonstrations")
+        if self.advantage_mode not in ADVANTAGE_MODES:
+            raise UsageError(f"unknown advantage_mode {self.advantage_mode!r}", hint=", ".join(ADVANTAGE_MODES))
+        if self.disc_layout not in ("shared", "separate"):
+            raise UsageError(f"unknown disc_layout {self.disc_layout!r}", hint="shared or separate")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UsageError("alpha must be in [0, 1]")
+        if self.steps < 0 or self.prompts_per_step < 1 or self.rollouts_per_prompt < 1:
+            raise UsageError("steps must be >= 0, prompts_per_step and rollouts_per_prompt >= 1")
+        if self.disc and (self.disc_base or self.disc_dense):
+            raise UsageError("--disc reuses a discriminator; it cannot be combined with --disc-base/--disc-dense")

@@ -1,0 +1,104 @@
+"""The clipped policy update shared by `rl` and `align`: given rollout rows and their advantages, run
+ppo_epochs x mini_batches optimizer steps over token-budget micro-batches.
+
+Old logprobs are the sampling policy's (Completion.logprobs from the rollout engine). The loss is
+normalised by the mini-batch's global token (or sequence) count, so micro-batching and the number of
+processes do not change the gradient.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from stages.common import training
+from stages.common.logprobs import build_policy_batch, make_microbatches, response_logprobs, select_rows
+from stages.rl import losses
+
+
+@dataclass
+class PPOSettings:
+    loss: str = "ppo"              # "ppo" (token-level ratio) or "gspo" (sequence-level ratio)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    agg: str = "token-mean"
+    temperature: float = 1.0
+    micro_batch_tokens: int = 16384
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    max_grad_norm: float = 1.0
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    seed: int = 0
+
+
+def ppo_update(settings: PPOSettings, accelerator, model, optimizer, scheduler, processor, prompts, completions,
+               prompt_index: list[int], advantages: torch.Tensor, reference=None) -> dict:
+    """Optimizer steps over this process's rollout rows; returns statistics averaged over the updates."""
+    rows = len(completions)
+    if training.global_sum(accelerator, rows) == 0:
+        return {"update/skipped": 1.0}
+    batch = build_policy_batch(processor, prompts, [c.token_ids for c in completions], prompt_index) if rows else None
+    old_logp = torch.zeros(batch["response_mask"].shape) if rows else None
+    for i, c in enumerate(completions):
+        old_logp[i, :len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+    stats_sum: dict[str, float] = {}
+    n_updates = 0
+    order = list(range(rows))
+    size = max(1, -(-rows // settings.mini_batches))
+    for epoch in range(settings.ppo_epochs):
+        random.Random(settings.seed * 31 + epoch).shuffle(order)
+        for k in range(settings.mini_batches):
+            mini = order[k * size:(k + 1) * size]
+            stats = _minibatch(settings, accelerator, model, reference, batch, old_logp, advantages, mini)
+            stats["grad_norm"] = training.optimizer_step(accelerator, model, optimizer, scheduler,
+                                                         settings.max_grad_norm)
+            for key, value in stats.items():
+                if value is not None:
+                    stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
+            n_updates += 1
+    return {f"update/{k}": v / n_updates for k, v in stats_sum.items()}
+
+
+def _minibatch(settings: PPOSettings, accelerator, model, reference, batch, old_logp, advantages, mini) -> dict:
+    """Forward/backward of one mini-batch in token-budget micro-batches."""
+    loss_fn = losses.gspo_loss if settings.loss == "gspo" else losses.ppo_clip_loss
+    sub = select_rows(batch, mini) if mini else None
+    local_norm = float(losses.aggregation_normalizer(sub["response_mask"], settings.agg)) if mini else 0.0
+    # DDP averages gradients over processes, so each divides by (global count / processes).
+    normalizer = max(training.global_sum(accelerator, local_norm) / accelerator.num_processes, 1e-8)
+    micro = make_microbatches(sub["lengths"].tolist(), settings.micro_batch_tokens) if mini else []
+    weight = 1.0
+    if not micro:  # a process with no rows still joins the gradient all-reduce, with zero weight
+        if batch is None:
+            raise RuntimeError("a process without rollout rows cannot join the update; give every process rows")
+        mini, micro, weight = [0], [[0]], 0.0
+        sub = select_rows(batch, mini)
+    stats_acc: dict[str, float] = {}
+    tokens = 0
+    for i, local_rows in enumerate(micro):
+        mb = select_rows(sub, local_rows)
+        rows = [mini[r] for r in local_rows]
+        mask = mb["response_mask"].to(accelerator.device)
+        T = mask.shape[1]
+        old = old_logp[rows, :T].to(accelerator.device)
+        adv = advantages[rows].to(accelerator.device, torch.float32)
+        with training.accumulate(accelerator, model, last=(i == len(micro) - 1)):
+            logp, entropy = response_logprobs(model, mb, temperature=settings.temperature, with_entropy=True)
+            loss, stats = loss_fn(logp, old, adv, mask, clip_low=settings.clip_low, clip_high=settings.clip_high,
+                                  agg=settings.agg, normalizer=normalizer)
+            if reference is not None:
+                with torch.no_grad():
+                    ref_logp, _ = response_logprobs(reference, mb, temperature=settings.temperature)
+                kl = losses.kl_penalty(logp, ref_logp, settings.kl_kind, mask=mask)
+                loss = loss + settings.kl_coef * losses.aggregate(kl, mask, settings.agg, normalizer=normalizer)
+                stats["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
+            accelerator.backward(loss * weight)
+        n_tok = int(mask.sum())
+        tokens += n_tok
+        stats["entropy"] = (entropy.detach() * mask).sum() / max(n_tok, 1)
+        for key, value in stats.items():
+            stats_acc[key] = stats_acc.get(key, 0.0) + float(value) * n_tok
+    return {k: v / max(tokens, 1) for k, v in stats_acc.items()}

@@ -1,0 +1,289 @@
+"""`prism rl --algo grpo|dapo|gspo`: verifiable-reward RL, read top to bottom.
+
+Each step: draw prompts -> roll out n samples each through the rollout engine -> score them with the
+verifiable reward (+ DAPO's overlong shaping) -> (DAPO) drop groups whose accuracy is all equal and draw
+more -> group-normalised advantages -> PPO-clip (GRPO/DAPO) or sequence-level clip (GSPO) updates over
+token-budget micro-batches -> metrics. Old logprobs are the sampling policy's, returned by the engine.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prism_cli import checkpoint, console
+from prism_cli.config import to_dict
+from prism_cli.errors import PrismError
+from stages.common import training
+from stages.common.chat import rollout_prompt
+from stages.common.data import Sample, fingerprint_samples
+from stages.common.models import estimate_training_memory, load_policy, load_processor
+from stages.common.ppo import PPOSettings, ppo_update
+from stages.common.rewards import compute_score
+from stages.common.rollout import SamplingParams, make_engine
+from stages.rl import advantages as adv_fns
+from stages.rl.config import RLConfig
+
+POLICY_STAGES = ("base", "sft", "align", "rl")
+
+
+def run(cfg: RLConfig) -> Path:
+    training.seed_everything(cfg.seed)
+    policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), POLICY_STAGES)
+    prompts, data_fp, data_parents = load_prompts(cfg.data)
+    if cfg.dry_run:
+        return print_plan(cfg, policy_spec, len(prompts))
+
+    accelerator = training.make_accelerator(report_to=cfg.report_to, project_dir=cfg.out)
+    run_dir = checkpoint.open_output(cfg.out, "rl", to_dict(cfg), [("policy", policy_spec), *data_parents],
+                                     overwrite=cfg.overwrite, resume=cfg.resume)
+    processor = load_processor(policy_spec)
+    model = load_policy(policy_spec, dtype=cfg.dtype, attn=cfg.attn, device=accelerator.device,
+                        gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision)
+    reference = load_policy(policy_spec, dtype=cfg.dtype, attn=cfg.attn, device=accelerator.device,
+                            train=False) if cfg.kl_coef > 0 else None
+    if reference is not None:
+        reference.requires_grad_(False)
+    optimizer = training.build_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = training.build_scheduler(optimizer, "constant", training.warmup_steps_from(cfg.warmup, cfg.steps),
+                                         cfg.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    engine = make_engine(cfg.engine, training.unwrap(accelerator, model), processor)
+
+    start_step, cursor = 0, 0
+    if run_dir.resuming:
+        state = training.load_state(accelerator, run_dir.state_dir)
+        if state is not None:
+            start_step, cursor = state["step"], state["cursor"]
+            run_dir.truncate_metrics(start_step)
+            console.info(f"resuming {cfg.out} at step {start_step}/{cfg.steps}")
+
+    timer = training.StepTimer()
+    with console.progress(f"rl ({cfg.algo})", total=cfg.steps) as bar:
+        bar.advance(start_step)
+        for step in range(start_step, cfg.steps):
+            rollouts, cursor, sampling = collect_rollouts(cfg, accelerator, model, engine, prompts, cursor, step,
+                                                          timer)
+            with timer.phase("update"):
+                update = policy_update(cfg, accelerator, model, reference, optimizer, scheduler, processor, rollouts)
+            record = {"step": step + 1, **rollouts.metrics(), **sampling, **update, **timer.pop(),
+                      "lr": scheduler.get_last_lr()[0]}
+            run_dir.log_metrics(record)
+            if cfg.report_to != "none":
+                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
+            bar.advance(status=f"reward {record['reward/mean']:.3f} acc {record['acc/mean']:.3f} "
+                               f"fmt {record['format/mean']:.2f}")
+            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                training.save_state(accelerator, run_dir.state_dir, {"step": step + 1, "cursor": cursor})
+
+    training.save_model(accelerator, model, processor, run_dir.model_dir)
+    records = run_dir.read_metrics()
+    training.plot_curves(records, {"reward/mean": "reward", "acc/mean": "accuracy", "format/mean": "format"},
+                         run_dir.path / "reward.png", f"prism rl --algo {cfg.algo}")
+    accelerator.end_training()
+    return run_dir.finalize(summary=summarize(records), data=data_fp, keep_state=cfg.keep_state)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+def load_prompts(specs: list[str]) -> tuple[list[Sample], dict, list]:
+    """Problems with a ground-truth answer, from every --data source (samples without one are dropped)."""
+    from stages.common.formats import load_samples, parse_mixture
+
+    prompts, fingerprints, parents = [], {}, []
+    for spec, _weight in parse_mixture(specs):
+        samples, _problems = load_samples(spec)
+        usable = [s for s in samples if s.answer.strip()]
+        if len(usable) < len(samples):
+            console.warn(f"--data {spec}: {len(samples) - len(usable)} sample(s) without a ground-truth answer "
+                         "dropped (RL needs a verifiable answer)")
+        prompts.extend(usable)
+        fingerprints[spec] = fingerprint_samples(usable)
+        try:
+            cs = checkpoint.resolve(spec, role="--data")
+            if cs.kind == "prism":
+                parents.append(("data", cs))
+        except PrismError:
+            pass
+    if not prompts:
+        raise PrismError("no prompts with ground-truth answers in --data")
+    return prompts, fingerprints, parents
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return tuple(order)
+
+
+def prompt_at(prompts: list[Sample], position: int, seed: int) -> Sample:
+    """The prompt at a position of the endless stream: epochs of seeded permutations, so a resumed run
+    (which restores the stream cursor) sees exactly the prompts the uninterrupted run would."""
+    epoch, within = divmod(position, len(prompts))
+    return prompts[_epoch_order(len(prompts), seed, epoch)[within]]
+
+
+# --------------------------------------------------------------------------------------------- rollouts
+
+@dataclass
+class Rollouts:
+    """One step's training rows (this process's share): n per kept prompt."""
+
+    prompts: list            # RolloutPrompt per kept prompt
+    samples: list[Sample]
+    completions: list        # Completion per row
+    prompt_index: list[int]  # row -> prompt
+    rewards: torch.Tensor
+    acc: torch.Tensor
+    fmt: torch.Tensor
+    all_rewards: list[float]  # every scored row, filtered or not, for reporting
+    all_acc: list[float]
+    all_fmt: list[float]
+    all_lengths: list[int]
+
+    def metrics(self) -> dict:
+        mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
+        return {"reward/mean": mean(self.all_rewards), "acc/mean": mean(self.all_acc),
+                "format/mean": mean(self.all_fmt), "response_length/mean": mean(self.all_lengths),
+                "response_length/max": max(self.all_lengths, default=0),
+                "truncated/ratio": mean([float(c.finish_reason == "length") for c in self.completions])}
+
+
+def score_rows(cfg: RLConfig, samples: list[Sample], completions_by_prompt: list[list]) -> tuple:
+    rewards, acc, fmt, lengths = [], [], [], []
+    buffer = min(cfg.resolved("overlong_buffer"), cfg.max_new_tokens)
+    for sample, completions in zip(samples, completions_by_prompt):
+        for c in completions:
+            s = compute_score(c.text, sample.answer, sample.choices, acc_weight=cfg.acc_weight,
+                              format_weight=cfg.format_weight)
+            rewards.append(s["score"])
+            acc.append(s["acc"])
+            fmt.append(s["format"])
+            lengths.append(len(c.token_ids))
+    rewards_t = torch.tensor(rewards, dtype=torch.float32)
+    if buffer > 0:
+        rewards_t = rewards_t + adv_fns.overlong_penalty(torch.tensor(lengths), cfg.max_new_tokens, buffer,
+                                                         cfg.overlong_penalty)
+    return rewards_t, torch.tensor(acc), torch.tensor(fmt), lengths
+
+
+def collect_rollouts(cfg: RLConfig, accelerator, model, engine, prompts: list[Sample], cursor: int, step: int,
+                     timer: training.StepTimer) -> tuple[Rollouts, int, dict]:
+    """Sample rollout batches until this step has prompts_per_step useful groups (or the draw limit)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    quota = max(1, cfg.prompts_per_step // world)
+    n = cfg.rollouts_per_prompt
+    dynamic = cfg.resolved("dynamic_sampling")
+    kept = dict(prompts=[], samples=[], completions=[], rewards=[], acc=[], fmt=[])
+    seen = dict(rewards=[], acc=[], fmt=[], lengths=[])
+    groups_total = groups_kept = batches = 0
+    engine.sync_weights(training.unwrap(accelerator, model))
+    while True:
+        batch_samples = [prompt_at(prompts, cursor + i, cfg.seed) for i in range(rank * quota, (rank + 1) * quota)]
+        cursor += quota * world
+        batches += 1
+        with timer.phase("rollout"):
+            rollout_prompts = [rollout_prompt(s) for s in batch_samples]
+            params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p,
+                                    max_new_tokens=cfg.max_new_tokens,
+                                    seed=cfg.seed * 1_000_003 + step * 1009 + batches * 101 + rank)
+            completions = engine.generate(rollout_prompts, params)
+        with timer.phase("score"):
+            rewards, acc, fmt, lengths = score_rows(cfg, batch_samples, completions)
+        seen["rewards"] += rewards.tolist()
+        seen["acc"] += acc.tolist()
+        seen["fmt"] += fmt.tolist()
+        seen["lengths"] += lengths
+        group_ids = torch.arange(len(batch_samples)).repeat_interleave(n)
+        if dynamic:
+            keep = adv_fns.dynamic_sampling_keep(acc, group_ids).group_mask.tolist()
+        else:
+            keep = [True] * len(batch_samples)
+        groups_total += len(batch_samples)
+        for g, ok in enumerate(keep):
+            if ok and len(kept["prompts"]) < quota:
+                rows = slice(g * n, (g + 1) * n)
+                kept["prompts"].append(rollout_prompts[g])
+                kept["samples"].append(batch_samples[g])
+                kept["completions"].extend(completions[g])
+                kept["rewards"].append(rewards[rows])
+                kept["acc"].append(acc[rows])
+                kept["fmt"].append(fmt[rows])
+                groups_kept += 1
+        # every process must draw the same number of batches (they meet in collectives)
+        filled = training.global_sum(accelerator, len(kept["prompts"]))
+        if not dynamic or filled >= quota * world or batches >= cfg.max_num_gen_batches:
+            break
+    k = len(kept["prompts"])
+    rollouts = Rollouts(
+        prompts=kept["prompts"], samples=kept["samples"], completions=kept["completions"],
+        prompt_index=[p for p in range(k) for _ in range(n)],
+        rewards=torch.cat(kept["rewards"]) if k else torch.zeros(0),
+        acc=torch.cat(kept["acc"]) if k else torch.zeros(0), fmt=torch.cat(kept["fmt"]) if k else torch.zeros(0),
+        all_rewards=seen["rewards"], all_acc=seen["acc"], all_fmt=seen["fmt"], all_lengths=seen["lengths"])
+    sampling = {"sampling/gen_batches": batches, "sampling/groups_drawn": groups_total,
+                "sampling/groups_kept": groups_kept, "sampling/filled": filled / (quota * world)}
+    return rollouts, cursor, sampling
+
+
+# --------------------------------------------------------------------------------------------- update
+
+def ppo_settings(cfg: RLConfig) -> PPOSettings:
+    return PPOSettings(loss="gspo" if cfg.algo == "gspo" else "ppo", clip_low=cfg.resolved("clip_low"),
+                       clip_high=cfg.resolved("clip_high"), agg=cfg.resolved("loss_agg"),
+                       temperature=cfg.temperature, micro_batch_tokens=cfg.micro_batch_tokens,
+                       ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches, max_grad_norm=cfg.max_grad_norm,
+                       kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, seed=cfg.seed)
+
+
+def policy_update(cfg: RLConfig, accelerator, model, reference, optimizer, scheduler, processor,
+                  rollouts: Rollouts) -> dict:
+    """Group-normalised advantages of the verifiable reward, then the clipped policy update."""
+    group_ids = torch.tensor(rollouts.prompt_index, dtype=torch.long)
+    advantages = adv_fns.group_normalized_advantages(rollouts.rewards, group_ids, cfg.normalize_std)
+    stats = ppo_update(ppo_settings(cfg), accelerator, model, optimizer, scheduler, processor, rollouts.prompts,
+                       rollouts.completions, rollouts.prompt_index, advantages, reference=reference)
+    stats["advantage/mean_abs"] = float(advantages.abs().mean()) if len(advantages) else 0.0
+    return stats
+
+
+# --------------------------------------------------------------------------------------------- reporting
+
+def summarize(records: list[dict]) -> dict:
+    def first_last(key):
+        vals = [r[key] for r in records if key in r]
+        return (vals[0], vals[-1]) if vals else (None, None)
+
+    r0, r1 = first_last("reward/mean")
+    a0, a1 = first_last("acc/mean")
+    f0, f1 = first_last("format/mean")
+    return {"steps": len(records), "first_reward": r0, "final_reward": r1, "first_acc": a0, "final_acc": a1,
+            "first_format": f0, "final_format": f1}
+
+
+def print_plan(cfg: RLConfig, policy_spec, n_prompts: int) -> None:
+    mem = estimate_training_memory(policy_spec, cfg.dtype)
+    rollouts = cfg.prompts_per_step * cfg.rollouts_per_prompt
+    rows = [
+        ["algorithm", f"{cfg.algo}: clip {cfg.resolved('clip_low')}/{cfg.resolved('clip_high')}, "
+                      f"loss {cfg.resolved('loss_agg')}, dynamic sampling {cfg.resolved('dynamic_sampling')}, "
+                      f"overlong buffer {min(cfg.resolved('overlong_buffer'), cfg.max_new_tokens)}, KL {cfg.kl_coef}"],
+        ["policy", policy_spec.describe()],
+        ["prompts", f"{n_prompts} available; {cfg.prompts_per_step} x {cfg.rollouts_per_prompt} = {rollouts} "
+                    f"rollouts per step, {cfg.steps} steps"],
+        ["batch shapes", f"responses up to {cfg.max_new_tokens} tokens; micro-batches of <= {cfg.micro_batch_tokens} "
+                         f"tokens; {cfg.ppo_epochs} epoch(s) x {cfg.mini_batches} mini-batch(es)"],
+        ["optimizer", f"AdamW lr {cfg.lr}, warmup {cfg.warmup}, wd {cfg.weight_decay}, clip {cfg.max_grad_norm}"],
+        ["parameters", f"{mem['parameters'] / 1e6:.1f}M"],
+        ["memory (weights+grads+Adam, unsharded)", f"{mem['training_bytes'] / 2**30:.2f} GiB"
+                                                    + (" + a frozen reference" if cfg.kl_coef > 0 else "")],
+        ["rollout engine", cfg.engine],
+        ["output", cfg.out or "(--out not set)"],
+    ]
+    console.print_table(f"prism rl --algo {cfg.algo} --dry-run", ["", "plan"], rows)
+    return None
