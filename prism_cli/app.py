@@ -12,12 +12,22 @@ import dataclasses
 import importlib
 import inspect
 import os
+import re
 import sys
 import traceback
 import typing
+from contextlib import contextmanager
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.2x vendors click; older ones use the click package
+    from typer._click.exceptions import NoArgsIsHelpError
+    from typer._click.exceptions import UsageError as ClickUsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import NoArgsIsHelpError
+    from click.exceptions import UsageError as ClickUsageError
 
 from prism_cli import __version__, console
 from prism_cli import config as cfgmod
@@ -39,7 +49,32 @@ STAGES = {
                "Export a checkpoint as a plain Hugging Face folder with a model card."),
 }
 
-app = typer.Typer(name="prism", add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+@contextmanager
+def _one_line_usage_errors():
+    """A flag the parser rejects (wrong type, unknown option) is one `error:` line and exit 2, like a bad
+    --set or YAML value, instead of click's multi-line usage box."""
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise
+    except ClickUsageError as e:
+        ctx = getattr(e, "ctx", None)
+        console.error_line(e.format_message().replace("\n", " "),
+                           f"see `{ctx.command_path} --help`" if ctx is not None else None)
+        raise typer.Exit(2) from None
+
+
+class _PrismGroup(TyperGroup):
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line_usage_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(name="prism", cls=_PrismGroup, add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="PRISM post-training for vision-language models: curate -> sft -> align -> rl -> eval -> export.")
 
@@ -98,6 +133,11 @@ def _cli_type(tp):
     return Optional[str]
 
 
+def _no_emoji(text: str) -> str:
+    """Rich renders ':word:' as an emoji (synth:train:2000 -> a train); a zero-width space prevents it."""
+    return re.sub(r":(?=[\w+-]+:)", ":\u200b", text)
+
+
 def _make_stage_command(stage: str, config_path: str, run_path: str, description: str):
     try:
         config_cls = _import(config_path)
@@ -134,7 +174,8 @@ def _make_stage_command(stage: str, config_path: str, run_path: str, description
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         tp = _cli_type(hints[f.name])
         names = [flag] if tp is not Optional[bool] else [f"{flag}/{flag.replace('--', '--no-', 1)}"]
-        option = typer.Option(None, *names, help=f"{meta.get('help', '')} [dim](default: {default_text!r})[/]",
+        help_text = _no_emoji(f"{meta.get('help', '')} [dim](default: {default_text!r})[/]")
+        option = typer.Option(None, *names, help=help_text,
                               rich_help_panel=meta.get("group", "Options"), show_default=False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp, default=option))
         cli_fields.append(f.name)
@@ -149,7 +190,7 @@ def _make_stage_command(stage: str, config_path: str, run_path: str, description
             cfg = cfgmod.resolve(config_cls, config_file=config_file, flags=flags, sets=sets)
             run = _import(run_path)
             result = run(cfg)
-            if result is not None:
+            if result is not None and console.is_main_process():
                 console.out.print(str(result))
 
         report_errors(go, debug)

@@ -29,7 +29,8 @@ RUN_MARKER = ".prism-run.json"  # written at start: marks a directory as a (poss
 STAGES = ("curate", "sft", "align", "rl", "eval", "export")
 TINY_SPECS = ("tiny", "tiny-moe")
 # Keys that name a credential ("api_key", "hf_token", "password"), not counts like "max_new_tokens".
-_SECRET_KEY = re.compile(r"(api[_-]?key|secret|passw(or)?d|(^|[_-])(access|auth|bearer|hf|api)?[_-]?token)$", re.I)
+_SECRET_KEY = re.compile(r"((api|secret|access|private)[_-]?key|secret|passw(or)?d|credentials?"
+                         r"|(^|[_-])(access|auth|bearer|hf|api)?[_-]?token)$", re.I)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -303,6 +304,9 @@ class Run:
             "summary": scrub(summary or {}),
             "files": files,
         }
+        # Hash what a reader will load: JSON turns int keys into strings (and re-sorts them), tuples into
+        # lists, Paths and numpy ints into strings; hashing the Python objects would not match on reload.
+        body = json.loads(json.dumps(body, default=str))
         manifest = dict(body, self_sha256=hashlib.sha256(_canonical(body)).hexdigest())
         tmp = self.path / (MANIFEST + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -320,53 +324,62 @@ def _config_for_compare(config: dict) -> dict:
 
 
 def open_output(out: str, stage: str, config: dict, parents: list, overwrite: bool = False,
-                resume: bool = False) -> Run:
+                resume: bool = False, barrier=None) -> Run:
     """Prepare the output directory of a stage run.
 
     complete (manifest) -> refused unless --overwrite; partial (marker or state/) -> refused unless
     --resume or --overwrite; a non-empty directory that is not a prism run -> refused unless --overwrite.
+    Under several processes pass barrier=accelerator.wait_for_everyone: every process decides from the
+    directory as it was, then only the main process changes it.
     """
     if not out:
         raise UsageError("--out is required")
     path = Path(out).expanduser()
     main = is_main_process()
-    resuming = False
-    if path.exists() and not path.is_dir():
-        raise PrismError(f"--out {out} exists and is a file")
-    if path.is_dir() and any(path.iterdir()):
-        complete = (path / MANIFEST).is_file()
-        partial = not complete and ((path / RUN_MARKER).is_file() or (path / "state").is_dir())
-        if overwrite:
-            if main:
-                shutil.rmtree(path)
-        elif complete:
-            raise PrismError(f"--out {out} already holds a complete '{_stage_of(path)}' checkpoint",
-                             hint="pass --overwrite to replace it, or choose another --out")
-        elif partial and resume:
-            marker = _read_marker(path)
-            if marker.get("stage") != stage:
-                raise PrismError(f"--out {out} holds a partial '{marker.get('stage')}' run, not '{stage}'")
-            before, now = _config_for_compare(marker.get("config", {})), _config_for_compare(config)
-            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-            if changed:
-                raise PrismError(f"cannot resume {out}: config differs from the interrupted run in "
-                                 f"{', '.join(changed)}", hint="resume with the same options, or --overwrite")
-            resuming = True
-        elif partial:
-            raise PrismError(f"--out {out} holds an interrupted run",
-                             hint="pass --resume to continue it or --overwrite to start again")
-        else:
-            raise PrismError(f"--out {out} is a non-empty directory that is not a prism run",
-                             hint="choose an empty or new directory, or pass --overwrite")
+    resuming = _output_decision(path, out, stage, config, overwrite, resume)
+    if barrier is not None:
+        barrier()
     if main:
         try:
+            if overwrite and path.exists():
+                shutil.rmtree(path)
             path.mkdir(parents=True, exist_ok=True)
             if not resuming:
                 (path / RUN_MARKER).write_text(json.dumps({"stage": stage, "config": scrub(config)}, default=str,
                                                           sort_keys=True))
         except OSError as e:
             raise PrismError(f"cannot write to --out {out}: {e.strerror}") from None
+    if barrier is not None:
+        barrier()
     return Run(path, stage, config, parents, resuming)
+
+
+def _output_decision(path: Path, out: str, stage: str, config: dict, overwrite: bool, resume: bool) -> bool:
+    """Read-only: may this run write to `path`, and is it resuming? Raises with the reason when not."""
+    if path.exists() and not path.is_dir():
+        raise PrismError(f"--out {out} exists and is a file")
+    if not (path.is_dir() and any(path.iterdir())) or overwrite:
+        return False
+    complete = (path / MANIFEST).is_file()
+    partial = not complete and ((path / RUN_MARKER).is_file() or (path / "state").is_dir())
+    if complete:
+        raise PrismError(f"--out {out} already holds a complete '{_stage_of(path)}' checkpoint",
+                         hint="pass --overwrite to replace it, or choose another --out")
+    if partial and resume:
+        marker = _read_marker(path)
+        if marker.get("stage") != stage:
+            raise PrismError(f"--out {out} holds a partial '{marker.get('stage')}' run, not '{stage}'")
+        before, now = _config_for_compare(marker.get("config", {})), _config_for_compare(config)
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if changed:
+            raise PrismError(f"cannot resume {out}: config differs from the interrupted run in "
+                             f"{', '.join(changed)}", hint="resume with the same options, or --overwrite")
+        return True
+    if partial:
+        raise PrismError(f"--out {out} holds an interrupted run",
+                         hint="pass --resume to continue it or --overwrite to start again")
+    raise PrismError(f"--out {out} is a non-empty directory that is not a prism run",
+                     hint="choose an empty or new directory, or pass --overwrite")
 
 
 def _read_marker(path: Path) -> dict:

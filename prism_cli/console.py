@@ -11,10 +11,12 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
 # stdout carries results (tables, paths); stderr carries progress and diagnostics.
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# emoji=False: specs like synth:train:64 must not render as "synth🚋64".
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
 
 
 def is_main_process() -> bool:
@@ -63,11 +65,12 @@ def progress(description: str, total: int | None, enabled: bool = True):
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> Table:
-    t = Table(title=title, title_justify="left")
+    # Cells and title are plain text (paths, specs, config values), never markup.
+    t = Table(title=Text(title), title_justify="left")
     for c in columns:
         t.add_column(c, overflow="fold")
     for r in rows:
-        t.add_row(*["" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r])
+        t.add_row(*[Text("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))) for v in r])
     return t
 
 

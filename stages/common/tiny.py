@@ -173,7 +173,7 @@ def _build_model(tok, moe: bool, seed: int):
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("PRISM_HOME", Path.home() / ".cache" / "prism")) / "tiny"
+    return Path(os.environ.get("PRISM_HOME") or Path.home() / ".cache" / "prism").expanduser() / "tiny"
 
 
 def build_key(name: str, seed: int = 0) -> str:
