@@ -28,3 +28,23 @@ def tiny_moe_path():
     from stages.common import tiny
 
     return tiny.ensure("tiny-moe")
+
+
+def run_stage(config_cls, run_fn, **flags):
+    """Run a stage in-process with a resolved config (what the CLI does after parsing options)."""
+    from prism_cli import config
+
+    return run_fn(config.resolve(config_cls, flags=flags))
+
+
+@pytest.fixture(scope="session")
+def sft_tiny(tmp_path_factory, tiny_path):
+    """The tiny model after a short SFT on synth with oracle demonstrations: it has learnt the response
+    format (the starting point of the rl/align/eval tests). About a minute on one thread."""
+    from stages.sft.config import SFTConfig
+    from stages.sft.run import run
+
+    out = tmp_path_factory.mktemp("pipeline") / "sft"
+    return run_stage(SFTConfig, run, ckpt="tiny", data=["synth:train:1024"], out=str(out), lr=2e-3,
+                     batch_size=16, micro_batch_size=8, max_steps=90, warmup=0.05, eval_every=30,
+                     save_every=1000, seed=0)

@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,19 +36,37 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def make_accelerator(mixed_precision: str = "auto", report_to: str = "none", project_dir: str | None = None):
-    """An Accelerator for this process: CPU when no GPU, bf16 autocast on GPUs that support it."""
+def make_accelerator(mixed_precision: str = "auto", report_to: str = "none", project_dir: str | None = None,
+                     grad_accum: int = 1, micro_batch_size: int = 1):
+    """An Accelerator for this process: CPU when no GPU, bf16 autocast on GPUs that support it.
+
+    grad_accum is the number of micro-batches per optimizer step; DeepSpeed must know it because its
+    engine decides when to step (the other backends accumulate through `accumulate` below)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType  # noqa: F401  (imported for callers' isinstance checks)
 
-    cpu = not torch.cuda.is_available()
+    # Forcing cpu=True would silently drop a DeepSpeed launch config; DeepSpeed picks its own device.
+    cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true"
     if mixed_precision == "auto":
-        mixed_precision = "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        mixed_precision = ("no" if not torch.cuda.is_available()
+                           else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
     log_with = None if report_to in ("", "none", None) else [t.strip() for t in report_to.split(",")]
-    kwargs = dict(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with)
+    # step_scheduler_with_optimizer=False: otherwise accelerate steps the lr schedule once per process per
+    # optimizer step, so under DDP the schedule runs num_processes times too fast. Our schedules count
+    # optimizer steps of the global batch.
+    kwargs = dict(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, step_scheduler_with_optimizer=False,
+                  gradient_accumulation_steps=grad_accum)
     if project_dir:
         kwargs["project_dir"] = project_dir
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # prism feeds its own micro-batches (no DataLoader), so DeepSpeed is told their shape here.
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+        ds["gradient_accumulation_steps"] = grad_accum
+        ds["train_batch_size"] = micro_batch_size * grad_accum * accelerator.num_processes
+    return accelerator
 
 
 def uses_deepspeed(accelerator) -> bool:
@@ -98,12 +116,19 @@ def warmup_steps_from(warmup: float, total_steps: int) -> int:
 
 @contextmanager
 def accumulate(accelerator, model, last: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP/FSDP).
+    """Gradient accumulation over micro-batches of one optimizer step.
 
-    DeepSpeed keeps its own accumulation boundary, so there the context is a no-op."""
-    if last or accelerator.num_processes == 1 or uses_deepspeed(accelerator):
-        with nullcontext():
+    DDP/FSDP: skip the all-reduce on all but the last micro-batch (no_sync). DeepSpeed: its engine steps
+    at an accumulation boundary, and accelerate marks every backward a boundary unless sync_gradients is
+    off, so it is turned off for all but the last micro-batch."""
+    if uses_deepspeed(accelerator):
+        accelerator.gradient_state._set_sync_gradients(last)
+        try:
             yield
+        finally:
+            accelerator.gradient_state._set_sync_gradients(True)
+    elif last or accelerator.num_processes == 1:
+        yield
     else:
         with accelerator.no_sync(model):
             yield
@@ -246,3 +271,23 @@ def plot_curves(records: list[dict], series: dict[str, str], path: Path, title: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def rank_fingerprints(accelerator, model) -> list[float] | None:
+    """A cheap fingerprint of the weights on every process (sum and sum of squares, float64), for
+    backends that replicate the weights (DDP, ZeRO-1/2); None where they are sharded (FSDP, ZeRO-3).
+    Raises if the processes disagree: replicas that drift apart are a bug, never a result."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.num_processes == 1:
+        return None
+    if accelerator.distributed_type == DistributedType.FSDP or (
+            uses_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3):
+        return None
+    params = [p.detach() for p in unwrap(accelerator, model).parameters()]
+    local = torch.stack([sum(p.double().sum() for p in params), sum(p.double().pow(2).sum() for p in params)])
+    everyone = accelerator.gather(local.to(accelerator.device)[None]).cpu()   # [processes, 2]
+    sums = everyone[:, 0].tolist()
+    if not torch.allclose(everyone, everyone[0:1].expand_as(everyone), rtol=1e-9, atol=1e-9):
+        raise PrismError(f"model replicas differ across processes (weight sums {sums}): gradient sync is broken")
+    return sums

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import math
+import os
 import random
 import time
 from pathlib import Path
@@ -41,9 +41,13 @@ def run(cfg: SFTConfig) -> Path:
     if cfg.dry_run:
         return print_plan(cfg, policy_spec, mixture, len(train_samples), len(eval_samples), total_steps)
 
-    accelerator = training.make_accelerator(report_to=cfg.report_to, project_dir=cfg.out)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = training.make_accelerator(report_to=cfg.report_to, project_dir=cfg.out,
+                                            grad_accum=max(1, cfg.batch_size // (cfg.micro_batch_size * world)),
+                                            micro_batch_size=cfg.micro_batch_size)
     run_dir = checkpoint.open_output(cfg.out, "sft", to_dict(cfg), [("policy", policy_spec), *mixture.parents],
-                                     overwrite=cfg.overwrite, resume=cfg.resume)
+                                     overwrite=cfg.overwrite, resume=cfg.resume,
+                                     barrier=accelerator.wait_for_everyone)
     processor = load_processor(policy_spec, cfg.min_pixels, cfg.max_pixels)
     model = load_policy(policy_spec, dtype=cfg.dtype, attn=cfg.attn, device=accelerator.device,
                         gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision)
@@ -69,11 +73,13 @@ def run(cfg: SFTConfig) -> Path:
     train_loop(cfg, accelerator, model, optimizer, scheduler, processor, train_set, eval_set, run_dir,
                start_step, total_steps)
 
+    replicas = training.rank_fingerprints(accelerator, model)
     training.save_model(accelerator, model, processor, run_dir.model_dir)
     records = run_dir.read_metrics()
     training.plot_curves(records, {"loss": "train loss", "eval_loss": "eval loss"}, run_dir.path / "loss.png",
                          f"SFT loss ({cfg.ckpt})")
     summary = summarize(records, train_set, total_steps)
+    summary.update(processes=accelerator.num_processes, replica_weight_sums=replicas)
     accelerator.end_training()
     return run_dir.finalize(summary=summary, data=mixture.fingerprints, keep_state=cfg.keep_state)
 
