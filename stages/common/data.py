@@ -55,7 +55,10 @@ class Sample:
             try:
                 img = Image.open(io.BytesIO(raw))
                 img.load()
-            except (UnidentifiedImageError, OSError, ValueError) as e:
+            except Image.DecompressionBombError:
+                raise PrismError(f"sample {self.id}: image {i} is too large to decode safely (over PIL's "
+                                 f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
                 raise PrismError(f"sample {self.id}: image {i} cannot be decoded ({e.__class__.__name__})") from None
             out.append(img.convert("RGB") if img.mode != "RGB" else img)
         return out

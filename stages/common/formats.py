@@ -56,6 +56,9 @@ def load_samples(spec: str, strict: bool = False, seed: int = 0) -> tuple[list[S
         samples, problems = _read_file(path)
     samples, dup_problems = _dedupe(samples, spec)
     problems += dup_problems
+    if problems and not samples:
+        # nothing usable is not a skip-and-count situation: say what is wrong with the first row
+        raise PrismError(f"no usable rows in {spec}: {len(problems)} malformed row(s); first: {problems[0]}")
     if problems and strict:
         raise PrismError(f"{len(problems)} malformed row(s) in {spec}; first: {problems[0]}",
                          hint="fix the rows, or drop --strict to skip and count them")
@@ -83,6 +86,8 @@ def _read_dir(path: Path, spec: str) -> tuple[list[Sample], list[str]]:
 
 
 def _read_file(path: Path) -> tuple[list[Sample], list[str]]:
+    if path.suffix in (".parquet", ".jsonl", ".json") and path.stat().st_size == 0:
+        raise PrismError(f"data source {path} is an empty file")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -164,12 +169,42 @@ def image_bytes(value: Any, base_dir: Path | None = None) -> bytes:
     raise BadRow(f"an image is a {type(value).__name__}, not bytes, a path or a dict")
 
 
+def check_image(raw: bytes, index: int = 0) -> bytes:
+    """The bytes of a decodable image of a sane size, else BadRow: corrupt or truncated files and
+    decompression bombs are caught when a source is read, not deep inside a training step.
+
+    The header gives the size (no pixels are decoded); verify() walks the file's structure (PNG chunk
+    CRCs: a truncated PNG fails here). Images over PIL's MAX_IMAGE_PIXELS are refused rather than
+    decoded: a 20000x20000 image is 1.2 GB of RGB before the processor could downscale it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            width, height = img.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and width * height > limit:
+                raise BadRow(f"image {index} is {width}x{height} ({width * height:,} pixels), over the "
+                             f"{limit:,}-pixel limit for decompression bombs; downscale it first")
+            img.verify()
+    except BadRow:
+        raise
+    except Image.DecompressionBombError:
+        raise BadRow(f"image {index} is too large to decode safely (over the {Image.MAX_IMAGE_PIXELS:,}-pixel "
+                     f"limit for decompression bombs); downscale it first") from None
+    except UnidentifiedImageError:
+        raise BadRow(f"image {index} is not an image file PIL can read ({len(raw)} bytes starting "
+                     f"{raw[:8]!r})") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error for broken files
+        detail = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise BadRow(f"image {index} is corrupt or truncated ({detail})") from None
+    return raw
+
+
 def _images(value: Any, base_dir: Path | None = None) -> list[bytes]:
     if value is None:
         return []
-    if isinstance(value, (list, tuple)):
-        return [image_bytes(v, base_dir) for v in value]
-    return [image_bytes(value, base_dir)]
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [check_image(image_bytes(v, base_dir), i) for i, v in enumerate(values)]
 
 
 def _text(value: Any, name: str, required: bool = False) -> str:
@@ -247,14 +282,20 @@ def read_sample_parquet(path: Path) -> tuple[list[Sample], list[str]]:
 
 def read_jsonl(path: Path) -> tuple[list[Sample], list[str]]:
     def rows():
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield f"{path} line {n}", _Broken(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                                      f"{e.start + 1})")
+                    continue
                 if not line.strip():
                     continue
                 try:
                     yield f"{path} line {n}", json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield f"{path} line {n}", _Broken(f"not valid JSON ({e.msg})")
+                    yield f"{path} line {n}", _Broken(f"not valid JSON ({e.msg} at column {e.colno})")
 
     return _collect(rows(), lambda r: _unbroken(r, lambda rec: sample_from_record(rec, path.parent)))
 
@@ -274,9 +315,11 @@ def _unbroken(row, convert):
 
 def read_json(path: Path) -> tuple[list[Sample], list[str]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PrismError(f"{path} is not valid JSON ({e.__class__.__name__})") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise PrismError(f"{path} is not UTF-8 text (invalid byte at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise PrismError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -421,8 +464,9 @@ def read_hf_folder(path: Path) -> tuple[list[Sample], list[str]]:
 
 # --------------------------------------------------------------------------------------- mixtures
 
-def parse_mixture(specs: list[str]) -> list[tuple[str, float]]:
-    """["a.parquet:0.9", "synth:train:2000:0.1", "b.json"] -> [(spec, weight)]; weight 1.0 if none given.
+def parse_mixture(specs: list[str]) -> list[tuple[str, float | None]]:
+    """["a.parquet:0.9", "synth:train:2000:0.1", "b.json"] -> [(spec, weight)]; weight None if none given
+    (callers concatenate unweighted sources as they are and resample only when weights are given).
 
     The weight is a final ":<number>" that is not part of the spec itself: for synth specs it must have
     a decimal point (synth:train:2000 is 2000 samples), and an existing path is never split."""
@@ -430,12 +474,12 @@ def parse_mixture(specs: list[str]) -> list[tuple[str, float]]:
     for raw in specs:
         spec = str(raw).strip()
         head, sep, tail = spec.rpartition(":")
-        weight = 1.0
+        weight = None
         if sep and head and re.fullmatch(r"\d+(\.\d*)?|\.\d+", tail) and not Path(spec).exists():
             is_synth = head == "synth" or head.startswith("synth:")
             if not is_synth or "." in tail:
                 spec, weight = head, float(tail)
-        if weight <= 0:
+        if weight is not None and weight <= 0:
             raise UsageError(f"data source {raw!r}: a mixture weight must be positive")
         out.append((spec, weight))
     return out

@@ -80,7 +80,42 @@ def load_processor(ckpt: str | CkptSpec, min_pixels: int | None = None, max_pixe
     tok = processor.tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    check_tokenizer_matches_model(tok, path)
     return processor
+
+
+# Special tokens whose ids the model's config fixes: a tokenizer that maps them elsewhere was not the model's.
+_CONFIG_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                  "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+
+
+def check_tokenizer_matches_model(tokenizer, path: str) -> None:
+    """Refuse a tokenizer that cannot belong to the model at `path` (replaced tokenizer files): more tokens
+    than embedding rows (ids past the table would fail deep inside a forward pass), or vision special
+    tokens at other ids than the model's config expects. Embeddings padded beyond the tokenizer (Qwen's
+    151936 rows for ~151.7k tokens) are normal. Reads config.json only, no weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return  # load_policy reports an unreadable config, with the checkpoint's name
+    text = getattr(config, "text_config", None) or config
+    rows = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
+    n = len(tokenizer)
+    if rows and n > rows:
+        raise PrismError(f"the tokenizer in {path} does not match its model: {n:,} tokens but the embedding table "
+                         f"has {rows:,} rows (vocabulary size mismatch)",
+                         hint="the tokenizer files were replaced; restore the ones saved with the model")
+    for key, token in _CONFIG_TOKENS.items():
+        want = getattr(config, key, None)
+        if want is None:
+            continue
+        got = tokenizer.convert_tokens_to_ids(token)
+        if got != want:
+            raise PrismError(f"the tokenizer in {path} does not match its model: {token} is id {got}, the model's "
+                             f"config says {key} = {want} (vocabulary mismatch)",
+                             hint="the tokenizer files were replaced; restore the ones saved with the model")
 
 
 def load_policy(ckpt: str | CkptSpec, *, dtype: str = "auto", attn: str = "auto", device: torch.device | None = None,

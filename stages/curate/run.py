@@ -3,7 +3,9 @@ gate -> a curate checkpoint (data/ shards with images embedded, stats in prism.j
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 from pathlib import Path
 
 from prism_cli import console
@@ -40,6 +42,29 @@ def run(cfg: CurateConfig) -> Path | None:
     student = resolve(cfg.student, role="--student") if cfg.select == "unsolved" else None
     out = open_output(cfg.out, "curate", to_dict(cfg), parents=[("student", student)] if student else [],
                       overwrite=cfg.overwrite, resume=cfg.resume)
+    with disk_errors(cfg.out):
+        return _curate_into(cfg, teacher, student, out, samples, sources)
+
+
+# A full or read-only disk is the machine's state, not a prism bug: one line that says so, and how to go on.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def disk_errors(out: str):
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        why = e.strerror or str(e).splitlines()[0]
+        if e.errno == errno.ENOSPC and "space" not in why.lower():  # pyarrow: "Error writing bytes to file"
+            why = f"no space left on device ({why})"
+        raise PrismError(f"cannot write to --out {out}: {why}",
+                         hint="free some space or choose another --out, then re-run with --resume") from None
+
+
+def _curate_into(cfg: CurateConfig, teacher, student, out, samples: list[Sample], sources: dict) -> Path:
     state = out.state_dir
     state.mkdir(parents=True, exist_ok=True)
     if out.resuming:
