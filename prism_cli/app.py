@@ -9,6 +9,7 @@ stays fast (no torch import).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import inspect
 import os
@@ -105,18 +106,38 @@ def report_errors(fn, debug: bool):
             traceback.print_exc()
         console.error_line(e.message, e.hint)
         raise typer.Exit(e.exit_code)
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise_internal(e, debug)
+        if debug:
+            traceback.print_exc()
+        where = f" {e.filename}" if e.filename else " the output"
+        console.error_line(f"cannot write{where} (--out): {e.strerror}", "free space or fix permissions, then "
+                                                                         "re-run with --resume")
+        raise typer.Exit(1)
     except KeyboardInterrupt:
         console.error_line("interrupted", "re-run with --resume to continue")
         raise typer.Exit(130)
     except (typer.Exit, SystemExit):
         raise
     except Exception as e:  # a bug, not a user error: say so, keep it to one line unless --debug
-        if debug:
-            traceback.print_exc()
-        first = str(e).splitlines()[0] if str(e) else ""
-        console.error_line(f"internal error: {type(e).__name__}: {first}",
-                           None if debug else "run with --debug for the traceback")
-        raise typer.Exit(1)
+        if "No space left on device" in str(e):  # libraries (safetensors) wrap ENOSPC in their own types
+            console.error_line("cannot write the output (--out): no space left on device",
+                               "free space, then re-run with --resume")
+            raise typer.Exit(1)
+        raise_internal(e, debug)
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
+
+
+def raise_internal(e: BaseException, debug: bool):
+    if debug:
+        traceback.print_exc()
+    first = str(e).splitlines()[0] if str(e) else ""
+    console.error_line(f"internal error: {type(e).__name__}: {first}",
+                       None if debug else "run with --debug for the traceback")
+    raise typer.Exit(1)
 
 
 def _cli_type(tp):

@@ -123,7 +123,7 @@ def test_optional_float_and_bool_of_rl():
 @pytest.mark.parametrize("text,want", [("true", True), ("false", False), ("1", True), ("0", False),
                                        ("yes", True), ("No", False)])
 def test_bool_from_set(text, want):
-    assert resolve(SFTConfig, sets=[f"packing={text}"]).packing is want
+    assert resolve(SFTConfig, sets=[f"gradient_checkpointing={text}"]).gradient_checkpointing is want
 
 
 @pytest.mark.parametrize("text,want", [("7", 7), ("1e3", 1000), ("-1", -1)])
@@ -172,7 +172,7 @@ def test_unknown_key_suggests_the_close_one():
 @pytest.mark.parametrize("key,bad,expect", [
     ("lr", "fast", "'lr' expects a number, got 'fast'"),
     ("max_steps", "many", "'max_steps' expects an integer, got 'many'"),
-    ("packing", "maybe", "'packing' expects true/false, got 'maybe'"),
+    ("freeze_vision", "maybe", "'freeze_vision' expects true/false, got 'maybe'"),
 ])
 def test_wrong_type_in_each_layer(tmp_path, layer, key, bad, expect):
     with pytest.raises(UsageError) as e:
@@ -191,7 +191,7 @@ def test_wrong_type_in_each_layer(tmp_path, layer, key, bad, expect):
     ("max_steps: true\n", "'max_steps' expects an integer, got True"),
     ("lr: false\n", "'lr' expects a number, got False"),
     ("schedule: [a]\n", "'schedule' expects a string, got ['a']"),
-    ("packing: 2\n", "'packing' expects true/false, got 2"),
+    ("freeze_vision: 2\n", "'freeze_vision' expects true/false, got 2"),
     ("data: [[1]]\n", "'data' expects a string, got [1]"),
 ])
 def test_wrong_yaml_types(tmp_path, yaml_text, expect):

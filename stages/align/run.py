@@ -50,12 +50,12 @@ def run(cfg: AlignConfig) -> Path:
 
     accelerator = training.make_accelerator(report_to=cfg.report_to, project_dir=cfg.out)
     parents = [("policy", policy_spec), ("discriminator", disc_source[1]), *data_parents]
-    run_dir = checkpoint.open_output(cfg.out, "align", to_dict(cfg), parents, overwrite=cfg.overwrite,
-                                     resume=cfg.resume)
     processor = load_processor(policy_spec)
     policy = load_policy(policy_spec, dtype=cfg.dtype, attn=cfg.attn, device=accelerator.device,
                          gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision)
     disc, disc_processor = build_discriminator(cfg, disc_source, accelerator.device)
+    run_dir = checkpoint.open_output(cfg.out, "align", to_dict(cfg), parents, overwrite=cfg.overwrite,
+                                     resume=cfg.resume, barrier=accelerator.wait_for_everyone)
 
     warmup_pairs_total = max(cfg.warmup_steps, 1)
     policy_opt = training.build_optimizer(policy, cfg.lr, cfg.weight_decay)
@@ -75,8 +75,9 @@ def run(cfg: AlignConfig) -> Path:
         saved = training.load_state(accelerator, run_dir.state_dir)
         if saved is not None:
             state = saved
-            run_dir.truncate_metrics(state["step"])
             console.info(f"resuming {cfg.out} at step {state['step']}/{cfg.steps}")
+        # warmup records carry step 0: an unfinished warmup is redone from scratch, so drop them too
+        run_dir.truncate_metrics(state["step"] if state["warmed_up"] else -1)
 
     if not state["warmed_up"]:
         warmup(cfg, accelerator, policy, engine, disc, disc_processor, warm_opt, warm_sched, samples, run_dir)

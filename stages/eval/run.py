@@ -55,10 +55,10 @@ def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan],
     from stages.common.rollout import SamplingParams, make_engine
 
     config = dict(to_dict(cfg), ckpt=[spec.ref], out=str(out))
-    run_dir = checkpoint.open_output(str(out), "eval", config, [("policy", spec)], overwrite=cfg.overwrite,
-                                     resume=cfg.resume)
     processor = load_processor(spec)
     model = load_policy(spec, dtype=cfg.dtype, train=False)
+    run_dir = checkpoint.open_output(str(out), "eval", config, [("policy", spec)], overwrite=cfg.overwrite,
+                                     resume=cfg.resume)
     engine = make_engine(cfg.engine, model, processor)
     console.info(f"evaluating {spec.describe()} with the {engine.name} engine -> {out}")
 

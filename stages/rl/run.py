@@ -39,11 +39,12 @@ def run(cfg: RLConfig) -> Path:
         return print_plan(cfg, policy_spec, len(prompts))
 
     accelerator = training.make_accelerator(report_to=cfg.report_to, project_dir=cfg.out)
-    run_dir = checkpoint.open_output(cfg.out, "rl", to_dict(cfg), [("policy", policy_spec), *data_parents],
-                                     overwrite=cfg.overwrite, resume=cfg.resume)
     processor = load_processor(policy_spec)
     model = load_policy(policy_spec, dtype=cfg.dtype, attn=cfg.attn, device=accelerator.device,
                         gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision)
+    run_dir = checkpoint.open_output(cfg.out, "rl", to_dict(cfg), [("policy", policy_spec), *data_parents],
+                                     overwrite=cfg.overwrite, resume=cfg.resume,
+                                     barrier=accelerator.wait_for_everyone)
     reference = load_policy(policy_spec, dtype=cfg.dtype, attn=cfg.attn, device=accelerator.device,
                             train=False) if cfg.kl_coef > 0 else None
     if reference is not None:
@@ -59,8 +60,8 @@ def run(cfg: RLConfig) -> Path:
         state = training.load_state(accelerator, run_dir.state_dir)
         if state is not None:
             start_step, cursor = state["step"], state["cursor"]
-            run_dir.truncate_metrics(start_step)
             console.info(f"resuming {cfg.out} at step {start_step}/{cfg.steps}")
+        run_dir.truncate_metrics(start_step)  # killed before the first save: steps logged since are redone
 
     timer = training.StepTimer()
     with console.progress(f"rl ({cfg.algo})", total=cfg.steps) as bar:

@@ -8,6 +8,7 @@ samples), and the M-RoPE positions of each sample are computed on that sample al
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -181,11 +182,13 @@ def _targets(e: Encoded) -> torch.Tensor:
     return t
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The sample order of one epoch: a permutation fixed by (seed, epoch), so resume replays it."""
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The sample order of one epoch: a permutation fixed by (seed, epoch), so resume replays it.
+    Cached: a step only slices it (reshuffling 1M indices per step would cost ~1 s)."""
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
+    return tuple(order)
 
 
 def step_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -193,7 +196,7 @@ def step_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     steps_per_epoch = n // batch_size
     epoch, within = divmod(step, steps_per_epoch)
     order = epoch_order(n, seed, epoch)
-    return order[within * batch_size:(within + 1) * batch_size]
+    return list(order[within * batch_size:(within + 1) * batch_size])
 
 
 def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
