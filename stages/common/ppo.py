@@ -94,7 +94,7 @@ def _minibatch(settings: PPOSettings, accelerator, model, reference, batch, old_
                     ref_logp, _ = response_logprobs(reference, mb, temperature=settings.temperature)
                 kl = losses.kl_penalty(logp, ref_logp, settings.kl_kind, mask=mask)
                 loss = loss + settings.kl_coef * losses.aggregate(kl, mask, settings.agg, normalizer=normalizer)
-                stats["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
+                stats["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
             accelerator.backward(loss * weight)
         n_tok = int(mask.sum())
         tokens += n_tok
