@@ -350,7 +350,8 @@ def discriminator_update(cfg: AlignConfig, accelerator, disc, optimizer, schedul
         acc_t = float(((tt_pairs > st) & valid).sum() / max(n_valid, 1))
     return {"d/loss": float(loss.detach()), "d/bt_caption": float(bt_caption.detach()),
             "d/bt_think": float(bt_think.detach()),
-            "d/aux_loss": float(aux) if aux is not None else 0.0, "d/acc_caption": acc_c, "d/acc_think": acc_t,
+            "d/aux_loss": float(aux.detach()) if aux is not None else 0.0, "d/acc_caption": acc_c,
+            "d/acc_think": acc_t,
             "d/grad_norm": grad_norm, "d/valid_pairs": n_valid}
 
 
