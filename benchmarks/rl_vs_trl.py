@@ -49,11 +49,12 @@ RESULT = H.RESULTS / "rl_vs_trl.json"
 
 
 def prompt_stream(steps: int):
-    """The prompts prism's rl draws for steps 0..steps-1, in order (its own load_prompts/prompt_at)."""
-    from stages.rl.run import load_prompts, prompt_at
+    """The prompts prism's rl draws for steps 0..steps-1, in order (its own load_prompts/stream_item)."""
+    from stages.common.data import stream_item
+    from stages.rl.run import load_prompts
 
     prompts, _, _ = load_prompts([DATA])
-    return [prompt_at(prompts, k, SEED) for k in range(PROMPTS_PER_STEP * steps)]
+    return [stream_item(prompts, k, SEED) for k in range(PROMPTS_PER_STEP * steps)]
 
 
 def completion_text(completion) -> str:
@@ -291,7 +292,7 @@ def main() -> None:
                      + "; fp32, CPU, 1 thread",
             "work_per_step": f"{PROMPTS_PER_STEP} prompts x {ROLLOUTS} rollouts, max {MAX_NEW_TOKENS} new tokens, "
                              f"temperature {TEMPERATURE}, one optimizer step over all {PROMPTS_PER_STEP * ROLLOUTS}",
-            "data": f"{DATA}, prism's prompt stream (prompt_at) on both sides; prism system prompt + image + question",
+            "data": f"{DATA}, prism's prompt stream (stream_item) on both sides; prism system prompt + image + question",
             "reward": "stages.common.rewards.compute_score(...)['score'] on both sides",
             "prism": "dynamic_sampling=false, overlong_buffer=0, engine hf, prism defaults otherwise",
             "trl": "GRPOTrainer, loss_type dapo, beta 0, 32 x 4 micro-batches, no vLLM, shuffle_dataset False",

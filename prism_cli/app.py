@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover
 
 from prism_cli import __version__, console
 from prism_cli import config as cfgmod
-from prism_cli.errors import NotBuiltError, PrismError, UsageError
+from prism_cli.errors import NotBuiltError, PrismError
 
 # stage -> (config class, run function, one-line description)
 STAGES = {

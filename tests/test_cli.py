@@ -6,7 +6,6 @@ Most run in-process through typer's CliRunner; a few through a real `python -m p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil

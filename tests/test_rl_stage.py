@@ -9,7 +9,6 @@ and on the per-step training reward (last third vs first third)."""
 import json
 
 import pytest
-import torch
 
 from tests.conftest import run_stage
 from stages.common import synth

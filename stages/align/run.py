@@ -28,9 +28,10 @@ from stages.align.config import AlignConfig
 from stages.align.discriminator import (load_discriminator, load_discriminator_processor, save_discriminator,
                                         upcycle)
 from stages.align.scoring import PreferencePair, clip_scores, pair_loss, pairwise_accuracy, score_groups
-from stages.common import synth, training
+from stages.common import training
 from stages.common.chat import problem_messages, rollout_prompt
-from stages.common.data import Sample, fingerprint_samples
+from stages.common.data import Sample, stream_item
+from stages.common.formats import load_sources, source_parents
 from stages.common.models import default_device, estimate_training_memory, load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
@@ -132,28 +133,11 @@ def run(cfg: AlignConfig) -> Path:
 
 def load_demonstrations(specs: list[str]) -> tuple[list[Sample], dict, list]:
     """Prompts with teacher caption/think/answer (synth gets oracle demonstrations)."""
-    from stages.common.formats import load_samples, parse_mixture
-
-    samples, fingerprints, parents = [], {}, []
-    for spec, _weight in parse_mixture(specs):
-        loaded, _problems = load_samples(spec)
-        loaded = synth.with_oracle_demos(loaded)
-        usable = [s for s in loaded if s.teacher is not None and s.teacher.caption.strip() and s.teacher.think.strip()]
-        if len(usable) < len(loaded):
-            console.warn(f"--data {spec}: {len(loaded) - len(usable)} sample(s) without a teacher caption and "
-                         "think dropped (alignment needs both)")
-        samples.extend(usable)
-        fingerprints[spec] = fingerprint_samples(usable)
-        try:
-            cs = checkpoint.resolve(spec, role="--data")
-            if cs.kind == "prism":
-                parents.append(("data", cs))
-        except PrismError:
-            pass
-    if not samples:
-        raise PrismError("no sample in --data has a teacher demonstration", hint="curate the data first "
-                                                                                 "(prism curate --teacher ...)")
-    return samples, fingerprints, parents
+    sources = load_sources(specs, keep=lambda s: s.teacher is not None and bool(s.teacher.caption.strip())
+                           and bool(s.teacher.think.strip()),
+                           need="alignment needs a teacher caption and think; curate the data first")
+    samples = [s for src in sources for s in src.samples]
+    return samples, {src.spec: src.fingerprint for src in sources}, source_parents(sources)
 
 
 def discriminator_source(cfg: AlignConfig, policy_spec) -> tuple[str, checkpoint.CkptSpec]:
@@ -193,14 +177,8 @@ def next_prompts(samples: list[Sample], cursor: int, cfg: AlignConfig, accelerat
     """This process's share of the next prompts_per_step prompts of a seeded endless stream."""
     rank, world = accelerator.process_index, accelerator.num_processes
     quota = max(1, cfg.prompts_per_step // world)
-    picked = []
-    for i in range(rank * quota, (rank + 1) * quota):
-        epoch, within = divmod(cursor + i, len(samples))
-        order = list(range(len(samples)))
-        random.Random(cfg.seed * 7919 + epoch).shuffle(order)
-        sample = samples[order[within]]
-        picked.append((sample, rollout_prompt(sample)))
-    return picked, cursor + quota * world
+    picked = [stream_item(samples, cursor + i, cfg.seed) for i in range(rank * quota, (rank + 1) * quota)]
+    return [(s, rollout_prompt(s)) for s in picked], cursor + quota * world
 
 
 # --------------------------------------------------------------------------------------------- warmup

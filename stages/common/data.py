@@ -12,9 +12,11 @@ stages/common/formats.py and all return Samples; `load_samples(spec)` picks one 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -176,3 +178,17 @@ def fingerprint_samples(samples: Iterable[Sample]) -> str:
 def iter_batches(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return tuple(order)
+
+
+def stream_item(items: list, position: int, seed: int):
+    """The item at a position of an endless stream of seeded per-epoch permutations. Stages that draw
+    prompts (rl, align) keep only a cursor, so a resumed run sees exactly what an uninterrupted one would."""
+    epoch, within = divmod(position, len(items))
+    return items[_epoch_order(len(items), seed, epoch)[within]]

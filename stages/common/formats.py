@@ -15,6 +15,7 @@ the "spec:weight" syntax stages use to mix sources ("a.parquet:0.9", "synth:trai
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -483,3 +484,45 @@ def parse_mixture(specs: list[str]) -> list[tuple[str, float | None]]:
             raise UsageError(f"data source {raw!r}: a mixture weight must be positive")
         out.append((spec, weight))
     return out
+
+
+@dataclasses.dataclass
+class Source:
+    """One --data source as a stage uses it: its samples (after the stage's filter), its fingerprint for
+    the manifest, and the prism checkpoint it came from (a parent of the stage's output), if any."""
+
+    spec: str
+    weight: float | None
+    samples: list[Sample]
+    fingerprint: str
+    checkpoint: Any = None  # prism_cli.checkpoint.CkptSpec of a curate checkpoint
+
+
+def load_sources(specs: list[str], keep=None, need: str = "", strict: bool = False) -> list[Source]:
+    """Every --data source (mixture weights parsed), synth samples given oracle demonstrations, then
+    filtered by keep(sample); dropped samples are reported with `need` (why the stage needs them)."""
+    from prism_cli import checkpoint, console
+    from stages.common import synth
+    from stages.common.data import fingerprint_samples
+
+    sources = []
+    for spec, weight in parse_mixture(specs):
+        loaded, _problems = load_samples(spec, strict=strict)
+        loaded = synth.with_oracle_demos(loaded)
+        kept = [s for s in loaded if keep(s)] if keep is not None else loaded
+        if len(kept) < len(loaded):
+            console.warn(f"--data {spec}: {len(loaded) - len(kept)} sample(s) dropped ({need})")
+        if not kept:
+            raise PrismError(f"--data {spec} holds no usable samples" + (f" ({need})" if need else ""))
+        ckpt = None
+        try:
+            resolved = checkpoint.resolve(spec, role="--data")
+            ckpt = resolved if resolved.kind == "prism" else None
+        except PrismError:
+            pass  # not a checkpoint (a file or synth): no parent to record
+        sources.append(Source(spec, weight, kept, fingerprint_samples(kept), ckpt))
+    return sources
+
+
+def source_parents(sources: list[Source]) -> list[tuple]:
+    return [("data", s.checkpoint) for s in sources if s.checkpoint is not None]

@@ -43,7 +43,6 @@ def make_accelerator(mixed_precision: str = "auto", report_to: str = "none", pro
     grad_accum is the number of micro-batches per optimizer step; DeepSpeed must know it because its
     engine decides when to step (the other backends accumulate through `accumulate` below)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType  # noqa: F401  (imported for callers' isinstance checks)
 
     # Forcing cpu=True would silently drop a DeepSpeed launch config; DeepSpeed picks its own device.
     cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true"

@@ -8,8 +8,6 @@ token-budget micro-batches -> metrics. Old logprobs are the sampling policy's, r
 
 from __future__ import annotations
 
-import functools
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +15,10 @@ import torch
 
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
-from prism_cli.errors import PrismError
 from stages.common import training
 from stages.common.chat import rollout_prompt
-from stages.common.data import Sample, fingerprint_samples
+from stages.common.data import Sample, stream_item
+from stages.common.formats import load_sources, source_parents
 from stages.common.models import estimate_training_memory, load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.rewards import compute_score
@@ -92,41 +90,10 @@ def run(cfg: RLConfig) -> Path:
 # --------------------------------------------------------------------------------------------- data
 
 def load_prompts(specs: list[str]) -> tuple[list[Sample], dict, list]:
-    """Problems with a ground-truth answer, from every --data source (samples without one are dropped)."""
-    from stages.common.formats import load_samples, parse_mixture
-
-    prompts, fingerprints, parents = [], {}, []
-    for spec, _weight in parse_mixture(specs):
-        samples, _problems = load_samples(spec)
-        usable = [s for s in samples if s.answer.strip()]
-        if len(usable) < len(samples):
-            console.warn(f"--data {spec}: {len(samples) - len(usable)} sample(s) without a ground-truth answer "
-                         "dropped (RL needs a verifiable answer)")
-        prompts.extend(usable)
-        fingerprints[spec] = fingerprint_samples(usable)
-        try:
-            cs = checkpoint.resolve(spec, role="--data")
-            if cs.kind == "prism":
-                parents.append(("data", cs))
-        except PrismError:
-            pass
-    if not prompts:
-        raise PrismError("no prompts with ground-truth answers in --data")
-    return prompts, fingerprints, parents
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    order = list(range(n))
-    random.Random(seed * 7919 + epoch).shuffle(order)
-    return tuple(order)
-
-
-def prompt_at(prompts: list[Sample], position: int, seed: int) -> Sample:
-    """The prompt at a position of the endless stream: epochs of seeded permutations, so a resumed run
-    (which restores the stream cursor) sees exactly the prompts the uninterrupted run would."""
-    epoch, within = divmod(position, len(prompts))
-    return prompts[_epoch_order(len(prompts), seed, epoch)[within]]
+    """Problems with a ground-truth answer, from every --data source."""
+    sources = load_sources(specs, keep=lambda s: bool(s.answer.strip()), need="RL needs a ground-truth answer")
+    prompts = [s for src in sources for s in src.samples]
+    return prompts, {src.spec: src.fingerprint for src in sources}, source_parents(sources)
 
 
 # --------------------------------------------------------------------------------------------- rollouts
@@ -185,7 +152,7 @@ def collect_rollouts(cfg: RLConfig, accelerator, model, engine, prompts: list[Sa
     groups_total = groups_kept = batches = 0
     engine.sync_weights(training.unwrap(accelerator, model))
     while True:
-        batch_samples = [prompt_at(prompts, cursor + i, cfg.seed) for i in range(rank * quota, (rank + 1) * quota)]
+        batch_samples = [stream_item(prompts, cursor + i, cfg.seed) for i in range(rank * quota, (rank + 1) * quota)]
         cursor += quota * world
         batches += 1
         with timer.phase("rollout"):

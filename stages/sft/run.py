@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -18,8 +19,8 @@ from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
 from prism_cli.errors import PrismError
 from stages.common import training
-from stages.common import synth
-from stages.common.data import Sample, fingerprint_samples
+from stages.common.data import Sample
+from stages.common.formats import load_sources, source_parents
 from stages.common.models import load_policy, load_processor, estimate_training_memory
 from stages.sft.config import SFTConfig
 from stages.sft.data import Encoded, encode_sample, pack, pad, rope_index_of, split_holdout, step_indices
@@ -93,49 +94,35 @@ class Mixture:
 
 def load_mixture(specs: list[str], seed: int) -> Mixture:
     """Load every --data source; with weights, resample them to those proportions of the total size."""
-    from stages.common.formats import load_samples, parse_mixture
-
-    sources = []
-    for spec, weight in parse_mixture(specs):
-        samples, _problems = load_samples(spec)
-        samples = synth.with_oracle_demos(samples)
-        if not samples:
-            raise PrismError(f"--data {spec} holds no samples")
-        sources.append((spec, weight, samples))
-    if any(w is not None for _, w, _ in sources):
-        total = sum(len(s) for _, _, s in sources)
-        weights = [w if w is not None else 1.0 for _, w, _ in sources]
-        mixed = []
+    sources = load_sources(specs)
+    if any(src.weight is not None for src in sources):
+        total = sum(len(src.samples) for src in sources)
+        weights = [src.weight if src.weight is not None else 1.0 for src in sources]
         rng = random.Random(seed)
-        for (spec, _, samples), w in zip(sources, weights):
+        mixed = []
+        for src, w in zip(sources, weights):
             k = int(round(total * w / sum(weights)))
-            picked = samples * (k // len(samples)) + rng.sample(samples, k % len(samples))
-            mixed.extend(picked)
+            mixed.extend(src.samples * (k // len(src.samples)) + rng.sample(src.samples, k % len(src.samples)))
     else:
-        mixed = [s for _, _, samples in sources for s in samples]
-    # Resampled duplicates need distinct ids (the held-out split is keyed by id).
-    seen: dict[str, int] = {}
-    for s in mixed:
-        n = seen.get(s.id, 0)
-        seen[s.id] = n + 1
-    out, used = [], {}
-    for s in mixed:
-        if seen[s.id] > 1:
+        mixed = [s for src in sources for s in src.samples]
+    return Mixture(distinct_ids(mixed), {src.spec: src.fingerprint for src in sources}, source_parents(sources),
+                   {src.spec: len(src.samples) for src in sources})
+
+
+def distinct_ids(samples: list[Sample]) -> list[Sample]:
+    """Resampled duplicates get distinct ids (the held-out split is keyed by id): id#0, id#1, ..."""
+    counts: dict[str, int] = {}
+    for s in samples:
+        counts[s.id] = counts.get(s.id, 0) + 1
+    used: dict[str, int] = {}
+    out = []
+    for s in samples:
+        if counts[s.id] > 1:
             k = used.get(s.id, 0)
             used[s.id] = k + 1
-            s = Sample(**{**s.__dict__, "id": f"{s.id}#{k}"})
+            s = dataclasses.replace(s, id=f"{s.id}#{k}")
         out.append(s)
-    parents = []
-    for spec, _, _ in sources:
-        ref = spec
-        try:
-            cs = checkpoint.resolve(ref, role="--data")
-            if cs.kind == "prism":
-                parents.append(("data", cs))
-        except PrismError:
-            pass
-    fingerprints = {spec: fingerprint_samples(samples) for spec, _, samples in sources}
-    return Mixture(out, fingerprints, parents, {spec: len(s) for spec, _, s in sources})
+    return out
 
 
 def encode_all(samples: list[Sample], processor, model, cfg: SFTConfig, what: str) -> list[Encoded]:

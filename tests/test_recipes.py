@@ -1,0 +1,153 @@
+"""The recipes: paper-scale YAML dry runs (offline, tiny model in place of the hub ids), shell syntax, and
+(PRISM_SLOW=1 only) the README demo end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "recipes" / "qwen3vl-4b"
+
+# The hub cannot be reached in CI: the 4B/2B ids become the embedded tiny model and the data paths (which
+# exist only on a training cluster) become synth; every other value comes from the YAML.
+DRY_RUNS = {
+    "curate": (["curate", "--config", f"{PAPER}/curate.yaml", "--source", "synth:64", "--student", "tiny"],
+               ["gemini-3-flash", "unsolved (student tiny, k=8, pass rate <= 0.0", "verify, up to 3 attempt(s)",
+                "concurrency 32"]),
+    "sft": (["sft", "--config", f"{PAPER}/sft.yaml", "--ckpt", "tiny", "--data", "synth:train:256"],
+            ["AdamW lr 1e-05 cosine, warmup 0.1, wd 0.0", "batch 128, micro-batch 2", "max_length 10240"]),
+    "align": (["align", "--config", f"{PAPER}/align.yaml", "--ckpt", "tiny", "--disc-base", "tiny",
+               "--data", "synth:64"],
+              ["MoE 4 experts top-2", "1875 BT steps x 64 pairs, lr 1e-05 cosine",
+               "500 steps x 4 prompts x 16 rollouts, max 6144 new tokens; alpha 0.5, format penalty 1.5",
+               "policy lr 1e-06 constant, discriminator lr 1e-06, wd 0.01"]),
+    "rl-grpo": (["rl", "--config", f"{PAPER}/rl-grpo.yaml", "--ckpt", "tiny", "--data", "synth:64"],
+                ["grpo: clip 0.2/0.2, loss token-mean, dynamic sampling False, overlong buffer 0, KL 0.0",
+                 "32 x 16 = 512 rollouts per step, 62 steps", "responses up to 8192 tokens",
+                 "AdamW lr 1e-06, warmup 10"]),
+    "rl-dapo": (["rl", "--config", f"{PAPER}/rl-dapo.yaml", "--ckpt", "tiny", "--data", "synth:64"],
+                ["dapo: clip 0.2/0.28, loss token-mean, dynamic sampling True, overlong buffer 4096, KL 0.0",
+                 "32 x 16 = 512 rollouts per step, 62 steps", "AdamW lr 1e-06, warmup 10.0, wd 0.01, clip 1.0"]),
+    "rl-gspo": (["rl", "--config", f"{PAPER}/rl-gspo.yaml", "--ckpt", "tiny", "--data", "synth:64"],
+                ["gspo: clip 0.0003/0.0004, loss seq-mean-token-mean", "32 x 16 = 512 rollouts per step",
+                 "AdamW lr 1e-06"]),
+    "eval": (["eval", "--config", f"{PAPER}/eval.yaml", "--ckpt", "tiny"],
+             ["prism_mathvista_testmini", "prism_mathverse_testmini", "prism_mathvision_testmini",
+              "prism_wemath_testmini", "prism_mmmu_val", "prism_mmmu_pro_standard", "prism_hallusion_bench_image"]),
+}
+# The same dry runs with the real hub ids: offline they must stop with one line, not a traceback.
+HUB_RUNS = {
+    "sft": (["sft", "--config", f"{PAPER}/sft.yaml", "--data", "synth:train:256"], "Qwen/Qwen3-VL-4B-Instruct"),
+    "align": (["align", "--config", f"{PAPER}/align.yaml", "--ckpt", "tiny", "--data", "synth:64"],
+              "Qwen/Qwen3-VL-2B-Instruct"),
+}
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PRISM_NO_PROGRESS="1", OMP_NUM_THREADS="1", COLUMNS="250", TOKENIZERS_PARALLELISM="false")
+    env.pop("FORCE_COLOR", None)
+    return env
+
+
+def _prism(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prism_cli", *args, "--dry-run"], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Every dry run at once (each is mostly interpreter start-up and imports; eval scans lmms-eval's
+    task index), so the module costs about as long as the slowest one."""
+    cwd = tmp_path_factory.mktemp("recipes")
+    jobs = {f"dry:{k}": a for k, (a, _) in DRY_RUNS.items()} | {f"hub:{k}": a for k, (a, _) in HUB_RUNS.items()}
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = {k: pool.submit(_prism, a, cwd) for k, a in jobs.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
+@pytest.mark.parametrize("stage", list(DRY_RUNS))
+def test_paper_config_dry_run(stage, dry_runs):
+    args, expected = DRY_RUNS[stage]
+    proc = dry_runs[f"dry:{stage}"]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"prism {' '.join(args)} --dry-run failed:\n{out[-3000:]}"
+    assert "Traceback" not in out
+    for text in expected:
+        assert text in out, f"plan of {stage} lacks {text!r}:\n{proc.stdout[-3000:]}"
+
+
+@pytest.mark.parametrize("stage", list(HUB_RUNS))
+def test_paper_config_without_hub_fails_in_one_line(stage, dry_runs):
+    _, hub_id = HUB_RUNS[stage]
+    proc = dry_runs[f"hub:{stage}"]
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and hub_id in lines[0], proc.stderr
+
+
+def test_paper_yaml_keys_are_config_fields():
+    """Every key of every paper YAML is a field of its stage's config (the dry runs check values too)."""
+    import yaml
+
+    from prism_cli.config import field_names
+    from stages.align.config import AlignConfig
+    from stages.curate.config import CurateConfig
+    from stages.eval.config import EvalConfig
+    from stages.rl.config import RLConfig
+    from stages.sft.config import SFTConfig
+
+    configs = {"curate": CurateConfig, "sft": SFTConfig, "align": AlignConfig, "rl-grpo": RLConfig,
+               "rl-dapo": RLConfig, "rl-gspo": RLConfig, "eval": EvalConfig}
+    assert sorted(p.stem for p in PAPER.glob("*.yaml")) == sorted(configs)
+    for name, cls in configs.items():
+        keys = yaml.safe_load((PAPER / f"{name}.yaml").read_text())
+        unknown = set(keys) - set(field_names(cls))
+        assert not unknown, f"{name}.yaml: unknown keys {unknown}"
+
+
+SCRIPTS = sorted(p for p in (ROOT / "recipes").rglob("*.sh"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[str(p.relative_to(ROOT)) for p in SCRIPTS])
+def test_recipe_shell_syntax(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert script.read_text().splitlines()[0].startswith("#!")
+    assert "set -euo pipefail" in script.read_text()
+
+
+def test_recipe_scripts_exist():
+    for name in ("tiny.sh", "ablation-tiny.sh", "qwen3vl-4b/run.sh"):
+        assert (ROOT / "recipes" / name).is_file(), name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.skipif(os.environ.get("PRISM_SLOW") != "1",
+                    reason="the README demo takes ~10 min on 2 cores; run it with "
+                           "`PRISM_SLOW=1 python -m pytest tests/test_recipes.py -k tiny_sh`")
+def test_tiny_sh_end_to_end(tmp_path):
+    out = tmp_path / "tiny"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
+    env.pop("PRISM_NO_PROGRESS", None)
+    proc = subprocess.run(["bash", str(ROOT / "recipes" / "tiny.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=3600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    for stage in ("curated", "public", "sft", "align", "rl", "hf"):
+        assert (out / stage).is_dir(), stage
+    acc = {}
+    for name in ("tiny", "sft", "align", "rl"):
+        results = json.loads((out / "eval" / f"eval-{name}" / "results.json").read_text())
+        acc[name] = results["tasks"]["synth"]
+    assert acc["sft"]["value"] > acc["tiny"]["value"], acc
+    assert acc["sft"]["extra"]["format"] > acc["tiny"]["extra"]["format"], acc
+    assert "accuracy (%)" in proc.stdout and "total" in proc.stdout
