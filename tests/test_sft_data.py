@@ -100,3 +100,21 @@ def test_step_indices_cover_each_epoch_once_and_are_reproducible():
     assert sorted(epoch0) == list(range(n))
     assert step_indices(n, bs, 3, 7) == step_indices(n, bs, 3, 7)
     assert step_indices(n, bs, 3, 0) != step_indices(n, bs, 4, 0)
+
+
+def test_batched_encoding_equals_one_by_one(model_and_processor):
+    from stages.sft.data import encode_batch
+
+    model, processor = model_and_processor
+    samples = _with_demo(synth.load("synth:train:6"))
+    samples.insert(2, Sample(id="no-target", images=[_png("red")], question="q"))  # skipped with a reason
+    batched = encode_batch(samples, processor, rope_index_of(model), max_length=4096)
+    assert isinstance(batched[2], str)
+    for s, b in zip(samples, batched):
+        one = encode_sample(s, processor, rope_index_of(model), max_length=4096)
+        if isinstance(one, str):
+            assert one == b
+            continue
+        for field in ("input_ids", "label_mask", "mm_token_type_ids", "rope_positions", "pixel_values",
+                      "image_grid_thw"):
+            assert torch.equal(getattr(one, field), getattr(b, field)), field

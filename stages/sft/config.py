@@ -28,7 +28,7 @@ class SFTConfig(CommonConfig):
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", group="Training")
     batch_size: int = opt(32, "samples per optimizer step, over all processes", group="Training")
     micro_batch_size: int = opt(8, "samples per forward pass per process (packed into one row)", group="Training")
-    packing: str = opt("auto", "auto: pack a micro-batch into one padding-free row with flash-attention-2 "
+    packing: str | bool = opt("auto", "auto: pack a micro-batch into one padding-free row with flash-attention-2 "
                                 "(varlen), else pad length-grouped micro-batches; on; off", group="Training")
 
     dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32", group="Hardware")
@@ -53,6 +53,8 @@ class SFTConfig(CommonConfig):
             raise UsageError(f"unknown schedule {self.schedule!r}", hint="use cosine, linear or constant")
         if not 0 <= self.eval_fraction < 1:
             raise UsageError("eval_fraction must be in [0, 1)")
+        if isinstance(self.packing, bool):  # YAML reads an unquoted on/off as a boolean
+            self.packing = "on" if self.packing else "off"
         if self.packing not in ("auto", "on", "off"):
             raise UsageError(f"unknown packing {self.packing!r}", hint="use auto, on or off")
         if not self.data:

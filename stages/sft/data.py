@@ -87,30 +87,57 @@ def truncate(enc: dict, max_length: int) -> tuple[dict, int] | None:
 def encode_sample(sample: Sample, processor, rope_index, max_length: int, system_prompt: bool = True
                   ) -> Encoded | str:
     """One sample -> Encoded, or a short reason string when it is skipped."""
-    images = sample.pil_images() if sample.images else None
-    messages = sft_messages(sample, system_prompt, images)
-    if messages is None:
-        return "no target (no teacher demonstration or conversation)"
-    enc = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
-                                        return_assistant_tokens_mask=True)
-    enc = {
-        "input_ids": enc["input_ids"][0],
-        "assistant_masks": torch.as_tensor(enc["assistant_masks"])[0].bool(),
-        "mm_token_type_ids": enc["mm_token_type_ids"][0] if "mm_token_type_ids" in enc
-        else torch.zeros_like(enc["input_ids"][0]),
-        "pixel_values": enc.get("pixel_values"),
-        "image_grid_thw": enc.get("image_grid_thw"),
-    }
-    cut = truncate(enc, max_length)
-    if cut is None:
-        return "prompt longer than max_length"
-    enc, _ = cut
-    rope = None
-    if rope_index is not None:
-        rope = rope_index(enc["input_ids"][None], enc["mm_token_type_ids"][None], enc["image_grid_thw"])[:, 0]
-    return Encoded(input_ids=enc["input_ids"], label_mask=enc["assistant_masks"],
-                   mm_token_type_ids=enc["mm_token_type_ids"], rope_positions=rope,
-                   pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
+    return encode_batch([sample], processor, rope_index, max_length, system_prompt)[0]
+
+
+def encode_batch(samples: list[Sample], processor, rope_index, max_length: int, system_prompt: bool = True
+                 ) -> list[Encoded | str]:
+    """Samples -> Encoded (or a reason string when skipped), tokenised and image-processed in one processor
+    call: the chat template, tokenizer and image processor cost about half as much per sample batched."""
+    out: list[Encoded | str] = ["no target (no teacher demonstration or conversation)"] * len(samples)
+    todo, conversations = [], []
+    for i, sample in enumerate(samples):
+        messages = sft_messages(sample, system_prompt, sample.pil_images() if sample.images else None)
+        if messages is not None:
+            todo.append(i)
+            conversations.append(messages)
+    if not todo:
+        return out
+    enc = processor.apply_chat_template(conversations, tokenize=True, return_dict=True, return_tensors="pt",
+                                        return_assistant_tokens_mask=True, padding=True)
+    grid = enc.get("image_grid_thw")
+    images_per_row = [len(samples[i].images) for i in todo]
+    patch_rows = grid.prod(-1).tolist() if grid is not None else []
+    image_at = [0]
+    for n in images_per_row:
+        image_at.append(image_at[-1] + n)
+    patch_at = [0]
+    for n in patch_rows:
+        patch_at.append(patch_at[-1] + n)
+    masks = torch.as_tensor(enc["assistant_masks"]).bool()
+    for row, i in enumerate(todo):
+        valid = enc["attention_mask"][row].bool()
+        lo, hi = image_at[row], image_at[row + 1]
+        one = {
+            "input_ids": enc["input_ids"][row][valid],
+            "assistant_masks": masks[row][valid],
+            "mm_token_type_ids": enc["mm_token_type_ids"][row][valid] if "mm_token_type_ids" in enc
+            else torch.zeros(int(valid.sum()), dtype=torch.long),
+            "pixel_values": enc["pixel_values"][patch_at[lo]:patch_at[hi]] if hi > lo else None,
+            "image_grid_thw": grid[lo:hi] if hi > lo else None,
+        }
+        cut = truncate(one, max_length)
+        if cut is None:
+            out[i] = "prompt longer than max_length"
+            continue
+        one, _ = cut
+        rope = None
+        if rope_index is not None:
+            rope = rope_index(one["input_ids"][None], one["mm_token_type_ids"][None], one["image_grid_thw"])[:, 0]
+        out[i] = Encoded(input_ids=one["input_ids"], label_mask=one["assistant_masks"],
+                         mm_token_type_ids=one["mm_token_type_ids"], rope_positions=rope,
+                         pixel_values=one["pixel_values"], image_grid_thw=one["image_grid_thw"])
+    return out
 
 
 def rope_index_of(model):

@@ -40,7 +40,8 @@ def make_sample(split: str, index: int, seed: int, task: str, level: int, image_
     while split_of(problem.scene) != split:  # the scene hash decides the split
         problem = FAMILIES[task].build(rng, level)
     return Sample(
-        id=f"synth-{split}-{index:06d}",
+        # the seed is part of the id when it is not 0: other seeds draw other problems
+        id=f"synth-{split}-{index:06d}" if seed == 0 else f"synth-s{seed}-{split}-{index:06d}",
         images=[png_bytes(render(problem.scene, image_size))],
         question=problem.question,
         answer=problem.answer,
