@@ -237,6 +237,9 @@ def inspect_cmd(path: str = typer.Argument(..., help="checkpoint directory"),
 
 def main():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # prism draws its own progress bars; transformers' per-load bars would interleave with one-line errors
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_PROGRESS_BAR", "1")
     try:
         app(standalone_mode=True)
     except SystemExit as e:

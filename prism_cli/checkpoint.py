@@ -354,6 +354,13 @@ def open_output(out: str, stage: str, config: dict, parents: list, overwrite: bo
     return Run(path, stage, config, parents, resuming)
 
 
+def check_output(out: str, stage: str, config: dict, overwrite: bool = False, resume: bool = False) -> bool:
+    """Read-only: refuse a bad --out before any slow work (loading models); True if it will resume."""
+    if not out:
+        raise UsageError("--out is required")
+    return _output_decision(Path(out).expanduser(), out, stage, config, overwrite, resume)
+
+
 def _output_decision(path: Path, out: str, stage: str, config: dict, overwrite: bool, resume: bool) -> bool:
     """Read-only: may this run write to `path`, and is it resuming? Raises with the reason when not."""
     if path.exists() and not path.is_dir():

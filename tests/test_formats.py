@@ -130,7 +130,8 @@ def test_parse_mixture(tmp_path):
     (tmp_path / "a:b.parquet").write_bytes(b"")
     assert parse_mixture(["a.parquet:0.9", "synth:train:2000", "synth:train:2000:0.1", "b.json", "synth:0.5",
                           str(tmp_path / "a:b.parquet")]) == [
-        ("a.parquet", 0.9), ("synth:train:2000", 1.0), ("synth:train:2000", 0.1), ("b.json", 1.0),
-        ("synth", 0.5), (str(tmp_path / "a:b.parquet"), 1.0)]
+        # no weight given -> None: the stage concatenates such sources as they are
+        ("a.parquet", 0.9), ("synth:train:2000", None), ("synth:train:2000", 0.1), ("b.json", None),
+        ("synth", 0.5), (str(tmp_path / "a:b.parquet"), None)]
     with pytest.raises(UsageError):
         parse_mixture(["a.parquet:0"])

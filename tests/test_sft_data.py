@@ -118,3 +118,14 @@ def test_batched_encoding_equals_one_by_one(model_and_processor):
         for field in ("input_ids", "label_mask", "mm_token_type_ids", "rope_positions", "pixel_values",
                       "image_grid_thw"):
             assert torch.equal(getattr(one, field), getattr(b, field)), field
+
+
+def test_mixture_concatenates_unweighted_sources_and_resamples_weighted_ones():
+    from stages.sft.run import load_mixture
+
+    plain = load_mixture(["synth:train:30", "synth:test:10"], seed=0)
+    assert len(plain.samples) == 40 and len({s.id for s in plain.samples}) == 40
+    weighted = load_mixture(["synth:train:30:0.5", "synth:test:10:0.5"], seed=0)
+    splits = [s.meta["split"] for s in weighted.samples]
+    assert splits.count("train") == 20 and splits.count("test") == 20
+    assert len({s.id for s in weighted.samples}) == 40  # resampled duplicates get distinct ids

@@ -49,6 +49,7 @@ def run(cfg: AlignConfig) -> Path:
     if cfg.dry_run:
         return print_plan(cfg, policy_spec, disc_source, len(samples))
 
+    checkpoint.check_output(cfg.out, "align", to_dict(cfg), cfg.overwrite, cfg.resume)
     accelerator = training.make_accelerator(report_to=cfg.report_to, project_dir=cfg.out)
     parents = [("policy", policy_spec), ("discriminator", disc_source[1]), *data_parents]
     processor = load_processor(policy_spec)

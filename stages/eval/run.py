@@ -55,6 +55,7 @@ def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan],
     from stages.common.rollout import SamplingParams, make_engine
 
     config = dict(to_dict(cfg), ckpt=[spec.ref], out=str(out))
+    checkpoint.check_output(str(out), "eval", config, cfg.overwrite, cfg.resume)
     processor = load_processor(spec)
     model = load_policy(spec, dtype=cfg.dtype, train=False)
     run_dir = checkpoint.open_output(str(out), "eval", config, [("policy", spec)], overwrite=cfg.overwrite,

@@ -36,6 +36,7 @@ def run(cfg: RLConfig) -> Path:
     if cfg.dry_run:
         return print_plan(cfg, policy_spec, len(prompts))
 
+    checkpoint.check_output(cfg.out, "rl", to_dict(cfg), cfg.overwrite, cfg.resume)
     accelerator = training.make_accelerator(report_to=cfg.report_to, project_dir=cfg.out)
     processor = load_processor(policy_spec)
     model = load_policy(policy_spec, dtype=cfg.dtype, attn=cfg.attn, device=accelerator.device,

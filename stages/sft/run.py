@@ -43,6 +43,7 @@ def run(cfg: SFTConfig) -> Path:
     if cfg.dry_run:
         return print_plan(cfg, policy_spec, mixture, len(train_samples), len(eval_samples), total_steps)
 
+    checkpoint.check_output(cfg.out, "sft", to_dict(cfg), cfg.overwrite, cfg.resume)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = training.make_accelerator(report_to=cfg.report_to, project_dir=cfg.out,
                                             grad_accum=max(1, cfg.batch_size // (cfg.micro_batch_size * world)),
