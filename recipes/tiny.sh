@@ -2,12 +2,13 @@
 # The README demo: the whole PRISM pipeline on a CPU with the embedded tiny Qwen3-VL, one `prism`
 # command per step, ending with the base / SFT / PRISM-align / RL comparison table.
 #
-#   bash recipes/tiny.sh                  # writes out/tiny/ (about 8-10 min on 2 idle cores)
+#   bash recipes/tiny.sh                  # writes out/tiny/ (about 4-5 min on 2 cores)
 #   OUT=/tmp/demo bash recipes/tiny.sh    # elsewhere; reruns overwrite (--overwrite)
 #
 # Step counts and learning rates are sized for the tiny model (1.3M parameters), not the paper's:
-# SFT needs lr ~2e-3 and ~80 steps of 16 to reach eval loss ~0.7; align/RL use 5e-5/2e-5 (the paper's
-# 1e-6 is for 4B models) and short responses (96 tokens), so DAPO's overlong buffer is 16, not 4096.
+# SFT needs lr ~3e-3 and ~200 steps of 16 before greedy decoding is reliably format-valid (at 80 steps
+# it still loops); align/RL use 5e-5/2e-5 (the paper's 1e-6 is for 4B models) and short responses
+# (96 tokens), so DAPO's overlong buffer is 16, not 4096.
 # The paper-scale chain is recipes/qwen3vl-4b/run.sh.
 set -euo pipefail
 
@@ -54,7 +55,7 @@ step curate-public  curate --source synth:train:800 --seed 1 --teacher oracle-no
 
 # 2. sft on the weighted mixture (30% curated, 70% public), from the embedded tiny base model
 step sft            sft --ckpt tiny --data "$OUT/curated:0.3" --data "$OUT/public:0.7" \
-                      --max-steps 80 --batch-size 16 --micro-batch-size 16 --lr 2e-3 --warmup 8 \
+                      --max-steps 200 --batch-size 16 --micro-batch-size 16 --lr 3e-3 --warmup 10 \
                       --eval-every 40 --save-every 1000 --out "$OUT/sft" --overwrite
 
 # 3. align: PRISM pre-alignment against the curated teacher demos, MoE discriminator upcycled from tiny
