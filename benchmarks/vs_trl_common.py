@@ -109,8 +109,10 @@ def run_worker(script: Path, args: list[str], timeout: float = 3600) -> dict:
 
 
 def write_result(path: Path, obj: dict) -> None:
+    """Write the JSON result; this machine's home directory is written as ~ (results are shared)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    text = json.dumps(obj, indent=1, default=str).replace(str(Path.home()), "~")
+    path.write_text(text + "\n")
     print("wrote", path)
 
 

@@ -119,15 +119,12 @@ def _value_forward(model, input_ids, attention_mask, position_ids, pixel_values,
     return DiscriminatorOutput(values=values, aux_loss=aux_loss, router_logits=router_logits)
 
 
-class Qwen3VLMoeDiscriminator(Qwen3VLMoePreTrainedModel):
-    """Qwen3-VL-MoE multimodal backbone (`model`, the same names as the causal LM's) + `value_head`.
+class _ValueHeadModel:
+    """What both discriminator classes share: a multimodal backbone `model` (the causal LM's tensor names)
+    plus `value_head`. Mixed in ahead of the Hugging Face pretrained-model class, which it defers to."""
 
-    Loading a causal-LM checkpoint into it matches the backbone, drops lm_head and reports value_head missing.
-    """
-
-    def __init__(self, config: Qwen3VLMoeConfig):
-        super().__init__(config)
-        self.model = Qwen3VLMoeModel(config)
+    def _add_value_head(self, config, backbone) -> None:
+        self.model = backbone
         self.value_head = nn.Linear(config.text_config.hidden_size, 1)
         self.post_init()
 
@@ -150,30 +147,21 @@ class Qwen3VLMoeDiscriminator(Qwen3VLMoePreTrainedModel):
                               mm_token_type_ids, inputs_embeds, output_router_logits, aux_loss_mask, kwargs)
 
 
-class Qwen3VLDiscriminator(Qwen3VLPreTrainedModel):
+class Qwen3VLMoeDiscriminator(_ValueHeadModel, Qwen3VLMoePreTrainedModel):
+    """Qwen3-VL-MoE multimodal backbone + `value_head`. Loading a causal-LM checkpoint into it matches the
+    backbone, drops lm_head and reports value_head missing."""
+
+    def __init__(self, config: Qwen3VLMoeConfig):
+        super().__init__(config)
+        self._add_value_head(config, Qwen3VLMoeModel(config))
+
+
+class Qwen3VLDiscriminator(_ValueHeadModel, Qwen3VLPreTrainedModel):
     """The dense ablation: Qwen3-VL multimodal backbone + `value_head` (no experts, no aux loss)."""
 
     def __init__(self, config):
         super().__init__(config)
-        self.model = Qwen3VLModel(config)
-        self.value_head = nn.Linear(config.text_config.hidden_size, 1)
-        self.post_init()
-
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if module is getattr(self, "value_head", None):
-            _init_value_head(module, self.config)
-
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, pixel_values=None,
-                image_grid_thw=None, mm_token_type_ids=None, inputs_embeds=None,
-                output_router_logits: bool | None = None, aux_loss_mask: torch.Tensor | None = None,
-                **kwargs) -> DiscriminatorOutput:
-        return _value_forward(self, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw,
-                              mm_token_type_ids, inputs_embeds, output_router_logits, aux_loss_mask, kwargs)
+        self._add_value_head(config, Qwen3VLModel(config))
 
 
 Discriminator = Qwen3VLMoeDiscriminator | Qwen3VLDiscriminator
