@@ -133,7 +133,7 @@ def test_recipe_scripts_exist():
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 @pytest.mark.skipif(os.environ.get("PRISM_SLOW") != "1",
-                    reason="the README demo takes ~10 min on 2 cores; run it with "
+                    reason="the README demo takes ~4 min on 2 cores; run it with "
                            "`PRISM_SLOW=1 python -m pytest tests/test_recipes.py -k tiny_sh`")
 def test_tiny_sh_end_to_end(tmp_path):
     out = tmp_path / "tiny"
