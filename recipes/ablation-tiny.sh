@@ -28,19 +28,9 @@ RL_LR=${RL_LR:-2e-5}         # 1e-4 raised format but cost greedy accuracy on th
 REUSE=${REUSE:-}             # e.g. REUSE="curate sft align": keep those stages' finished outputs (to rerun RL only)
 cd "$ROOT"
 
-# ---- environment: prism importable, or build .venv with the CI script
-PY=${PYTHON:-python3}
-importable() { (cd / && "$1" -c "import prism_cli, stages, torch, torchvision, transformers") >/dev/null 2>&1; }
-if ! importable "$PY"; then
-  PY=$ROOT/.venv/bin/python
-  if ! importable "$PY"; then
-    echo "prism is not importable: setting up $ROOT/.venv (.ci/setup-venv .venv test)"
-    "$ROOT/.ci/setup-venv" "$ROOT/.venv" test
-  fi
-fi
-prism() { "$PY" -m prism_cli "$@"; }
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PRISM_NO_PROGRESS=${PRISM_NO_PROGRESS:-1}
+# ---- environment: an interpreter that imports prism, the `prism` function, offline single-thread env
+source "$ROOT/recipes/tiny-env.sh"
+export PRISM_NO_PROGRESS=${PRISM_NO_PROGRESS:-1}
 
 START=$SECONDS
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -17,22 +17,8 @@ OUT=${OUT:-$ROOT/out/tiny}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$ROOT"
 
-# ---- environment: use an interpreter that can import prism, else build .venv with the CI script
-PY=${PYTHON:-python3}
-importable() { (cd / && "$1" -c "import prism_cli, stages, torch, torchvision, transformers") >/dev/null 2>&1; }
-if ! importable "$PY"; then
-  PY=$ROOT/.venv/bin/python
-  if ! importable "$PY"; then
-    echo "prism is not importable: setting up $ROOT/.venv (.ci/setup-venv .venv test)"
-    "$ROOT/.ci/setup-venv" "$ROOT/.venv" test
-  fi
-fi
-prism() { "$PY" -m prism_cli "$@"; }
-# Everything below is local (tiny models, synth data, oracle teacher): never reach for the hub.
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# One thread per process: the tiny model's matrices are too small to gain from more, and on a shared
-# 2-core machine extra threads only contend.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# ---- environment: an interpreter that imports prism, the `prism` function, offline single-thread env
+source "$ROOT/recipes/tiny-env.sh"
 
 START=$SECONDS
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
