@@ -3,10 +3,13 @@
 How a call runs (per chunk of unique prompts):
 1. prefill: the unique prompts go through the model once, as one left-padded batch, images through the
    vision tower once; M-RoPE positions (and each row's rope delta) are computed here, explicitly;
-2. share: the prompt KV cache, the last-position logits, the attention mask and the per-row rope deltas
-   are repeated n-fold (repeat_interleave), so the n samples of a prompt never re-encode it;
+2. share: the prompt KV cache stays stored once per prompt and decode attention reads it once per prompt
+   for all n samples (stages.common.rollout.shared_prefix; shared_prefix=False repeats it n-fold instead);
+   the last-position logits and the per-row rope deltas are repeated n-fold, so the n samples of a
+   prompt never re-encode it;
 3. decode: a lean loop of model forwards with one new token per row; finished rows are dropped from the
-   batch (cache rows included) once enough of them have finished.
+   batch (cache rows included) once enough of them have finished. Sampling is one inverse-CDF draw per
+   row, located block by block (no full-vocabulary cumsum, no torch.multinomial).
 
 Logprob convention (what `Completion.logprobs` holds, `stages.common.logprobs.sampling_logprobs`, which
 `response_logprobs` recomputes with the same `temperature`): for each sampled token, log_softmax(logits / temperature) with the
@@ -24,11 +27,13 @@ after the stop string.
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
 from stages.common.logprobs import banned_token_mask, sampling_logprobs
+from stages.common.rollout import shared_prefix
 from stages.common.rollout.base import Completion, RolloutPrompt, SamplingParams
 from stages.common.rollout.prompts import encode_prompts, stop_token_ids, tokenizer_of, vision_token_ids
 
@@ -41,8 +46,11 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model, processor, *, prompts_per_prefill: int = 32, max_batch_rows: int = 512,
-                 compact_fraction: float = COMPACT_FRACTION):
+                 compact_fraction: float = COMPACT_FRACTION, shared_prefix: bool = True):
         self.model = model
+        # True: decode attends to each prompt's KV stored once (stages.common.rollout.shared_prefix);
+        # False: the prompt KV is repeated n-fold and attended by the model's own attention.
+        self.shared_prefix = shared_prefix
         self.processor = processor
         self.prompts_per_prefill = prompts_per_prefill
         self.max_batch_rows = max_batch_rows
@@ -86,18 +94,24 @@ class HFEngine:
                     use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         n = params.n
-        # Share the prompt across its n samples: the cache and every per-row tensor, repeated in place.
-        cache.batch_repeat_interleave(n)
-        preallocate_cache(cache, params.max_new_tokens)
+        # Share the prompt across its n samples: its KV stored once (shared_prefix) or repeated n-fold, and
+        # every per-row tensor repeated.
+        groups = None
+        if self.shared_prefix:
+            groups = shared_prefix.install(cache, len(prompts), n, enc["attention_mask"], params.max_new_tokens)
+        else:
+            cache.batch_repeat_interleave(n)
+            preallocate_cache(cache, params.max_new_tokens)
         logits = out.logits[:, -1].float().repeat_interleave(n, 0)
         prompt_mask = enc["attention_mask"].repeat_interleave(n, 0)
         next_pos = prompt_mask.sum(-1)                     # text position of the first new token
         rope_deltas = rope_deltas.view(-1).repeat_interleave(n, 0)
-        tokens, logprobs, lengths, reasons = self._decode(model, cache, logits, prompt_mask, next_pos, rope_deltas,
-                                                          params, generator)
+        with shared_prefix.text_attention(model, shared_prefix.IMPLEMENTATION) if groups is not None else nullcontext():
+            tokens, logprobs, lengths, reasons = self._decode(model, cache, groups, logits, prompt_mask, next_pos,
+                                                              rope_deltas, params, generator)
         return self._completions(tokens, logprobs, lengths, reasons, len(prompts), n, params)
 
-    def _decode(self, model, cache, logits, prompt_mask, next_pos, rope_deltas, params, generator):
+    def _decode(self, model, cache, groups, logits, prompt_mask, next_pos, rope_deltas, params, generator):
         rows, device = logits.shape[0], logits.device
         max_new = params.max_new_tokens
         tokens = torch.zeros(rows, max_new, dtype=torch.long, device=device)
@@ -132,16 +146,23 @@ class HFEngine:
             if int((~alive).sum()) >= self.compact_fraction * alive.numel():
                 idx = alive.nonzero().squeeze(1)
                 cache.batch_select_indices(idx)
+                if groups is not None:
+                    groups.select(idx)
                 live, tok, mask, next_pos, rope_deltas = live[idx], tok[idx], mask[idx], next_pos[idx], rope_deltas[idx]
                 alive = alive[idx]
-            kv_len = prompt_len + step + 1
-            step_mask = mask[:, :kv_len]
-            if use_4d_mask:  # skip transformers' per-step mask building: a decode query sees every live key
-                step_mask = step_mask.bool()[:, None, None, :]
             text_pos = next_pos.view(1, -1, 1)
             positions = torch.cat([text_pos, (text_pos + rope_deltas.view(1, -1, 1)).expand(3, -1, -1)], 0)
-            out = model(input_ids=tok.view(-1, 1), attention_mask=step_mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True)
+            if groups is not None:  # the prompt padding lives in the cache; generated keys are all valid
+                out = model(input_ids=tok.view(-1, 1), attention_mask=None, position_ids=positions,
+                            past_key_values=cache, use_cache=True, prefix_cache=cache)
+                if step == 0:
+                    shared_prefix.check_attended(cache)
+            else:
+                step_mask = mask[:, :prompt_len + step + 1]
+                if use_4d_mask:  # skip transformers' per-step mask building: a decode query sees every live key
+                    step_mask = step_mask.bool()[:, None, None, :]
+                out = model(input_ids=tok.view(-1, 1), attention_mask=step_mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True)
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
             cache = out.past_key_values
@@ -256,25 +277,47 @@ def truncate_top_k_top_p(logp: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 def sample_tokens(logits, temperature, top_k, top_p, banned, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its logprob under the convention above (temperature-scaled, banned removed,
-    before truncation)."""
-    logp = sampling_logprobs(logits, temperature, banned)
+    before truncation). Same values as sampling_logprobs; banned tokens are removed by adding a -inf bias
+    row (a broadcast add is several times cheaper than masked_fill on a CPU)."""
+    z = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        z = z / temperature
+    if banned is not None:
+        z = z + torch.zeros(banned.shape, dtype=z.dtype, device=z.device).masked_fill(banned, float("-inf"))
+    logp = torch.log_softmax(z, dim=-1)
     if temperature <= 0:
         tok = logp.argmax(-1)
+    elif top_k or top_p < 1.0:
+        tok = inverse_cdf_sample(truncate_top_k_top_p(logp, top_k, top_p).exp(), generator)
     else:
-        probs = truncate_top_k_top_p(logp, top_k, top_p).exp()
-        tok = inverse_cdf_sample(probs, generator)
+        tok = inverse_cdf_sample(torch.softmax(z, dim=-1), generator)   # softmax beats logp.exp() on a CPU
     return tok, logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
 
 
-def inverse_cdf_sample(probs: torch.Tensor, generator) -> torch.Tensor:
-    """One draw per row from unnormalised probabilities: the first index whose cumulative mass exceeds
-    u * total. One uniform per row; torch.multinomial was ~20x slower on a CPU for [128, 2048]."""
-    cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
-    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+def inverse_cdf_sample(probs: torch.Tensor, generator, block: int = 128) -> torch.Tensor:
+    """One draw per row from unnormalised probabilities [rows, V]: the first index whose cumulative mass
+    exceeds u * total, one uniform per row (torch.multinomial was ~20x slower on a CPU for [128, 2048]).
+
+    Two levels, because a cumsum over the whole vocabulary is a sequential scan: first the block of
+    `block` tokens the draw lands in (block sums are a vectorised reduction), then the token within it."""
+    rows, vocab = probs.shape
+    u = torch.rand(rows, 1, generator=generator, device=probs.device, dtype=probs.dtype)
+    n_blocks = -(-vocab // block)
+    padded = probs if n_blocks * block == vocab else torch.nn.functional.pad(probs, (0, n_blocks * block - vocab))
+    blocks = padded.view(rows, n_blocks, block)
+    block_mass = blocks.sum(-1)
+    block_cdf = block_mass.cumsum(-1)
+    target = u * block_cdf[:, -1:]
+    b = torch.searchsorted(block_cdf, target, right=True).clamp_(max=n_blocks - 1)         # [rows, 1]
+    rest = target - (block_cdf.gather(1, b) - block_mass.gather(1, b))
+    inner = blocks[torch.arange(rows, device=probs.device), b.squeeze(1)]                 # [rows, block]
+    j = torch.searchsorted(inner.cumsum(-1), rest, right=True).clamp_(max=block - 1)
+    tok = (b * block + j).squeeze(1).clamp_(max=vocab - 1)
     # Rounding can land past the last token with mass; a zero-probability pick must never come out.
     picked_zero = probs.gather(-1, tok.unsqueeze(-1)).squeeze(-1) <= 0
-    return torch.where(picked_zero, probs.argmax(-1), tok)
+    if bool(picked_zero.any()):
+        tok = torch.where(picked_zero, probs.argmax(-1), tok)
+    return tok
 
 
 class StopStringChecker:
