@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from stages.common.logprobs import (build_policy_batch, chunked_token_logprobs, full_logits_logprobs,
-                                    make_microbatches, response_logprobs, sampling_logprobs, select_rows)
+                                    make_microbatches, make_prefix_microbatches, response_logprobs,
+                                    sampling_logprobs, select_rows, shared_prefix_supported)
 from stages.common.rollout import RolloutPrompt, SamplingParams
 from stages.common.rollout.hf import HFEngine
 from tests.test_rollout import shape_image, two_prompts, with_logit_bias
@@ -163,3 +164,51 @@ def test_images_only_in_selected_rows(policy):
     batch = build_policy_batch(processor, prompts, [[1], [2]], [0, 1])
     assert "pixel_values" not in select_rows(batch, [0])
     assert select_rows(batch, [1])["pixel_values"].shape[0] == int(batch["pixel_counts"][1])
+
+
+def test_shared_prefix_equals_full_rows_values_and_gradients(tiny_path):
+    """Each distinct prompt run once, responses on its KV cache: the same logprobs, entropies and parameter
+    gradients (vision tower included) as running every row as prompt + response. Rows of the three prompts
+    (two image sizes, one text-only) interleaved, one prompt unused in the sub-batch."""
+    from stages.common.models import load_policy, load_processor
+
+    model, processor = load_policy(tiny_path, train=True), load_processor(tiny_path)
+    responses = [[11, 12, 13, 14], [15, 16], [17, 18, 19, 20, 21, 22], [23], [24, 25, 26], [27, 28]]
+    batch = build_policy_batch(processor, mixed_prompts(), responses, [0, 1, 1, 0, 2, 1])
+    results = {}
+    for sub in ([0, 1, 2, 3, 4, 5], [2, 3, 5]):
+        for shared in (False, True):
+            model.zero_grad()
+            logp, entropy = response_logprobs(model, select_rows(batch, sub), temperature=0.8, chunk_size=3,
+                                              with_entropy=True, shared_prefix=shared)
+            (1.3 * logp.sum() + 0.7 * entropy.sum()).backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results[tuple(sub), shared] = (logp.detach(), entropy.detach(), grads)
+        (lf, ef, gf), (ls, es, gs) = results[tuple(sub), False], results[tuple(sub), True]
+        torch.testing.assert_close(ls, lf, atol=1e-5, rtol=0)
+        torch.testing.assert_close(es, ef, atol=1e-5, rtol=0)
+        assert gs.keys() == gf.keys() and any("visual" in n for n in gf)
+        for name in gf:
+            torch.testing.assert_close(gs[name], gf[name], atol=1e-5, rtol=1e-4, msg=name)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not shared_prefix_supported(model)     # transformers drops the KV cache under checkpointing
+
+
+def test_make_prefix_microbatches_groups_by_prompt_within_budget():
+    rng = random.Random(0)
+    for _ in range(50):
+        rows = rng.randint(1, 40)
+        prompt_index = sorted(rng.randrange(5) for _ in range(rows))
+        prompt_len = {p: rng.randint(10, 200) for p in range(5)}
+        plen = [prompt_len[p] for p in prompt_index]
+        rlen = [rng.randint(1, 100) for _ in range(rows)]
+        budget = rng.randint(100, 2000)
+        groups = make_prefix_microbatches(prompt_index, plen, rlen, budget)
+        assert sorted(i for g in groups for i in g) == list(range(rows))
+        for g in groups:
+            prompts = {prompt_index[i] for i in g}
+            cost = len(prompts) * max(plen[i] for i in g) + len(g) * max(rlen[i] for i in g)
+            assert cost <= budget or len(g) == 1
+    # 2 prompts x 4 rows: one micro-batch runs both prompts once (2 x 100 + 8 x 10 = 280 tokens)
+    assert make_prefix_microbatches([0] * 4 + [1] * 4, [100] * 8, [10] * 8, 300) == [list(range(8))]
+    assert make_prefix_microbatches([0, 0, 1], [100] * 3, [10, 30, 20], 160) == [[1, 0], [2]]   # 100 + 2 x 30

@@ -26,13 +26,17 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from stages.common.rollout.base import RolloutPrompt
-from stages.common.rollout.prompts import encode_prompts, image_patch_counts, tokenizer_of, vision_token_ids
+from stages.common.rollout.prompts import (encode_prompts, image_patch_counts, prompt_positions, tokenizer_of,
+                                          vision_token_ids)
 
 DEFAULT_CHUNK_TOKENS = 512   # 512 x 151,936 fp32 logits = 311 MB per live buffer
 
 # Per-row tensors of a policy batch (sliced by select_rows); pixel_values/image_grid_thw are sliced by counts.
 ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "response_ids", "response_mask", "prompt_lengths",
-            "response_lengths", "lengths", "pixel_counts", "image_counts")
+            "response_lengths", "lengths", "pixel_counts", "image_counts", "prompt_index")
+# Per-prompt tensors (the unique prompts, left-padded, for the shared-prefix path); select_rows keeps them whole.
+PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask", "prompt_mm_token_type_ids", "prompt_pixel_values",
+               "prompt_image_grid_thw", "prompt_pixel_counts", "prompt_image_counts")
 
 
 # ---- the convention -------------------------------------------------------------------------------------
@@ -89,7 +93,8 @@ def build_policy_batch(processor, prompts: Sequence[RolloutPrompt], responses: S
     mm type 0, as M-RoPE needs), pixel_values/image_grid_thw (each row's images, in row order) when any
     prompt has images, response_ids/response_mask [B, T] (T = longest response; the mask covers generated
     tokens only), prompt_lengths/response_lengths/lengths [B], pixel_counts/image_counts [B] (for
-    select_rows), suppress_token_ids (the vision tokens the engines never sample; masked the same way)."""
+    select_rows), suppress_token_ids (the vision tokens the engines never sample; masked the same way);
+    prompt_index [B] and the PROMPT_KEYS (each unique prompt once, left-padded) for the shared-prefix path."""
     if len(responses) != len(prompt_index):
         raise ValueError(f"{len(responses)} responses but {len(prompt_index)} prompt indices")
     enc = encode_prompts(processor, prompts, padding_side="left")
@@ -131,6 +136,13 @@ def build_policy_batch(processor, prompts: Sequence[RolloutPrompt], responses: S
                                            for p in prompt_index])
         batch["image_grid_thw"] = torch.cat([enc["image_grid_thw"][image_starts[p]:image_starts[p + 1]]
                                              for p in prompt_index])
+    batch["prompt_index"] = torch.as_tensor(list(prompt_index), dtype=torch.long)
+    batch.update(prompt_input_ids=enc["input_ids"], prompt_attention_mask=enc["attention_mask"],
+                 prompt_mm_token_type_ids=enc["mm_token_type_ids"],
+                 prompt_pixel_counts=torch.tensor(patch_counts, dtype=torch.long),
+                 prompt_image_counts=torch.tensor([len(p.images) for p in prompts], dtype=torch.long))
+    if enc.get("pixel_values") is not None:
+        batch.update(prompt_pixel_values=enc["pixel_values"], prompt_image_grid_thw=enc["image_grid_thw"])
     ids = vision_token_ids(processor) if suppress_vision_tokens else []
     batch["suppress_token_ids"] = torch.tensor(ids, dtype=torch.long)
     return batch
@@ -154,6 +166,7 @@ def select_rows(batch: dict, rows: Sequence[int]) -> dict:
             out["pixel_values"] = torch.cat(pix)
             out["image_grid_thw"] = torch.cat(grid)
     out["suppress_token_ids"] = batch.get("suppress_token_ids", torch.zeros(0, dtype=torch.long))
+    out.update({k: batch[k] for k in PROMPT_KEYS if k in batch})
     return out
 
 
@@ -164,23 +177,30 @@ def to_device(batch: dict, device) -> dict:
 # ---- logprobs -------------------------------------------------------------------------------------------
 
 def response_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_TOKENS,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      with_entropy: bool = False, shared_prefix: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob of each response token (and the entropy of its predictive distribution) under `model`.
 
     Returns (logp [B, T], entropy [B, T] or None), zero where response_mask is False. Differentiable when
     grad is enabled; memory for the vocabulary projection is bounded by chunk_size x vocab (see module doc).
-    Positions (M-RoPE with images) are computed by the model from the full sequence and mm_token_type_ids.
+    shared_prefix=False runs every row as prompt + response (positions, M-RoPE with images included, computed
+    by the model from the full sequence); True runs each distinct prompt once (shared_prefix_predictors):
+    same values and gradients, less compute when rows share prompts (a GRPO group shares one).
     """
     inner = getattr(model, "module", model)
     device = next(inner.parameters()).device
     batch = to_device(batch, device)
-    hidden = backbone_hidden_states(model, batch)                      # [B, L, H]
     mask = batch["response_mask"]
-    # The hidden state at position j predicts token j + 1: response token t of row b is predicted at
-    # prompt_length_b - 1 + t.
-    T = mask.shape[1]
-    predict_at = (batch["prompt_lengths"].view(-1, 1) - 1 + torch.arange(T, device=device)).clamp(max=hidden.shape[1] - 1)
-    h = hidden.gather(1, predict_at.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))[mask]   # [N, H]
+    if shared_prefix:
+        h = shared_prefix_predictors(model, batch)[mask]                                         # [N, H]
+    else:
+        hidden = backbone_hidden_states(model, batch)                                            # [B, L, H]
+        # The hidden state at position j predicts token j + 1: response token t of row b is predicted at
+        # prompt_length_b - 1 + t.
+        T = mask.shape[1]
+        predict_at = (batch["prompt_lengths"].view(-1, 1) - 1 + torch.arange(T, device=device)).clamp(
+            max=hidden.shape[1] - 1)
+        h = hidden.gather(1, predict_at.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))[mask]    # [N, H]
     targets = batch["response_ids"][mask]                                                      # [N]
     suppress = batch.get("suppress_token_ids")
     banned = None
@@ -207,6 +227,85 @@ def backbone_hidden_states(model, batch: dict) -> torch.Tensor:
     if batch.get("pixel_values") is not None:
         kwargs.update(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
     return model(**kwargs).hidden_states[-1]
+
+
+def shared_prefix_supported(model) -> bool:
+    """Whether the two-pass shared-prefix forward applies: not under gradient checkpointing, which makes
+    transformers drop the KV cache that carries the prompt into the response pass."""
+    inner = getattr(model, "module", model)
+    flag = "is_activation_checkpointing" if hasattr(inner, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return not getattr(inner, flag, False)
+
+
+def shared_prefix_predictors(model, batch: dict) -> torch.Tensor:
+    """Final hidden states that predict each response token, [B, T, H], running each distinct prompt once.
+
+    Pass 1 runs the batch's distinct prompts (left-padded, images through the vision tower once) with a KV
+    cache; each row then takes its prompt's cache rows (an index: gradients of the n rows sum into the
+    prompt) and pass 2 runs only the responses on top, with explicit M-RoPE positions continuing the
+    prompt's. Response token 0 is predicted by the prompt's last hidden state, token t by response
+    position t - 1. Pass 1 calls the unwrapped model and pass 2 the wrapper (DDP/DeepSpeed), so the wrapper
+    sees one forward per backward; its gradient hooks live on the parameters and fire for both passes.
+    """
+    inner = getattr(model, "module", model)
+    used, row_prompt = torch.unique(batch["prompt_index"], return_inverse=True)
+    prompt_mask = batch["prompt_attention_mask"][used]
+    first = int(prompt_mask.any(0).long().argmax())       # drop columns that are padding in every used prompt
+    enc = dict(input_ids=batch["prompt_input_ids"][used][:, first:], attention_mask=prompt_mask[:, first:],
+               mm_token_type_ids=batch["prompt_mm_token_type_ids"][used][:, first:])
+    if batch.get("prompt_pixel_values") is not None:
+        pixel_starts = [0] + batch["prompt_pixel_counts"].cumsum(0).tolist()
+        image_starts = [0] + batch["prompt_image_counts"].cumsum(0).tolist()
+        pixels = [batch["prompt_pixel_values"][pixel_starts[p]:pixel_starts[p + 1]] for p in used.tolist()]
+        grids = [batch["prompt_image_grid_thw"][image_starts[p]:image_starts[p + 1]] for p in used.tolist()]
+        if sum(len(g) for g in grids):
+            enc.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.cat(grids))
+    positions, rope_deltas = prompt_positions(inner, enc)
+    out = inner(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=positions,
+                pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"), use_cache=True,
+                output_hidden_states=True, logits_to_keep=1)
+    cache, prompt_len = out.past_key_values, enc["input_ids"].shape[1]
+    last = out.hidden_states[-1][:, -1]                   # left-padded: every prompt ends in the last column
+    cache.batch_select_indices(row_prompt)
+
+    responses = batch["response_ids"]
+    T = responses.shape[1]
+    text_pos = enc["attention_mask"].sum(-1)[row_prompt].view(-1, 1) + torch.arange(T, device=responses.device)
+    mrope = (text_pos + rope_deltas[row_prompt].view(-1, 1)).unsqueeze(0).expand(3, -1, -1)
+    attention_mask = torch.cat([enc["attention_mask"][row_prompt], batch["response_mask"].long()], 1)
+    hidden = model(input_ids=responses, attention_mask=attention_mask,
+                   position_ids=torch.cat([text_pos.unsqueeze(0), mrope], 0), past_key_values=cache,
+                   use_cache=True, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    if cache.get_seq_length() != prompt_len + T:
+        raise RuntimeError("the response pass did not extend the prompt's KV cache (gradient checkpointing "
+                           "drops it); use the full-sequence path (shared_prefix=False)")
+    return torch.cat([last[row_prompt].unsqueeze(1), hidden[:, :-1]], 1)
+
+
+def make_prefix_microbatches(prompt_index: Sequence[int], prompt_lengths: Sequence[int],
+                             response_lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Micro-batches for the shared-prefix path: rows kept together by prompt, a group taking the next row
+    while (distinct prompts x longest prompt + rows x longest response) stays within max_tokens. Every
+    index appears exactly once; a row that alone exceeds the budget forms its own group."""
+    if max_tokens <= 0:
+        raise ValueError("max_tokens must be positive")
+    order = sorted(range(len(prompt_index)), key=lambda i: (int(prompt_index[i]), -int(response_lengths[i])))
+    groups: list[list[int]] = []
+    prompts: set[int] = set()
+    longest_prompt = longest_response = 0
+    for i in order:
+        p, lp, lr = int(prompt_index[i]), int(prompt_lengths[i]), int(response_lengths[i])
+        if groups:
+            n_prompts = len(prompts | {p})
+            cost = n_prompts * max(longest_prompt, lp) + (len(groups[-1]) + 1) * max(longest_response, lr)
+            if cost <= max_tokens:
+                groups[-1].append(i)
+                prompts.add(p)
+                longest_prompt, longest_response = max(longest_prompt, lp), max(longest_response, lr)
+                continue
+        groups.append([i])
+        prompts, longest_prompt, longest_response = {p}, lp, lr
+    return groups
 
 
 def chunked_token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,

@@ -4,6 +4,11 @@ ppo_epochs x mini_batches optimizer steps over token-budget micro-batches.
 Old logprobs are the sampling policy's (Completion.logprobs from the rollout engine). The loss is
 normalised by the mini-batch's global token (or sequence) count, so micro-batching and the number of
 processes do not change the gradient.
+
+A group's n rows share one prompt, so by default each micro-batch runs its distinct prompts once and only
+the responses per row (stages.common.logprobs.shared_prefix_predictors: same values and gradients, about
+(prompt + response) / response times less backbone work per row). Under gradient checkpointing it falls
+back to full prompt + response rows (transformers drops the KV cache there).
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from stages.common import training
-from stages.common.logprobs import build_policy_batch, make_microbatches, response_logprobs, select_rows
+from stages.common.logprobs import (build_policy_batch, make_microbatches, make_prefix_microbatches,
+                                    response_logprobs, select_rows, shared_prefix_supported)
 from stages.rl import losses
 
 
@@ -32,6 +38,7 @@ class PPOSettings:
     kl_coef: float = 0.0
     kl_kind: str = "k3"
     seed: int = 0
+    shared_prefix: bool = True     # run each distinct prompt once per micro-batch (see module doc)
 
 
 def ppo_update(settings: PPOSettings, accelerator, model, optimizer, scheduler, processor, prompts, completions,
@@ -69,7 +76,14 @@ def _minibatch(settings: PPOSettings, accelerator, model, reference, batch, old_
     local_norm = float(losses.aggregation_normalizer(sub["response_mask"], settings.agg)) if mini else 0.0
     # DDP averages gradients over processes, so each divides by (global count / processes).
     normalizer = max(training.global_sum(accelerator, local_norm) / accelerator.num_processes, 1e-8)
-    micro = make_microbatches(sub["lengths"].tolist(), settings.micro_batch_tokens) if mini else []
+    shared = settings.shared_prefix and shared_prefix_supported(model)
+    if not mini:
+        micro = []
+    elif shared:
+        micro = make_prefix_microbatches(sub["prompt_index"].tolist(), sub["prompt_lengths"].tolist(),
+                                         sub["response_lengths"].tolist(), settings.micro_batch_tokens)
+    else:
+        micro = make_microbatches(sub["lengths"].tolist(), settings.micro_batch_tokens)
     weight = 1.0
     if not micro:  # a process with no rows still joins the gradient all-reduce, with zero weight
         if batch is None:
@@ -86,12 +100,15 @@ def _minibatch(settings: PPOSettings, accelerator, model, reference, batch, old_
         old = old_logp[rows, :T].to(accelerator.device)
         adv = advantages[rows].to(accelerator.device, torch.float32)
         with training.accumulate(accelerator, model, last=(i == len(micro) - 1)):
-            logp, entropy = response_logprobs(model, mb, temperature=settings.temperature, with_entropy=True)
+            logp, entropy = response_logprobs(model, mb, temperature=settings.temperature, with_entropy=True,
+                                              shared_prefix=shared)
             loss, stats = loss_fn(logp, old, adv, mask, clip_low=settings.clip_low, clip_high=settings.clip_high,
                                   agg=settings.agg, normalizer=normalizer)
             if reference is not None:
                 with torch.no_grad():
-                    ref_logp, _ = response_logprobs(reference, mb, temperature=settings.temperature)
+                    ref_logp, _ = response_logprobs(reference, mb, temperature=settings.temperature,
+                                                    shared_prefix=settings.shared_prefix
+                                                    and shared_prefix_supported(reference))
                 kl = losses.kl_penalty(logp, ref_logp, settings.kl_kind, mask=mask)
                 loss = loss + settings.kl_coef * losses.aggregate(kl, mask, settings.agg, normalizer=normalizer)
                 stats["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)

@@ -80,12 +80,15 @@ def run(cfg: RLConfig) -> Path:
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 training.save_state(accelerator, run_dir.state_dir, {"step": step + 1, "cursor": cursor})
 
+    replicas = training.rank_fingerprints(accelerator, model)   # raises if the processes' weights drifted apart
     training.save_model(accelerator, model, processor, run_dir.model_dir)
     records = run_dir.read_metrics()
     training.plot_curves(records, {"reward/mean": "reward", "acc/mean": "accuracy", "format/mean": "format"},
                          run_dir.path / "reward.png", f"prism rl --algo {cfg.algo}")
     accelerator.end_training()
-    return run_dir.finalize(summary=summarize(records), data=data_fp, keep_state=cfg.keep_state)
+    summary = summarize(records)
+    summary.update(processes=accelerator.num_processes, replica_weight_sums=replicas)
+    return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -32,10 +32,11 @@ from contextlib import nullcontext
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from stages.common.logprobs import banned_token_mask, sampling_logprobs
+from stages.common.logprobs import banned_token_mask
 from stages.common.rollout import shared_prefix
 from stages.common.rollout.base import Completion, RolloutPrompt, SamplingParams
-from stages.common.rollout.prompts import encode_prompts, stop_token_ids, tokenizer_of, vision_token_ids
+from stages.common.rollout.prompts import (encode_prompts, prompt_positions, stop_token_ids, tokenizer_of,
+                                          vision_token_ids)
 
 # Drop finished rows from the decode batch once this fraction of it has finished: index-selecting the
 # cache costs one copy, so doing it every step would cost more than the rows it saves.
@@ -239,24 +240,6 @@ def preallocate_cache(cache, extra_tokens: int) -> None:
     for i, layer in enumerate(layers):
         if type(layer) is DynamicLayer and layer.is_initialized:
             layers[i] = PreallocatedLayer(layer.keys, layer.values, extra_tokens)
-
-
-def prompt_positions(model, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions for a left-padded prompt batch as the model takes them: [4, B, L] (row 0 the text
-    position, rows 1-3 M-RoPE t/h/w), and each row's rope delta [B, 1] (M-RoPE position minus text position
-    for every later token)."""
-    mask = enc["attention_mask"]
-    text_pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    inner = getattr(model, "model", model)
-    if enc.get("image_grid_thw") is not None and hasattr(inner, "get_rope_index"):
-        mrope, deltas = inner.get_rope_index(enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"],
-                                             image_grid_thw=enc["image_grid_thw"], attention_mask=mask)
-    else:
-        mrope = text_pos.unsqueeze(0).expand(3, -1, -1)
-        deltas = torch.zeros(mask.shape[0], 1, dtype=torch.long, device=mask.device)
-    # get_rope_index counts from the first real token; the text row must agree with it for later steps.
-    deltas = deltas.view(-1, 1).to(mask.device)
-    return torch.cat([text_pos.unsqueeze(0), mrope.to(text_pos.dtype)], 0), deltas
 
 
 def truncate_top_k_top_p(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -96,3 +96,21 @@ def image_patch_counts(prompts: Sequence[RolloutPrompt], image_grid_thw: torch.T
         counts.append(int(sum(per_image[k:k + len(p.images)])))
         k += len(p.images)
     return counts
+
+
+def prompt_positions(model, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions for a left-padded prompt batch as the model takes them: [4, B, L] (row 0 the text
+    position, rows 1-3 M-RoPE t/h/w), and each row's rope delta [B, 1] (M-RoPE position minus text position
+    for every later token)."""
+    mask = enc["attention_mask"]
+    text_pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    inner = getattr(model, "model", model)
+    if enc.get("image_grid_thw") is not None and hasattr(inner, "get_rope_index"):
+        mrope, deltas = inner.get_rope_index(enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"],
+                                             image_grid_thw=enc["image_grid_thw"], attention_mask=mask)
+    else:
+        mrope = text_pos.unsqueeze(0).expand(3, -1, -1)
+        deltas = torch.zeros(mask.shape[0], 1, dtype=torch.long, device=mask.device)
+    # get_rope_index counts from the first real token; the text row must agree with it for later steps.
+    deltas = deltas.view(-1, 1).to(mask.device)
+    return torch.cat([text_pos.unsqueeze(0), mrope.to(text_pos.dtype)], 0), deltas
