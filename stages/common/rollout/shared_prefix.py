@@ -29,6 +29,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer
 
+from stages.common.rollout.kv_cache import PreallocatedLayer
+
 IMPLEMENTATION = "prism_shared_prefix"
 
 
@@ -57,54 +59,27 @@ class PrefixGroups:
         self._set(self.group_of_row[indices])
 
 
-class SharedPrefixLayer(DynamicLayer):
-    """One layer's KV: the prompt part once per prompt, the generated part per row (preallocated buffers,
-    one column written per step). `keys`/`values` are the generated part only."""
+class SharedPrefixLayer(PreallocatedLayer):
+    """One layer's KV: the prompt part once per prompt, the generated part per row (the preallocated
+    buffers, one column written per step). `keys`/`values` are the generated part only."""
 
     def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, prefix_valid: torch.Tensor,
                  groups: PrefixGroups, extra_tokens: int):
-        super().__init__()
-        self.dtype, self.device = prefix_keys.dtype, prefix_keys.device
-        self.is_initialized = True
+        rows = groups.group_of_row.numel()
+        empty = prefix_keys.new_empty(rows, prefix_keys.shape[1], 0, prefix_keys.shape[-1])
+        super().__init__(empty, empty.clone(), extra_tokens)
         self.prefix_keys, self.prefix_values = prefix_keys, prefix_values      # [P, kvh, Lp, D]
         # additive score bias [P, 1, 1, Lp]: 0 for prompt tokens, -inf for left padding
         self.prefix_bias = torch.zeros(prefix_valid.shape, dtype=torch.float32, device=prefix_valid.device
                                        ).masked_fill(~prefix_valid, float("-inf"))[:, None, None, :]
         self.groups = groups
-        rows = groups.group_of_row.numel()
-        shape = (rows, prefix_keys.shape[1], extra_tokens, prefix_keys.shape[-1])
-        self.buf_k = prefix_keys.new_empty(shape)
-        self.buf_v = prefix_values.new_empty(shape)
-        self.length = 0
         self.attended = False
-        self._refresh_views()
-
-    def _refresh_views(self):
-        self.keys = self.buf_k[..., : self.length, :]
-        self.values = self.buf_v[..., : self.length, :]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        if end > self.buf_k.shape[-2]:   # past the planned length: grow
-            grow = (self.buf_k.shape[0], self.buf_k.shape[1], 2 * end, self.buf_k.shape[-1])
-            new_k, new_v = self.buf_k.new_empty(grow), self.buf_v.new_empty(grow)
-            new_k[..., : self.length, :], new_v[..., : self.length, :] = self.keys, self.values
-            self.buf_k, self.buf_v = new_k, new_v
-        self.buf_k[..., self.length:end, :] = key_states
-        self.buf_v[..., self.length:end, :] = value_states
-        self.length = end
-        self._refresh_views()
-        return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.prefix_keys.shape[-2] + self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
-        self._refresh_views()
 
 
 def install(cache, n_prompts: int, n: int, prompt_mask: torch.Tensor, extra_tokens: int) -> PrefixGroups:
