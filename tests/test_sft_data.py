@@ -83,6 +83,28 @@ def test_packed_loss_equals_separate_losses(model_and_processor):
     torch.testing.assert_close(padded, packed, rtol=1e-5, atol=1e-4)
 
 
+def test_padded_loss_and_gradients_equal_separate_samples(model_and_processor):
+    """Right-padded without a padding mask: the causal mask alone keeps real tokens off the pads."""
+    model, processor = model_and_processor
+    items = [encode_sample(s, processor, rope_index_of(model), max_length=4096)
+             for s in _with_demo(synth.load("synth:train:4"))]
+    assert len({e.n_tokens for e in items}) > 1                    # some rows really are padded
+
+    def loss_and_grads(batches):
+        model.zero_grad()
+        total = sum(summed_nll(model, b)[0] for b in batches)
+        total.backward()
+        return total.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    batch = pad(items, processor.tokenizer.pad_token_id)
+    assert batch["attention_mask"] is None
+    padded, padded_grads = loss_and_grads([batch])
+    separate, separate_grads = loss_and_grads([pad([e], processor.tokenizer.pad_token_id) for e in items])
+    torch.testing.assert_close(padded, separate, rtol=1e-5, atol=1e-4)
+    for a, b in zip(padded_grads, separate_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_packed_targets_never_cross_samples(model_and_processor):
     model, processor = model_and_processor
     items = [encode_sample(s, processor, rope_index_of(model), max_length=4096)
@@ -108,8 +130,23 @@ def test_batched_encoding_equals_one_by_one(model_and_processor):
     model, processor = model_and_processor
     samples = _with_demo(synth.load("synth:train:6"))
     samples.insert(2, Sample(id="no-target", images=[_png("red")], question="q"))  # skipped with a reason
+    # rows of different lengths in one call: multi-turn with two images, and text only
+    samples.insert(4, Sample(id="two-images", images=[_png("red"), _png("blue")], question="",
+                             conversation=[{"role": "user", "content": "<image>What colour?"},
+                                           {"role": "assistant", "content": "red " * 20},
+                                           {"role": "user", "content": "And this one? <image>"},
+                                           {"role": "assistant", "content": "blue"}]))
+    samples.insert(1, Sample(id="text-only", images=[], question="",
+                             conversation=[{"role": "user", "content": "Say hi."},
+                                           {"role": "assistant", "content": "hi there"}]))
     batched = encode_batch(samples, processor, rope_index_of(model), max_length=4096)
-    assert isinstance(batched[2], str)
+    assert isinstance(batched[3], str)
+    tok = processor.tokenizer
+    assert tok.decode(batched[1].input_ids[batched[1].label_mask]) == "hi there<|im_end|>"
+    assert batched[1].pixel_values is None
+    two = batched[5]
+    assert tok.decode(two.input_ids[two.label_mask]) == "red " * 20 + "<|im_end|>blue<|im_end|>"
+    assert two.image_grid_thw.shape[0] == 2 and int((two.mm_token_type_ids == 1).sum()) == 32
     for s, b in zip(samples, batched):
         one = encode_sample(s, processor, rope_index_of(model), max_length=4096)
         if isinstance(one, str):
@@ -117,7 +154,8 @@ def test_batched_encoding_equals_one_by_one(model_and_processor):
             continue
         for field in ("input_ids", "label_mask", "mm_token_type_ids", "rope_positions", "pixel_values",
                       "image_grid_thw"):
-            assert torch.equal(getattr(one, field), getattr(b, field)), field
+            x, y = getattr(one, field), getattr(b, field)
+            assert (x is None and y is None) or torch.equal(x, y), field
 
 
 def test_mixture_concatenates_unweighted_sources_and_resamples_weighted_ones():

@@ -103,9 +103,13 @@ def encode_batch(samples: list[Sample], processor, rope_index, max_length: int, 
             conversations.append(messages)
     if not todo:
         return out
-    enc = processor.apply_chat_template(conversations, tokenize=True, return_dict=True, return_tensors="pt",
-                                        return_assistant_tokens_mask=True, padding=True)
+    # Unpadded python lists, not padded tensors: transformers' assistant-mask alignment walks every token's
+    # offsets in Python, which over tensors is ~3x slower than the whole rest of the encoding.
+    enc = processor.apply_chat_template(conversations, tokenize=True, return_dict=True, return_tensors=None,
+                                        return_assistant_tokens_mask=True, processor_kwargs={"padding": False})
     grid = enc.get("image_grid_thw")
+    grid = torch.as_tensor(grid) if grid is not None else None
+    pixel_values = torch.as_tensor(enc["pixel_values"]) if enc.get("pixel_values") is not None else None
     images_per_row = [len(samples[i].images) for i in todo]
     patch_rows = grid.prod(-1).tolist() if grid is not None else []
     image_at = [0]
@@ -114,16 +118,15 @@ def encode_batch(samples: list[Sample], processor, rope_index, max_length: int, 
     patch_at = [0]
     for n in patch_rows:
         patch_at.append(patch_at[-1] + n)
-    masks = torch.as_tensor(enc["assistant_masks"]).bool()
     for row, i in enumerate(todo):
-        valid = enc["attention_mask"][row].bool()
+        ids = torch.tensor(enc["input_ids"][row], dtype=torch.long)
         lo, hi = image_at[row], image_at[row + 1]
         one = {
-            "input_ids": enc["input_ids"][row][valid],
-            "assistant_masks": masks[row][valid],
-            "mm_token_type_ids": enc["mm_token_type_ids"][row][valid] if "mm_token_type_ids" in enc
-            else torch.zeros(int(valid.sum()), dtype=torch.long),
-            "pixel_values": enc["pixel_values"][patch_at[lo]:patch_at[hi]] if hi > lo else None,
+            "input_ids": ids,
+            "assistant_masks": torch.tensor(enc["assistant_masks"][row], dtype=torch.bool),
+            "mm_token_type_ids": torch.tensor(enc["mm_token_type_ids"][row], dtype=torch.long)
+            if "mm_token_type_ids" in enc else torch.zeros(ids.numel(), dtype=torch.long),
+            "pixel_values": pixel_values[patch_at[lo]:patch_at[hi]] if hi > lo else None,
             "image_grid_thw": grid[lo:hi] if hi > lo else None,
         }
         cut = truncate(one, max_length)
@@ -183,19 +186,21 @@ def pack(items: list[Encoded]) -> dict:
 
 
 def pad(items: list[Encoded], pad_id: int) -> dict:
-    """A right-padded batch (used when packing is off, e.g. for attention backends without packing)."""
+    """A right-padded batch (used when packing is off, e.g. for attention backends without packing).
+
+    No attention mask: with right padding every pad key comes after every real query of its row, so the
+    causal mask alone already keeps real tokens off the pads (the pads' own outputs carry no loss). Without
+    a padding mask sdpa runs its causal kernel, ~6% faster a step on the tiny model."""
     length = max(e.n_tokens for e in items)
     ids = torch.full((len(items), length), pad_id, dtype=torch.long)
     targets = torch.full((len(items), length), IGNORE, dtype=torch.long)
-    attn = torch.zeros((len(items), length), dtype=torch.long)
     mm = torch.zeros((len(items), length), dtype=torch.long)
     for i, e in enumerate(items):
         ids[i, :e.n_tokens] = e.input_ids
         targets[i, :e.n_tokens] = _targets(e)
-        attn[i, :e.n_tokens] = 1
         mm[i, :e.n_tokens] = e.mm_token_type_ids
     pixel_values, grid = _cat_images(items)
-    batch = {"input_ids": ids, "attention_mask": attn, "mm_token_type_ids": mm, "targets": targets}
+    batch = {"input_ids": ids, "attention_mask": None, "mm_token_type_ids": mm, "targets": targets}
     if pixel_values is not None:
         batch.update(pixel_values=pixel_values, image_grid_thw=grid)
     return batch
