@@ -210,40 +210,54 @@ def sample_tokens(logits, temperature, top_k, top_p, banned, generator) -> tuple
         z = z / temperature
     if banned is not None:
         z = z + torch.zeros(banned.shape, dtype=z.dtype, device=z.device).masked_fill(banned, float("-inf"))
+    if temperature > 0 and not top_k and top_p >= 1.0:
+        # The RL setting, on the hot path: one exp pass serves both the draw and the logprob,
+        # log p(tok) = z_tok - max - log(sum exp(z - max)), with the sum the sampler's total mass.
+        top = z.amax(-1, keepdim=True)
+        unnormalised = torch.sub(z, top).exp_()
+        tok, total = _inverse_cdf(unnormalised, generator)
+        return tok, (z.gather(-1, tok.unsqueeze(-1)) - top - total.log()).squeeze(-1)
     logp = torch.log_softmax(z, dim=-1)
     if temperature <= 0:
         tok = logp.argmax(-1)
-    elif top_k or top_p < 1.0:
-        tok = inverse_cdf_sample(truncate_top_k_top_p(logp, top_k, top_p).exp(), generator)
     else:
-        tok = inverse_cdf_sample(torch.softmax(z, dim=-1), generator)   # softmax beats logp.exp() on a CPU
+        tok = inverse_cdf_sample(truncate_top_k_top_p(logp, top_k, top_p).exp(), generator)
     return tok, logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
 
 
 def inverse_cdf_sample(probs: torch.Tensor, generator, block: int = 128) -> torch.Tensor:
     """One draw per row from unnormalised probabilities [rows, V]: the first index whose cumulative mass
-    exceeds u * total, one uniform per row (torch.multinomial was ~20x slower on a CPU for [128, 2048]).
+    exceeds u * total, one uniform per row (torch.multinomial was ~20x slower on a CPU for [128, 2048])."""
+    return _inverse_cdf(probs, generator, block)[0]
+
+
+def _inverse_cdf(probs: torch.Tensor, generator, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """inverse_cdf_sample, also returning each row's total mass [rows, 1].
 
     Two levels, because a cumsum over the whole vocabulary is a sequential scan: first the block of
-    `block` tokens the draw lands in (block sums are a vectorised reduction), then the token within it."""
+    `block` tokens the draw lands in (block sums are a vectorised reduction over a view, the ragged last
+    block summed apart), then the token within it."""
     rows, vocab = probs.shape
     u = torch.rand(rows, 1, generator=generator, device=probs.device, dtype=probs.dtype)
-    n_blocks = -(-vocab // block)
-    padded = probs if n_blocks * block == vocab else torch.nn.functional.pad(probs, (0, n_blocks * block - vocab))
-    blocks = padded.view(rows, n_blocks, block)
-    block_mass = blocks.sum(-1)
+    n_full = vocab // block
+    block_mass = probs[:, : n_full * block].view(rows, n_full, block).sum(-1)
+    if n_full * block < vocab:
+        block_mass = torch.cat([block_mass, probs[:, n_full * block:].sum(-1, keepdim=True)], 1)
+    n_blocks = block_mass.shape[1]
     block_cdf = block_mass.cumsum(-1)
-    target = u * block_cdf[:, -1:]
+    total = block_cdf[:, -1:]
+    target = u * total
     b = torch.searchsorted(block_cdf, target, right=True).clamp_(max=n_blocks - 1)         # [rows, 1]
     rest = target - (block_cdf.gather(1, b) - block_mass.gather(1, b))
-    inner = blocks[torch.arange(rows, device=probs.device), b.squeeze(1)]                 # [rows, block]
+    index = b * block + torch.arange(block, device=probs.device)                          # [rows, block]
+    inner = probs.gather(1, index.clamp(max=vocab - 1)).masked_fill_(index >= vocab, 0.0)
     j = torch.searchsorted(inner.cumsum(-1), rest, right=True).clamp_(max=block - 1)
     tok = (b * block + j).squeeze(1).clamp_(max=vocab - 1)
     # Rounding can land past the last token with mass; a zero-probability pick must never come out.
     picked_zero = probs.gather(-1, tok.unsqueeze(-1)).squeeze(-1) <= 0
     if bool(picked_zero.any()):
         tok = torch.where(picked_zero, probs.argmax(-1), tok)
-    return tok
+    return tok, total
 
 
 class StopStringChecker:

@@ -3,7 +3,7 @@
 The n samples of a prompt share its KV cache. Repeating that cache n-fold (what `generate` does, and what
 the engine did before) makes every decode step read the prompt's keys and values n times; decode attention
 is memory-bound, so on the tiny model those reads were ~40% of a rollout. Here the prompt KV stays stored
-once per prompt, [P, kv_heads, prompt_len, head_dim], and each decode step attends in two parts:
+once per prompt, [kv_heads, P, prompt_len, head_dim], and each decode step attends in two parts:
 
     prefix: the queries of a prompt's live rows, stacked, against that prompt's KV once (one matmul per
             prompt and kv head);
@@ -49,9 +49,10 @@ class PrefixGroups:
         self.width = max(1, int(counts.max())) if rows else 1
         starts = torch.cumsum(counts, 0) - counts
         rank_in_group = torch.arange(rows, device=group_of_row.device) - starts[group_of_row]
-        # flat slot of each row in the [prompts x width] layout; empty slots point at a zero row (index rows)
+        # flat slot of each row in the [prompts x width] layout; an empty slot reads row 0 (any real row: its
+        # scores stay finite and its output is never read back)
         self.slot_of_row = group_of_row * self.width + rank_in_group
-        row_of_slot = torch.full((self.n_prompts * self.width,), rows, dtype=torch.long, device=group_of_row.device)
+        row_of_slot = torch.zeros(self.n_prompts * self.width, dtype=torch.long, device=group_of_row.device)
         row_of_slot[self.slot_of_row] = torch.arange(rows, device=group_of_row.device)
         self.row_of_slot = row_of_slot
 
@@ -68,10 +69,12 @@ class SharedPrefixLayer(PreallocatedLayer):
         rows = groups.group_of_row.numel()
         empty = prefix_keys.new_empty(rows, prefix_keys.shape[1], 0, prefix_keys.shape[-1])
         super().__init__(empty, empty.clone(), extra_tokens)
-        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values      # [P, kvh, Lp, D]
-        # additive score bias [P, 1, 1, Lp]: 0 for prompt tokens, -inf for left padding
+        # head-major [kvh, P, Lp, D], the layout the attention's slot tensors use (no permute per step)
+        self.prefix_keys = prefix_keys.transpose(0, 1).contiguous()
+        self.prefix_values = prefix_values.transpose(0, 1).contiguous()
+        # additive score bias [1, P, 1, Lp]: 0 for prompt tokens, -inf for left padding
         self.prefix_bias = torch.zeros(prefix_valid.shape, dtype=torch.float32, device=prefix_valid.device
-                                       ).masked_fill(~prefix_valid, float("-inf"))[:, None, None, :]
+                                       ).masked_fill(~prefix_valid, float("-inf"))[None, :, None, :]
         self.groups = groups
         self.attended = False
 
@@ -113,22 +116,20 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     scaling = D ** -0.5 if scaling is None else scaling
     q = query.view(B, kvh, G, D) * scaling
 
-    # The softmax runs in the slot layout [P, kvh, W*G, keys] (a prompt's rows stacked, empty slots reading
-    # a zero query), so the prompt-sized tensors are never reshuffled; only the small own-part ones move.
-    def to_slots(x):   # [B, kvh, G, k] -> [P, kvh, W*G, k]
-        x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])[groups.row_of_slot]
-        return x.view(P, W, kvh, G, -1).permute(0, 2, 1, 3, 4).reshape(P, kvh, W * G, x.shape[-1])
+    # The softmax runs in a head-major slot layout [kvh, P, W*G, keys] (a prompt's rows stacked; the prompt
+    # KV is stored [kvh, P, Lp, D] to match), so the prompt-sized tensors never move and each small
+    # per-row tensor moves with one gather along the row dimension.
+    def to_slots(x):   # [B, kvh, G, k] -> [kvh, P, W*G, k]
+        return x.transpose(0, 1)[:, groups.row_of_slot].view(kvh, P, W * G, x.shape[-1])
 
-    def to_rows(x):    # [P, kvh, W*G, k] -> [B, kvh, G, k]
-        x = x.view(P, kvh, W, G, -1).permute(0, 2, 1, 3, 4).reshape(P * W, kvh, G, x.shape[-1])
-        return x[groups.slot_of_row]
+    def to_rows(x):    # [kvh, P, W*G, k] -> [kvh, B, G, k]
+        return x.view(kvh, P * W, G, x.shape[-1])[:, groups.slot_of_row]
 
-    q_slots = to_slots(q)
-    s_prefix = torch.matmul(q_slots, layer.prefix_keys.transpose(-1, -2)).float() + layer.prefix_bias
+    s_prefix = torch.matmul(to_slots(q), layer.prefix_keys.transpose(-1, -2)).float() + layer.prefix_bias
     s_own = to_slots(torch.matmul(q, key.transpose(-1, -2)).float())
     weights = torch.softmax(torch.cat([s_prefix, s_own], -1), dim=-1).to(value.dtype)
-    out = to_rows(torch.matmul(weights[..., :Lp], layer.prefix_values))               # [B, kvh, G, D]
-    out = out + torch.matmul(to_rows(weights[..., Lp:]), value)
+    out = torch.matmul(to_rows(weights[..., Lp:]).transpose(0, 1), value)                  # [B, kvh, G, D]
+    out = out + to_rows(torch.matmul(weights[..., :Lp], layer.prefix_values)).transpose(0, 1)
     layer.attended = True
     return out.reshape(B, 1, H, D), None
 
