@@ -74,6 +74,9 @@ def uses_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)   # torch's fused AdamW kernel
+
+
 def build_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
     """AdamW; no weight decay on biases, norms and the value head's bias (the usual convention)."""
     decay, no_decay = [], []
@@ -87,9 +90,6 @@ def build_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.9
     params = decay + no_decay
     fused = bool(params) and all(p.device.type in ("cuda", "cpu") and p.dtype in FUSED_DTYPES for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
-
-
-FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
