@@ -122,8 +122,10 @@ class HFEngine:
         banned = banned_token_mask(logits.shape[-1], self.banned_ids, device)
         eos = torch.tensor(self.eos_ids or [-1], device=device)
         stop_checker = StopStringChecker(self.processor, params.stop) if params.stop else None
-        # Preallocated mask: prompt part, then one column per decode step (1 for every live row).
-        mask = torch.cat([prompt_mask, torch.ones(rows, max_new, dtype=prompt_mask.dtype, device=device)], 1)
+        # Repeated-cache path only, preallocated: prompt part, then one column per decode step (1 for every
+        # live row). The shared-prefix path keeps the prompt padding in its cache layers instead.
+        mask = None if groups is not None else torch.cat(
+            [prompt_mask, torch.ones(rows, max_new, dtype=prompt_mask.dtype, device=device)], 1)
         prompt_len = prompt_mask.shape[1]
         live = torch.arange(rows, device=device)           # original row index of each batch row
         alive = torch.ones(rows, dtype=torch.bool, device=device)
@@ -149,7 +151,9 @@ class HFEngine:
                 cache.batch_select_indices(idx)
                 if groups is not None:
                     groups.select(idx)
-                live, tok, mask, next_pos, rope_deltas = live[idx], tok[idx], mask[idx], next_pos[idx], rope_deltas[idx]
+                else:
+                    mask = mask[idx]
+                live, tok, next_pos, rope_deltas = live[idx], tok[idx], next_pos[idx], rope_deltas[idx]
                 alive = alive[idx]
             text_pos = next_pos.view(1, -1, 1)
             positions = torch.cat([text_pos, (text_pos + rope_deltas.view(1, -1, 1)).expand(3, -1, -1)], 0)
