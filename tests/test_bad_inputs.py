@@ -178,6 +178,9 @@ CASES = {
     "manifest edited by hand": Case([*SFT, "--data", "{edited}"], "does not match its own checksum"),
     "file modified after writing": Case([*SFT, "--data", "{tampered}"], "does not match its checksum"),
     "missing checkpoint": Case(["rl", "--ckpt", "{dir}/no-such-ckpt"], "does not exist"),
+    "--ckpt neither a local path nor a reachable hub id": Case(
+        ["sft", "--ckpt", "no-such-org/no-such-model", "--data", "synth:train:2", "--max-steps", "1",
+         "--batch-size", "1", "--micro-batch-size", "1"], "was looked up as a Hugging Face hub id"),
     "partial checkpoint as input": Case(["rl", "--ckpt", "{partial}"], "incomplete checkpoint"),
     "partial checkpoint as --data": Case([*SFT, "--data", "{partial}"], "incomplete checkpoint"),
     "export of a curate checkpoint": Case(["export", "--ckpt", "{curated}"], "is a 'curate' checkpoint"),

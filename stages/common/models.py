@@ -7,6 +7,7 @@ and attention (flash_attention_2 when installed on a GPU, else sdpa) are chosen 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -17,8 +18,6 @@ from prism_cli.errors import PrismError
 
 def default_device() -> torch.device:
     if torch.cuda.is_available():
-        import os
-
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
@@ -60,7 +59,9 @@ def load_processor(ckpt: str | CkptSpec, min_pixels: int | None = None, max_pixe
     try:
         processor = AutoProcessor.from_pretrained(path)
     except OSError as e:
-        raise PrismError(f"cannot load the processor of {path}: {str(e).splitlines()[0]}") from None
+        hint = None if os.path.isdir(path) else (f"{path} is not a local directory, so it was looked up as a "
+                                                 "Hugging Face hub id; check the path")
+        raise PrismError(f"cannot load the processor of {path}: {str(e).splitlines()[0]}", hint=hint) from None
     # Without torchvision, AutoProcessor silently falls back to a bare tokenizer; a VLM can't train on that.
     if not isinstance(processor, ProcessorMixin) or not hasattr(processor, "image_processor"):
         raise PrismError(f"{path} did not load as a multimodal processor (got {type(processor).__name__})",
