@@ -223,22 +223,10 @@ def summarize(steps: list[dict], side: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per run; the first is a warm-up")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every configuration")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--model-dir", default=None, help="start both sides from this HF dir (default: tiny)")
-    ap.add_argument("--out", default=str(RESULT))
-    ap.add_argument("--note", default="")
-    ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
-    ap.add_argument("--config", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
+    H.add_driver_args(ap, CONFIGS, RESULT)
     a = ap.parse_args()
-
-    if a.worker:
-        import json
-
-        a.config = a.worker
-        res = trl_worker(a) if a.worker.startswith("trl") else prism_worker(a)
-        Path(a.result).write_text(json.dumps(res, default=str))
+    if H.serve_worker(a, trl_worker, prism_worker):
         return
 
     configs = [c for c in a.configs.split(",") if c]

@@ -91,6 +91,29 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def add_driver_args(ap, configs, result: Path) -> None:
+    """The options both drivers share, and the hidden ones a worker process is started with."""
+    import argparse
+
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every configuration")
+    ap.add_argument("--configs", default=",".join(configs))
+    ap.add_argument("--out", default=str(result))
+    ap.add_argument("--note", default="")
+    ap.add_argument("--worker", choices=configs, help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def serve_worker(a, trl_worker, prism_worker) -> bool:
+    """In a worker process (--worker CONFIG): run that configuration, write its JSON result, return True."""
+    if not a.worker:
+        return False
+    a.config = a.worker
+    res = trl_worker(a) if a.worker.startswith("trl") else prism_worker(a)
+    Path(a.result).write_text(json.dumps(res, default=str))
+    return True
+
+
 def run_worker(script: Path, args: list[str], timeout: float = 3600) -> dict:
     """Run `python script --worker ... --result FILE` in a fresh process; return its JSON result."""
     WORK.mkdir(parents=True, exist_ok=True)
