@@ -326,12 +326,14 @@ def sft_on_full_disk(tmp_path_factory):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+@pytest.mark.needs_root
 def test_disk_full_during_training_is_one_line_and_no_manifest(sft_on_full_disk):
     proc, manifest_written = sft_on_full_disk
     _assert_one_clear_failure(proc, "no space left")
     assert not manifest_written
 
 
+@pytest.mark.needs_root
 def test_disk_full_during_training_is_not_reported_as_a_bug(sft_on_full_disk):
     proc, _ = sft_on_full_disk
     line = _assert_one_clear_failure(proc, "no space left")
@@ -339,6 +341,7 @@ def test_disk_full_during_training_is_not_reported_as_a_bug(sft_on_full_disk):
     assert "--out" in line, line
 
 
+@pytest.mark.needs_root
 def test_disk_full_during_curate_is_one_line_and_no_manifest(tiny_tmpfs):
     out = tiny_tmpfs / "curated"
     proc = _cli_subprocess(["curate", "--teacher", "oracle", "--source", "synth:train:3000", "--out", str(out)])
@@ -347,6 +350,7 @@ def test_disk_full_during_curate_is_one_line_and_no_manifest(tiny_tmpfs):
     assert not (out / MANIFEST).exists()
 
 
+@pytest.mark.needs_root
 def test_read_only_out_is_one_line(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()

@@ -1,0 +1,52 @@
+"""The CI contract: what .ci/run claims to run cannot skip quietly, and every install comes from the lock."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pytest(args, **env):
+    full = {k: v for k, v in os.environ.items() if k not in ("PRISM_SLOW", "PRISM_CI_NO_SKIP")}
+    full.update(env)
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=ROOT,
+                          env=full, capture_output=True, text=True, timeout=300)
+
+
+def test_a_forbidden_skip_fails_the_run():
+    target = "tests/test_recipes.py::test_tiny_sh_end_to_end"
+    skipped = _pytest([target])
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout[-2000:]
+    forbidden = _pytest([target], PRISM_CI_NO_SKIP="slow")
+    assert forbidden.returncode == 1, forbidden.stdout[-2000:]
+    # a skip raised in setup (skipif, or a fixture that cannot mount a tmpfs) is reported as an error
+    assert "PRISM_CI_NO_SKIP forbids skipping it" in forbidden.stdout
+    assert "1 error" in forbidden.stdout or "1 failed" in forbidden.stdout
+
+
+def test_ci_run_switches_on_the_slow_and_root_tests():
+    script = (ROOT / ".ci" / "run").read_text()
+    assert "export PRISM_SLOW=1" in script
+    assert "needs_root" in script and "PRISM_CI_NO_SKIP" in script
+    assert "--durations=15" in script
+
+
+def test_the_lock_pins_every_dependency_exactly():
+    lock = (ROOT / ".ci" / "constraints.txt").read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", lock, flags=re.M))
+    names = {re.sub(r"[-_.]+", "-", n).lower() for n in pins}
+    # pyproject's direct dependencies and the extras CI installs are all pinned
+    for name in ("torch", "torchvision", "transformers", "accelerate", "deepspeed", "lmms-eval", "pytest",
+                 "google-genai", "filelock"):
+        assert name in names, name
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+    # no ranges, no unpinned lines: every requirement line is name==version
+    for line in lock.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert re.match(r"^[A-Za-z0-9_.\-]+(\[[^\]]+\])?==\S+", line), line
+    # the bound lmms-eval needs is held in the lock
+    major, minor = (int(x) for x in pins["filelock"].split(".")[:2])
+    assert (major, minor) < (4, 3)
