@@ -40,7 +40,7 @@ def pick_attention(attn: str = "auto", device: torch.device | None = None) -> st
     if attn != "auto":
         if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise PrismError("attention flash_attention_2 was asked for but flash-attn is not installed",
-                             hint="pip install 'prism-vlm[gpu]' or use --set attn=sdpa")
+                             hint="pip install 'prism-vlm[flash]' --no-build-isolation, or use --set attn=sdpa")
         return attn
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
