@@ -25,7 +25,7 @@ from prism_cli.config import to_dict
 from prism_cli.errors import PrismError
 from stages.align import advantage as prism_adv
 from stages.align.config import AlignConfig
-from stages.align.discriminator import (load_discriminator, load_discriminator_processor, save_discriminator,
+from stages.common.discriminator import (load_discriminator, load_discriminator_processor, save_discriminator,
                                         upcycle)
 from stages.align.scoring import PreferencePair, clip_scores, pair_loss, pairwise_accuracy, score_groups
 from stages.common import training
@@ -38,12 +38,11 @@ from stages.common.protocol import parse_response
 from stages.common.rewards import compute_score
 from stages.common.rollout import RolloutPrompt, SamplingParams, make_engine
 
-POLICY_STAGES = ("base", "sft", "align", "rl")
 
 
 def run(cfg: AlignConfig) -> Path:
     training.seed_everything(cfg.seed)
-    policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), POLICY_STAGES)
+    policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     samples, data_fp, data_parents = load_demonstrations(cfg.data)
     disc_source = discriminator_source(cfg, policy_spec)
     if cfg.dry_run:

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
-from stages.align.discriminator import aux_loss_coef, is_text_only
+from stages.common.discriminator import aux_loss_coef, is_text_only
 
 LAYOUTS = ("shared", "separate")
 SCORE_CLIP = 10.0

@@ -14,6 +14,7 @@ import torch
 
 from prism_cli.checkpoint import CkptSpec, resolve
 from prism_cli.errors import PrismError
+from stages.common import tiny
 
 
 def default_device() -> torch.device:
@@ -48,7 +49,11 @@ def pick_attention(attn: str = "auto", device: torch.device | None = None) -> st
 
 
 def as_spec(ckpt: str | CkptSpec) -> CkptSpec:
-    return ckpt if isinstance(ckpt, CkptSpec) else resolve(ckpt)
+    """The resolved spec, with the tiny model built if it names one (the one place it is built)."""
+    spec = ckpt if isinstance(ckpt, CkptSpec) else resolve(ckpt)
+    if spec.kind == "tiny":
+        tiny.ensure(spec.ref)
+    return spec
 
 
 def load_processor(ckpt: str | CkptSpec, min_pixels: int | None = None, max_pixels: int | None = None):

@@ -24,7 +24,6 @@ from stages.eval import compare, lmms_runner, synth_native
 from stages.eval.config import EvalConfig
 from stages.eval.tasks import TaskPlan, parse_judge, plan_tasks
 
-POLICY_STAGES = ("base", "sft", "align", "rl")
 
 
 def run(cfg: EvalConfig) -> Path | None:
@@ -35,7 +34,7 @@ def run(cfg: EvalConfig) -> Path | None:
     plans = plan_tasks(cfg.tasks, cfg.judge, cfg.synth_backend)
     lmms_runner.require_lmms(plans)
     lmms_runner.check_known(plans)
-    specs = [checkpoint.require_stage(checkpoint.resolve(ref), POLICY_STAGES) for ref in cfg.ckpt]
+    specs = [checkpoint.require_stage(checkpoint.resolve(ref), checkpoint.POLICY_STAGES) for ref in cfg.ckpt]
     outs = output_dirs(cfg.out, specs)
     synth_samples = load_synth(cfg) if any(p.name == "synth" for p in plans) else []
     if cfg.dry_run:

@@ -27,12 +27,11 @@ from stages.common.rewards import compute_score
 from stages.common.rollout import SamplingParams, make_engine
 from stages.rl.config import RLConfig
 
-POLICY_STAGES = ("base", "sft", "align", "rl")
 
 
 def run(cfg: RLConfig) -> Path:
     training.seed_everything(cfg.seed)
-    policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), POLICY_STAGES)
+    policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     prompts, data_fp, data_parents = load_prompts(cfg.data)
     if cfg.dry_run:
         return print_plan(cfg, policy_spec, len(prompts))

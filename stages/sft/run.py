@@ -26,13 +26,12 @@ from stages.sft.config import SFTConfig
 from stages.sft.data import Encoded, encode_batch, pack, pad, rope_index_of, split_holdout, step_indices
 from stages.sft.loss import summed_nll
 
-POLICY_STAGES = ("base", "sft", "align", "rl")
 ENCODE_BATCH = 64  # samples per processor call when encoding
 
 
 def run(cfg: SFTConfig) -> Path:
     training.seed_everything(cfg.seed)
-    policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), POLICY_STAGES)
+    policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     mixture = load_mixture(cfg.data, cfg.seed)
     train_samples, eval_samples = split_holdout(mixture.samples, cfg.eval_fraction, cfg.seed)
     steps_per_epoch = len(train_samples) // cfg.batch_size
