@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
+from stages.align.advantage import bradley_terry_loss
 from stages.common.discriminator import aux_loss_coef, is_text_only
 
 LAYOUTS = ("shared", "separate")
@@ -330,7 +331,6 @@ def _pair_scores(disc, processor, pairs: Sequence[PreferencePair], layout: str, 
 
 def _bt_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     try:  # the align stage's own definition when present
-        from stages.align.advantage import bradley_terry_loss
     except ImportError:
         return -torch.nn.functional.logsigmoid(teacher - student).mean()
     return bradley_terry_loss(teacher, student)

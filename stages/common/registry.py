@@ -37,3 +37,6 @@ class Registry(Generic[T]):
 
     def items(self):
         return self._entries.items()
+
+    def values(self):
+        return self._entries.values()

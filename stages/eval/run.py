@@ -20,8 +20,12 @@ from pathlib import Path
 
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
+from stages.common.models import load_policy, load_processor
+from stages.common.rollout import SamplingParams, make_engine
+from stages.common.synth import load
 from stages.eval import compare, lmms_runner, synth_native
 from stages.eval.config import EvalConfig
+from stages.eval.lmms_plugin import PrismLMM
 from stages.eval.tasks import TaskPlan, parse_judge, plan_tasks
 
 
@@ -50,9 +54,6 @@ def run(cfg: EvalConfig) -> Path | None:
 
 
 def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan], synth_samples) -> Path:
-    from stages.common.models import load_policy, load_processor
-    from stages.common.rollout import SamplingParams, make_engine
-
     config = dict(to_dict(cfg), ckpt=[spec.ref], out=str(out))
     checkpoint.check_output(str(out), "eval", config, cfg.overwrite, cfg.resume)
     processor = load_processor(spec)
@@ -88,8 +89,6 @@ def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan],
 
 def evaluate_with_lmms(cfg, spec, engine, plans: list[TaskPlan], synth_samples, run_path: Path):
     """The lmms-eval tasks with the prism model wrapped around the already loaded engine."""
-    from stages.eval.lmms_plugin import PrismLMM
-
     include = []
     if any(p.name == "synth" for p in plans):
         include.append(synth_native.write_lmms_task(run_path / "lmms_synth", synth_samples, cfg.max_new_tokens))
@@ -135,8 +134,6 @@ def output_dirs(out: str, specs) -> list[Path]:
 
 
 def load_synth(cfg: EvalConfig):
-    from stages.common.synth import load
-
     samples = load(cfg.synth, seed=cfg.seed)
     return samples[:cfg.limit] if cfg.limit else samples
 
