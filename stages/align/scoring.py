@@ -329,13 +329,6 @@ def _pair_scores(disc, processor, pairs: Sequence[PreferencePair], layout: str, 
     return torch.stack(result.scores), result
 
 
-def _bt_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    try:  # the align stage's own definition when present
-    except ImportError:
-        return -torch.nn.functional.logsigmoid(teacher - student).mean()
-    return bradley_terry_loss(teacher, student)
-
-
 def pair_loss(disc, processor, pairs: Sequence[PreferencePair], *, layout: str = "shared",
               score_l2_coef: float = 0.0, clip: float = SCORE_CLIP, **score_kwargs) -> tuple[torch.Tensor, dict]:
     """The pairwise Bradley-Terry objective on (teacher, student) pairs, for the caller to backward:
@@ -343,8 +336,8 @@ def pair_loss(disc, processor, pairs: Sequence[PreferencePair], *, layout: str =
     four score sets), scores clipped to [-clip, clip]. Returns (loss, float metrics)."""
     raw, result = _pair_scores(disc, processor, pairs, layout, output_router_logits=True, **score_kwargs)
     s = clip_scores(raw, clip)
-    bt_caption = _bt_loss(s[:, 0], s[:, 2])
-    bt_think = _bt_loss(s[:, 1], s[:, 3])
+    bt_caption = bradley_terry_loss(s[:, 0], s[:, 2])
+    bt_think = bradley_terry_loss(s[:, 1], s[:, 3])
     loss = bt_caption + bt_think
     aux = result.aux_loss
     coef = aux_loss_coef(disc)
