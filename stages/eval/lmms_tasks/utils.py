@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import re
 
+from stages.common.chat import question_text
+from stages.common.data import Sample
 from stages.eval import tasks
+from stages.eval.synth_native import score_synth
 
 _IMAGE_TAG = re.compile(r"<image (\d+)>")
 
@@ -117,22 +120,16 @@ def synth_doc_to_visual(doc):
 
 
 def synth_doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    from stages.common.chat import question_text
-
     return question_text(synth_sample(doc))
 
 
 def synth_sample(doc):
-    from stages.common.data import Sample
-
     return Sample(id=str(doc["id"]), images=[], question=doc["question"], answer=doc["answer"],
                   choices=json.loads(doc["choices"]) if doc.get("choices") else None, task=doc.get("task", ""),
                   source="synth", meta=json.loads(doc["meta"]) if doc.get("meta") else {})
 
 
 def process_prism_synth(doc, results):
-    from stages.eval.synth_native import score_synth
-
     scored = score_synth(synth_sample(doc), results[0])
     return {"acc": scored["acc"], "format": scored["format"], "caption_f1": scored["caption_f1"]}
 
