@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prism_cli import __version__
+from prism_cli.console import is_main_process
 from prism_cli.errors import PrismError, UsageError
 # tiny is a leaf (no project imports): it names where a tiny spec lives and its fingerprint; building it is
 # stages.common.models' job (load_processor / load_policy), never a side effect of reading a spec.
@@ -36,10 +37,6 @@ TINY_SPECS = ("tiny", "tiny-moe")
 _SECRET_KEY = re.compile(r"((api|secret|access|private)[_-]?key|secret|passw(or)?d|credentials?"
                          r"|(^|[_-])(access|auth|bearer|hf|api)?[_-]?token)$", re.I)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -208,6 +205,14 @@ def resolve(ref: str, role: str = "--ckpt") -> CkptSpec:
         raise PrismError(f"{role} {ref} does not exist", hint="give a prism checkpoint, an HF model directory, "
                                                                "a hub id, or 'tiny'")
     return CkptSpec(ref=ref, kind="hub")
+
+
+def default_eval_dir(spec: CkptSpec) -> Path:
+    """Where `prism eval` writes by default, and where `prism export` looks for a checkpoint's results:
+    eval-NAME beside a checkpoint directory, or eval-REF (made file-safe) in the working directory."""
+    if spec.path is not None:
+        return spec.path.parent / f"eval-{spec.path.name}"
+    return Path(f"eval-{re.sub(r'[^A-Za-z0-9._-]+', '--', spec.ref)}")
 
 
 def require_stage(spec: CkptSpec, allowed: tuple[str, ...], role: str = "--ckpt") -> CkptSpec:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from pathlib import Path
 
 import torch
 
@@ -165,16 +164,6 @@ def freeze_vision_tower(model) -> None:
 
 def count_parameters(model, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def save_policy(model, processor, out_dir: str | Path) -> Path:
-    """HF save_pretrained layout (safetensors + config + processor + chat template + generation config)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    unwrapped = getattr(model, "module", model)
-    unwrapped.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
-    return out_dir
 
 
 def estimate_training_memory(ckpt: str | CkptSpec, dtype: str = "auto") -> dict:

@@ -15,7 +15,6 @@ their parent (default: each checkpoint's own default).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from prism_cli import checkpoint, console
@@ -115,18 +114,13 @@ def add_error_split(result: dict, rows: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------------- pieces
 
-def default_out(spec) -> Path:
-    if spec.path is not None:
-        return spec.path.parent / f"eval-{spec.path.name}"
-    return Path(f"eval-{re.sub(r'[^A-Za-z0-9._-]+', '--', spec.ref)}")
-
-
 def output_dirs(out: str, specs) -> list[Path]:
     if len(specs) == 1:
-        return [Path(out).expanduser() if out else default_out(specs[0])]
+        return [Path(out).expanduser() if out else checkpoint.default_eval_dir(specs[0])]
     dirs = []
     for spec in specs:
-        path = Path(out).expanduser() / default_out(spec).name if out else default_out(spec)
+        path = checkpoint.default_eval_dir(spec)
+        path = Path(out).expanduser() / path.name if out else path
         while path in dirs:  # two checkpoints with the same directory name
             path = path.with_name(path.name + "-2")
         dirs.append(path)

@@ -261,9 +261,3 @@ SCORERS = {task: scorer for bench in BENCHMARKS.values() for task, scorer in ben
 def task_names() -> list[str]:
     """Every name --tasks knows besides lmms-eval's own: the native tasks, then the benchmarks."""
     return [*NATIVE_TASKS, *BENCHMARKS.names()]
-
-
-def rule_scored_table() -> list[list[str]]:
-    """Rows for the README / --dry-run: alias, lmms-eval task, how it is scored here vs officially."""
-    return [[b.alias, ", ".join(b.official_tasks), "judge" if b.needs_judge else "rules", b.note]
-            for b in BENCHMARKS.values()]

@@ -52,7 +52,8 @@ def run(cfg: ExportConfig) -> Path:
         model, processor = save_policy(spec, cfg, staging, device)
 
     lineage = model_card.lineage_records(spec)
-    evals = model_card.eval_results([Path(d) for d in cfg.eval] or default_eval_dirs(spec))
+    beside = [checkpoint.default_eval_dir(spec)] if spec.path is not None else []  # a hub model has no results
+    evals = model_card.eval_results([Path(d) for d in cfg.eval] or beside)
     verification = verify(cfg, staging, model, processor) if cfg.verify else {}
     write_card(staging, out.name, cfg, lineage, evals, verification)
 
@@ -109,12 +110,6 @@ def write_hf_folder(model, processor, directory: Path, max_shard_size: str) -> N
             generation_config.save_pretrained(directory)
     except OSError as e:
         raise PrismError(f"cannot write the export to {directory}: {e.strerror or e}") from None
-
-
-def default_eval_dirs(spec) -> list[Path]:
-    if spec.path is None:
-        return []
-    return [spec.path.parent / f"eval-{spec.path.name}"]
 
 
 def verify(cfg: ExportConfig, directory: Path, model, processor) -> dict:

@@ -21,6 +21,7 @@ from prism_cli.errors import PrismError
 from stages.common import training
 from stages.common.data import Sample
 from stages.common.formats import load_sources, source_parents
+from stages.common.logprobs import to_device
 from stages.common.models import load_policy, load_processor, estimate_training_memory
 from stages.sft.config import SFTConfig
 from stages.sft.data import Encoded, encode_batch, pack, pad, rope_index_of, split_holdout, step_indices
@@ -153,10 +154,6 @@ def encode_all(samples: list[Sample], processor, model, cfg: SFTConfig, what: st
 
 def micro_batches(items: list[Encoded], size: int) -> list[list[Encoded]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 def use_packing(cfg: SFTConfig, model) -> bool:
