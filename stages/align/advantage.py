@@ -1,4 +1,4 @@
-"""PRISM alignment-stage advantages and discriminator losses (REFERENCE.md section 1).
+"""PRISM alignment-stage advantages and discriminator losses (docs/method.md).
 
 The policy is rewarded by a discriminator that scores each response's caption (perception) and think
 (reasoning) segments separately. Per prompt group of rollouts:

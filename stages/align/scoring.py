@@ -49,7 +49,7 @@ _PROMPT_BLOCK = -1  # block id of prompt tokens; segments are 0, 1, ...
 
 
 def clip_scores(scores: torch.Tensor, bound: float = SCORE_CLIP) -> torch.Tensor:
-    """Scores clipped to [-bound, bound] (the discriminator loss's clip; REFERENCE.md section 1)."""
+    """Scores clipped to [-bound, bound] (the discriminator loss's clip; docs/method.md)."""
     return scores.clamp(-bound, bound)
 
 

@@ -4,7 +4,7 @@ Everything here is a pure function on 1-D tensors with one entry per response. R
 by prompt through `group_ids` (a 1-D integer tensor, or a list of ints or strings such as uids); the
 groups need not be contiguous or numbered from 0.
 
-Group normalisation convention (shared with the alignment advantage, REFERENCE.md section 1):
+Group normalisation convention (shared with the alignment advantage, docs/method.md):
 
     GN(x)_i = (x_i - mean_g) / (std_g + eps)        g = group of response i
     std_g   = sample standard deviation (n - 1 denominator, as torch.std)

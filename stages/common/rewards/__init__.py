@@ -1,4 +1,4 @@
-"""Verifiable rewards for RLVR (REFERENCE.md 1, "RLVR stage"): score = 0.8 acc + 0.2 format.
+"""Verifiable rewards for RLVR (docs/method.md, "Verifiable reward"): score = 0.8 acc + 0.2 format.
 
 acc is rule-based. The answer is the content of <answer> in a format-valid response (format gate);
 `require_format=False` (eval) scores the best-effort <answer> block, or, without one, the last
