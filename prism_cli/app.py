@@ -32,7 +32,8 @@ except ImportError:  # pragma: no cover
 
 from prism_cli import __version__, console
 from prism_cli import config as cfgmod
-from prism_cli.errors import NotBuiltError, PrismError
+from prism_cli.errors import PrismError
+from prism_cli.inspect import show
 
 # stage -> (config class, run function, one-line description)
 STAGES = {
@@ -160,20 +161,7 @@ def _no_emoji(text: str) -> str:
 
 
 def _make_stage_command(stage: str, config_path: str, run_path: str, description: str):
-    try:
-        config_cls = _import(config_path)
-    except (ImportError, AttributeError):
-        config_cls = None
-
-    if config_cls is None:
-        def not_built(args: Optional[list[str]] = typer.Argument(None, hidden=True)):
-            console.error_line(f"`prism {stage}` is not built in this version yet",
-                               "see the README's status table")
-            raise typer.Exit(NotBuiltError.exit_code)
-        not_built.__doc__ = description + " [not built yet]"
-        app.command(stage, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(not_built)
-        return
-
+    config_cls = _import(config_path)  # every stage is built: failing to import one is a bug, not "not built"
     hints = typing.get_type_hints(config_cls)
     params = [
         inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
@@ -230,8 +218,6 @@ for _stage, (_cfg, _run, _desc) in STAGES.items():
 def inspect_cmd(path: str = typer.Argument(..., help="checkpoint directory"),
                 verify: bool = typer.Option(False, "--verify", help="re-hash every file against the manifest"),
                 debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
-    from prism_cli.inspect import show
-
     report_errors(lambda: show(path, verify=verify), debug)
 
 

@@ -1,4 +1,4 @@
-"""The checkpoint-directory contract (ARCHITECTURE.md).
+"""The checkpoint-directory contract (docs/design.md, "The checkpoint directory").
 
 A stage reads checkpoint specs (`resolve`) and writes exactly one output directory (`open_output` ->
 `Run`). The manifest prism.json is written last and atomically: its presence means the directory is
@@ -21,21 +21,22 @@ from pathlib import Path
 from typing import Any
 
 from prism_cli import __version__
+from prism_cli.console import is_main_process
 from prism_cli.errors import PrismError, UsageError
+# tiny is a leaf (no project imports): it names where a tiny spec lives and its fingerprint; building it is
+# stages.common.models' job (load_processor / load_policy), never a side effect of reading a spec.
+from stages.common import tiny
 
 FORMAT_VERSION = 1
 MANIFEST = "prism.json"
 RUN_MARKER = ".prism-run.json"  # written at start: marks a directory as a (possibly partial) prism run
 STAGES = ("curate", "sft", "align", "rl", "eval", "export")
+POLICY_STAGES = ("base", "sft", "align", "rl")  # checkpoints whose model/ is a policy
 TINY_SPECS = ("tiny", "tiny-moe")
 # Keys that name a credential ("api_key", "hf_token", "password"), not counts like "max_new_tokens".
 _SECRET_KEY = re.compile(r"((api|secret|access|private)[_-]?key|secret|passw(or)?d|credentials?"
                          r"|(^|[_-])(access|auth|bearer|hf|api)?[_-]?token)$", re.I)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -97,9 +98,10 @@ class CkptSpec:
         if self.kind == "prism":
             return str(self.path / "model")
         if self.kind == "tiny":
-            from stages.common import tiny
-
-            return str(tiny.ensure(self.ref))
+            path = tiny.cached_path(self.ref)
+            if not tiny.is_built(path):
+                raise RuntimeError(f"the {self.ref} model is not built yet: load it through stages.common.models")
+            return str(path)
         if self.kind == "hf":
             return str(self.path)
         return self.ref
@@ -109,8 +111,6 @@ class CkptSpec:
         if self.kind == "prism":
             return hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
         if self.kind == "tiny":
-            from stages.common import tiny
-
             return f"tiny:{tiny.build_key(self.ref)}"
         if self.kind == "hf" and (self.path / "config.json").is_file():
             return "config:" + sha256_file(self.path / "config.json")
@@ -205,6 +205,14 @@ def resolve(ref: str, role: str = "--ckpt") -> CkptSpec:
         raise PrismError(f"{role} {ref} does not exist", hint="give a prism checkpoint, an HF model directory, "
                                                                "a hub id, or 'tiny'")
     return CkptSpec(ref=ref, kind="hub")
+
+
+def default_eval_dir(spec: CkptSpec) -> Path:
+    """Where `prism eval` writes by default, and where `prism export` looks for a checkpoint's results:
+    eval-NAME beside a checkpoint directory, or eval-REF (made file-safe) in the working directory."""
+    if spec.path is not None:
+        return spec.path.parent / f"eval-{spec.path.name}"
+    return Path(f"eval-{re.sub(r'[^A-Za-z0-9._-]+', '--', spec.ref)}")
 
 
 def require_stage(spec: CkptSpec, allowed: tuple[str, ...], role: str = "--ckpt") -> CkptSpec:

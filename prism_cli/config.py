@@ -48,6 +48,55 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
+def _to_bool(key: str, value: Any, from_text: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if from_text and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise UsageError(f"config key '{key}' expects true/false, got {value!r}")
+
+
+def _to_int(key: str, value: Any, from_text: bool) -> int:
+    if isinstance(value, bool):
+        raise UsageError(f"config key '{key}' expects an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if from_text and isinstance(value, str):
+        try:
+            f = float(value)
+            if f.is_integer():
+                return int(f)
+        except ValueError:
+            pass
+    raise UsageError(f"config key '{key}' expects an integer, got {value!r}")
+
+
+def _to_float(key: str, value: Any, from_text: bool) -> float:
+    if isinstance(value, bool):
+        raise UsageError(f"config key '{key}' expects a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):  # YAML reads "1e-5" as a string; accept numeric text anywhere
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise UsageError(f"config key '{key}' expects a number, got {value!r}")
+
+
+def _to_str(key: str, value: Any, from_text: bool) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise UsageError(f"config key '{key}' expects a string, got {value!r}")
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
 def _coerce(key: str, value: Any, tp, from_text: bool) -> Any:
     """Check (or, for --set text, parse) one value against a field's annotated type."""
     origin = typing.get_origin(tp)
@@ -80,44 +129,8 @@ def _coerce(key: str, value: Any, tp, from_text: bool) -> Any:
         return dict(value)
     if tp is Any:
         return yaml.safe_load(value) if from_text and isinstance(value, str) else value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if from_text and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise UsageError(f"config key '{key}' expects true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise UsageError(f"config key '{key}' expects an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if from_text and isinstance(value, str):
-            try:
-                f = float(value)
-                if f.is_integer():
-                    return int(f)
-            except ValueError:
-                pass
-        raise UsageError(f"config key '{key}' expects an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise UsageError(f"config key '{key}' expects a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-5" as a string; accept numeric text anywhere
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UsageError(f"config key '{key}' expects a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise UsageError(f"config key '{key}' expects a string, got {value!r}")
+    if tp in _SCALARS:
+        return _SCALARS[tp](key, value, from_text)
     raise UsageError(f"config key '{key}' has an unsupported type {_type_name(tp)}")
 
 

@@ -20,6 +20,3 @@ class PrismError(Exception):
 class UsageError(PrismError):
     exit_code = 2
 
-
-class NotBuiltError(PrismError):
-    """A feature that exists in the CLI but has no implementation in this build."""

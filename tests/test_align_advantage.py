@@ -1,4 +1,4 @@
-"""PRISM alignment advantage and discriminator losses on hand-made scores (REFERENCE.md section 1)."""
+"""PRISM alignment advantage and discriminator losses on hand-made scores (docs/method.md)."""
 
 import pytest
 import torch

@@ -73,7 +73,9 @@ def test_alignment_shrinks_the_in_run_gap_and_keeps_the_format(noisy_policy, tmp
                 "gap/caption", "gap/think", "format/valid", "advantage/mean", "time/rollout", "time/score"):
         assert key in game[0], key
     assert (out / "discriminator" / "config.json").is_file() and (out / "drift_gap.png").stat().st_size > 1000
-    assert summary["warmup/heldout_acc_caption"] >= 0.0 and "warmup/pairs" in summary
+    # warmup taught the discriminator to tell teacher from policy on pairs it never trained on
+    assert summary["warmup/heldout_acc_caption"] > 0.5 and summary["warmup/heldout_acc_think"] > 0.5, summary
+    assert summary["warmup/pairs"] > 0
 
     # The game's own measure: the gap (teacher minus policy score) under the co-trained discriminator
     # falls over the run, for both segments (half against half: one step scores only 4 prompts).

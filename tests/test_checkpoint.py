@@ -1,4 +1,4 @@
-"""The checkpoint-directory contract (prism_cli.checkpoint, ARCHITECTURE.md).
+"""The checkpoint-directory contract (prism_cli.checkpoint, docs/design.md).
 
 Manifest written last and atomically, with sizes + sha256, parents with fingerprints, resolved config and
 versions; refusal of incomplete, corrupt and wrong-stage inputs; overwrite/resume rules; main process only;

@@ -38,13 +38,9 @@ def probe_prompts():
 
 
 @pytest.fixture(scope="module")
-def sft_partial(tmp_path_factory):
-    from stages.sft.config import SFTConfig
-    from stages.sft.run import run as sft
-
-    return run_stage(SFTConfig, sft, ckpt="tiny", data=["synth:train:1024"],
-                     out=str(tmp_path_factory.mktemp("rl") / "sft"), lr=3e-3, batch_size=16, micro_batch_size=8,
-                     max_steps=100, warmup=0.05, eval_fraction=0, save_every=1000, seed=0)
+def sft_partial(sft_tiny):
+    """The session's SFT policy (conftest.sft_tiny): one SFT run serves the rl, align and eval tests."""
+    return sft_tiny
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +66,13 @@ def test_rl_raises_reward(algo, sft_partial, probe_prompts, reward_before, tmp_p
     assert after > reward_before + 0.02
     summary = json.loads((out / "prism.json").read_text())["summary"]
     assert summary["steps"] == 12 and (out / "reward.png").stat().st_size > 1000
-    if algo == "dapo":
-        kept = [r["sampling/groups_kept"] for r in records]
-        drawn = [r["sampling/groups_drawn"] for r in records]
-        assert all(k <= d for k, d in zip(kept, drawn)) and max(r["sampling/gen_batches"] for r in records) >= 1
+    kept = [r["sampling/groups_kept"] for r in records]
+    drawn = [r["sampling/groups_drawn"] for r in records]
+    if algo == "dapo":  # dynamic sampling dropped groups whose accuracy was all equal, and drew more to refill
+        assert sum(kept) < sum(drawn), (kept, drawn)
+        assert max(r["sampling/gen_batches"] for r in records) > 1
+    else:  # without it every drawn group trains
+        assert kept == drawn
 
 
 def test_rl_kl_penalty_loads_a_reference_and_reports_kl(sft_partial, tmp_path):

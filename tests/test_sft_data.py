@@ -120,7 +120,8 @@ def test_step_indices_cover_each_epoch_once_and_are_reproducible():
     n, bs = 20, 4
     epoch0 = [i for s in range(5) for i in step_indices(n, bs, seed=3, step=s)]
     assert sorted(epoch0) == list(range(n))
-    assert step_indices(n, bs, 3, 7) == step_indices(n, bs, 3, 7)
+    epoch1 = [i for s in range(5, 10) for i in step_indices(n, bs, seed=3, step=s)]
+    assert sorted(epoch1) == list(range(n)) and epoch1 != epoch0  # each epoch reshuffles
     assert step_indices(n, bs, 3, 0) != step_indices(n, bs, 4, 0)
 
 

@@ -1,4 +1,4 @@
-"""PRISM alignment-stage advantages and discriminator losses (REFERENCE.md section 1).
+"""PRISM alignment-stage advantages and discriminator losses (docs/method.md).
 
 The policy is rewarded by a discriminator that scores each response's caption (perception) and think
 (reasoning) segments separately. Per prompt group of rollouts:
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 # GN is the GRPO group normalisation (same conventions), shared rather than duplicated
-from stages.rl.advantages import GroupIds, group_index, group_normalized_advantages
+from stages.common.advantages import GroupIds, group_index, group_normalized_advantages
 
 _GN_EPS = 1e-6
 

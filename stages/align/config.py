@@ -1,4 +1,4 @@
-"""AlignConfig: `prism align`. Defaults are the paper's alignment stage (REFERENCE.md section 1)."""
+"""AlignConfig: `prism align`. Defaults are the paper's alignment stage (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -25,25 +25,24 @@ from prism_cli.config import to_dict
 from prism_cli.errors import PrismError
 from stages.align import advantage as prism_adv
 from stages.align.config import AlignConfig
-from stages.align.discriminator import (load_discriminator, load_discriminator_processor, save_discriminator,
-                                        upcycle)
 from stages.align.scoring import PreferencePair, clip_scores, pair_loss, pairwise_accuracy, score_groups
 from stages.common import training
 from stages.common.chat import problem_messages, rollout_prompt
 from stages.common.data import Sample, stream_item
-from stages.common.formats import load_sources, source_parents
+from stages.common.discriminator import (load_discriminator, load_discriminator_processor, save_discriminator,
+                                        upcycle)
+from stages.common.formats import image_bytes, load_sources, source_parents
 from stages.common.models import default_device, estimate_training_memory, load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
 from stages.common.rewards import compute_score
 from stages.common.rollout import RolloutPrompt, SamplingParams, make_engine
 
-POLICY_STAGES = ("base", "sft", "align", "rl")
 
 
 def run(cfg: AlignConfig) -> Path:
     training.seed_everything(cfg.seed)
-    policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), POLICY_STAGES)
+    policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     samples, data_fp, data_parents = load_demonstrations(cfg.data)
     disc_source = discriminator_source(cfg, policy_spec)
     if cfg.dry_run:
@@ -247,8 +246,6 @@ def sample_pairs(cfg, accelerator, policy, engine, samples) -> list[PreferencePa
 def load_pairs(path: str) -> list[PreferencePair]:
     """Warmup pairs in the reference format: prompt, image, teacher_caption, teacher_cot, student_caption,
     student_cot (jsonl with image paths relative to the file or base64; or parquet with image bytes)."""
-    from stages.common.formats import image_bytes
-
     p = Path(path)
     if not p.is_file():
         raise PrismError(f"--warmup-pairs {path} does not exist")

@@ -38,7 +38,8 @@ from typing import Any, Sequence
 
 import torch
 
-from stages.align.discriminator import aux_loss_coef, is_text_only
+from stages.align.advantage import bradley_terry_loss
+from stages.common.discriminator import aux_loss_coef, is_text_only
 
 LAYOUTS = ("shared", "separate")
 SCORE_CLIP = 10.0
@@ -48,7 +49,7 @@ _PROMPT_BLOCK = -1  # block id of prompt tokens; segments are 0, 1, ...
 
 
 def clip_scores(scores: torch.Tensor, bound: float = SCORE_CLIP) -> torch.Tensor:
-    """Scores clipped to [-bound, bound] (the discriminator loss's clip; REFERENCE.md section 1)."""
+    """Scores clipped to [-bound, bound] (the discriminator loss's clip; docs/method.md)."""
     return scores.clamp(-bound, bound)
 
 
@@ -328,14 +329,6 @@ def _pair_scores(disc, processor, pairs: Sequence[PreferencePair], layout: str, 
     return torch.stack(result.scores), result
 
 
-def _bt_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    try:  # the align stage's own definition when present
-        from stages.align.advantage import bradley_terry_loss
-    except ImportError:
-        return -torch.nn.functional.logsigmoid(teacher - student).mean()
-    return bradley_terry_loss(teacher, student)
-
-
 def pair_loss(disc, processor, pairs: Sequence[PreferencePair], *, layout: str = "shared",
               score_l2_coef: float = 0.0, clip: float = SCORE_CLIP, **score_kwargs) -> tuple[torch.Tensor, dict]:
     """The pairwise Bradley-Terry objective on (teacher, student) pairs, for the caller to backward:
@@ -343,8 +336,8 @@ def pair_loss(disc, processor, pairs: Sequence[PreferencePair], *, layout: str =
     four score sets), scores clipped to [-clip, clip]. Returns (loss, float metrics)."""
     raw, result = _pair_scores(disc, processor, pairs, layout, output_router_logits=True, **score_kwargs)
     s = clip_scores(raw, clip)
-    bt_caption = _bt_loss(s[:, 0], s[:, 2])
-    bt_think = _bt_loss(s[:, 1], s[:, 3])
+    bt_caption = bradley_terry_loss(s[:, 0], s[:, 2])
+    bt_think = bradley_terry_loss(s[:, 1], s[:, 3])
     loss = bt_caption + bt_think
     aux = result.aux_loss
     coef = aux_loss_coef(disc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from stages.common.data import Sample
+from stages.common.protocol import SYSTEM_PROMPT, format_response
 from stages.common.rollout.base import RolloutPrompt
 
 _HAS_OPTIONS = re.compile(r"(^|\n)\s*\(?A[.):]\s", re.M)
@@ -26,8 +27,6 @@ def question_text(sample: Sample) -> str:
 def problem_messages(sample: Sample, system_prompt: bool = True, images=None) -> list[dict]:
     """[system?, user(images..., question)]. `images` (PIL) are embedded in the parts when given, which is
     what processor.apply_chat_template needs to tokenize; rollout engines take them separately."""
-    from stages.common.protocol import SYSTEM_PROMPT
-
     parts = []
     for i in range(len(sample.images)):
         part = {"type": "image"}
@@ -46,8 +45,6 @@ def rollout_prompt(sample: Sample, system_prompt: bool = True) -> RolloutPrompt:
 
 def demonstration_text(sample: Sample) -> str | None:
     """The protocol response a teacher wrote for this sample (None if it has no teacher)."""
-    from stages.common.protocol import format_response
-
     t = sample.teacher
     if t is None:
         return None

@@ -19,7 +19,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from prism_cli.errors import PrismError
 
@@ -173,11 +173,6 @@ def fingerprint_samples(samples: Iterable[Sample]) -> str:
         if s.teacher is not None:
             h.update(json.dumps(dataclasses.asdict(s.teacher), sort_keys=True).encode())
     return h.hexdigest()
-
-
-def iter_batches(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 @functools.lru_cache(maxsize=4)

@@ -26,8 +26,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from stages.common.rollout.base import RolloutPrompt
-from stages.common.rollout.prompts import (encode_prompts, image_patch_counts, prompt_positions, tokenizer_of,
-                                          vision_token_ids)
+from stages.common.rollout.prompts import (banned_token_mask, encode_prompts, image_patch_counts, prompt_positions,
+                                          tokenizer_of, vision_token_ids)
 
 DEFAULT_CHUNK_TOKENS = 512   # 512 x 151,936 fp32 logits = 311 MB per live buffer
 
@@ -50,14 +50,6 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, banned: torch.Te
     if banned is not None:
         z = z.masked_fill(banned, float("-inf"))
     return torch.log_softmax(z, dim=-1)
-
-
-def banned_token_mask(vocab_size: int, banned_ids: Sequence[int], device=None) -> torch.Tensor:
-    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-    ids = [int(i) for i in banned_ids if 0 <= int(i) < vocab_size]
-    if ids:
-        mask[ids] = True
-    return mask
 
 
 # ---- micro-batching -------------------------------------------------------------------------------------
@@ -126,26 +118,32 @@ def build_policy_batch(processor, prompts: Sequence[RolloutPrompt], responses: S
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
                  response_ids=response_ids, response_mask=response_mask, prompt_lengths=prompt_lengths,
                  response_lengths=response_lengths, lengths=lengths)
-    patch_counts = image_patch_counts(prompts, enc.get("image_grid_thw"))
-    batch["pixel_counts"] = torch.tensor([patch_counts[p] for p in prompt_index], dtype=torch.long)
-    batch["image_counts"] = torch.tensor([len(prompts[p].images) for p in prompt_index], dtype=torch.long)
-    if enc.get("pixel_values") is not None:
-        pixel_starts = [0] + torch.tensor(patch_counts).cumsum(0).tolist()
-        image_starts = [0] + torch.tensor([len(p.images) for p in prompts]).cumsum(0).tolist()
-        batch["pixel_values"] = torch.cat([enc["pixel_values"][pixel_starts[p]:pixel_starts[p + 1]]
-                                           for p in prompt_index])
-        batch["image_grid_thw"] = torch.cat([enc["image_grid_thw"][image_starts[p]:image_starts[p + 1]]
-                                             for p in prompt_index])
-    batch["prompt_index"] = torch.as_tensor(list(prompt_index), dtype=torch.long)
-    batch.update(prompt_input_ids=enc["input_ids"], prompt_attention_mask=enc["attention_mask"],
-                 prompt_mm_token_type_ids=enc["mm_token_type_ids"],
-                 prompt_pixel_counts=torch.tensor(patch_counts, dtype=torch.long),
-                 prompt_image_counts=torch.tensor([len(p.images) for p in prompts], dtype=torch.long))
-    if enc.get("pixel_values") is not None:
-        batch.update(prompt_pixel_values=enc["pixel_values"], prompt_image_grid_thw=enc["image_grid_thw"])
+    batch.update(_images_and_prompt_keys(enc, prompts, prompt_index))
     ids = vision_token_ids(processor) if suppress_vision_tokens else []
     batch["suppress_token_ids"] = torch.tensor(ids, dtype=torch.long)
     return batch
+
+
+def _images_and_prompt_keys(enc: dict, prompts: Sequence[RolloutPrompt], prompt_index: Sequence[int]) -> dict:
+    """Each row's images (in row order) with their counts, and the unique prompts (PROMPT_KEYS)."""
+    patch_counts = image_patch_counts(prompts, enc.get("image_grid_thw"))
+    out = {"pixel_counts": torch.tensor([patch_counts[p] for p in prompt_index], dtype=torch.long),
+           "image_counts": torch.tensor([len(prompts[p].images) for p in prompt_index], dtype=torch.long)}
+    if enc.get("pixel_values") is not None:
+        pixel_starts = [0] + torch.tensor(patch_counts).cumsum(0).tolist()
+        image_starts = [0] + torch.tensor([len(p.images) for p in prompts]).cumsum(0).tolist()
+        out["pixel_values"] = torch.cat([enc["pixel_values"][pixel_starts[p]:pixel_starts[p + 1]]
+                                         for p in prompt_index])
+        out["image_grid_thw"] = torch.cat([enc["image_grid_thw"][image_starts[p]:image_starts[p + 1]]
+                                           for p in prompt_index])
+    out["prompt_index"] = torch.as_tensor(list(prompt_index), dtype=torch.long)
+    out.update(prompt_input_ids=enc["input_ids"], prompt_attention_mask=enc["attention_mask"],
+               prompt_mm_token_type_ids=enc["mm_token_type_ids"],
+               prompt_pixel_counts=torch.tensor(patch_counts, dtype=torch.long),
+               prompt_image_counts=torch.tensor([len(p.images) for p in prompts], dtype=torch.long))
+    if enc.get("pixel_values") is not None:
+        out.update(prompt_pixel_values=enc["pixel_values"], prompt_image_grid_thw=enc["image_grid_thw"])
+    return out
 
 
 def select_rows(batch: dict, rows: Sequence[int]) -> dict:

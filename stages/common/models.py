@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from pathlib import Path
 
 import torch
 
 from prism_cli.checkpoint import CkptSpec, resolve
 from prism_cli.errors import PrismError
+from stages.common import tiny
 
 
 def default_device() -> torch.device:
@@ -48,7 +48,11 @@ def pick_attention(attn: str = "auto", device: torch.device | None = None) -> st
 
 
 def as_spec(ckpt: str | CkptSpec) -> CkptSpec:
-    return ckpt if isinstance(ckpt, CkptSpec) else resolve(ckpt)
+    """The resolved spec, with the tiny model built if it names one (the one place it is built)."""
+    spec = ckpt if isinstance(ckpt, CkptSpec) else resolve(ckpt)
+    if spec.kind == "tiny":
+        tiny.ensure(spec.ref)
+    return spec
 
 
 def load_processor(ckpt: str | CkptSpec, min_pixels: int | None = None, max_pixels: int | None = None):
@@ -160,16 +164,6 @@ def freeze_vision_tower(model) -> None:
 
 def count_parameters(model, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def save_policy(model, processor, out_dir: str | Path) -> Path:
-    """HF save_pretrained layout (safetensors + config + processor + chat template + generation config)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    unwrapped = getattr(model, "module", model)
-    unwrapped.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
-    return out_dir
 
 
 def estimate_training_memory(ckpt: str | CkptSpec, dtype: str = "auto") -> dict:

@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from stages.common import training
 from stages.common.logprobs import (build_policy_batch, make_microbatches, make_prefix_microbatches,
                                     response_logprobs, select_rows, shared_prefix_supported)
-from stages.rl import losses
+from stages.common import losses
 
 
 @dataclass
 class PPOSettings:
-    loss: str = "ppo"              # "ppo" (token-level ratio) or "gspo" (sequence-level ratio)
+    loss: Callable = losses.ppo_clip_loss  # an Algorithm.loss (stages.common.algorithms)
     clip_low: float = 0.2
     clip_high: float = 0.2
     agg: str = "token-mean"
@@ -71,7 +72,6 @@ def ppo_update(settings: PPOSettings, accelerator, model, optimizer, scheduler, 
 
 def _minibatch(settings: PPOSettings, accelerator, model, reference, batch, old_logp, advantages, mini) -> dict:
     """Forward/backward of one mini-batch in token-budget micro-batches."""
-    loss_fn = losses.gspo_loss if settings.loss == "gspo" else losses.ppo_clip_loss
     sub = select_rows(batch, mini) if mini else None
     local_norm = float(losses.aggregation_normalizer(sub["response_mask"], settings.agg)) if mini else 0.0
     # DDP averages gradients over processes, so each divides by (global count / processes).
@@ -102,7 +102,7 @@ def _minibatch(settings: PPOSettings, accelerator, model, reference, batch, old_
         with training.accumulate(accelerator, model, last=(i == len(micro) - 1)):
             logp, entropy = response_logprobs(model, mb, temperature=settings.temperature, with_entropy=True,
                                               shared_prefix=shared)
-            loss, stats = loss_fn(logp, old, adv, mask, clip_low=settings.clip_low, clip_high=settings.clip_high,
+            loss, stats = settings.loss(logp, old, adv, mask, clip_low=settings.clip_low, clip_high=settings.clip_high,
                                   agg=settings.agg, normalizer=normalizer)
             if reference is not None:
                 with torch.no_grad():

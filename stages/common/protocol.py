@@ -1,4 +1,4 @@
-"""The <caption><think><answer> response protocol (REFERENCE.md 1).
+"""The <caption><think><answer> response protocol (docs/method.md).
 
 A response is format-valid iff the whole text matches, in order,
 

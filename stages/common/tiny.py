@@ -198,10 +198,19 @@ def build(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def cached_path(name: str, seed: int = 0) -> Path:
+    """Where `ensure` keeps the built model (it may not be built yet)."""
+    return cache_root() / f"{name}-{build_key(name, seed)}"
+
+
+def is_built(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / ".complete").is_file()
+
+
 def ensure(name: str, seed: int = 0) -> Path:
     """Path of the cached tiny model, building it on first use (atomically: build in a temp dir, rename)."""
-    target = cache_root() / f"{name}-{build_key(name, seed)}"
-    if (target / "config.json").is_file() and (target / ".complete").is_file():
+    target = cached_path(name, seed)
+    if is_built(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))

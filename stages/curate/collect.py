@@ -17,13 +17,15 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from prism_cli.errors import PrismError
+from stages.common.chat import question_text
 from stages.common.data import Sample
+from stages.common.protocol import SYSTEM_PROMPT
 from stages.curate import pricing
 from stages.curate.cache import JsonlCache, cache_key
 from stages.curate.gate import RETRY_REASONS, Verdict, judge
 from stages.curate.resilience import (Fatal, RateLimiter, RetriesExhausted, RetryPolicy, Stopped, Transient,
                                       call_with_retry)
-from stages.curate.teachers import Reply, TeacherRequest
+from stages.curate.teacher_api import Reply, TeacherRequest
 
 # this many 400s before the first good answer means the requests are wrong, not the samples
 BAD_REQUEST_LIMIT = 8
@@ -97,8 +99,6 @@ class Collector:
     def __init__(self, teacher, cache: JsonlCache | None, *, attempts: int, gate: str, seed: int,
                  concurrency: int = 16, rpm: float = 0, policy: RetryPolicy | None = None, tally: Tally,
                  system_prompt: str | None = None):
-        from stages.common.protocol import SYSTEM_PROMPT
-
         self.teacher = teacher
         self.cache = cache if getattr(teacher, "cacheable", True) else None
         self.attempts = attempts
@@ -116,8 +116,6 @@ class Collector:
 
     # ------------------------------------------------------------------ one call
     def request(self, sample: Sample, attempt: int) -> tuple[TeacherRequest, str]:
-        from stages.common.chat import question_text
-
         req = TeacherRequest(system=self.system, question=question_text(sample), images=list(sample.images),
                              attempt=attempt, seed=self.seed * 1009 + attempt, sample=sample)
         key = cache_key(teacher=self.teacher.kind, model=self.teacher.model, system=req.system,

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from prism_cli.config import CommonConfig, opt
 from prism_cli.errors import UsageError
+from stages.curate.gate import GATES
+from stages.curate.teachers import parse_teacher
 
 SELECTS = ("all", "unsolved")
 
@@ -70,9 +72,6 @@ class CurateConfig(CommonConfig):
                                  group="Robustness", cli=False)
 
     def validate(self) -> None:
-        from stages.curate.gate import GATES
-        from stages.curate.teachers import parse_teacher
-
         if not self.source:
             raise UsageError("--source is required")
         if self.select not in SELECTS:

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stages.common.data import Sample
-from stages.curate.teachers import Reply
+from stages.common.protocol import parse_response
+from stages.common.rewards import compute_score
+from stages.curate.teacher_api import Reply
 
 GATES = ("verify", "format", "none")
 RETRY_REASONS = frozenset({"wrong_answer", "bad_format", "max_tokens", "empty", "finish_other"})
@@ -28,8 +30,6 @@ class Verdict:
 
 
 def judge(reply: Reply, sample: Sample, gate: str = "verify") -> Verdict:
-    from stages.common.protocol import parse_response
-
     if reply.finish in ("blocked", "bad_request"):
         return Verdict(False, reply.finish)
     if reply.finish == "max_tokens":
@@ -57,6 +57,5 @@ def judge(reply: Reply, sample: Sample, gate: str = "verify") -> Verdict:
 def answer_correct(text: str, sample: Sample) -> bool | None:
     if not (sample.answer or "").strip():
         return None
-    from stages.common.rewards import compute_score
 
     return compute_score(text, sample.answer, choices=sample.choices)["acc"] >= 0.5

@@ -7,37 +7,47 @@ and does not retry connection resets. Every error text that leaves this module i
 
 from __future__ import annotations
 
-from stages.curate.resilience import RETRYABLE_STATUS, Fatal, Transient, parse_retry_after, transport_failure
-from stages.curate.teachers import Reply, TeacherRequest
+import os
+import re
 
+from prism_cli.errors import PrismError, UsageError
+from stages.curate.resilience import RETRYABLE_STATUS, Fatal, Transient, parse_retry_after, transport_failure
+from stages.curate.teacher_api import Reply, TeacherRequest, TeacherSpec, as_supported_image
+
+API_KEY_ENV = ("GOOGLE_API_KEY", "GEMINI_API_KEY")  # google-genai's own order (its get_env_api_key)
+BASE_URL_ENV = "PRISM_GEMINI_BASE_URL"
+_GEMINI_ID = re.compile(r"^(models/)?[A-Za-z0-9][\w.-]*$")
 _BLOCK_FINISH = {"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "RECITATION", "IMAGE_SAFETY",
                  "IMAGE_PROHIBITED_CONTENT", "LANGUAGE"}
 
 
-def mime_type(data: bytes) -> str:
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    return ""
+def parse(text: str) -> TeacherSpec | None:
+    """gemini:ID (any model id) or a bare gemini-* id; None for text that names another teacher."""
+    explicit = text.startswith("gemini:")
+    model = text[len("gemini:"):] if explicit else text
+    if not explicit and not model.removeprefix("models/").startswith("gemini"):
+        return None
+    if not model or not _GEMINI_ID.match(model):
+        raise UsageError(f"--teacher {text!r}: {model!r} is not a Gemini model id", hint="e.g. gemini-3-flash")
+    return TeacherSpec("gemini", model.removeprefix("models/"))
 
 
-def as_supported_image(data: bytes) -> tuple[bytes, str]:
-    """Images go as they are when Gemini reads their format, else re-encoded as PNG."""
-    mime = mime_type(data)
-    if mime:
-        return data, mime
-    import io
+def api_key() -> str:
+    """The key from the environment, exactly as google-genai reads it; a clear error before any work."""
+    for name in API_KEY_ENV:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    raise PrismError("no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY) in the environment",
+                     hint="prism never reads keys from config files or flags; --dry-run needs no key")
 
-    from PIL import Image
 
-    buf = io.BytesIO()
-    Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="PNG")
-    return buf.getvalue(), "image/png"
+def build(spec: TeacherSpec, cfg) -> "GeminiTeacher":
+    return GeminiTeacher(spec.model, api_key=api_key(),
+                         base_url=cfg.gemini_base_url or os.environ.get(BASE_URL_ENV, ""),
+                         timeout_s=cfg.timeout, temperature=cfg.temperature,
+                         max_output_tokens=cfg.max_output_tokens, thinking_level=cfg.thinking_level,
+                         thinking_budget=cfg.thinking_budget, concurrency=cfg.concurrency)
 
 
 class GeminiTeacher:
@@ -48,7 +58,7 @@ class GeminiTeacher:
     def __init__(self, model: str, api_key: str, base_url: str = "", timeout_s: float = 120.0,
                  temperature: float = 1.0, max_output_tokens: int = 8192, thinking_level: str = "",
                  thinking_budget: int | None = None, concurrency: int = 16):
-        from google import genai
+        from google import genai  # google-genai is the optional `gemini` extra: imported only when used
         from google.genai import types
 
         self.types = types

@@ -4,10 +4,30 @@ hosted API). Images go as base64 data URLs; a key, if the server wants one, come
 from __future__ import annotations
 
 import base64
+import os
 
-from stages.curate.gemini import as_supported_image
+from prism_cli.errors import UsageError
+
 from stages.curate.resilience import RETRYABLE_STATUS, Fatal, Transient, parse_retry_after, transport_failure
-from stages.curate.teachers import Reply, TeacherRequest
+from stages.curate.teacher_api import Reply, TeacherRequest, TeacherSpec, as_supported_image
+
+OPENAI_KEY_ENV = "OPENAI_API_KEY"
+
+
+def parse(text: str) -> TeacherSpec | None:
+    if not text.startswith("openai:"):
+        return None
+    url, sep, model = text[len("openai:"):].partition("#")
+    if not sep or not url.startswith(("http://", "https://")) or not model:
+        raise UsageError(f"--teacher {text!r}: expected openai:URL#MODEL, e.g. "
+                         "openai:http://localhost:8000/v1#Qwen/Qwen3-VL-235B-A22B-Instruct")
+    return TeacherSpec("openai", model, url.rstrip("/"))
+
+
+def build(spec: TeacherSpec, cfg) -> "OpenAITeacher":
+    return OpenAITeacher(spec.url, spec.model, api_key=os.environ.get(OPENAI_KEY_ENV, ""),
+                         timeout_s=cfg.timeout, temperature=cfg.temperature,
+                         max_output_tokens=cfg.max_output_tokens, concurrency=cfg.concurrency)
 
 
 class OpenAITeacher:

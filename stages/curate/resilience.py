@@ -5,7 +5,7 @@ Teacher clients turn every failure into one of two exceptions: `Transient` (wort
 (retrying cannot help: a bad key, an unknown model). `call_with_retry` retries transients with
 exponential backoff and full jitter, never waiting less than Retry-After, and gives up after
 `max_retries` with a `RetriesExhausted` naming the last failure. google-genai's own retry loop is left
-off: it ignores Retry-After and does not retry connection resets (REFERENCE.md 5).
+off: it ignores Retry-After and does not retry connection resets (read in google-genai 3.4's source).
 """
 
 from __future__ import annotations

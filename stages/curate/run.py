@@ -6,26 +6,35 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import io
 from pathlib import Path
+
+from PIL import Image
 
 from prism_cli import console
 from prism_cli.checkpoint import open_output, resolve
 from prism_cli.config import to_dict
 from prism_cli.errors import PrismError
+from stages.common.chat import question_text
 from stages.common.data import Sample, Teacher, fingerprint_samples, write_shards
+from stages.common.formats import load_samples
+from stages.common.protocol import SYSTEM_PROMPT
 from stages.curate import pricing
+from stages.curate.cache import JsonlCache
+from stages.curate.collect import Collector, Tally
 from stages.curate.config import CurateConfig
+from stages.curate.resilience import RetryPolicy
+from stages.curate.selection import count_correct, keep_unsolved, pass_histogram
+from stages.curate.teachers import TEACHERS, make_teacher, parse_teacher, teacher_kind
 
 TEACHER_CACHE = "teacher_cache.jsonl"
 STUDENT_CACHE = "student_cache.jsonl"
 
 
 def run(cfg: CurateConfig) -> Path | None:
-    from stages.curate.teachers import gemini_api_key, make_teacher, parse_teacher
-
     spec = parse_teacher(cfg.teacher)
-    if spec.kind == "gemini" and not cfg.dry_run:
-        gemini_api_key()  # a missing key is one clear line before any work
+    if teacher_kind(spec).check_credentials and not cfg.dry_run:
+        teacher_kind(spec).check_credentials()  # a missing key is one clear line before any work
 
     # 1. the problems, in source order
     samples, sources = load_sources(cfg)
@@ -93,8 +102,6 @@ def _curate_into(cfg: CurateConfig, teacher, student, out, samples: list[Sample]
 # ------------------------------------------------------------------------------------------- steps
 
 def load_sources(cfg: CurateConfig) -> tuple[list[Sample], dict]:
-    from stages.common.formats import load_samples
-
     samples: list[Sample] = []
     sources: dict[str, dict] = {}
     seen: set[str] = set()
@@ -126,7 +133,7 @@ def show_plan(cfg: CurateConfig, spec, samples: list[Sample]) -> None:
                                                                f"pass rate <= {cfg.max_pass}: {n * cfg.k} rollouts)"
                                                                if cfg.select == "unsolved" else "")],
             ["teacher", spec.name], ["gate", f"{cfg.gate}, up to {cfg.attempts} attempt(s)"]]
-    if spec.kind in ("gemini", "openai"):
+    if teacher_kind(spec).remote:
         est = estimate_cost(cfg, spec, samples)
         rows += [["teacher calls", f"{n} (at most {n * cfg.attempts}); fewer after selection"],
                  ["robustness", f"concurrency {cfg.concurrency}, rpm {cfg.rpm or 'unlimited'}, "
@@ -139,13 +146,6 @@ def show_plan(cfg: CurateConfig, spec, samples: list[Sample]) -> None:
 
 
 def estimate_cost(cfg: CurateConfig, spec, samples: list[Sample]) -> dict:
-    import io
-
-    from PIL import Image
-
-    from stages.common.chat import question_text
-    from stages.common.protocol import SYSTEM_PROMPT
-
     prompt = 0
     for s in samples:
         sizes = []
@@ -157,7 +157,7 @@ def estimate_cost(cfg: CurateConfig, spec, samples: list[Sample]) -> dict:
         prompt += pricing.estimate_prompt_tokens(SYSTEM_PROMPT + question_text(s), sizes)
     output = cfg.est_output_tokens * len(samples)
     usage = {"prompt_tokens": prompt, "output_tokens": output}
-    price = pricing.price_for(spec.model, cfg.prices) if spec.kind == "gemini" else None
+    price = pricing.price_for(spec.model, cfg.prices) if teacher_kind(spec).priced else None
     if price is None:
         text = f"unpriced model {spec.model} (add it with --set prices=...)"
     else:
@@ -168,9 +168,6 @@ def estimate_cost(cfg: CurateConfig, spec, samples: list[Sample]) -> dict:
 
 
 def select_unsolved(cfg: CurateConfig, samples: list[Sample], state: Path) -> tuple[list[Sample], dict[str, int]]:
-    from stages.curate.cache import JsonlCache
-    from stages.curate.selection import count_correct, keep_unsolved
-
     with JsonlCache(state / STUDENT_CACHE) as cache, console.progress(f"student pass@{cfg.k}", len(samples)) as bar:
         counts = count_correct(samples, cfg.student, k=cfg.k, temperature=cfg.student_temperature,
                                max_new_tokens=cfg.student_max_new_tokens, seed=cfg.seed, engine=cfg.rollout_engine,
@@ -182,10 +179,6 @@ def select_unsolved(cfg: CurateConfig, samples: list[Sample], state: Path) -> tu
 
 
 def ask_teacher(cfg: CurateConfig, teacher, samples: list[Sample], state: Path):
-    from stages.curate.cache import JsonlCache
-    from stages.curate.collect import Collector, Tally
-    from stages.curate.resilience import RetryPolicy
-
     tally = Tally(teacher.model, cfg.prices)
     policy = RetryPolicy(max_retries=cfg.max_retries, base=cfg.backoff, cap=cfg.backoff_max)
     cache = JsonlCache(state / TEACHER_CACHE)
@@ -230,8 +223,6 @@ def _usage(u: dict) -> dict:
 
 
 def summarize(cfg, teacher, samples, selected, outcomes, tally, pass_counts, sources) -> dict:
-    from stages.curate.selection import pass_histogram
-
     checked = [c for o in outcomes for c in o.correct]
     first = [o.correct[0] for o in outcomes if o.correct and o.reasons and o.reasons[0] in
              ("kept", "wrong_answer")]
@@ -252,7 +243,7 @@ def summarize(cfg, teacher, samples, selected, outcomes, tally, pass_counts, sou
         "usage": _usage(tally.usage_all),
         "usage_this_run": _usage(tally.usage_new),
     }
-    price = pricing.price_for(teacher.model, cfg.prices) if teacher.kind == "gemini" else None
+    price = pricing.price_for(teacher.model, cfg.prices) if TEACHERS.get(teacher.kind).priced else None
     if price is not None:
         summary["cost_usd_estimate"] = round(pricing.cost(tally.usage_all, teacher.model, cfg.prices), 6)
         summary["price_per_million"] = dict(price)

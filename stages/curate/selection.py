@@ -9,7 +9,12 @@ to state/ as it is computed, so a resumed run does not roll the student again.
 
 from __future__ import annotations
 
+from prism_cli.checkpoint import resolve
+from stages.common.chat import rollout_prompt
 from stages.common.data import Sample
+from stages.common.models import load_policy, load_processor
+from stages.common.rewards import compute_score
+from stages.common.rollout import SamplingParams, make_engine
 from stages.curate.cache import JsonlCache, cache_key
 
 
@@ -37,11 +42,6 @@ def student_key(student_fingerprint: str, sample: Sample, k: int, temperature: f
 def count_correct(samples: list[Sample], student: str, *, k: int, temperature: float, max_new_tokens: int,
                   seed: int, engine: str, batch_size: int, cache: JsonlCache, progress=None) -> list[int]:
     """Correct rollouts out of k for each sample (cached per sample in `cache`)."""
-    from prism_cli.checkpoint import resolve
-    from stages.common.chat import rollout_prompt
-    from stages.common.rewards import compute_score
-    from stages.common.rollout import SamplingParams
-
     spec = resolve(student, role="--student")
     keys = [student_key(spec.fingerprint, s, k, temperature, max_new_tokens, seed) for s in samples]
     counts: list[int | None] = [cache.get(key) for key in keys]
@@ -49,9 +49,6 @@ def count_correct(samples: list[Sample], student: str, *, k: int, temperature: f
         progress.advance(sum(c is not None for c in counts))
     todo = [i for i, c in enumerate(counts) if c is None]
     if todo:
-        from stages.common.models import load_policy, load_processor
-        from stages.common.rollout import make_engine
-
         processor = load_processor(spec)
         rollout = make_engine(engine, load_policy(spec, train=False), processor)
         for start in range(0, len(todo), batch_size):

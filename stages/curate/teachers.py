@@ -1,131 +1,62 @@
-"""Teachers: who writes the demonstrations, and the one interface the quality gate calls.
+"""The teachers `prism curate --teacher` knows, one row each in TEACHERS: who writes the demonstrations.
 
-    gemini-3-flash, gemini-2.5-pro, ... (any Gemini id; also "gemini:ID")   google-genai, key from env
+    gemini-3-flash, gemini-2.5-pro, ... (a gemini-* id; any id as "gemini:ID")   google-genai, key from env
     openai:URL#MODEL    any OpenAI-compatible /chat/completions server (vLLM, SGLang, a hosted API)
     hf:CKPT             a local model through the rollout engine (hf or vLLM)
     oracle              the synth oracle (exact); oracle-noisy: with caption errors and reasoning slips
 
 A remote teacher (`concurrent = True`) answers one request per `call`, from many threads; a local one
-answers a list per `call_batch`. Both return `Reply`; remote failures surface as resilience.Transient
-or resilience.Fatal.
+answers a list per `call_batch`. Both return `Reply` (stages.curate.teacher_api); remote failures surface as
+resilience.Transient or resilience.Fatal. Adding a teacher: its module (a class, `parse`, `build`), a row
+here, a test (docs/extending.md).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import random
-import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from prism_cli.errors import PrismError, UsageError
+from prism_cli.errors import UsageError
+from stages.common.chat import rollout_prompt
+from stages.common.models import load_policy, load_processor
+from stages.common.protocol import format_response
+from stages.common.registry import Registry
+from stages.common.rollout import SamplingParams, make_engine
+from stages.common.synth import oracle_demo
+from stages.curate import gemini, openai_compat
+from stages.curate.teacher_api import FINISH, Reply, TeacherRequest, TeacherSpec  # noqa: F401 (re-exported)
 
-API_KEY_ENV = ("GOOGLE_API_KEY", "GEMINI_API_KEY")  # google-genai's own order (its get_env_api_key)
-BASE_URL_ENV = "PRISM_GEMINI_BASE_URL"
-OPENAI_KEY_ENV = "OPENAI_API_KEY"
 NOISY_DEFAULTS = {"caption_error_rate": 0.2, "reasoning_slip_rate": 0.2}
-
-# finish values a Reply can carry; everything but "stop" is a rejection reason of its own
-FINISH = ("stop", "max_tokens", "blocked", "empty", "bad_request", "other")
-
-
-@dataclass
-class TeacherRequest:
-    system: str
-    question: str
-    images: list[bytes]
-    attempt: int
-    seed: int
-    sample: Any = None   # the Sample (local teachers need more than the prompt); never hashed
-
-
-@dataclass
-class Reply:
-    text: str | None
-    finish: str = "stop"
-    usage: dict = field(default_factory=dict)   # prompt_tokens, output_tokens, thought_tokens, total_tokens
-    detail: str = ""                            # block reason, provider finish reason
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Reply":
-        return cls(**{k: d.get(k) for k in ("text", "finish", "usage", "detail") if k in d})
 
 
 @dataclass(frozen=True)
-class TeacherSpec:
-    kind: str      # gemini | openai | hf | oracle
-    model: str     # model id / checkpoint / "oracle" | "oracle-noisy"
-    url: str = ""  # openai only
-
-    @property
-    def name(self) -> str:
-        return {"gemini": self.model, "openai": f"openai:{self.model}", "hf": f"hf:{self.model}"}.get(
-            self.kind, self.model)
-
-
-_GEMINI_ID = re.compile(r"^(models/)?[A-Za-z0-9][\w.-]*$")
+class TeacherKind:
+    syntax: str                                   # how --teacher names one (help and errors list it)
+    parse: Callable[[str], TeacherSpec | None]    # the spec when the text names this kind, else None
+    build: Callable[[TeacherSpec, Any], Any]      # (spec, CurateConfig) -> a teacher; checks credentials first
+    remote: bool = False                          # calls a server: the plan shows calls, retries and cost
+    priced: bool = False                          # stages.curate.pricing knows its per-token prices
+    check_credentials: Callable[[], object] | None = None   # before any work (not under --dry-run)
 
 
 def parse_teacher(text: str) -> TeacherSpec:
     text = (text or "").strip()
-    if text in ("oracle", "oracle-noisy"):
-        return TeacherSpec("oracle", text)
-    if text.startswith("openai:"):
-        url, sep, model = text[len("openai:"):].partition("#")
-        if not sep or not url.startswith(("http://", "https://")) or not model:
-            raise UsageError(f"--teacher {text!r}: expected openai:URL#MODEL, e.g. "
-                             "openai:http://localhost:8000/v1#Qwen/Qwen3-VL-235B-A22B-Instruct")
-        return TeacherSpec("openai", model, url.rstrip("/"))
-    if text.startswith("hf:"):
-        if not text[3:]:
-            raise UsageError("--teacher hf: needs a checkpoint, e.g. hf:out/sft or hf:Qwen/Qwen3-VL-8B-Instruct")
-        return TeacherSpec("hf", text[3:])
-    model = text[len("gemini:"):] if text.startswith("gemini:") else text
-    if not model or not _GEMINI_ID.match(model):
-        raise UsageError(f"--teacher {text!r} is not a teacher",
-                         hint="use a Gemini model id (gemini-3-flash), openai:URL#MODEL, hf:CKPT, oracle or "
-                              "oracle-noisy")
-    return TeacherSpec("gemini", model.removeprefix("models/"))
+    for _, kind in TEACHERS.items():
+        spec = kind.parse(text)
+        if spec is not None:
+            return spec
+    raise UsageError(f"unknown --teacher {text!r}: registered teachers are "
+                     + ", ".join(kind.syntax for _, kind in TEACHERS.items()))
 
 
-def gemini_api_key() -> str:
-    """The key from the environment, exactly as google-genai reads it; a clear error before any work."""
-    for name in API_KEY_ENV:
-        value = os.environ.get(name, "").strip()
-        if value:
-            return value
-    raise PrismError("no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY) in the environment",
-                     hint="prism never reads keys from config files or flags; --dry-run needs no key")
+def teacher_kind(spec: TeacherSpec) -> TeacherKind:
+    return TEACHERS.get(spec.kind)
 
 
 def make_teacher(spec: TeacherSpec, cfg):
     """Build the teacher a config asks for (checks credentials first: no work starts without them)."""
-    if spec.kind == "gemini":
-        from stages.curate.gemini import GeminiTeacher
-
-        return GeminiTeacher(spec.model, api_key=gemini_api_key(),
-                             base_url=cfg.gemini_base_url or os.environ.get(BASE_URL_ENV, ""),
-                             timeout_s=cfg.timeout, temperature=cfg.temperature,
-                             max_output_tokens=cfg.max_output_tokens, thinking_level=cfg.thinking_level,
-                             thinking_budget=cfg.thinking_budget, concurrency=cfg.concurrency)
-    if spec.kind == "openai":
-        from stages.curate.openai_compat import OpenAITeacher
-
-        return OpenAITeacher(spec.url, spec.model, api_key=os.environ.get(OPENAI_KEY_ENV, ""),
-                             timeout_s=cfg.timeout, temperature=cfg.temperature,
-                             max_output_tokens=cfg.max_output_tokens, concurrency=cfg.concurrency)
-    if spec.kind == "hf":
-        return HFTeacher(spec.model, engine=cfg.rollout_engine, temperature=cfg.temperature,
-                         max_new_tokens=cfg.max_output_tokens, batch_size=cfg.rollout_batch)
-    rates = {k: getattr(cfg, k) for k in NOISY_DEFAULTS}
-    if spec.model == "oracle-noisy":
-        rates = {k: (NOISY_DEFAULTS[k] if v is None else v) for k, v in rates.items()}
-    return OracleTeacher(spec.model, caption_error_rate=rates["caption_error_rate"] or 0.0,
-                         reasoning_slip_rate=rates["reasoning_slip_rate"] or 0.0)
+    return teacher_kind(spec).build(spec, cfg)
 
 
 class OracleTeacher:
@@ -142,9 +73,6 @@ class OracleTeacher:
         self.sampling = dict(self.rates)
 
     def call_batch(self, requests: list[TeacherRequest]) -> list[Reply]:
-        from stages.common.protocol import format_response
-        from stages.common.synth import oracle_demo
-
         replies = []
         for req in requests:
             noisy = any(self.rates.values())
@@ -172,9 +100,6 @@ class HFTeacher:
 
     def __init__(self, ckpt: str, engine: str = "auto", temperature: float = 1.0, max_new_tokens: int = 1024,
                  batch_size: int = 16):
-        from stages.common.models import load_policy, load_processor
-        from stages.common.rollout import make_engine
-
         self.model = ckpt
         self.name = f"hf:{ckpt}"
         self.batch_size = batch_size
@@ -185,9 +110,6 @@ class HFTeacher:
         self.engine = make_engine(engine, load_policy(ckpt, train=False), self.processor)
 
     def call_batch(self, requests: list[TeacherRequest]) -> list[Reply]:
-        from stages.common.chat import rollout_prompt
-        from stages.common.rollout import SamplingParams
-
         replies: list[Reply] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start:start + self.batch_size]
@@ -203,3 +125,36 @@ class HFTeacher:
 
     def close(self) -> None:
         pass
+
+
+def parse_oracle(text: str) -> TeacherSpec | None:
+    return TeacherSpec("oracle", text) if text in ("oracle", "oracle-noisy") else None
+
+
+def build_oracle(spec: TeacherSpec, cfg) -> OracleTeacher:
+    rates = {k: getattr(cfg, k) for k in NOISY_DEFAULTS}
+    if spec.model == "oracle-noisy":
+        rates = {k: (NOISY_DEFAULTS[k] if v is None else v) for k, v in rates.items()}
+    return OracleTeacher(spec.model, caption_error_rate=rates["caption_error_rate"] or 0.0,
+                         reasoning_slip_rate=rates["reasoning_slip_rate"] or 0.0)
+
+
+def parse_hf(text: str) -> TeacherSpec | None:
+    if not text.startswith("hf:"):
+        return None
+    if not text[3:]:
+        raise UsageError("--teacher hf: needs a checkpoint, e.g. hf:out/sft or hf:Qwen/Qwen3-VL-8B-Instruct")
+    return TeacherSpec("hf", text[3:])
+
+
+def build_hf(spec: TeacherSpec, cfg) -> HFTeacher:
+    return HFTeacher(spec.model, engine=cfg.rollout_engine, temperature=cfg.temperature,
+                     max_new_tokens=cfg.max_output_tokens, batch_size=cfg.rollout_batch)
+
+
+TEACHERS: Registry[TeacherKind] = Registry("teacher", "--teacher")
+TEACHERS.register("oracle", TeacherKind("oracle, oracle-noisy", parse_oracle, build_oracle))
+TEACHERS.register("openai", TeacherKind("openai:URL#MODEL", openai_compat.parse, openai_compat.build, remote=True))
+TEACHERS.register("hf", TeacherKind("hf:CKPT", parse_hf, build_hf))
+TEACHERS.register("gemini", TeacherKind("gemini-* (or gemini:ID)", gemini.parse, gemini.build, remote=True,
+                                        priced=True, check_credentials=gemini.api_key))

@@ -16,6 +16,11 @@ from __future__ import annotations
 
 from itertools import groupby
 
+from prism_cli.errors import PrismError, UsageError
+from stages.common.models import load_policy, load_processor
+from stages.common.protocol import SYSTEM_PROMPT, parse_response
+from stages.common.rollout import RolloutPrompt, SamplingParams, make_engine
+
 MODEL_ID = "prism"
 REPLY_MODES = ("auto", "full", "answer")
 DEFAULT_MAX_NEW_TOKENS = 4096
@@ -42,7 +47,6 @@ def reply_text(response: str, task: str, mode: str = "auto") -> str:
     """What lmms-eval receives for one response."""
     if wants_full_response(task, mode):
         return response
-    from stages.common.protocol import parse_response
 
     answer = parse_response(response).answer
     return answer if answer is not None else response
@@ -54,8 +58,6 @@ def sampling_for(gen_kwargs: dict, cap: int, seed: int | None = None):
     Stop strings (`until`) are not passed on: they were written for other models' prompts ("Q:"), while a
     protocol response ends at the chat template's end-of-turn token.
     """
-    from stages.common.rollout import SamplingParams
-
     gen_kwargs = dict(gen_kwargs or {})
     temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
     if not gen_kwargs.get("do_sample", temperature > 0):
@@ -69,7 +71,6 @@ def as_images(visuals) -> list:
     """PIL images from what a task's doc_to_visual returned (images or image paths)."""
     from PIL import Image
 
-    from prism_cli.errors import PrismError
 
     if visuals is None:
         return []
@@ -89,9 +90,6 @@ def as_images(visuals) -> list:
 
 def protocol_prompt(context: str, images: list, system_prompt: bool = True):
     """A RolloutPrompt: [system protocol prompt], user(images..., task text)."""
-    from stages.common.protocol import SYSTEM_PROMPT
-    from stages.common.rollout import RolloutPrompt
-
     parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": str(context)}]
     messages = [{"role": "system", "content": SYSTEM_PROMPT}] if system_prompt else []
     messages.append({"role": "user", "content": parts})
@@ -112,14 +110,10 @@ class PrismLMM(_LmmsBase):
                  reply: str = "auto", system_prompt: bool | str = True, seed: int = 0,
                  rollout_engine=None, **ignored) -> None:
         super().__init__()
-        from prism_cli.errors import UsageError
 
         if reply not in REPLY_MODES:
             raise UsageError(f"prism model: reply={reply!r} is not one of {', '.join(REPLY_MODES)}")
         if rollout_engine is None:
-            from stages.common.models import load_policy, load_processor
-            from stages.common.rollout import make_engine
-
             processor = load_processor(pretrained)
             model = load_policy(pretrained, dtype=dtype, train=False)
             rollout_engine = make_engine(engine, model, processor)

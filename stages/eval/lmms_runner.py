@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from prism_cli.errors import PrismError, UsageError
-from stages.eval.tasks import TaskPlan, parse_judge
+from stages.eval.tasks import TaskPlan, parse_judge, task_names
 
 INSTALL_HINT = "install the eval extra: pip install lmms-eval==0.7.3 (README: Evaluation)"
 PACKAGE_TASK_DIR = Path(__file__).parent / "lmms_tasks"
@@ -26,6 +26,10 @@ def lmms_available() -> bool:
 def require_lmms(plans: list[TaskPlan]) -> None:
     needing = [p.name for p in plans if p.backend == "lmms"]
     if needing and not lmms_available():
+        unknown = [p.name for p in plans if p.scorer == "official"]  # not a registered prism task
+        if unknown:
+            raise UsageError(f"--tasks: unknown task {unknown[0]!r}: registered tasks are {', '.join(task_names())}",
+                             hint="any other name is an lmms-eval task, and lmms-eval is not installed")
         raise PrismError(f"task(s) {', '.join(needing)} need lmms-eval, which is not installed",
                          hint=INSTALL_HINT + "; --tasks synth runs without it")
 
@@ -39,9 +43,9 @@ def check_known(plans: list[TaskPlan], task_manager=None) -> None:
     for plan in plans:
         for task in plan.lmms_tasks:
             if task not in known:
-                raise UsageError(f"--tasks: unknown task {plan.name!r} (not a prism alias, not an lmms-eval task)",
-                                 hint="prism aliases: synth, mathvista, mathvision, mathverse, wemath, mmmu, "
-                                      "mmmu_pro, hallusionbench; `lmms-eval --tasks list` lists the others")
+                raise UsageError(f"--tasks: unknown task {plan.name!r}: registered tasks are "
+                                 f"{', '.join(task_names())}, and lmms-eval has no task of that name",
+                                 hint="`lmms-eval --tasks list` lists lmms-eval's tasks")
 
 
 def make_task_manager(include_paths: list[Path]):

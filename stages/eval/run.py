@@ -15,16 +15,18 @@ their parent (default: each checkpoint's own default).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
+from stages.common.models import load_policy, load_processor
+from stages.common.rollout import SamplingParams, make_engine
+from stages.common.synth import load
 from stages.eval import compare, lmms_runner, synth_native
 from stages.eval.config import EvalConfig
+from stages.eval.lmms_plugin import PrismLMM
 from stages.eval.tasks import TaskPlan, parse_judge, plan_tasks
 
-POLICY_STAGES = ("base", "sft", "align", "rl")
 
 
 def run(cfg: EvalConfig) -> Path | None:
@@ -35,7 +37,7 @@ def run(cfg: EvalConfig) -> Path | None:
     plans = plan_tasks(cfg.tasks, cfg.judge, cfg.synth_backend)
     lmms_runner.require_lmms(plans)
     lmms_runner.check_known(plans)
-    specs = [checkpoint.require_stage(checkpoint.resolve(ref), POLICY_STAGES) for ref in cfg.ckpt]
+    specs = [checkpoint.require_stage(checkpoint.resolve(ref), checkpoint.POLICY_STAGES) for ref in cfg.ckpt]
     outs = output_dirs(cfg.out, specs)
     synth_samples = load_synth(cfg) if any(p.name == "synth" for p in plans) else []
     if cfg.dry_run:
@@ -51,9 +53,6 @@ def run(cfg: EvalConfig) -> Path | None:
 
 
 def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan], synth_samples) -> Path:
-    from stages.common.models import load_policy, load_processor
-    from stages.common.rollout import SamplingParams, make_engine
-
     config = dict(to_dict(cfg), ckpt=[spec.ref], out=str(out))
     checkpoint.check_output(str(out), "eval", config, cfg.overwrite, cfg.resume)
     processor = load_processor(spec)
@@ -89,8 +88,6 @@ def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan],
 
 def evaluate_with_lmms(cfg, spec, engine, plans: list[TaskPlan], synth_samples, run_path: Path):
     """The lmms-eval tasks with the prism model wrapped around the already loaded engine."""
-    from stages.eval.lmms_plugin import PrismLMM
-
     include = []
     if any(p.name == "synth" for p in plans):
         include.append(synth_native.write_lmms_task(run_path / "lmms_synth", synth_samples, cfg.max_new_tokens))
@@ -117,18 +114,13 @@ def add_error_split(result: dict, rows: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------------- pieces
 
-def default_out(spec) -> Path:
-    if spec.path is not None:
-        return spec.path.parent / f"eval-{spec.path.name}"
-    return Path(f"eval-{re.sub(r'[^A-Za-z0-9._-]+', '--', spec.ref)}")
-
-
 def output_dirs(out: str, specs) -> list[Path]:
     if len(specs) == 1:
-        return [Path(out).expanduser() if out else default_out(specs[0])]
+        return [Path(out).expanduser() if out else checkpoint.default_eval_dir(specs[0])]
     dirs = []
     for spec in specs:
-        path = Path(out).expanduser() / default_out(spec).name if out else default_out(spec)
+        path = checkpoint.default_eval_dir(spec)
+        path = Path(out).expanduser() / path.name if out else path
         while path in dirs:  # two checkpoints with the same directory name
             path = path.with_name(path.name + "-2")
         dirs.append(path)
@@ -136,8 +128,6 @@ def output_dirs(out: str, specs) -> list[Path]:
 
 
 def load_synth(cfg: EvalConfig):
-    from stages.common.synth import load
-
     samples = load(cfg.synth, seed=cfg.seed)
     return samples[:cfg.limit] if cfg.limit else samples
 

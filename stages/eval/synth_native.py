@@ -12,7 +12,11 @@ import math
 from pathlib import Path
 
 from prism_cli import console
+from stages.common.chat import rollout_prompt
 from stages.common.data import Sample
+from stages.common.protocol import parse_response
+from stages.common.synth import caption_accuracy
+from stages.eval.tasks import rule_score
 
 SYNTH_TASK = "prism_synth"
 # Written beside the parquet at run time; the functions live in the package (absolute paths).
@@ -49,10 +53,6 @@ metadata:
 
 def score_synth(sample: Sample, response: str) -> dict:
     """acc/format/pred by the project's verifier, plus the caption's precision/recall/F1 against the scene."""
-    from stages.common.protocol import parse_response
-    from stages.common.synth import caption_accuracy
-    from stages.eval.tasks import rule_score
-
     scored = rule_score(response, sample.answer, choices=sample.choices)
     caption = caption_accuracy(parse_response(response).caption or "", sample)
     return {**scored, "caption_precision": float(caption["precision"]), "caption_recall": float(caption["recall"]),
@@ -96,8 +96,6 @@ def summarize(records: list[dict]) -> dict:
 
 def evaluate(engine, samples: list[Sample], params, batch_size: int = 16) -> list[dict]:
     """Generate for every sample with the rollout engine and score it: one record per sample."""
-    from stages.common.chat import rollout_prompt
-
     records = []
     with console.progress("synth", total=len(samples)) as bar:
         for start in range(0, len(samples), batch_size):

@@ -1,6 +1,6 @@
 """What `--tasks` names mean, and how each benchmark is scored without a judge.
 
-A short alias (mathvista, mmmu, ...) maps to the benchmark the paper evaluated (REFERENCE.md 1). With
+A short alias (mathvista, mmmu, ...) maps to the benchmark the paper evaluated (docs/method.md, "Evaluation"). With
 `--judge none` every alias runs as one of the task overrides shipped in stages/eval/lmms_tasks/
 (`prism_*`): the same dataset and split as the official lmms-eval task, our prompt (the question and its
 options, under the protocol system prompt), and a rule-based scorer from this module instead of an LLM
@@ -18,6 +18,9 @@ import re
 from dataclasses import dataclass
 
 from prism_cli.errors import UsageError
+from stages.common.protocol import parse_response
+from stages.common.registry import Registry
+from stages.common.rewards import compute_score
 
 LMMS_TASK_DIR_NAME = "lmms_tasks"
 
@@ -25,35 +28,20 @@ LMMS_TASK_DIR_NAME = "lmms_tasks"
 @dataclass(frozen=True)
 class Benchmark:
     alias: str
-    override_tasks: tuple[str, ...]   # prism_* tasks shipped here (rule-scored), averaged into one number
+    scorers: dict                     # prism_* task shipped in lmms_tasks/ (rule-scored) -> its scorer
     official_tasks: tuple[str, ...]   # what the paper ran in lmms-eval
     official_metric: str              # the official task's headline metric (judge mode)
     needs_judge: bool                 # the official scorer is an LLM judge
     note: str                         # how rule scoring differs from the official number
 
+    @property
+    def override_tasks(self) -> tuple[str, ...]:
+        """The prism_* tasks, averaged into one number."""
+        return tuple(self.scorers)
 
-BENCHMARKS = {b.alias: b for b in [
-    Benchmark("mathvista", ("prism_mathvista_testmini",), ("mathvista_testmini_cot",), "llm_as_judge_eval", True,
-              "answer from <answer>; option letter or option text for multiple choice; numbers compared at the "
-              "question's precision; official: GPT answer extraction then exact match"),
-    Benchmark("mathvision", ("prism_mathvision_testmini",), ("mathvision_testmini",), "mathvision_standard_eval",
-              False, "same kind of rule as the official scorer (letter / value match), math-verify for LaTeX"),
-    Benchmark("mathverse", ("prism_mathverse_testmini",), ("mathverse_testmini",), "gpt_eval_score", True,
-              "answer from <answer> matched by rules + math-verify; official: GPT extraction and GPT judgement"),
-    Benchmark("wemath", ("prism_wemath_testmini",), ("wemath_testmini_reasoning",), "acc_score", False,
-              "per-question option-letter accuracy (the official reasoning task's acc_score); WeMath's "
-              "loose/strict four-dimensional scores are not computed"),
-    Benchmark("mmmu", ("prism_mmmu_val",), ("mmmu_val",), "mmmu_acc", False,
-              "option letter (or option text) for multiple choice, normalised string/number match for open "
-              "questions; official: the same kind of rules with a looser answer extraction"),
-    Benchmark("mmmu_pro", ("prism_mmmu_pro_standard", "prism_mmmu_pro_vision"), ("mmmu_pro",), "mmmu_acc", False,
-              "mean of the standard (10 options) and vision subsets, as the official group"),
-    Benchmark("hallusionbench", ("prism_hallusion_bench_image",), ("hallusion_bench_image",), "aAcc", True,
-              "aAcc by a yes/no rule on <answer>; official: GPT decides yes/no/uncertain; qAcc/fAcc not reported"),
-]}
+
 ALIASES = {"hallusion": "hallusionbench", "hallusion_bench": "hallusionbench", "mmmu-pro": "mmmu_pro"}
 NATIVE_TASKS = ("synth",)
-PAPER_TASKS = ("mathvista", "mathverse", "mathvision", "wemath", "mmmu", "mmmu_pro", "hallusionbench")
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
 
@@ -87,13 +75,13 @@ def plan_task(name: str, judge: str = "none", synth_backend: str = "native") -> 
             return TaskPlan("synth", "lmms", ("prism_synth",), "rule", "acc")
         return TaskPlan("synth", "native", (), "rule", "acc")
     if alias in BENCHMARKS:
-        bench = BENCHMARKS[alias]
+        bench = BENCHMARKS.get(alias)
         if judge != "none" and bench.needs_judge:
             return TaskPlan(alias, "lmms", bench.official_tasks, "judge", bench.official_metric)
         return TaskPlan(alias, "lmms", bench.override_tasks, "rule", "acc")
     if not _TASK_NAME.match(name):
         raise UsageError(f"--tasks: {name!r} is not a task name",
-                         hint=f"use {', '.join(('synth',) + PAPER_TASKS)} or an lmms-eval task name")
+                         hint=f"use {', '.join(task_names())} or an lmms-eval task name")
     return TaskPlan(name, "lmms", (name,), "official", "")
 
 
@@ -164,9 +152,6 @@ def letter_of(answer: str, choices: list[str]) -> str | None:
 def rule_score(response: str, ground_truth: str, choices: list[str] | None = None,
                equivalents: list[str] | None = None) -> dict:
     """The project's verifier on a protocol response: acc without the format gate, format reported apart."""
-    from stages.common.protocol import parse_response
-    from stages.common.rewards import compute_score
-
     scored = compute_score(response, str(ground_truth), choices=choices or None, equivalents=equivalents or None,
                            require_format=False)
     return {"acc": float(scored["acc"]), "format": float(parse_response(response).format_ok),
@@ -235,27 +220,44 @@ def yes_no(text: str | None) -> str | None:
 
 def score_hallusion(doc: dict, response: str) -> dict:
     """HallusionBench: gt_answer 1 = yes, 0 = no; the answer is read from <answer> (whole text otherwise)."""
-    from stages.common.protocol import parse_response
-
     parsed = parse_response(response)
     pred = yes_no(parsed.answer if parsed.answer is not None else response)
     truth = "yes" if str(doc.get("gt_answer", "")).strip() in ("1", "yes", "Yes") else "no"
     return {"acc": float(pred == truth), "format": float(parsed.format_ok), "pred": pred}
 
 
-SCORERS = {
-    "prism_mathvista_testmini": score_mathvista,
-    "prism_mathvision_testmini": score_mathvision,
-    "prism_mathverse_testmini": score_mathverse,
-    "prism_wemath_testmini": score_wemath,
-    "prism_mmmu_val": score_mmmu,
-    "prism_mmmu_pro_standard": score_mmmu,
-    "prism_mmmu_pro_vision": score_mmmu_pro_vision,
-    "prism_hallusion_bench_image": score_hallusion,
-}
+# The benchmarks --tasks knows by a short name, in the paper's order. Adding one: a row here (with its
+# scorer above), its prism_* YAML in lmms_tasks/, a test (docs/extending.md).
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark task", "--tasks")
+for _bench in [
+    Benchmark("mathvista", {"prism_mathvista_testmini": score_mathvista}, ("mathvista_testmini_cot",),
+              "llm_as_judge_eval", True,
+              "answer from <answer>; option letter or option text for multiple choice; numbers compared at the "
+              "question's precision; official: GPT answer extraction then exact match"),
+    Benchmark("mathverse", {"prism_mathverse_testmini": score_mathverse}, ("mathverse_testmini",),
+              "gpt_eval_score", True,
+              "answer from <answer> matched by rules + math-verify; official: GPT extraction and GPT judgement"),
+    Benchmark("mathvision", {"prism_mathvision_testmini": score_mathvision}, ("mathvision_testmini",),
+              "mathvision_standard_eval", False,
+              "same kind of rule as the official scorer (letter / value match), math-verify for LaTeX"),
+    Benchmark("wemath", {"prism_wemath_testmini": score_wemath}, ("wemath_testmini_reasoning",), "acc_score", False,
+              "per-question option-letter accuracy (the official reasoning task's acc_score); WeMath's "
+              "loose/strict four-dimensional scores are not computed"),
+    Benchmark("mmmu", {"prism_mmmu_val": score_mmmu}, ("mmmu_val",), "mmmu_acc", False,
+              "option letter (or option text) for multiple choice, normalised string/number match for open "
+              "questions; official: the same kind of rules with a looser answer extraction"),
+    Benchmark("mmmu_pro", {"prism_mmmu_pro_standard": score_mmmu, "prism_mmmu_pro_vision": score_mmmu_pro_vision},
+              ("mmmu_pro",), "mmmu_acc", False,
+              "mean of the standard (10 options) and vision subsets, as the official group"),
+    Benchmark("hallusionbench", {"prism_hallusion_bench_image": score_hallusion}, ("hallusion_bench_image",),
+              "aAcc", True,
+              "aAcc by a yes/no rule on <answer>; official: GPT decides yes/no/uncertain; qAcc/fAcc not reported"),
+]:
+    BENCHMARKS.register(_bench.alias, _bench)
+PAPER_TASKS = tuple(BENCHMARKS.names())
+SCORERS = {task: scorer for bench in BENCHMARKS.values() for task, scorer in bench.scorers.items()}
 
 
-def rule_scored_table() -> list[list[str]]:
-    """Rows for the README / --dry-run: alias, lmms-eval task, how it is scored here vs officially."""
-    return [[b.alias, ", ".join(b.official_tasks), "judge" if b.needs_judge else "rules", b.note]
-            for b in BENCHMARKS.values()]
+def task_names() -> list[str]:
+    """Every name --tasks knows besides lmms-eval's own: the native tasks, then the benchmarks."""
+    return [*NATIVE_TASKS, *BENCHMARKS.names()]

@@ -101,7 +101,7 @@ def render(name: str, what: str, dtype: str, lineage: list[dict], evals: list[di
         lines.append("Scored by prism's rule-based verifier unless a judge is named (see the prism README).")
     lines += ["", "## Usage", ""]
     if what == "discriminator":
-        lines += ["```python", "from stages.align.discriminator import load_discriminator",
+        lines += ["```python", "from stages.common.discriminator import load_discriminator",
                   "disc = load_discriminator(\"PATH_OR_REPO\")  # needs the prism toolkit: a custom value head", "```"]
     else:
         lines += ["```python", "from transformers import AutoModelForImageTextToText, AutoProcessor",

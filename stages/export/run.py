@@ -20,10 +20,13 @@ import torch
 
 from prism_cli import checkpoint, console
 from prism_cli.errors import PrismError
+from stages.common import synth
+from stages.common.chat import problem_messages
+from stages.common.discriminator import load_discriminator, load_discriminator_processor
+from stages.common.models import load_policy, load_processor
 from stages.export import model_card
 from stages.export.config import ExportConfig
 
-POLICY_STAGES = ("base", "sft", "align", "rl")
 LOGITS_ATOL = {"fp32": 1e-4, "bf16": 0.0, "fp16": 0.0}  # same dtype both sides: reload must be bit-exact
 
 
@@ -32,7 +35,7 @@ def run(cfg: ExportConfig) -> Path:
     if cfg.what == "discriminator":
         checkpoint.require_stage(spec, ("align",))
     else:
-        checkpoint.require_stage(spec, POLICY_STAGES)
+        checkpoint.require_stage(spec, checkpoint.POLICY_STAGES)
     out = Path(cfg.out).expanduser()
     check_output(out, cfg.overwrite)
     if cfg.dry_run:
@@ -49,7 +52,8 @@ def run(cfg: ExportConfig) -> Path:
         model, processor = save_policy(spec, cfg, staging, device)
 
     lineage = model_card.lineage_records(spec)
-    evals = model_card.eval_results([Path(d) for d in cfg.eval] or default_eval_dirs(spec))
+    beside = [checkpoint.default_eval_dir(spec)] if spec.path is not None else []  # a hub model has no results
+    evals = model_card.eval_results([Path(d) for d in cfg.eval] or beside)
     verification = verify(cfg, staging, model, processor) if cfg.verify else {}
     write_card(staging, out.name, cfg, lineage, evals, verification)
 
@@ -83,8 +87,6 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def save_policy(spec, cfg: ExportConfig, staging: Path, device):
-    from stages.common.models import load_policy, load_processor
-
     processor = load_processor(spec)
     model = load_policy(spec, dtype=cfg.dtype, device=device, train=False)
     write_hf_folder(model, processor, staging, cfg.max_shard_size)
@@ -92,8 +94,6 @@ def save_policy(spec, cfg: ExportConfig, staging: Path, device):
 
 
 def save_discriminator(spec, cfg: ExportConfig, staging: Path, device):
-    from stages.align.discriminator import load_discriminator, load_discriminator_processor
-
     model = load_discriminator(spec.path, dtype=cfg.dtype, device=device, train=False)
     processor = load_discriminator_processor(spec.path)
     write_hf_folder(model, processor, staging, cfg.max_shard_size)
@@ -112,17 +112,9 @@ def write_hf_folder(model, processor, directory: Path, max_shard_size: str) -> N
         raise PrismError(f"cannot write the export to {directory}: {e.strerror or e}") from None
 
 
-def default_eval_dirs(spec) -> list[Path]:
-    if spec.path is None:
-        return []
-    return [spec.path.parent / f"eval-{spec.path.name}"]
-
-
 def verify(cfg: ExportConfig, directory: Path, model, processor) -> dict:
     """Reload the folder the way a user would; compare logits on a synth prompt and generate a few tokens."""
     if cfg.what == "discriminator":
-        from stages.align.discriminator import load_discriminator
-
         reloaded = load_discriminator(directory, dtype=cfg.dtype, device=torch.device("cpu"))
         return {"reloaded": True, "max_abs_weight_diff": max_weight_diff(model, reloaded)}
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -146,10 +138,7 @@ def verify(cfg: ExportConfig, directory: Path, model, processor) -> dict:
 
 def probe_inputs(processor) -> dict:
     """One synth problem as the model would see it (image + question under the chat template)."""
-    from stages.common.chat import problem_messages
-    from stages.common.synth import load
-
-    sample = load("synth:test:1")[0]
+    sample = synth.load("synth:test:1")[0]
     messages = problem_messages(sample, images=sample.pil_images())
     return dict(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                               return_tensors="pt"))

@@ -1,5 +1,5 @@
-"""RLConfig: `prism rl --algo grpo|dapo|gspo`. Defaults follow the paper's RLVR stage (REFERENCE.md 1);
-knobs left as None take the chosen algorithm's default (see ALGO_DEFAULTS)."""
+"""RLConfig: `prism rl --algo grpo|dapo|gspo`. Defaults follow the paper's RLVR stage (docs/method.md);
+knobs left as None take the chosen algorithm's default (stages.common.algorithms)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,11 @@ from dataclasses import dataclass
 
 from prism_cli.config import CommonConfig, opt
 from prism_cli.errors import UsageError
-
-# What each algorithm means when the user does not override a knob.
-ALGO_DEFAULTS = {
-    "grpo": dict(clip_low=0.2, clip_high=0.2, loss_agg="token-mean", dynamic_sampling=False, overlong_buffer=0),
-    "dapo": dict(clip_low=0.2, clip_high=0.28, loss_agg="token-mean", dynamic_sampling=True, overlong_buffer=4096),
-    "gspo": dict(clip_low=3e-4, clip_high=4e-4, loss_agg="seq-mean-token-mean", dynamic_sampling=False,
-                 overlong_buffer=0),
-}
-
+from stages.common.algorithms import ALGORITHMS
 
 @dataclass
 class RLConfig(CommonConfig):
-    algo: str = opt("dapo", "grpo, dapo or gspo", group="Algorithm")
+    algo: str = opt("dapo", f"one of {', '.join(ALGORITHMS.names())}", group="Algorithm")
     ckpt: str = opt("", "policy to train: an sft/align/rl checkpoint, an HF dir or hub id, or tiny", group="Model")
     data: list[str] = opt(help="prompts with ground-truth answers (repeatable): synth, a curate dir, parquet...",
                           group="Data", factory=lambda: ["synth"])
@@ -68,11 +60,10 @@ class RLConfig(CommonConfig):
 
     def resolved(self, key: str):
         value = getattr(self, key)
-        return ALGO_DEFAULTS[self.algo][key] if value is None else value
+        return ALGORITHMS.get(self.algo).default(key) if value is None else value
 
     def validate(self) -> None:
-        if self.algo not in ALGO_DEFAULTS:
-            raise UsageError(f"unknown --algo {self.algo!r}", hint="use grpo, dapo or gspo")
+        ALGORITHMS.get(self.algo)  # an unknown name fails here, listing the registered ones
         if not self.ckpt:
             raise UsageError("--ckpt is required", hint="e.g. --ckpt out/sft or --ckpt tiny")
         if self.rollouts_per_prompt < 1 or self.prompts_per_step < 1 or self.steps < 1:

@@ -16,6 +16,8 @@ import torch
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
 from stages.common import training
+from stages.common.advantages import dynamic_sampling_keep, overlong_penalty
+from stages.common.algorithms import ALGORITHMS
 from stages.common.chat import rollout_prompt
 from stages.common.data import Sample, stream_item
 from stages.common.formats import load_sources, source_parents
@@ -23,15 +25,13 @@ from stages.common.models import estimate_training_memory, load_policy, load_pro
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.rewards import compute_score
 from stages.common.rollout import SamplingParams, make_engine
-from stages.rl import advantages as adv_fns
 from stages.rl.config import RLConfig
 
-POLICY_STAGES = ("base", "sft", "align", "rl")
 
 
 def run(cfg: RLConfig) -> Path:
     training.seed_everything(cfg.seed)
-    policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), POLICY_STAGES)
+    policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     prompts, data_fp, data_parents = load_prompts(cfg.data)
     if cfg.dry_run:
         return print_plan(cfg, policy_spec, len(prompts))
@@ -139,8 +139,8 @@ def score_rows(cfg: RLConfig, samples: list[Sample], completions_by_prompt: list
             lengths.append(len(c.token_ids))
     rewards_t = torch.tensor(rewards, dtype=torch.float32)
     if buffer > 0:
-        rewards_t = rewards_t + adv_fns.overlong_penalty(torch.tensor(lengths), cfg.max_new_tokens, buffer,
-                                                         cfg.overlong_penalty)
+        rewards_t = rewards_t + overlong_penalty(torch.tensor(lengths), cfg.max_new_tokens, buffer,
+                                                 cfg.overlong_penalty)
     return rewards_t, torch.tensor(acc), torch.tensor(fmt), lengths
 
 
@@ -173,7 +173,7 @@ def collect_rollouts(cfg: RLConfig, accelerator, model, engine, prompts: list[Sa
         seen["lengths"] += lengths
         group_ids = torch.arange(len(batch_samples)).repeat_interleave(n)
         if dynamic:
-            keep = adv_fns.dynamic_sampling_keep(acc, group_ids).group_mask.tolist()
+            keep = dynamic_sampling_keep(acc, group_ids).group_mask.tolist()
         else:
             keep = [True] * len(batch_samples)
         groups_total += len(batch_samples)
@@ -206,7 +206,7 @@ def collect_rollouts(cfg: RLConfig, accelerator, model, engine, prompts: list[Sa
 # --------------------------------------------------------------------------------------------- update
 
 def ppo_settings(cfg: RLConfig) -> PPOSettings:
-    return PPOSettings(loss="gspo" if cfg.algo == "gspo" else "ppo", clip_low=cfg.resolved("clip_low"),
+    return PPOSettings(loss=ALGORITHMS.get(cfg.algo).loss, clip_low=cfg.resolved("clip_low"),
                        clip_high=cfg.resolved("clip_high"), agg=cfg.resolved("loss_agg"),
                        temperature=cfg.temperature, micro_batch_tokens=cfg.micro_batch_tokens,
                        ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches, max_grad_norm=cfg.max_grad_norm,
@@ -217,7 +217,7 @@ def policy_update(cfg: RLConfig, accelerator, model, reference, optimizer, sched
                   rollouts: Rollouts) -> dict:
     """Group-normalised advantages of the verifiable reward, then the clipped policy update."""
     group_ids = torch.tensor(rollouts.prompt_index, dtype=torch.long)
-    advantages = adv_fns.group_normalized_advantages(rollouts.rewards, group_ids, cfg.normalize_std)
+    advantages = ALGORITHMS.get(cfg.algo).advantage(rollouts.rewards, group_ids, cfg.normalize_std)
     stats = ppo_update(ppo_settings(cfg), accelerator, model, optimizer, scheduler, processor, rollouts.prompts,
                        rollouts.completions, rollouts.prompt_index, advantages, reference=reference)
     stats["advantage/mean_abs"] = float(advantages.abs().mean()) if len(advantages) else 0.0

@@ -21,18 +21,18 @@ from prism_cli.errors import PrismError
 from stages.common import training
 from stages.common.data import Sample
 from stages.common.formats import load_sources, source_parents
+from stages.common.logprobs import to_device
 from stages.common.models import load_policy, load_processor, estimate_training_memory
 from stages.sft.config import SFTConfig
 from stages.sft.data import Encoded, encode_batch, pack, pad, rope_index_of, split_holdout, step_indices
 from stages.sft.loss import summed_nll
 
-POLICY_STAGES = ("base", "sft", "align", "rl")
 ENCODE_BATCH = 64  # samples per processor call when encoding
 
 
 def run(cfg: SFTConfig) -> Path:
     training.seed_everything(cfg.seed)
-    policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), POLICY_STAGES)
+    policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     mixture = load_mixture(cfg.data, cfg.seed)
     train_samples, eval_samples = split_holdout(mixture.samples, cfg.eval_fraction, cfg.seed)
     steps_per_epoch = len(train_samples) // cfg.batch_size
@@ -154,10 +154,6 @@ def encode_all(samples: list[Sample], processor, model, cfg: SFTConfig, what: st
 
 def micro_batches(items: list[Encoded], size: int) -> list[list[Encoded]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 def use_packing(cfg: SFTConfig, model) -> bool:

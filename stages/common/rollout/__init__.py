@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import importlib.util
 
-from prism_cli.errors import PrismError, UsageError
-from stages.common.rollout.base import Completion, RolloutEngine, RolloutPrompt, SamplingParams
+from dataclasses import dataclass
+from typing import Callable
 
-ENGINE_NAMES = ("auto", "hf", "vllm")
+from prism_cli.errors import PrismError, UsageError
+from stages.common.registry import Registry
+from stages.common.rollout.base import Completion, RolloutEngine, RolloutPrompt, SamplingParams
+from stages.common.rollout.hf import HFEngine
+from stages.common.rollout.vllm import VLLMEngine  # cheap: vllm itself is imported when an engine is built
 
 __all__ = ["Completion", "RolloutEngine", "RolloutPrompt", "SamplingParams", "make_engine", "vllm_usable",
-           "ENGINE_NAMES"]
+           "ENGINES", "ENGINE_NAMES"]
 
 
 def vllm_usable() -> bool:
@@ -25,20 +29,36 @@ def vllm_usable() -> bool:
     return torch.cuda.is_available()
 
 
+def _vllm_missing() -> str:
+    return "vLLM" if importlib.util.find_spec("vllm") is None else "a CUDA GPU"
+
+
+@dataclass(frozen=True)
+class Engine:
+    build: Callable                   # (model, processor, **opts) -> RolloutEngine
+    needs: str                        # what it runs on, for the error when it cannot
+    usable: Callable[[], bool]        # can it run on this machine?
+    missing: Callable[[], str]        # what this machine lacks when it cannot
+    hint: str = ""
+
+
+# In "auto" preference order: the first usable one wins. Adding an engine: its module, a row, a test.
+ENGINES: Registry[Engine] = Registry("rollout engine", "rollout engine")
+ENGINES.register("vllm", Engine(VLLMEngine, "vLLM and a CUDA GPU", vllm_usable, _vllm_missing,
+                                hint="pip install 'prism-vlm[gpu]' on a GPU machine, or use --set rollout_engine=hf"))
+ENGINES.register("hf", Engine(HFEngine, "transformers", lambda: True, lambda: ""))
+ENGINE_NAMES = ("auto", *ENGINES.names())
+
+
 def make_engine(name: str, model, processor, **opts) -> RolloutEngine:
-    """The rollout engine called `name` for `model`; opts go to the engine's constructor."""
-    if name not in ENGINE_NAMES:
-        raise UsageError(f"unknown rollout engine {name!r}", hint="use auto, hf or vllm")
+    """The rollout engine called `name` (or the first usable one for "auto"); opts go to its constructor."""
     if name == "auto":
-        name = "vllm" if vllm_usable() else "hf"
-    if name == "vllm":
-        if not vllm_usable():
-            raise PrismError("rollout engine vllm needs vLLM and a CUDA GPU, and this machine lacks "
-                             + ("vLLM" if importlib.util.find_spec("vllm") is None else "a CUDA GPU"),
-                             hint="pip install 'prism-vlm[gpu]' on a GPU machine, or use --set rollout_engine=hf")
-        from stages.common.rollout.vllm import VLLMEngine
-
-        return VLLMEngine(model, processor, **opts)
-    from stages.common.rollout.hf import HFEngine
-
-    return HFEngine(model, processor, **opts)
+        name = next(n for n, engine in ENGINES.items() if engine.usable())
+    elif name not in ENGINES:
+        raise UsageError(f"unknown rollout engine {name!r}: registered rollout engines are auto, "
+                         + ", ".join(ENGINES.names()))
+    engine = ENGINES.get(name)
+    if not engine.usable():
+        raise PrismError(f"rollout engine {name} needs {engine.needs}, and this machine lacks {engine.missing()}",
+                         hint=engine.hint or None)
+    return engine.build(model, processor, **opts)

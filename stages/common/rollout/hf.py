@@ -31,12 +31,11 @@ from contextlib import nullcontext
 
 import torch
 
-from stages.common.logprobs import banned_token_mask
 from stages.common.rollout import shared_prefix
 from stages.common.rollout.base import Completion, RolloutPrompt, SamplingParams
 from stages.common.rollout.kv_cache import preallocate_cache
-from stages.common.rollout.prompts import (encode_prompts, prompt_positions, stop_token_ids, tokenizer_of,
-                                          vision_token_ids)
+from stages.common.rollout.prompts import (banned_token_mask, encode_prompts, prompt_positions, stop_token_ids,
+                                          tokenizer_of, vision_token_ids)
 
 # Drop finished rows from the decode batch once this fraction of it has finished: index-selecting the
 # cache costs one copy, so doing it every step would cost more than the rows it saves.

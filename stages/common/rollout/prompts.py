@@ -114,3 +114,12 @@ def prompt_positions(model, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
     # get_rope_index counts from the first real token; the text row must agree with it for later steps.
     deltas = deltas.view(-1, 1).to(mask.device)
     return torch.cat([text_pos.unsqueeze(0), mrope.to(text_pos.dtype)], 0), deltas
+
+
+def banned_token_mask(vocab_size: int, banned_ids: Sequence[int], device=None) -> torch.Tensor:
+    """[vocab] bool, True at the token ids sampling must never emit (the vision tokens, vision_token_ids)."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    ids = [int(i) for i in banned_ids if 0 <= int(i) < vocab_size]
+    if ids:
+        mask[ids] = True
+    return mask

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 import torch
 
+from prism_cli.errors import PrismError
 from stages.common.rollout.base import Completion, RolloutPrompt, SamplingParams
 from stages.common.rollout.prompts import prompt_text, vision_token_ids
 
@@ -134,8 +135,6 @@ class VLLMEngine:
         self.tie_word_embeddings = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
         path = model_path or getattr(getattr(model, "config", None), "_name_or_path", None)
         if not path:
-            from prism_cli.errors import PrismError
-
             raise PrismError("the vllm engine needs the policy's checkpoint directory (model_path)")
         self.llm = LLM(model=str(path), enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization,
                        max_model_len=max_model_len, limit_mm_per_prompt={"image": max_images_per_prompt},
@@ -187,7 +186,6 @@ class VLLMEngine:
                     break
             if obj is not None:
                 return obj() if path.endswith("get_model") else obj
-        from prism_cli.errors import PrismError
 
         raise PrismError("cannot reach vLLM's model to load weights into (unknown vLLM version layout)",
                          hint="set VLLM_ENABLE_V1_MULTIPROCESSING=0 or pin the vLLM version prism lists")

@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import re
 
+from stages.common.chat import question_text
+from stages.common.data import Sample
 from stages.eval import tasks
+from stages.eval.synth_native import score_synth
 
 _IMAGE_TAG = re.compile(r"<image (\d+)>")
 
@@ -117,22 +120,16 @@ def synth_doc_to_visual(doc):
 
 
 def synth_doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    from stages.common.chat import question_text
-
     return question_text(synth_sample(doc))
 
 
 def synth_sample(doc):
-    from stages.common.data import Sample
-
     return Sample(id=str(doc["id"]), images=[], question=doc["question"], answer=doc["answer"],
                   choices=json.loads(doc["choices"]) if doc.get("choices") else None, task=doc.get("task", ""),
                   source="synth", meta=json.loads(doc["meta"]) if doc.get("meta") else {})
 
 
 def process_prism_synth(doc, results):
-    from stages.eval.synth_native import score_synth
-
     scored = score_synth(synth_sample(doc), results[0])
     return {"acc": scored["acc"], "format": scored["format"], "caption_f1": scored["caption_f1"]}
 
@@ -144,33 +141,14 @@ def _metrics(task_name: str, doc, results) -> dict:
     return {"acc": scored["acc"], "format": scored["format"]}
 
 
-def process_prism_mathvista_testmini(doc, results):
-    return _metrics("prism_mathvista_testmini", doc, results)
+def _process_results(task_name: str):
+    def process(doc, results):
+        return _metrics(task_name, doc, results)
+    process.__name__ = process.__qualname__ = f"process_{task_name}"
+    return process
 
 
-def process_prism_mathvision_testmini(doc, results):
-    return _metrics("prism_mathvision_testmini", doc, results)
-
-
-def process_prism_mathverse_testmini(doc, results):
-    return _metrics("prism_mathverse_testmini", doc, results)
-
-
-def process_prism_wemath_testmini(doc, results):
-    return _metrics("prism_wemath_testmini", doc, results)
-
-
-def process_prism_mmmu_val(doc, results):
-    return _metrics("prism_mmmu_val", doc, results)
-
-
-def process_prism_mmmu_pro_standard(doc, results):
-    return _metrics("prism_mmmu_pro_standard", doc, results)
-
-
-def process_prism_mmmu_pro_vision(doc, results):
-    return _metrics("prism_mmmu_pro_vision", doc, results)
-
-
-def process_prism_hallusion_bench_image(doc, results):
-    return _metrics("prism_hallusion_bench_image", doc, results)
+# One `process_<task>` per row of stages.eval.tasks.BENCHMARKS, the name its YAML's process_results gives
+# (lmms-eval passes only doc and results, so the task name is bound here).
+for _task in tasks.SCORERS:
+    globals()[f"process_{_task}"] = _process_results(_task)

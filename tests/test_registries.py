@@ -1,0 +1,96 @@
+"""The variant tables (RL algorithms, teachers, benchmark tasks, rollout engines): an unknown name is one error
+line that lists the registered names (non-zero exit), and a registered row is what the stage uses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from prism_cli.app import app
+from prism_cli.errors import UsageError
+from stages.common import losses
+from stages.common.algorithms import ALGORITHMS, Algorithm
+from stages.common.registry import Registry
+from stages.common.rollout import ENGINES, make_engine
+from stages.curate.teachers import TEACHERS, parse_teacher
+from stages.eval import lmms_runner
+from stages.eval.tasks import BENCHMARKS, SCORERS, plan_tasks, task_names
+from stages.rl.config import RLConfig
+from stages.rl.run import ppo_settings
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_unknown_algo_lists_the_registered_ones(tmp_path):
+    line = _one_error_line(CliRunner().invoke(app, ["rl", "--algo", "dapoo", "--ckpt", "tiny", "--dry-run",
+                                                    "--out", str(tmp_path / "o")]))
+    assert "'dapoo'" in line and "grpo, dapo, gspo" in line
+
+
+def test_unknown_teacher_lists_the_registered_ones(tmp_path):
+    for name in ("oracel", "gpt-5"):
+        line = _one_error_line(CliRunner().invoke(app, ["curate", "--teacher", name, "--source", "synth:train:2",
+                                                        "--dry-run", "--out", str(tmp_path / "o")]))
+        assert repr(name) in line and "oracle, oracle-noisy" in line and "openai:URL#MODEL" in line, line
+    # what did parse keeps parsing the same way
+    assert parse_teacher("gemini-3-flash").kind == "gemini" and parse_teacher("gemini:my-tuned").model == "my-tuned"
+
+
+def test_unknown_task_without_lmms_eval_lists_the_registered_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(lmms_runner, "lmms_available", lambda: False)
+    line = _one_error_line(CliRunner().invoke(app, ["eval", "--ckpt", "tiny", "--tasks", "synthh", "--dry-run",
+                                                    "--out", str(tmp_path / "o")]))
+    assert "'synthh'" in line and ", ".join(task_names()) in line
+
+
+def test_unknown_task_with_lmms_eval_lists_the_registered_ones():
+    class Manager:
+        all_tasks = ["mmmu_val"]
+    with pytest.raises(UsageError, match="registered tasks are synth, mathvista"):
+        lmms_runner.check_known(plan_tasks("synthh"), task_manager=Manager())
+
+
+def test_unknown_engine_lists_the_registered_ones():
+    with pytest.raises(UsageError, match="registered rollout engines are auto, vllm, hf"):
+        make_engine("sglang", None, None)
+
+
+def test_registry_refuses_a_name_twice():
+    table: Registry[int] = Registry("thing", "--thing")
+    table.register("a", 1)
+    with pytest.raises(ValueError, match="twice"):
+        table.register("a", 2)
+    with pytest.raises(UsageError, match="unknown --thing 'b': registered things are a"):
+        table.get("b")
+
+
+def test_the_tables_name_what_the_stages_use():
+    assert ALGORITHMS.names() == ["grpo", "dapo", "gspo"]
+    assert ALGORITHMS.get("gspo").loss is losses.gspo_loss and ALGORITHMS.get("dapo").loss is losses.ppo_clip_loss
+    assert TEACHERS.names() == ["oracle", "openai", "hf", "gemini"]
+    assert ENGINES.names() == ["vllm", "hf"]
+    assert set(SCORERS) == {t for b in BENCHMARKS.values() for t in b.override_tasks}
+
+
+def test_a_registered_algorithm_reaches_the_policy_update(monkeypatch):
+    """A new row is all rl needs: its defaults fill the config and its loss is the one ppo_update calls."""
+    def half_clip_loss(logp, old_logp, advantages, mask, **kw):
+        return losses.ppo_clip_loss(logp, old_logp, advantages, mask, **kw)
+
+    row = Algorithm("test row", half_clip_loss, ALGORITHMS.get("grpo").advantage, clip_low=0.1, clip_high=0.3,
+                    loss_agg="seq-mean-token-sum", dynamic_sampling=False, overlong_buffer=0)
+    monkeypatch.setitem(ALGORITHMS._entries, "halfclip", row)
+    cfg = RLConfig(algo="halfclip", ckpt="tiny", out="x")
+    cfg.validate()
+    settings = ppo_settings(cfg)
+    assert (settings.loss, settings.clip_low, settings.clip_high, settings.agg) == (half_clip_loss, 0.1, 0.3,
+                                                                                    "seq-mean-token-sum")
+    adv = row.advantage(torch.tensor([1.0, 0.0, 2.0, 2.0]), [0, 0, 1, 1], True)
+    assert adv[2:].abs().sum() == 0 and adv[0] > 0 > adv[1]
