@@ -76,8 +76,13 @@ def _curate_into(cfg: CurateConfig, teacher, student, out, samples: list[Sample]
     if student is not None:
         selected, pass_counts = select_unsolved(cfg, samples, state)
 
-    # 6. teacher demonstrations through the quality gate
-    outcomes, tally = ask_teacher(cfg, teacher, selected, state)
+    # 6. teacher demonstrations through the quality gate (--batch: the Gemini Batch API, at half the price)
+    if cfg.batch:
+        from stages.curate.batch import ask_teacher_in_batches
+
+        outcomes, tally = ask_teacher_in_batches(cfg, teacher, selected, state)
+    else:
+        outcomes, tally = ask_teacher(cfg, teacher, selected, state)
 
     # 7. the curated data, in source order, and the checkpoint
     kept = [curated_sample(s, o, teacher.name, pass_counts.get(s.id), cfg.k) for s, o in zip(selected, outcomes)
@@ -256,6 +261,10 @@ def summarize(cfg, teacher, samples, selected, outcomes, tally, pass_counts, sou
     if price is not None:
         summary["cost_usd_estimate"] = round(pricing.cost(tally.usage_all, teacher.model, cfg.prices), 6)
         summary["price_per_million"] = dict(price)
+    if getattr(tally, "batch", None):  # --batch: jobs, their final states, tokens billed at the batch price
+        summary["batch"] = {**tally.batch, "usage_at_batch_price": {
+            k.removeprefix("batch_").removesuffix("_tokens"): v for k, v in tally.usage_all.items()
+            if k.startswith("batch_")}}
     if pass_counts:
         summary["student_pass"] = {"k": cfg.k, "max_pass": cfg.max_pass,
                                    "histogram": pass_histogram(list(pass_counts.values()), cfg.k)}

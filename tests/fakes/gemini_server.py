@@ -133,6 +133,7 @@ class FakeGemini:
         self.file_meta: dict[str, dict] = {}
         self.uploads: dict[str, dict] = {}      # upload id -> {"meta", "data"}
         self._ids = 0
+        self.max_active_jobs = 0                # most unfinished jobs at once (queued-token tests)
         self._job_lock = threading.Lock()  # one job advances (and is answered) once
         self.server = _Server(("127.0.0.1", port), self._handler_class())
         self.thread: threading.Thread | None = None
@@ -167,7 +168,7 @@ class FakeGemini:
             return {"requests": self.requests, "successes": sum(self.successes.values()),
                     "distinct": len(self.successes), "repeated": sum(v - 1 for v in self.successes.values()),
                     "statuses": dict(self.statuses), "batch_calls": dict(self.batch_calls),
-                    "jobs": len(self.jobs)}
+                    "jobs": len(self.jobs), "max_active_jobs": self.max_active_jobs}
 
     def batch_script(self, outcomes: list[str]) -> None:
         with self.lock:
@@ -256,6 +257,12 @@ class FakeGemini:
             lines = [{"key": None, "metadata": get(r, "metadata"), "request": get(r, "request", default={})}
                      for r in requests]
             inline = True
+        with self.lock:
+            running = list(self.jobs.values())
+        for other in running:
+            self._advance_job(other)
+        active = sum(j["state"] in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING") for j in running) + 1
+        self.max_active_jobs = max(self.max_active_jobs, active)
         name = self._new_id("batches/fake")
         job = {"name": name, "model": model, "display": get(batch, "displayName", "display_name", default=""),
                "lines": lines, "inline": bool(inline), "outcome": outcome, "created": time.monotonic(),
