@@ -288,3 +288,17 @@ def test_batch_needs_a_gemini_teacher():
         resolve_config(CurateConfig, flags={"teacher": "oracle", "batch": True})
     with pytest.raises(UsageError, match="--batch-input"):
         resolve_config(CurateConfig, flags={"batch": True, "batch_input": "smoke"})
+
+
+def test_dry_run_plans_at_the_batch_price(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    flags = dict(source=["synth:train:40"], out=str(tmp_path / "o"), dry_run=True)
+    run(resolve_config(CurateConfig, flags=flags))
+    full = capsys.readouterr().out
+    run(resolve_config(CurateConfig, flags={**flags, "batch": True}))
+    half = capsys.readouterr().out
+    cost = lambda text: float(text.split("~$")[1].split()[0])  # noqa: E731
+    assert "Batch API at 50%" in half and "up to 5000 requests a job" in half
+    assert cost(full) > 0.1 and cost(half) == pytest.approx(cost(full) / 2, abs=0.006)
+    assert not (tmp_path / "o").exists()

@@ -139,6 +139,10 @@ def show_plan(cfg: CurateConfig, spec, samples: list[Sample]) -> None:
                  ["estimated prompt", f"{est['prompt']:,} (~{est['prompt'] // max(n, 1):,} per call)"],
                  ["estimated output", f"{est['output']:,} (output + thoughts, {cfg.est_output_tokens}/call)"],
                  ["estimated cost", est["text"]]]
+        if cfg.batch:
+            rows.append(["batch", f"input {cfg.batch_input}, up to {cfg.batch_shard_requests} requests a job, "
+                                  f"poll every {cfg.batch_poll:g}s, {cfg.batch_retries} re-batch(es) of failed keys"
+                                  + (", then interactive" if cfg.batch_fallback else "")])
     console.print_table("curate plan" + (" (dry run: nothing will be called)" if cfg.dry_run else ""),
                         ["", ""], rows)
 
@@ -166,9 +170,10 @@ def estimate_cost(cfg: CurateConfig, spec, samples: list[Sample]) -> dict:
     if price is None:
         text = f"unpriced model {spec.model} (add it with --set prices=...)"
     else:
-        one = pricing.cost(usage, spec.model, cfg.prices)
+        one = pricing.cost({**usage, "batch": cfg.batch}, spec.model, cfg.prices)  # --batch: half price
         text = (f"~${one:,.2f} for one attempt each, ~${one * cfg.attempts:,.2f} at most "
-                f"(${price['input']}/${price['output']} per 1M in/out; estimate)")
+                f"(${price['input']}/${price['output']} per 1M in/out{', Batch API at 50%' if cfg.batch else ''}; "
+                f"estimate)")
     return {"prompt": prompt, "output": output, "text": text}
 
 

@@ -133,6 +133,7 @@ class FakeGemini:
         self.file_meta: dict[str, dict] = {}
         self.uploads: dict[str, dict] = {}      # upload id -> {"meta", "data"}
         self._ids = 0
+        self.http_requests = 0                  # every HTTP request, any endpoint (benchmarks)
         self.max_active_jobs = 0                # most unfinished jobs at once (queued-token tests)
         self._job_lock = threading.Lock()  # one job advances (and is answered) once
         self.server = _Server(("127.0.0.1", port), self._handler_class())
@@ -168,7 +169,8 @@ class FakeGemini:
             return {"requests": self.requests, "successes": sum(self.successes.values()),
                     "distinct": len(self.successes), "repeated": sum(v - 1 for v in self.successes.values()),
                     "statuses": dict(self.statuses), "batch_calls": dict(self.batch_calls),
-                    "jobs": len(self.jobs), "max_active_jobs": self.max_active_jobs}
+                    "jobs": len(self.jobs), "max_active_jobs": self.max_active_jobs,
+                    "http_requests": self.http_requests}
 
     def batch_script(self, outcomes: list[str]) -> None:
         with self.lock:
@@ -366,6 +368,8 @@ class FakeGemini:
                 if path == "/_stats":
                     self._send_json(200, fake.stats())
                     return
+                with fake.lock:
+                    fake.http_requests += 1
                 if not self._authorized():
                     return
                 if _BATCHES.match(path):
@@ -473,6 +477,8 @@ class FakeGemini:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
+                with fake.lock:
+                    fake.http_requests += 1
                 if self._batch_post(self.path.split("?")[0], raw):
                     return
                 match = _PATH.match(self.path.split("?")[0])
