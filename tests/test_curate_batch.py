@@ -302,3 +302,20 @@ def test_dry_run_plans_at_the_batch_price(tmp_path, monkeypatch, capsys):
     assert "Batch API at 50%" in half and "up to 5000 requests a job" in half
     assert cost(full) > 0.1 and cost(half) == pytest.approx(cost(full) / 2, abs=0.006)
     assert not (tmp_path / "o").exists()
+
+
+def test_identical_problems_under_two_ids_are_both_answered(tmp_path, key):
+    """Same question and image under two ids: one cache key, two batch keys, two answers (as interactively)."""
+    import dataclasses
+
+    from stages.common.data import write_shards
+
+    samples = synth_load("synth:train:4")
+    twin = dataclasses.replace(samples[1], id="twin-of-1")
+    src = write_shards(samples + [twin], tmp_path / "src")[0]
+    with FakeGemini(responder=oracle_responder(samples)) as fake:
+        out = run(config(fake, tmp_path / "out", source=[str(src)]))
+        assert fake.stats()["jobs"] == 1
+    m = load_manifest(out)["summary"]
+    assert m["kept"] == 5 and m["calls"]["answered_this_run"] == 5
+    assert [s.id for s in read_shards(out / "data")] == [s.id for s in samples] + ["twin-of-1"]

@@ -6,9 +6,9 @@ rest under the size and queued-token limits, submit each shard as one job (an up
 when small), poll until every job has ended, write every answer to the teacher cache, then judge them all
 through the same quality gate. The problems the gate sends back for another try make the next round.
 
-Keys are "<sample id>#<attempt>": a result is matched to its problem by key, and an answer is applied only if
-its key is still open and its cache entry absent (the cache is written before an answer is used), so a result
-seen twice (a duplicated line, a re-downloaded job after a kill) counts once.
+Keys are "<sample id>#<attempt>": a result is matched to its problem by key and applied only while its key is
+open: once per pass, and never again after a kill, since an answer is in the cache before it is used and a
+cached key is not sent or matched again. A result seen twice (a duplicated line, a re-downloaded job) counts once.
 
 Jobs are recorded in state/batch_jobs.jsonl before they are created ("submitting", under a display name unique
 to this output directory) and after (the job id, its final state, "applied"). A process killed at any point
@@ -409,7 +409,9 @@ class BatchRunner:
                 self.counts["unmatched_keys"] += 1
                 continue
             _, _, cache_key = todo[key]
-            if key in answers or self.collector.cached(cache_key) is not None:
+            # by key, not by cache entry: two problems with identical content (different ids) share a cache
+            # key, and each was sent and paid for. A key already cached from an earlier process is not in todo.
+            if key in answers:
                 self.counts["duplicates_ignored"] += 1
                 continue
             reply = reply_of_line(self.teacher, response, error)
