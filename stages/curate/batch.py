@@ -409,8 +409,7 @@ class BatchRunner:
                 self.counts["unmatched_keys"] += 1
                 continue
             _, _, cache_key = todo[key]
-            # by key, not by cache entry: two problems with identical content (different ids) share a cache
-            # key, and each was sent and paid for. A key already cached from an earlier process is not in todo.
+            # by key: a key cached by an earlier process is not in todo; one seen twice here counts once
             if key in answers:
                 self.counts["duplicates_ignored"] += 1
                 continue
@@ -488,13 +487,18 @@ def gather(cfg, runner: BatchRunner, collector: Collector, samples: list, indice
     """One reply per problem for this attempt: from the cache, then batch jobs, then (optionally) interactive."""
     replies: dict[int, Reply] = {}
     todo: dict[str, tuple] = {}
+    first: dict[str, int] = {}          # cache key -> the problem that asks it
+    twins: dict[int, int] = {}          # a problem identical to an earlier one (another id) -> that one
     for i in indices:
         req, cache_key = collector.request(samples[i], attempt)
         cached = collector.cached(cache_key)
         if cached is not None:
             collector.tally.answered(cached, fresh=False)
             replies[i] = cached
+        elif cache_key in first:  # the same request: asked once, its answer replayed (as interactive mode's cache does)
+            twins[i] = first[cache_key]
         else:
+            first[cache_key] = i
             todo[batch_key(samples[i].id, attempt)] = (i, req, cache_key)
     runner.total = runner.answered + len(todo)
     for round_ in range(cfg.batch_retries + 1):
@@ -515,6 +519,9 @@ def gather(cfg, runner: BatchRunner, collector: Collector, samples: list, indice
                          f"{cfg.batch_retries + 1} batch(es) (e.g. {next(iter(todo))})",
                          hint="every answer so far is cached: re-run with --resume, or add --batch-fallback "
                               "to ask the rest interactively")
+    for i, same in twins.items():
+        replies[i] = replies[same]
+        collector.tally.answered(replies[i], fresh=False)
     return replies
 
 
