@@ -242,6 +242,7 @@ def test_sigkill_while_waiting_then_resume_creates_no_job_twice(tmp_path):
         assert "batch: jobs:" in stderr  # the plain progress line off a terminal
         recorded = job_log(out_dir)
         assert sorted(r["name"] for r in recorded) == sorted(fake.jobs_created())
+        assert scan_for_key(out_dir, KEY) == []  # state/ mid-run: job log, cache, shards
         proc = _cli(args + ["--resume"], env)
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr
@@ -254,6 +255,7 @@ def test_sigkill_while_waiting_then_resume_creates_no_job_twice(tmp_path):
     assert m["batch"]["jobs_reattached"] == 4 and m["batch"]["jobs_created"] == 0
     assert m["calls"]["answered_this_run"] == 30
     assert KEY not in stdout + stderr and scan_for_key(out_dir, KEY) == []
+    assert not any(KEY.encode() in data for data in fake.files.values())  # nor in what was uploaded
 
 
 def test_plan_shards_respects_every_limit(tmp_path):
@@ -298,7 +300,9 @@ def test_dry_run_plans_at_the_batch_price(tmp_path, monkeypatch, capsys):
     full = capsys.readouterr().out
     run(resolve_config(CurateConfig, flags={**flags, "batch": True}))
     half = capsys.readouterr().out
-    cost = lambda text: float(text.split("~$")[1].split()[0])  # noqa: E731
+    def cost(text):
+        return float(text.split("~$")[1].split()[0])
+
     assert "Batch API at 50%" in half and "up to 5000 requests a job" in half
     assert cost(full) > 0.1 and cost(half) == pytest.approx(cost(full) / 2, abs=0.006)
     assert not (tmp_path / "o").exists()
