@@ -164,7 +164,7 @@ def test_429_forever_with_nothing_queued_is_one_error(tmp_path, key):
         fake.batch_script(["429:0.01"] * 10)
         with pytest.raises(PrismError) as err:
             run(config(fake, tmp_path / "out", max_retries=2))
-    assert "refused" in err.value.message and "--batch-queue-tokens" in err.value.hint
+    assert "refused" in err.value.message and "--batch-shard-requests" in err.value.hint
 
 
 def test_queued_token_cap_keeps_one_job_in_flight(tmp_path, key):

@@ -268,9 +268,9 @@ class BatchRunner:
                     refusals += 1
                     if refusals > self.cfg.max_retries and not any(not j.get("applied") for j in jobs):
                         raise PrismError(f"the Batch API refused a new job {refusals} times with nothing of ours "
-                                         f"queued: {e}", hint="the account's queued-token limit is lower than one "
-                                         "shard: lower --batch-queue-tokens or --batch-shard-requests, then "
-                                         "--resume") from None
+                                         f"queued: {e}", hint="the account's queued-token limit is taken by its "
+                                         "other jobs or is below one shard: re-run later with --resume (same "
+                                         "options), or start over with a smaller --batch-shard-requests") from None
                     blocked_until = time.monotonic() + self.policy.delay(refusals - 1, e.retry_after)
             # 2. poll every unfinished job; collect the ones that ended
             for rec in [j for j in jobs if not j.get("applied")]:
@@ -517,8 +517,8 @@ def gather(cfg, runner: BatchRunner, collector: Collector, samples: list, indice
     if todo:
         raise PrismError(f"{len(todo)} request(s) of attempt {attempt + 1} still unanswered after "
                          f"{cfg.batch_retries + 1} batch(es) (e.g. {next(iter(todo))})",
-                         hint="every answer so far is cached: re-run with --resume, or add --batch-fallback "
-                              "to ask the rest interactively")
+                         hint="every answer so far is cached: re-run with the same options and --resume; "
+                              "a run started with --batch-fallback asks such keys interactively")
     for i, same in twins.items():
         replies[i] = replies[same]
         collector.tally.answered(replies[i], fresh=False)
