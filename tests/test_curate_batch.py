@@ -105,15 +105,16 @@ def test_batch_line_is_the_interactive_request(tmp_path, key):
 def test_inline_shards_and_a_partially_failed_batch(tmp_path, key):
     samples = synth_load(SPEC)
     with FakeGemini(responder=oracle_responder(samples)) as fake:
-        # the first job's lines 2 and 4 come back as errors (a 500 and a 429): only those go out again
-        fake.script([None, "500", None, "429", None, None])
+        # the first job's lines 2 and 4 come back as errors (a 500 and a 429): only those go out again;
+        # line 6's INVALID_ARGUMENT is that request's own fault: a bad_request reply, not re-batched
+        fake.script([None, "500", None, "429", None, "400"])
         out = run(config(fake, tmp_path / "out", batch_shard_requests=6))  # auto: small shards go inline
         stats = fake.stats()
     assert stats["batch_calls"].get("upload", 0) == 0 and stats["jobs"] == 3  # 2 shards + 1 retry batch
-    assert stats["successes"] == 12 and stats["repeated"] == 0
+    assert stats["successes"] == 11 and stats["repeated"] == 0
     m = load_manifest(out)["summary"]
-    assert m["kept"] == 12 and m["batch"]["line_errors"] == 2
-    assert [s.id for s in read_shards(out / "data")] == [s.id for s in samples]
+    assert m["kept"] == 11 and m["rejected"] == {"bad_request": 1} and m["batch"]["line_errors"] == 2
+    assert [s.id for s in read_shards(out / "data")] == [s.id for s in samples if s.id != samples[5].id]
 
 
 def test_expired_batch_goes_again_then_fallback_interactive(tmp_path, key):

@@ -39,8 +39,9 @@ from stages.curate.teachers import Reply
 JOB_LOG = "batch_jobs.jsonl"
 WORK_DIR = "batch"   # under state/: the shard being uploaded, the result file being read
 TERMINAL = {"SUCCEEDED", "PARTIALLY_SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"}
-# a line error worth a new batch (the others are this request's own fault, like a 400 interactively)
-_BAD_REQUEST = {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE"}
+# Line errors that are the request's own fault (like a 400 interactively): google.rpc.Status codes
+# INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE (and HTTP 400). Any other error earns a new batch.
+_BAD_REQUEST_CODES = {3, 9, 11, 400}
 
 
 def batch_key(sample_id: str, attempt: int) -> str:
@@ -94,10 +95,9 @@ def reply_of_line(teacher, response: dict | None, error) -> Reply | None:
     """One result line -> a Reply billed at the batch price; None when the key deserves another batch."""
     if error is not None:
         get = error.get if isinstance(error, dict) else (lambda k, d=None: getattr(error, k, d))
-        status, code = str(get("status", "") or ""), int(get("code", 0) or 0)
-        if status in _BAD_REQUEST or code == 400:
-            detail = teacher.scrub(f"{status or code}: {get('message', '') or ''}")
-            return Reply(None, "bad_request", {}, detail)
+        code = int(get("code", 0) or 0)
+        if code in _BAD_REQUEST_CODES:
+            return Reply(None, "bad_request", {}, teacher.scrub(f"{code}: {get('message', '') or ''}"))
         return None
     if response is None:
         return None

@@ -296,7 +296,7 @@ class FakeGemini:
             if fault in _LINE_ERRORS or (fault or "").startswith("429"):
                 code, status = _LINE_ERRORS[fault.split(":")[0]]
                 self._count(fault.split(":")[0])
-                out["error"] = {"code": code, "message": f"injected {fault}", "status": status}
+                out["error"] = {"code": code, "message": f"injected {fault} ({status})"}  # a google.rpc.Status
             else:
                 out["response"] = self._answer(body, fault)
                 self._count("200", request_fingerprint({"model": job["model"], **body}))
