@@ -446,12 +446,10 @@ class BatchRunner:
 
 # ------------------------------------------------------------------------------------------- the recipe
 
-def ask_teacher_in_batches(cfg, teacher, samples: list, state: Path) -> tuple[list[Outcome], Tally]:
+def ask_teacher_in_batches(cfg, teacher, samples: list, state: Path, cache_path: Path) -> tuple[list[Outcome], Tally]:
     """Batch-mode twin of run.ask_teacher: the same outcomes, cache, gate and tally, at the batch price."""
-    from stages.curate.run import TEACHER_CACHE
-
     tally = Tally(teacher.model, cfg.prices)
-    cache = JsonlCache(state / TEACHER_CACHE)
+    cache = JsonlCache(cache_path)
     if cache.torn:
         console.info(f"dropped {cache.torn} torn line(s) at the end of the teacher cache (a killed run)")
     log = JobLog(state / JOB_LOG)

@@ -80,7 +80,7 @@ def _curate_into(cfg: CurateConfig, teacher, student, out, samples: list[Sample]
     if cfg.batch:
         from stages.curate.batch import ask_teacher_in_batches
 
-        outcomes, tally = ask_teacher_in_batches(cfg, teacher, selected, state)
+        outcomes, tally = ask_teacher_in_batches(cfg, teacher, selected, state, state / TEACHER_CACHE)
     else:
         outcomes, tally = ask_teacher(cfg, teacher, selected, state)
 
