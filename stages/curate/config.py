@@ -52,6 +52,26 @@ class CurateConfig(CommonConfig):
     gemini_base_url: str = opt("", "Gemini endpoint override (tests; or env PRISM_GEMINI_BASE_URL)",
                                group="Teacher", cli=False)
 
+    # Batch (the Gemini Batch API: half the price, up to 24 h turnaround; see docs/curate-batch.md)
+    batch: bool = opt(False, "send the teacher requests through the Gemini Batch API (50% of the standard price)",
+                      group="Batch")
+    batch_fallback: bool = opt(False, "ask keys whose batch failed or expired interactively, not in a new batch",
+                               group="Batch")
+    batch_input: str = opt("auto", "how requests reach a job: file (uploaded JSONL) | inline | auto (inline for "
+                                   "shards under batch_inline_mb, else file)", group="Batch")
+    batch_inline_mb: float = opt(2.0, "auto: shards smaller than this go inline (the API caps inline at ~20 MB)",
+                                 group="Batch", cli=False)
+    batch_shard_requests: int = opt(5000, "most requests per batch job", group="Batch")
+    batch_shard_mb: float = opt(1024.0, "most MB of JSONL per batch job (the API caps a file at 2 GB)",
+                                group="Batch", cli=False)
+    batch_queue_tokens: int = opt(0, "most estimated tokens queued in our unfinished jobs at once (0 = no "
+                                     "client-side cap; a 429 on create always throttles)", group="Batch")
+    batch_poll: float = opt(30.0, "seconds between polls of unfinished jobs", group="Batch")
+    batch_retries: int = opt(2, "new batches for keys whose batch failed or expired, before the run stops",
+                             group="Batch")
+    batch_report: float = opt(60.0, "seconds between plain progress lines when stderr is not a terminal",
+                              group="Batch", cli=False)
+
     # Quality gate
     gate: str = opt("verify", "verify (format + answer vs ground truth) | format | none (keep as written)",
                     group="Quality gate")
@@ -94,4 +114,14 @@ class CurateConfig(CommonConfig):
             raise UsageError(f"--thinking-level {self.thinking_level!r}: use minimal, low, medium or high")
         if self.rpm < 0 or self.timeout <= 0 or self.backoff < 0:
             raise UsageError("--rpm, --timeout and --backoff must be positive")
-        parse_teacher(self.teacher)
+        spec = parse_teacher(self.teacher)
+        if self.batch:
+            if spec.kind != "gemini":
+                raise UsageError(f"--batch needs a Gemini teacher, not {self.teacher!r}")
+            if self.batch_input not in ("auto", "file", "inline"):
+                raise UsageError(f"--batch-input {self.batch_input!r}: use auto, file or inline")
+            if self.batch_shard_requests < 1 or self.batch_retries < 0 or self.batch_queue_tokens < 0:
+                raise UsageError("--batch-shard-requests must be at least 1; --batch-retries and "
+                                 "--batch-queue-tokens at least 0")
+            if self.batch_poll <= 0 or self.batch_shard_mb <= 0 or self.batch_inline_mb < 0:
+                raise UsageError("--batch-poll and batch_shard_mb must be positive")

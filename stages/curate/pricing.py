@@ -3,7 +3,8 @@
 Prices are USD per million tokens, as published by the providers when this table was written; they
 change, so the table is overridable (`--set prices='{"gemini-3-flash": {"input": 0.5, "output": 3.0}}'`)
 and every figure prism prints from it is called an estimate. Thought tokens are billed as output.
-A model missing from the table costs 0 and is reported as unpriced.
+A model missing from the table costs 0 and is reported as unpriced. Tokens answered through the Batch API
+(a usage dict with "batch": true) are also summed under batch_* keys and billed at BATCH_DISCOUNT.
 """
 
 from __future__ import annotations
@@ -38,8 +39,14 @@ def cost(usage: dict, model: str, prices: dict | None = None) -> float:
     p = price_for(model, prices)
     if not p:
         return 0.0
-    out = usage.get("output_tokens", 0) + usage.get("thought_tokens", 0)
-    return (usage.get("prompt_tokens", 0) * p.get("input", 0.0) + out * p.get("output", 0.0)) / 1e6
+    def standard(prefix: str) -> float:
+        out = usage.get(prefix + "output_tokens", 0) + usage.get(prefix + "thought_tokens", 0)
+        return (usage.get(prefix + "prompt_tokens", 0) * p.get("input", 0.0) + out * p.get("output", 0.0)) / 1e6
+
+    # a single reply marks itself "batch"; a sum carries its batch share under batch_* keys
+    if usage.get("batch") is True:
+        return standard("") * BATCH_DISCOUNT
+    return standard("") - standard("batch_") * (1.0 - BATCH_DISCOUNT)
 
 
 def image_tokens(width: int, height: int) -> int:
@@ -53,6 +60,10 @@ def estimate_prompt_tokens(text: str, image_sizes: list[tuple[int, int]]) -> int
 
 
 def add_usage(total: dict, usage: dict) -> dict:
+    batch = usage.get("batch") is True
     for k in ("prompt_tokens", "output_tokens", "thought_tokens", "total_tokens"):
         total[k] = total.get(k, 0) + int(usage.get(k, 0) or 0)
+        if batch or usage.get("batch_" + k):
+            n = int(usage.get(k, 0) or 0) if batch else int(usage.get("batch_" + k) or 0)
+            total["batch_" + k] = total.get("batch_" + k, 0) + n
     return total

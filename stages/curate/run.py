@@ -85,8 +85,13 @@ def _curate_into(cfg: CurateConfig, teacher, student, out, samples: list[Sample]
     if student is not None:
         selected, pass_counts = select_unsolved(cfg, samples, state)
 
-    # 6. teacher demonstrations through the quality gate
-    outcomes, tally = ask_teacher(cfg, teacher, selected, state)
+    # 6. teacher demonstrations through the quality gate (--batch: the Gemini Batch API, at half the price)
+    if cfg.batch:
+        from stages.curate.batch import ask_teacher_in_batches
+
+        outcomes, tally = ask_teacher_in_batches(cfg, teacher, selected, state, state / TEACHER_CACHE)
+    else:
+        outcomes, tally = ask_teacher(cfg, teacher, selected, state)
 
     # 7. the curated data, in source order, and the checkpoint
     kept = [curated_sample(s, o, teacher.name, pass_counts.get(s.id), cfg.k) for s, o in zip(selected, outcomes)
@@ -141,6 +146,10 @@ def show_plan(cfg: CurateConfig, spec, samples: list[Sample]) -> None:
                  ["estimated prompt", f"{est['prompt']:,} (~{est['prompt'] // max(n, 1):,} per call)"],
                  ["estimated output", f"{est['output']:,} (output + thoughts, {cfg.est_output_tokens}/call)"],
                  ["estimated cost", est["text"]]]
+        if cfg.batch:
+            rows.append(["batch", f"input {cfg.batch_input}, up to {cfg.batch_shard_requests} requests a job, "
+                                  f"poll every {cfg.batch_poll:g}s, {cfg.batch_retries} re-batch(es) of failed keys"
+                                  + (", then interactive" if cfg.batch_fallback else "")])
     console.print_table("curate plan" + (" (dry run: nothing will be called)" if cfg.dry_run else ""),
                         ["", ""], rows)
 
@@ -161,9 +170,10 @@ def estimate_cost(cfg: CurateConfig, spec, samples: list[Sample]) -> dict:
     if price is None:
         text = f"unpriced model {spec.model} (add it with --set prices=...)"
     else:
-        one = pricing.cost(usage, spec.model, cfg.prices)
+        one = pricing.cost({**usage, "batch": cfg.batch}, spec.model, cfg.prices)  # --batch: half price
         text = (f"~${one:,.2f} for one attempt each, ~${one * cfg.attempts:,.2f} at most "
-                f"(${price['input']}/${price['output']} per 1M in/out; estimate)")
+                f"(${price['input']}/${price['output']} per 1M in/out{', Batch API at 50%' if cfg.batch else ''}; "
+                f"estimate)")
     return {"prompt": prompt, "output": output, "text": text}
 
 
@@ -247,6 +257,10 @@ def summarize(cfg, teacher, samples, selected, outcomes, tally, pass_counts, sou
     if price is not None:
         summary["cost_usd_estimate"] = round(pricing.cost(tally.usage_all, teacher.model, cfg.prices), 6)
         summary["price_per_million"] = dict(price)
+    if getattr(tally, "batch", None):  # --batch: jobs, their final states, tokens billed at the batch price
+        summary["batch"] = {**tally.batch, "usage_at_batch_price": {
+            k.removeprefix("batch_").removesuffix("_tokens"): v for k, v in tally.usage_all.items()
+            if k.startswith("batch_")}}
     if pass_counts:
         summary["student_pass"] = {"k": cfg.k, "max_pass": cfg.max_pass,
                                    "histogram": pass_histogram(list(pass_counts.values()), cfg.k)}
