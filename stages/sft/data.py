@@ -104,7 +104,7 @@ def encode_batch(samples: list[Sample], processor, rope_index, max_length: int, 
     def render(messages, add_generation_prompt=False):
         return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    todo, texts, masks, images = [], [], [], []
+    todo, texts, spans_of, images = [], [], [], []
     for i, sample in enumerate(samples):
         pil = sample.pil_images() if sample.images else []
         messages = sft_messages(sample, system_prompt, pil or None)
@@ -115,13 +115,15 @@ def encode_batch(samples: list[Sample], processor, rope_index, max_length: int, 
         if isinstance(spans, str):
             out[i] = spans
             continue
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         todo.append(i)
         texts.append(text)
-        masks.append((enc["input_ids"], targets.token_mask(enc["offset_mapping"], spans)))
+        spans_of.append(spans)
         images.extend(pil)
     if not todo:
         return out
+    plain = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    masks = [(ids, targets.token_mask(offsets, spans))
+             for ids, offsets, spans in zip(plain["input_ids"], plain["offset_mapping"], spans_of)]
     enc = processor(text=texts, images=images or None, padding=False, return_mm_token_type_ids=True)
     grid = enc.get("image_grid_thw")
     grid = torch.as_tensor(grid) if grid is not None else None

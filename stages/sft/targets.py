@@ -20,6 +20,8 @@ token) refuses the sample with the reason; nothing is guessed.
 
 from __future__ import annotations
 
+import bisect
+
 Span = tuple[int, int]
 QWEN_END_OF_TURN = "<|im_end|>"
 
@@ -79,12 +81,16 @@ def assistant_spans(render, messages: list[dict], text: str, end_tokens: list[st
 
 
 def token_mask(offsets: list[tuple[int, int]], spans: list[Span]) -> list[bool]:
-    """True for each token whose characters overlap a span (spans sorted, disjoint)."""
-    mask, s = [], 0
-    for start, end in offsets:
-        while s < len(spans) and spans[s][1] <= start:
-            s += 1
-        mask.append(end > start and s < len(spans) and start < spans[s][1] and end > spans[s][0])
+    """True for each token whose characters overlap a span. Offsets of one tokenised text never go backwards,
+    so the tokens of a span are one contiguous range, found by bisection; zero-width tokens are never in it."""
+    starts = [a for a, _ in offsets]
+    ends = [b for _, b in offsets]
+    mask = [False] * len(offsets)
+    for span_start, span_end in spans:
+        first = bisect.bisect_right(ends, span_start)   # first token ending after the span starts
+        last = bisect.bisect_left(starts, span_end)     # first token starting at or after the span's end
+        for i in range(first, last):
+            mask[i] = ends[i] > starts[i]
     return mask
 
 
