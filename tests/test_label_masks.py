@@ -158,3 +158,18 @@ def test_token_mask_and_expansion_on_hand_made_inputs():
     assert targets.expand_placeholders([1, 7, 2, 7, 3], [0, 0, 0, 0, 1], [1, 7, 7, 2, 7, 7, 7, 3], 7, [2, 3]) == \
         [False] * 7 + [True]
     assert targets.expand_placeholders([1, 7, 3], [0, 0, 1], [1, 7, 3], 7, [2]) is None
+
+
+def test_a_run_with_no_locatable_target_fails_loudly(processor):
+    """Every sample refused: encoding stops the run with the reason, and the reasons are counted."""
+    from prism_cli.config import resolve
+    from prism_cli.errors import PrismError
+    from stages.sft.config import SFTConfig
+    from stages.sft.run import encode_all
+
+    cfg = resolve(SFTConfig, flags={})
+    refused = {}
+    with pytest.raises(PrismError, match="no sample has a training target .*does not appear verbatim"):
+        encode_all([demo_sample(0), demo_sample(1)], with_template(processor, REWRITING), None, cfg, "encoding train",
+                   refused)
+    assert refused == {"assistant turn 1 does not appear verbatim in the chat template's output": 2}
