@@ -78,3 +78,27 @@ def test_build_key_follows_the_vocabulary(tmp_path, monkeypatch):
     copy.write_bytes(qwen_vocab.vocab_path().read_bytes()[:-1] + b"\0")
     monkeypatch.setenv("PRISM_QWEN_VOCAB_DIR", str(tmp_path))
     assert tiny.build_key("tiny-qwen") != key
+
+
+@pytest.mark.parametrize("response", [
+    "<caption>\n- a red circle\n</caption>\n<think>\n2 + 3 = 5.\n</think>\n<answer>5</answer>",
+    "<caption>red</caption><think>so B.</think><answer>B</answer>",  # '>B' and '.</' merge across tags
+])
+def test_token_spans_with_tags_in_pieces(processor, response):
+    """protocol.token_spans maps segment characters to tokens through offsets: with tags split into pieces
+    (and pieces merged into content) each segment's tokens still cover its content and nothing beyond the
+    tokens that touch it."""
+    from stages.common.protocol import parse_response, token_spans
+
+    tok = processor.tokenizer
+    enc = tok(response, add_special_tokens=False, return_offsets_mapping=True)
+    parsed = parse_response(response)
+    assert parsed.format_ok
+    spans = token_spans(parsed.spans, enc["offset_mapping"])
+    for name in ("caption", "think", "answer"):
+        start, end = spans[name]
+        chars = parsed.spans[name]
+        covered = (enc["offset_mapping"][start][0], enc["offset_mapping"][end - 1][1])
+        assert covered[0] <= chars[0] and covered[1] >= chars[1]                 # covers the content
+        assert enc["offset_mapping"][start][1] > chars[0] and enc["offset_mapping"][end - 1][0] < chars[1]  # minimal
+        assert getattr(parsed, name) in tok.decode(enc["input_ids"][start:end])
