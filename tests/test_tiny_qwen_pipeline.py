@@ -182,3 +182,16 @@ def test_sft_loss_trend_matches_tiny(tmp_path, tiny_path, tiny_qwen_path):
         ratios[ckpt] = losses[-1] / losses[0]
     assert ratios["tiny"] < 0.6 and ratios["tiny-qwen"] < 0.6, ratios
     assert abs(ratios["tiny"] - ratios["tiny-qwen"]) < 0.15, ratios
+
+
+def test_vllm_weight_names_cover_the_tied_checkpoint(qwen_policy, tiny_qwen_path):
+    """With tied embeddings the checkpoint has no lm_head tensor; the names sent to vLLM are the saved ones."""
+    from safetensors import safe_open
+
+    from stages.common.rollout import vllm as vllm_engine
+
+    model, _ = qwen_policy
+    sent = {n for n, _ in vllm_engine.weights_to_load(vllm_engine.full_parameters(model), True)}
+    with safe_open(str(tiny_qwen_path / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert "lm_head.weight" not in saved and saved == sent
