@@ -48,6 +48,15 @@ def tiny_moe_path():
     return tiny.ensure("tiny-moe")
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen_path():
+    """The real-interface tiny Qwen3-VL (real tokenizer, stock template); needs the Qwen2 vocabulary that
+    .ci/setup-venv installs (stages.common.qwen_vocab)."""
+    from stages.common import tiny
+
+    return tiny.ensure("tiny-qwen")
+
+
 def run_stage(config_cls, run_fn, **flags):
     """Run a stage in-process with a resolved config (what the CLI does after parsing options)."""
     from prism_cli import config

@@ -57,6 +57,7 @@ def test_fp32_export_round_trip_same_logits(sft_like, tmp_path):
     card = (out / "README.md").read_text()
     assert "| sft |" in card and "fingerprint-abc" in card and "| synth |" in card.replace("| eval | synth", "| synth |")
     assert "42.0" in card and "AutoModelForImageTextToText" in card
+    assert "SYSTEM_PROMPT = " in card  # an sft policy: the usage snippet prompts it as it was trained
 
 
 def test_bf16_export_is_sharded_and_bf16(tmp_path, tiny_path):
@@ -93,3 +94,29 @@ def test_push_without_network_is_one_clear_error(tmp_path, tiny_path, monkeypatc
     with pytest.raises(PrismError, match="cannot push to me/model") as info:
         run(export_config(out=str(tmp_path / "hf"), push_to_hub="me/model", verify=False))
     assert "export is complete" in info.value.hint and (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_model_card_usage_shows_the_trained_system_prompt():
+    """The policy is trained with the protocol system prompt; a usage snippet without it gets answers
+    without the protocol (issue 19). A base model that prism never trained gets no system prompt."""
+    from stages.common.protocol import SYSTEM_PROMPT
+    from stages.export import model_card
+
+    trained = [{"stage": "rl", "ref": "out/rl", "fingerprint_ok": True},
+               {"stage": "sft", "ref": "out/sft", "fingerprint_ok": True, "system_prompt": True},
+               {"stage": "base", "ref": "tiny", "fingerprint_ok": True}]
+    prompt = model_card.trained_system_prompt(trained)
+    assert prompt == SYSTEM_PROMPT
+    card = model_card.render("m", "policy", "bf16", trained, [], {}, prompt)
+    usage = card[card.index("## Usage"):]
+    assert json.dumps(SYSTEM_PROMPT) in usage and '{"role": "system", "content": SYSTEM_PROMPT}' in usage
+    snippet = usage.split("```python\n", 1)[1].split("```", 1)[0]
+    compile(snippet, "usage", "exec")  # the snippet is valid Python
+    namespace = {}
+    exec(snippet.split("messages = [")[0].split("\n", 3)[-1], namespace)  # SYSTEM_PROMPT = ... line(s)
+    assert namespace["SYSTEM_PROMPT"] == SYSTEM_PROMPT
+
+    sft_without = [{"stage": "sft", "ref": "s", "system_prompt": False}, {"stage": "base", "ref": "tiny"}]
+    assert model_card.trained_system_prompt(sft_without) is None
+    assert model_card.trained_system_prompt([{"stage": "base", "ref": "tiny"}]) is None
+    assert "SYSTEM_PROMPT" not in model_card.render("m", "policy", "bf16", sft_without, [], {}, None)

@@ -1,4 +1,5 @@
-"""The embedded tiny Qwen3-VL (`--ckpt tiny`) and Qwen3-VL-MoE (`--ckpt tiny-moe`).
+"""The embedded tiny Qwen3-VL (`--ckpt tiny`), Qwen3-VL-MoE (`--ckpt tiny-moe`) and real-interface Qwen3-VL
+(`--ckpt tiny-qwen`).
 
 Real architectures, real processor, random weights: a fresh machine with no model hub runs every stage
 for real on them. Everything is built from fixed seeds (tokenizer corpus, weights), so two machines
@@ -8,10 +9,19 @@ The tokenizer is a byte-level BPE trained here with Qwen2's pre-tokenizer, plus 
 and the protocol tags as single tokens. The chat template follows Qwen's shape and wraps assistant
 turns in {% generation %} markers, so `return_assistant_tokens_mask=True` gives the exact label mask.
 A 64x64 image becomes an 8x8 grid of 8-pixel patches, merged 2x2 into 16 <|image_pad|> tokens.
+
+`tiny-qwen` has tiny widths but every interface of a real Qwen3-VL checkpoint: the real tokenizer (Qwen2's
+151,643-token BPE + Qwen3-VL's added tokens, stages.common.qwen_vocab), the stock Qwen3-VL chat template (no
+{% generation %} markers, no default system prompt), the real processor geometry (16-pixel patches, temporal
+patch 2, merge 2: a 64x64 image is 2x2 merged tokens), a 151,936-row embedding table tied to the LM head, and
+Qwen3-VL's generation config eos list. Only the pixel bounds are kept small (real: 65,536..16,777,216 pixels)
+so that CPU tests stay fast. It tests every place where real checkpoints differ from `tiny`: protocol tags are
+several BPE pieces merged into their neighbours, and the template marks no assistant tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -22,6 +32,7 @@ from pathlib import Path
 
 # Bump when anything below changes what is built: it keys the cache.
 TINY_BUILD_VERSION = "1"
+NAMES = ("tiny", "tiny-moe", "tiny-qwen")
 
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
                   "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -65,6 +76,11 @@ VISION_SIZE = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, 
 MIN_PIXELS = 32 * 32
 MAX_PIXELS = 128 * 128
 VOCAB_TARGET = 2048
+# tiny-qwen: real processor geometry and embedding size, small pixel bounds (64x64 .. 128x128 images).
+QWEN_PATCH = 16
+QWEN_MIN_PIXELS = 64 * 64
+QWEN_MAX_PIXELS = 128 * 128
+QWEN_CHAT_TEMPLATE_FILE = Path(__file__).with_name("qwen3_vl_chat_template.jinja")
 MOE_EXPERTS = 4
 MOE_TOP_K = 2
 
@@ -123,16 +139,17 @@ def _build_tokenizer(seed: int):
     return tok
 
 
-def _build_processor(tok):
+def _build_processor(tok, patch: int = 8, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                     chat_template: str = CHAT_TEMPLATE):
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-    size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
-    image = Qwen2VLImageProcessor(patch_size=8, temporal_patch_size=2, merge_size=2, size=size,
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    image = Qwen2VLImageProcessor(patch_size=patch, temporal_patch_size=2, merge_size=2, size=size,
                                   image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    video = Qwen3VLVideoProcessor(patch_size=8, temporal_patch_size=2, merge_size=2,
-                                  size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS * 8},
+    video = Qwen3VLVideoProcessor(patch_size=patch, temporal_patch_size=2, merge_size=2,
+                                  size={"shortest_edge": min_pixels, "longest_edge": max_pixels * 8},
                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=video, chat_template=CHAT_TEMPLATE)
+    return Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=video, chat_template=chat_template)
 
 
 def _special_ids(tok) -> dict:
@@ -142,12 +159,20 @@ def _special_ids(tok) -> dict:
                 vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
 
 
-def _build_model(tok, moe: bool, seed: int):
+def _build_model(tok, moe: bool, seed: int, real_interface: bool = False):
+    """real_interface: tiny-qwen's Qwen3-VL details (151,936 tied embedding rows, 16-pixel patches, eos list)."""
     import torch
     from transformers import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
                               Qwen3VLMoeForConditionalGeneration)
 
-    text = dict(TEXT_SIZE, vocab_size=len(tok), rope_parameters=dict(ROPE), pad_token_id=tok.pad_token_id,
+    vocab_size = len(tok)
+    vision = dict(VISION_SIZE)
+    if real_interface:
+        from stages.common.qwen_vocab import EMBEDDING_ROWS
+
+        vocab_size = EMBEDDING_ROWS
+        vision["patch_size"] = QWEN_PATCH
+    text = dict(TEXT_SIZE, vocab_size=vocab_size, rope_parameters=dict(ROPE), pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id, bos_token_id=None)
     torch.manual_seed(seed)
     if moe:
@@ -158,11 +183,12 @@ def _build_model(tok, moe: bool, seed: int):
                                **_special_ids(tok))
         model = Qwen3VLMoeForConditionalGeneration(cfg)
     else:
-        cfg = Qwen3VLConfig(text_config=text, vision_config=dict(VISION_SIZE), tie_word_embeddings=False,
+        cfg = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=real_interface,
                             **_special_ids(tok))
         model = Qwen3VLForConditionalGeneration(cfg)
     gc = model.generation_config
-    gc.eos_token_id = tok.eos_token_id
+    # Qwen3-VL's generation config stops on <|im_end|> and <|endoftext|>
+    gc.eos_token_id = [tok.eos_token_id, tok.pad_token_id] if real_interface else tok.eos_token_id
     gc.pad_token_id = tok.pad_token_id
     gc.bos_token_id = None
     gc.do_sample = True
@@ -179,19 +205,37 @@ def cache_root() -> Path:
 def build_key(name: str, seed: int = 0) -> str:
     import transformers
 
-    spec = json.dumps([TINY_BUILD_VERSION, name, seed, TEXT_SIZE, VISION_SIZE, ROPE, VOCAB_TARGET,
-                       transformers.__version__], sort_keys=True)
+    parts = [TINY_BUILD_VERSION, name, seed, TEXT_SIZE, VISION_SIZE, ROPE, VOCAB_TARGET, transformers.__version__]
+    if name == "tiny-qwen":  # its own inputs: the vocabulary file, the template, the processor geometry
+        from stages.common import qwen_vocab
+
+        parts += [_file_sha256(qwen_vocab.vocab_path()), _file_sha256(QWEN_CHAT_TEMPLATE_FILE), QWEN_PATCH,
+                  QWEN_MIN_PIXELS, QWEN_MAX_PIXELS, qwen_vocab.ADDED_TOKENS]
+    spec = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=4)
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def build(name: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build tiny (dense) or tiny-moe into out_dir (save_pretrained layout)."""
-    if name not in ("tiny", "tiny-moe"):
+    """Build tiny (dense), tiny-moe or tiny-qwen into out_dir (save_pretrained layout)."""
+    if name not in NAMES:
         raise ValueError(f"unknown tiny model {name!r}")
     out_dir = Path(out_dir)
-    tok = _build_tokenizer(seed)
-    processor = _build_processor(tok)
-    model = _build_model(tok, moe=(name == "tiny-moe"), seed=seed)
+    if name == "tiny-qwen":
+        from stages.common import qwen_vocab
+
+        template = QWEN_CHAT_TEMPLATE_FILE.read_text(encoding="utf-8")
+        tok = qwen_vocab.build_tokenizer(chat_template=template)
+        processor = _build_processor(tok, QWEN_PATCH, QWEN_MIN_PIXELS, QWEN_MAX_PIXELS, template)
+        model = _build_model(tok, moe=False, seed=seed, real_interface=True)
+    else:
+        tok = _build_tokenizer(seed)
+        processor = _build_processor(tok)
+        model = _build_model(tok, moe=(name == "tiny-moe"), seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

@@ -29,12 +29,44 @@ def lineage_records(spec) -> list[dict]:
             m = node.manifest
             config = m.get("config", {})
             record.update(created=m.get("created"), fingerprint=node.fingerprint,
+                          system_prompt=config.get("system_prompt", True),
                           hyperparameters={k: config[k] for k in KEY_HYPERPARAMETERS if k in config},
                           data=m.get("data", {}), summary=m.get("summary", {}))
         elif node is not None:
             record.update(fingerprint=node.fingerprint, base_model=True)
         records.append(record)
     return records
+
+
+def trained_system_prompt(lineage: list[dict]) -> str | None:
+    """The protocol system prompt when a prism stage in the lineage trained the policy with it (sft unless
+    its system_prompt was off; align and rl always prompt with it), else None."""
+    from stages.common.protocol import SYSTEM_PROMPT
+
+    for r in lineage:
+        if r.get("stage") in ("sft", "align", "rl") and r.get("system_prompt", True) is not False:
+            return SYSTEM_PROMPT
+    return None
+
+
+def usage_snippet(system_prompt: str | None) -> list[str]:
+    """Python lines that prompt the exported policy the way it was trained (with its system prompt)."""
+    lines = ["```python", "from transformers import AutoModelForImageTextToText, AutoProcessor",
+             "model = AutoModelForImageTextToText.from_pretrained(\"PATH_OR_REPO\")",
+             "processor = AutoProcessor.from_pretrained(\"PATH_OR_REPO\")"]
+    if system_prompt is not None:
+        lines += ["# the system prompt the policy was trained with: without it, it answers without the protocol",
+                  "SYSTEM_PROMPT = " + json.dumps(system_prompt)]
+    lines.append("messages = [")
+    if system_prompt is not None:
+        lines.append("    {\"role\": \"system\", \"content\": SYSTEM_PROMPT},")
+    lines += ["    {\"role\": \"user\", \"content\": [{\"type\": \"image\", \"image\": image},",
+              "                                 {\"type\": \"text\", \"text\": question}]},",
+              "]",
+              "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,",
+              "                                       return_dict=True, return_tensors=\"pt\")",
+              "print(processor.decode(model.generate(**inputs, max_new_tokens=512)[0]))", "```"]
+    return lines
 
 
 def eval_results(directories: list[Path]) -> list[dict]:
@@ -61,8 +93,10 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def render(name: str, what: str, dtype: str, lineage: list[dict], evals: list[dict], verification: dict) -> str:
-    """README.md: what the model is, its lineage, hyperparameters, data fingerprints, results, usage."""
+def render(name: str, what: str, dtype: str, lineage: list[dict], evals: list[dict], verification: dict,
+           system_prompt: str | None = None) -> str:
+    """README.md: what the model is, its lineage, hyperparameters, data fingerprints, results, usage
+    (with `system_prompt`, the prompt the policy was trained with, in the usage snippet)."""
     base = lineage[-1]["ref"] if lineage else "?"
     lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags:", "- prism",
              "- vision-language", f"base_model: {base}" if "/" in base and not Path(base).exists() else "", "---", "",
@@ -104,14 +138,7 @@ def render(name: str, what: str, dtype: str, lineage: list[dict], evals: list[di
         lines += ["```python", "from stages.common.discriminator import load_discriminator",
                   "disc = load_discriminator(\"PATH_OR_REPO\")  # needs the prism toolkit: a custom value head", "```"]
     else:
-        lines += ["```python", "from transformers import AutoModelForImageTextToText, AutoProcessor",
-                  "model = AutoModelForImageTextToText.from_pretrained(\"PATH_OR_REPO\")",
-                  "processor = AutoProcessor.from_pretrained(\"PATH_OR_REPO\")",
-                  "messages = [{\"role\": \"user\", \"content\": [{\"type\": \"image\", \"image\": image},",
-                  "                                          {\"type\": \"text\", \"text\": question}]}]",
-                  "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,",
-                  "                                       return_dict=True, return_tensors=\"pt\")",
-                  "print(processor.decode(model.generate(**inputs, max_new_tokens=512)[0]))", "```", "",
+        lines += usage_snippet(system_prompt) + ["",
                   "vLLM and lmms-eval load the folder as any Qwen3-VL checkpoint "
                   "(`prism eval --ckpt PATH` uses the protocol system prompt)."]
     if verification:

@@ -154,7 +154,9 @@ def write_card(directory: Path, name: str, cfg: ExportConfig, lineage: list[dict
     record = {"exported_from": cfg.ckpt, "what": cfg.what, "dtype": cfg.dtype, "lineage": lineage,
               "eval": evals, "verification": verification}
     (directory / model_card.LINEAGE_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
-    (directory / "README.md").write_text(model_card.render(name, cfg.what, cfg.dtype, lineage, evals, verification))
+    system_prompt = model_card.trained_system_prompt(lineage) if cfg.what != "discriminator" else None
+    (directory / "README.md").write_text(model_card.render(name, cfg.what, cfg.dtype, lineage, evals, verification,
+                                                           system_prompt))
 
 
 def push(directory: Path, repo: str, private: bool) -> None:

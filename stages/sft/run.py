@@ -56,9 +56,10 @@ def run(cfg: SFTConfig) -> Path:
                                      barrier=accelerator.wait_for_everyone)
 
     t_encode = time.perf_counter()
-    train_set = encode_all(train_samples, processor, model, cfg, "encoding train")
+    refused: dict[str, int] = {}  # reason -> samples left out (no locatable target, too long, ...)
+    train_set = encode_all(train_samples, processor, model, cfg, "encoding train", refused)
     encode_s = time.perf_counter() - t_encode
-    eval_set = encode_all(eval_samples, processor, model, cfg, "encoding eval")
+    eval_set = encode_all(eval_samples, processor, model, cfg, "encoding eval", refused)
 
     optimizer = training.build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = training.build_scheduler(optimizer, cfg.schedule, training.warmup_steps_from(cfg.warmup, total_steps),
@@ -85,7 +86,8 @@ def run(cfg: SFTConfig) -> Path:
                          f"SFT loss ({cfg.ckpt})")
     summary = summarize(records, train_set, total_steps)
     summary.update(processes=accelerator.num_processes, replica_weight_sums=replicas, encode_s=encode_s,
-                   encode_ms_per_sample=1000 * encode_s / max(len(train_samples), 1))
+                   encode_ms_per_sample=1000 * encode_s / max(len(train_samples), 1),
+                   samples_refused=sum(refused.values()), refused_reasons=refused)
     accelerator.end_training()
     return run_dir.finalize(summary=summary, data=mixture.fingerprints, keep_state=cfg.keep_state)
 
@@ -130,8 +132,10 @@ def distinct_ids(samples: list[Sample]) -> list[Sample]:
     return out
 
 
-def encode_all(samples: list[Sample], processor, model, cfg: SFTConfig, what: str) -> list[Encoded]:
-    """Tokenise and image-process every sample once, before training (steps then only concatenate)."""
+def encode_all(samples: list[Sample], processor, model, cfg: SFTConfig, what: str,
+               refused: dict[str, int] | None = None) -> list[Encoded]:
+    """Tokenise and image-process every sample once, before training (steps then only concatenate).
+    Samples left out are counted by reason into `refused` (the manifest's summary reports them)."""
     rope_index = rope_index_of(model)
     encoded, skipped = [], {}
     with console.progress(what, total=len(samples)) as bar:
@@ -145,6 +149,8 @@ def encode_all(samples: list[Sample], processor, model, cfg: SFTConfig, what: st
             bar.advance(len(chunk))
     for reason, n in skipped.items():
         console.warn(f"{what}: skipped {n} sample(s): {reason}")
+        if refused is not None:
+            refused[reason] = refused.get(reason, 0) + n
     if samples and not encoded:
         raise PrismError(f"{what}: no sample has a training target ({', '.join(skipped)})")
     return encoded
@@ -188,6 +194,9 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, processor, train_s
             # length-grouped micro-batches: sorting within the step only changes the accumulation order
             mine = sorted((train_set[i] for i in global_idx[rank::world]), key=lambda e: e.n_tokens)
             n_targets = training.global_sum(accelerator, sum(e.n_targets for e in mine))
+            if n_targets == 0:  # never report success for a run that trained on nothing
+                raise PrismError(f"sft step {step + 1}: the batch holds no target tokens",
+                                 hint="the label masks are empty; check the chat template and the data")
             scale = training.loss_scale(accelerator, grad_accum) / max(n_targets, 1.0)
             loss_sum, tokens, padded = 0.0, 0, 0
             micros = micro_batches(mine, cfg.micro_batch_size)
