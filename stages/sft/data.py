@@ -91,15 +91,11 @@ def encode_sample(sample: Sample, processor, rope_index, max_length: int, system
     return encode_batch([sample], processor, rope_index, max_length, system_prompt)[0]
 
 
-def encode_batch(samples: list[Sample], processor, rope_index, max_length: int, system_prompt: bool = True
-                 ) -> list[Encoded | str]:
-    """Samples -> Encoded (or a reason string when skipped), image-processed in one processor call.
-
-    The label mask comes from stages.sft.targets (the rendered text and its token offsets), not from
-    {% generation %} markers, so it is exact for any chat template."""
-    out: list[Encoded | str] = ["no target (no teacher demonstration or conversation)"] * len(samples)
-    tok = processor.tokenizer
-    end_tokens = targets.end_of_turn_tokens(tok)
+def locate_targets(samples: list[Sample], processor, system_prompt: bool, out: list):
+    """Render each sample's chat and find its assistant turns' character spans (stages.sft.targets).
+    Returns (indices, texts, spans, images of those samples in order); a sample whose target cannot be
+    located gets its reason in out[i]."""
+    end_tokens = targets.end_of_turn_tokens(processor.tokenizer)
 
     def render(messages, add_generation_prompt=False):
         return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -119,6 +115,18 @@ def encode_batch(samples: list[Sample], processor, rope_index, max_length: int, 
         texts.append(text)
         spans_of.append(spans)
         images.extend(pil)
+    return todo, texts, spans_of, images
+
+
+def encode_batch(samples: list[Sample], processor, rope_index, max_length: int, system_prompt: bool = True
+                 ) -> list[Encoded | str]:
+    """Samples -> Encoded (or a reason string when skipped), image-processed in one processor call.
+
+    The label mask comes from stages.sft.targets (the rendered text and its token offsets), not from
+    {% generation %} markers, so it is exact for any chat template."""
+    out: list[Encoded | str] = ["no target (no teacher demonstration or conversation)"] * len(samples)
+    tok = processor.tokenizer
+    todo, texts, spans_of, images = locate_targets(samples, processor, system_prompt, out)
     if not todo:
         return out
     plain = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
