@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from prism_cli.config import CommonConfig, opt
 from prism_cli.errors import UsageError
 from stages.curate.gate import GATES
-from stages.curate.teachers import parse_teacher
 
 SELECTS = ("all", "unsolved")
 
@@ -94,4 +93,4 @@ class CurateConfig(CommonConfig):
             raise UsageError(f"--thinking-level {self.thinking_level!r}: use minimal, low, medium or high")
         if self.rpm < 0 or self.timeout <= 0 or self.backoff < 0:
             raise UsageError("--rpm, --timeout and --backoff must be positive")
-        parse_teacher(self.teacher)
+        # --teacher is parsed by curate.run first thing (the teacher table imports the teachers' libraries)
