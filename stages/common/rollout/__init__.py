@@ -7,7 +7,6 @@ SamplingParams, Completion, RolloutEngine) lives in base.py.
 from __future__ import annotations
 
 import importlib.util
-
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,11 +30,13 @@ def vllm_usable() -> bool:
 # rollout types (every stage config does, through chat) keeps `prism --help` free of torch.
 def _hf_engine(model, processor, **opts) -> RolloutEngine:
     from stages.common.rollout.hf import HFEngine
+
     return HFEngine(model, processor, **opts)
 
 
 def _vllm_engine(model, processor, **opts) -> RolloutEngine:
     from stages.common.rollout.vllm import VLLMEngine
+
     return VLLMEngine(model, processor, **opts)
 
 
