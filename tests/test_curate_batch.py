@@ -285,9 +285,11 @@ def test_batch_pricing_is_half_and_mixes_with_interactive():
     assert pricing.cost(again, "gemini-3-flash") == pytest.approx(full * 1.5)
 
 
-def test_batch_needs_a_gemini_teacher():
+def test_batch_needs_a_gemini_teacher(tmp_path):
+    # the teacher is parsed by curate.run (the teacher table imports the teachers' libraries), before any work
     with pytest.raises(UsageError, match="--batch needs a Gemini teacher"):
-        resolve_config(CurateConfig, flags={"teacher": "oracle", "batch": True})
+        run(resolve_config(CurateConfig, flags={"teacher": "oracle", "batch": True, "out": str(tmp_path / "o")}))
+    assert not (tmp_path / "o").exists()
     with pytest.raises(UsageError, match="--batch-input"):
         resolve_config(CurateConfig, flags={"batch": True, "batch_input": "smoke"})
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from prism_cli.app import app
 from prism_cli.errors import UsageError
-from stages.common import losses
+from stages.common import advantages, losses
 from stages.common.algorithms import ALGORITHMS, Algorithm
 from stages.common.registry import Registry
 from stages.common.rollout import ENGINES, make_engine
@@ -73,7 +73,9 @@ def test_registry_refuses_a_name_twice():
 
 def test_the_tables_name_what_the_stages_use():
     assert ALGORITHMS.names() == ["grpo", "dapo", "gspo"]
-    assert ALGORITHMS.get("gspo").loss is losses.gspo_loss and ALGORITHMS.get("dapo").loss is losses.ppo_clip_loss
+    assert ALGORITHMS.get("gspo").loss == "gspo_loss" and ALGORITHMS.get("dapo").loss == "ppo_clip_loss"
+    for _, row in ALGORITHMS.items():  # every row names functions that exist
+        assert callable(getattr(losses, row.loss)) and callable(getattr(advantages, row.advantage))
     assert TEACHERS.names() == ["oracle", "openai", "hf", "gemini"]
     assert ENGINES.names() == ["vllm", "hf"]
     assert set(SCORERS) == {t for b in BENCHMARKS.values() for t in b.override_tasks}
@@ -84,7 +86,8 @@ def test_a_registered_algorithm_reaches_the_policy_update(monkeypatch):
     def half_clip_loss(logp, old_logp, advantages, mask, **kw):
         return losses.ppo_clip_loss(logp, old_logp, advantages, mask, **kw)
 
-    row = Algorithm("test row", half_clip_loss, ALGORITHMS.get("grpo").advantage, clip_low=0.1, clip_high=0.3,
+    monkeypatch.setattr(losses, "half_clip_loss", half_clip_loss, raising=False)
+    row = Algorithm("test row", "half_clip_loss", "group_normalized_advantages", clip_low=0.1, clip_high=0.3,
                     loss_agg="seq-mean-token-sum", dynamic_sampling=False, overlong_buffer=0)
     monkeypatch.setitem(ALGORITHMS._entries, "halfclip", row)
     cfg = RLConfig(algo="halfclip", ckpt="tiny", out="x")
@@ -92,5 +95,5 @@ def test_a_registered_algorithm_reaches_the_policy_update(monkeypatch):
     settings = ppo_settings(cfg)
     assert (settings.loss, settings.clip_low, settings.clip_high, settings.agg) == (half_clip_loss, 0.1, 0.3,
                                                                                     "seq-mean-token-sum")
-    adv = row.advantage(torch.tensor([1.0, 0.0, 2.0, 2.0]), [0, 0, 1, 1], True)
+    adv = getattr(advantages, row.advantage)(torch.tensor([1.0, 0.0, 2.0, 2.0]), [0, 0, 1, 1], True)
     assert adv[2:].abs().sum() == 0 and adv[0] > 0 > adv[1]

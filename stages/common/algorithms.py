@@ -1,21 +1,24 @@
 """The RL algorithms `prism rl --algo` knows, one row each: the policy loss, the advantage and the defaults of
 the knobs a user does not set. Adding one: its loss in stages.common.losses (if new), a row here, a test
-(docs/extending.md)."""
+(docs/extending.md).
+
+Rows name their loss and advantage (functions of stages.common.losses / stages.common.advantages) instead of
+holding them, so this table imports no torch: RLConfig reads it, and the CLI imports every stage's config to
+build its options. stages.rl.run looks them up; tests/test_registries.py checks every name."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
-from stages.common import advantages, losses
 from stages.common.registry import Registry
 
 
 @dataclass(frozen=True)
 class Algorithm:
     about: str
-    loss: Callable            # (logp, old_logp, advantages, mask, clip_low, clip_high, agg, normalizer)
-    advantage: Callable       # (rewards, group_ids, normalize_std) -> one float per response
+    loss: str                 # in stages.common.losses: (logp, old_logp, advantages, mask, *, clip_low, clip_high,
+                              #   agg, normalizer) -> (loss, stats)
+    advantage: str            # in stages.common.advantages: (rewards, group_ids, normalize_std) -> [N]
     clip_low: float
     clip_high: float
     loss_agg: str
@@ -29,11 +32,11 @@ class Algorithm:
 ALGORITHMS: Registry[Algorithm] = Registry("RL algorithm", "--algo")
 
 ALGORITHMS.register("grpo", Algorithm(
-    "group-normalised advantage, PPO-clip", losses.ppo_clip_loss, advantages.group_normalized_advantages,
+    "group-normalised advantage, PPO-clip", "ppo_clip_loss", "group_normalized_advantages",
     clip_low=0.2, clip_high=0.2, loss_agg="token-mean", dynamic_sampling=False, overlong_buffer=0))
 ALGORITHMS.register("dapo", Algorithm(
-    "clip-higher, dynamic sampling, overlong shaping", losses.ppo_clip_loss, advantages.group_normalized_advantages,
+    "clip-higher, dynamic sampling, overlong shaping", "ppo_clip_loss", "group_normalized_advantages",
     clip_low=0.2, clip_high=0.28, loss_agg="token-mean", dynamic_sampling=True, overlong_buffer=4096))
 ALGORITHMS.register("gspo", Algorithm(
-    "sequence-level importance ratio", losses.gspo_loss, advantages.group_normalized_advantages,
+    "sequence-level importance ratio", "gspo_loss", "group_normalized_advantages",
     clip_low=3e-4, clip_high=4e-4, loss_agg="seq-mean-token-mean", dynamic_sampling=False, overlong_buffer=0))

@@ -14,7 +14,7 @@ from PIL import Image
 from prism_cli import console
 from prism_cli.checkpoint import open_output, resolve
 from prism_cli.config import to_dict
-from prism_cli.errors import PrismError
+from prism_cli.errors import PrismError, UsageError
 from stages.common.chat import question_text
 from stages.common.data import Sample, Teacher, fingerprint_samples, write_shards
 from stages.common.formats import load_samples
@@ -33,6 +33,8 @@ STUDENT_CACHE = "student_cache.jsonl"
 
 def run(cfg: CurateConfig) -> Path | None:
     spec = parse_teacher(cfg.teacher)
+    if cfg.batch and spec.kind != "gemini":
+        raise UsageError(f"--batch needs a Gemini teacher, not {cfg.teacher!r}")
     if teacher_kind(spec).check_credentials and not cfg.dry_run:
         teacher_kind(spec).check_credentials()  # a missing key is one clear line before any work
 

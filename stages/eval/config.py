@@ -15,7 +15,8 @@ SYNTH_BACKENDS = ("native", "lmms")
 class EvalConfig(CommonConfig):
     ckpt: list[str] = opt(help="checkpoint(s) to evaluate (repeatable): a prism checkpoint, an HF model dir or hub "
                                "id, or tiny", group="Model", factory=list)
-    tasks: list[str] = opt(help=f"comma-separated: {', '.join(task_names())}, or any lmms-eval task name", group="Tasks",
+    tasks: list[str] = opt(help=f"comma-separated: {', '.join(task_names())}, or any lmms-eval task name",
+                           group="Tasks",
                            factory=lambda: ["synth"])
     synth: str = opt("synth:test:200", "the synth split evaluated by the synth task (synth[:test][:N][:dK])",
                      group="Tasks")

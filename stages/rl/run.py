@@ -15,7 +15,8 @@ import torch
 
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
-from stages.common import training
+from stages.common import advantages as advantage_fns
+from stages.common import losses, training
 from stages.common.advantages import dynamic_sampling_keep, overlong_penalty
 from stages.common.algorithms import ALGORITHMS
 from stages.common.chat import rollout_prompt
@@ -206,7 +207,7 @@ def collect_rollouts(cfg: RLConfig, accelerator, model, engine, prompts: list[Sa
 # --------------------------------------------------------------------------------------------- update
 
 def ppo_settings(cfg: RLConfig) -> PPOSettings:
-    return PPOSettings(loss=ALGORITHMS.get(cfg.algo).loss, clip_low=cfg.resolved("clip_low"),
+    return PPOSettings(loss=getattr(losses, ALGORITHMS.get(cfg.algo).loss), clip_low=cfg.resolved("clip_low"),
                        clip_high=cfg.resolved("clip_high"), agg=cfg.resolved("loss_agg"),
                        temperature=cfg.temperature, micro_batch_tokens=cfg.micro_batch_tokens,
                        ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches, max_grad_norm=cfg.max_grad_norm,
@@ -217,7 +218,8 @@ def policy_update(cfg: RLConfig, accelerator, model, reference, optimizer, sched
                   rollouts: Rollouts) -> dict:
     """Group-normalised advantages of the verifiable reward, then the clipped policy update."""
     group_ids = torch.tensor(rollouts.prompt_index, dtype=torch.long)
-    advantages = ALGORITHMS.get(cfg.algo).advantage(rollouts.rewards, group_ids, cfg.normalize_std)
+    advantage = getattr(advantage_fns, ALGORITHMS.get(cfg.algo).advantage)
+    advantages = advantage(rollouts.rewards, group_ids, cfg.normalize_std)
     stats = ppo_update(ppo_settings(cfg), accelerator, model, optimizer, scheduler, processor, rollouts.prompts,
                        rollouts.completions, rollouts.prompt_index, advantages, reference=reference)
     stats["advantage/mean_abs"] = float(advantages.abs().mean()) if len(advantages) else 0.0

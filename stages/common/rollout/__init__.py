@@ -7,15 +7,12 @@ SamplingParams, Completion, RolloutEngine) lives in base.py.
 from __future__ import annotations
 
 import importlib.util
-
 from dataclasses import dataclass
 from typing import Callable
 
 from prism_cli.errors import PrismError, UsageError
 from stages.common.registry import Registry
 from stages.common.rollout.base import Completion, RolloutEngine, RolloutPrompt, SamplingParams
-from stages.common.rollout.hf import HFEngine
-from stages.common.rollout.vllm import VLLMEngine  # cheap: vllm itself is imported when an engine is built
 
 __all__ = ["Completion", "RolloutEngine", "RolloutPrompt", "SamplingParams", "make_engine", "vllm_usable",
            "ENGINES", "ENGINE_NAMES"]
@@ -27,6 +24,20 @@ def vllm_usable() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+# The engine modules pull in transformers (and vllm): imported when an engine is built, so that importing the
+# rollout types (every stage config does, through chat) keeps `prism --help` free of torch.
+def _hf_engine(model, processor, **opts) -> RolloutEngine:
+    from stages.common.rollout.hf import HFEngine
+
+    return HFEngine(model, processor, **opts)
+
+
+def _vllm_engine(model, processor, **opts) -> RolloutEngine:
+    from stages.common.rollout.vllm import VLLMEngine
+
+    return VLLMEngine(model, processor, **opts)
 
 
 def _vllm_missing() -> str:
@@ -44,9 +55,9 @@ class Engine:
 
 # In "auto" preference order: the first usable one wins. Adding an engine: its module, a row, a test.
 ENGINES: Registry[Engine] = Registry("rollout engine", "rollout engine")
-ENGINES.register("vllm", Engine(VLLMEngine, "vLLM and a CUDA GPU", vllm_usable, _vllm_missing,
+ENGINES.register("vllm", Engine(_vllm_engine, "vLLM and a CUDA GPU", vllm_usable, _vllm_missing,
                                 hint="pip install 'prism-vlm[gpu]' on a GPU machine, or use --set rollout_engine=hf"))
-ENGINES.register("hf", Engine(HFEngine, "transformers", lambda: True, lambda: ""))
+ENGINES.register("hf", Engine(_hf_engine, "transformers", lambda: True, lambda: ""))
 ENGINE_NAMES = ("auto", *ENGINES.names())
 
 
