@@ -111,10 +111,11 @@ def shard_layer_classes(model) -> set[str]:
 class Trained:
     """One trained model under one backend, with its optimizer and lr schedule."""
 
-    def __init__(self, backend: Backend, accelerator, model, optimizer, scheduler, module, name: str):
+    def __init__(self, backend: Backend, accelerator, model, optimizer, scheduler, module, name: str, engine=None):
         self.backend, self.accelerator, self.optimizer, self.scheduler = backend, accelerator, optimizer, scheduler
-        self.model = model        # what forwards go through (a wrapper, an engine or the sharded module)
+        self.model = model        # what forwards go through (the DDP wrapper, or the sharded module itself)
         self.module = module      # the Hugging Face model itself
+        self.engine = engine      # DeepSpeed's engine (backward, step, checkpoints)
         self.name = name
 
     # ---- one optimizer step over several micro-batches
@@ -124,7 +125,7 @@ class Trained:
         """Gradients of all but the last micro-batch stay local (no all-reduce / reduce-scatter)."""
         kind = self.backend.kind
         if kind == "deepspeed":
-            self.model.set_gradient_accumulation_boundary(last)
+            self.engine.set_gradient_accumulation_boundary(last)
             yield
         elif kind == "fsdp2":
             self.model.set_requires_gradient_sync(last)
@@ -140,7 +141,7 @@ class Trained:
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.backend.kind == "deepspeed":
-            self.model.backward(loss)
+            self.engine.backward(loss)
         else:
             self.accelerator.backward(loss)
 
@@ -149,9 +150,9 @@ class Trained:
         pre-clip norm. DeepSpeed clips inside its step (gradient_clipping was set from max_grad_norm)."""
         kind, norm = self.backend.kind, None
         if kind == "deepspeed":
-            self.model.set_gradient_accumulation_boundary(True)
-            self.model.step()
-            value = self.model.get_global_grad_norm()
+            self.engine.set_gradient_accumulation_boundary(True)
+            self.engine.step()
+            value = self.engine.get_global_grad_norm()
             norm = float(value) if value is not None else None
         else:
             if kind == "fsdp2":
@@ -178,7 +179,7 @@ class Trained:
 
             sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         elif kind == "deepspeed" and self.backend.zero_stage == 3:
-            sd = self.model._zero3_consolidated_16bit_state_dict()
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             sd = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         return sd if self.accelerator.is_main_process else None
@@ -188,7 +189,7 @@ class Trained:
         directory = Path(directory) / self.name
         kind = self.backend.kind
         if kind == "deepspeed":
-            self.model.save_checkpoint(str(directory), tag="prism", save_latest=False)
+            self.engine.save_checkpoint(str(directory), tag="prism", save_latest=False)
         elif kind == "fsdp2":
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -209,7 +210,7 @@ class Trained:
             raise PrismError(f"resumable state {directory} is missing", hint="rerun with --overwrite")
         kind = self.backend.kind
         if kind == "deepspeed":
-            self.model.load_checkpoint(str(directory), tag="prism", load_lr_scheduler_states=False)
+            self.engine.load_checkpoint(str(directory), tag="prism", load_lr_scheduler_states=False)
         elif kind == "fsdp2":
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -284,7 +285,10 @@ def prepare(backend: Backend, accelerator, model, make_optimizer, make_scheduler
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(backend, max_grad_norm, mixed_precision),
             dist_init_required=False)
-        return Trained(backend, accelerator, engine, ds_optimizer, scheduler, engine.module, name)
+        # Forwards go through the module: ZeRO-3's gathering lives in module hooks and engine.backward runs
+        # the backward prologue itself, while engine.forward's output hooks break on model outputs with a
+        # field named `values` (the discriminator's) by calling outputs.values().
+        return Trained(backend, accelerator, engine.module, ds_optimizer, scheduler, engine.module, name, engine)
     if kind == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
