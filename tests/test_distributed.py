@@ -289,3 +289,29 @@ def test_align_and_rl_run_with_two_ranks_under_zero2(tmp_path):
     summary = json.loads((rl / "prism.json").read_text())["summary"]
     sums = summary["replica_weight_sums"]
     assert summary["backend"] == "zero2" and len(sums) == 2 and sums[0] == sums[1]
+
+
+def test_hf_decode_keeps_stepping_while_another_rank_decodes_and_returns_the_same_samples(tiny_path):
+    """Under sharded parameters every decode step is a collective: a rank whose rows are done keeps running
+    forwards until lockstep says no rank decodes. Its own samples must not change."""
+    from stages.common import synth
+    from stages.common.chat import rollout_prompt
+    from stages.common.models import load_policy, load_processor
+    from stages.common.rollout import SamplingParams, make_engine
+
+    model, processor = load_policy(tiny_path, train=False), load_processor(tiny_path)
+    prompts = [rollout_prompt(s) for s in synth.load("synth:train:2", seed=0)]
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=40, seed=3)
+    engine = make_engine("hf", model, processor)
+    engine.eos_ids = list(range(0, model.config.get_text_config().vocab_size, 7))   # rows stop after a few tokens
+    alone = engine.generate(prompts, params)
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    engine.generate(prompts, params)
+    own = len(forwards)
+    forwards.clear()
+    engine.lockstep = lambda local: True          # another rank never finishes before max_new_tokens
+    stepped = engine.generate(prompts, params)
+    hook.remove()
+    assert own < len(forwards) == 1 + params.max_new_tokens - 1     # prefill + every decode step
+    assert [[c.token_ids for c in g] for g in stepped] == [[c.token_ids for c in g] for g in alone]
