@@ -53,7 +53,6 @@ def run(cfg: AlignConfig) -> Path:
     checkpoint.check_output(cfg.out, "align", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
     accelerator = runtime.accelerator
-    distributed.refuse_unsupported(runtime.backend, "prism align")
     check_batches(cfg, accelerator.num_processes)
     parents = [("policy", policy_spec), ("discriminator", disc_source[1]), *data_parents]
     processor = load_processor(policy_spec)

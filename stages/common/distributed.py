@@ -141,6 +141,11 @@ class Trained:
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.backend.kind == "deepspeed":
+            # engine.forward would clear ZeRO's "backward seen" flag; forwards bypass it (see prepare), and
+            # without the reset ZeRO-3 drops all but the first micro-batch's gradients (grad norm halved).
+            clear = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
+            if clear is not None:
+                clear()
             self.engine.backward(loss)
         else:
             self.accelerator.backward(loss)
@@ -318,8 +323,9 @@ def prepare(backend: Backend, accelerator, model, make_optimizer, make_scheduler
             model=model, optimizer=optimizer, config=deepspeed_config(backend, max_grad_norm, mixed_precision),
             dist_init_required=False)
         # Forwards go through the module: ZeRO-3's gathering lives in module hooks and engine.backward runs
-        # the backward prologue itself, while engine.forward's output hooks break on model outputs with a
-        # field named `values` (the discriminator's) by calling outputs.values().
+        # the backward prologue itself (Trained.backward resets the flag engine.forward would), while
+        # engine.forward's output hooks break on model outputs with a field named `values` (the
+        # discriminator's) by calling outputs.values().
         return Trained(backend, accelerator, engine.module, ds_optimizer, scheduler, engine.module, name, engine)
     if kind == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
@@ -340,19 +346,6 @@ def prepare(backend: Backend, accelerator, model, make_optimizer, make_scheduler
     scheduler = make_scheduler(optimizer)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     return Trained(backend, accelerator, wrapped, optimizer, scheduler, model, name)
-
-
-# The clipped policy update (rl, align) under ZeRO-3 gives wrong gradients on two CPU ranks (grad norm 0.0152
-# against 0.0237 single-process; 0 with the full-sequence path), while sft under ZeRO-3 matches; until that
-# is understood those stages refuse it rather than train wrongly.
-POLICY_UPDATE_BACKENDS = ("single", "ddp", "fsdp2", "zero0", "zero1", "zero2")
-
-
-def refuse_unsupported(backend: Backend, what: str, supported: tuple[str, ...] = POLICY_UPDATE_BACKENDS) -> None:
-    """One line naming the backends that work, for a stage the conformance suite has not proven here."""
-    if backend.kind not in supported and backend.name not in supported:
-        raise UsageError(f"{what} does not run under the {backend.name} backend (not proven correct)",
-                         hint=f"launch it with one of: {', '.join(supported)} (e.g. recipes/accelerate/zero2.yaml)")
 
 
 def lockstep(accelerator, backend: Backend):

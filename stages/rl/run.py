@@ -40,7 +40,6 @@ def run(cfg: RLConfig) -> Path:
     checkpoint.check_output(cfg.out, "rl", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
     accelerator = runtime.accelerator
-    distributed.refuse_unsupported(runtime.backend, "prism rl")
     check_prompts_per_step(cfg.prompts_per_step, accelerator.num_processes)
     processor = load_processor(policy_spec)
     model = load_policy(policy_spec, dtype=training.MASTER_WEIGHTS_DTYPE, attn=cfg.attn, device=accelerator.device,
