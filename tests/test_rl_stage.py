@@ -121,13 +121,13 @@ def test_ppo_update_same_weights_with_and_without_shared_prefix(sft_partial, pro
     advantages = torch.linspace(-1.5, 1.5, len(completions))
     weights = []
     for shared, budget in ((False, 16384), (True, 16384), (True, 300)):
-        model = load_policy(str(sft_partial / "model"))
-        accelerator = training.make_accelerator()
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        scheduler = training.build_scheduler(optimizer, "constant", 0, 1)
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        runtime = training.make_runtime()
+        policy = runtime.prepare(load_policy(str(sft_partial / "model")),
+                                 lambda m: torch.optim.SGD(m.parameters(), lr=1.0),
+                                 lambda opt: training.build_scheduler(opt, "constant", 0, 1))
+        model = policy.module
         settings = PPOSettings(micro_batch_tokens=budget, shared_prefix=shared, clip_high=0.28)
-        stats = ppo_update(settings, accelerator, model, optimizer, scheduler, processor, prompts, completions,
+        stats = ppo_update(settings, runtime.accelerator, policy, processor, prompts, completions,
                            [p for p in range(3) for _ in range(4)], advantages)
         assert stats["update/grad_norm"] > 0
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})

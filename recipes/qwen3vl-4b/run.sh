@@ -25,7 +25,8 @@ MULTINODE=${MULTINODE:-0}
 DRY=()
 [ "${DRY_RUN:-0}" = 1 ] && DRY=(--dry-run)
 
-# Distributed stages go through accelerate: ZeRO-2 over the 8 local GPUs, or over NNODES x 8.
+# Distributed stages go through accelerate: ZeRO-2 over the 8 local GPUs, or over NNODES x 8. ZeRO-2 is the
+# backend tests/test_distributed.py proves for sft, align (two engines) and rl with two CPU ranks.
 if [ "$MULTINODE" = 1 ]; then
   : "${NNODES:?MULTINODE=1 needs NNODES}" "${NODE_RANK:?MULTINODE=1 needs NODE_RANK}" "${MASTER_ADDR:?MULTINODE=1 needs MASTER_ADDR}"
   LAUNCH=(accelerate launch --config_file "$ROOT/recipes/accelerate/zero2-multinode.yaml"

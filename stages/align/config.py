@@ -54,6 +54,9 @@ class AlignConfig(CommonConfig):
     alpha: float = opt(0.5, "weight of perception (caption) vs reasoning (think) in the advantage", group="Game")
     format_penalty: float = opt(1.5, "advantage penalty of a format-invalid response", group="Game")
     advantage_mode: str = opt("prism", "prism, acc-gated or rlvr-mixed", group="Game")
+    acc_weight: float = opt(0.8, "rlvr-mixed: verifiable reward = acc_weight * acc + format_weight * format",
+                            group="Game", cli=False)
+    format_weight: float = opt(0.2, "see acc_weight", group="Game", cli=False)
     clip_low: float = opt(0.2, "PPO clip below 1", group="Game", cli=False)
     clip_high: float = opt(0.2, "PPO clip above 1", group="Game", cli=False)
     loss_agg: str = opt("token-mean", "policy loss aggregation", group="Game", cli=False)

@@ -22,15 +22,16 @@ import torch
 
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
-from prism_cli.errors import PrismError
+from prism_cli.errors import PrismError, UsageError
 from stages.align import advantage as prism_adv
 from stages.align.config import AlignConfig
-from stages.align.scoring import PreferencePair, clip_scores, pair_loss, pairwise_accuracy, score_groups
-from stages.common import training
+from stages.align.objective import GroupScores, discriminator_objective
+from stages.align.scoring import PreferencePair, pair_loss, pairwise_accuracy, score_groups
+from stages.common import distributed, training
 from stages.common.chat import problem_messages, rollout_prompt
 from stages.common.data import Sample, stream_item
-from stages.common.discriminator import (load_discriminator, load_discriminator_processor, save_discriminator,
-                                        upcycle)
+from stages.common.discriminator import (aux_loss_coef, load_discriminator, load_discriminator_processor,
+                                         save_discriminator, upcycle)
 from stages.common.formats import image_bytes, load_sources, source_parents
 from stages.common.models import default_device, estimate_training_memory, load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
@@ -49,31 +50,31 @@ def run(cfg: AlignConfig) -> Path:
         return print_plan(cfg, policy_spec, disc_source, len(samples))
 
     checkpoint.check_output(cfg.out, "align", to_dict(cfg), cfg.overwrite, cfg.resume)
-    accelerator = training.make_accelerator(report_to=cfg.report_to, project_dir=cfg.out)
+    runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
+    accelerator = runtime.accelerator
+    check_batches(cfg, accelerator.num_processes)
     parents = [("policy", policy_spec), ("discriminator", disc_source[1]), *data_parents]
     processor = load_processor(policy_spec)
-    policy = load_policy(policy_spec, dtype=cfg.dtype, attn=cfg.attn, device=accelerator.device,
-                         gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision)
-    disc, disc_processor = build_discriminator(cfg, disc_source, accelerator.device)
+    policy_model = load_policy(policy_spec, dtype=training.MASTER_WEIGHTS_DTYPE, attn=cfg.attn,
+                               device=accelerator.device, gradient_checkpointing=cfg.gradient_checkpointing,
+                               freeze_vision=cfg.freeze_vision)
+    disc_model, disc_processor = build_discriminator(cfg, disc_source, accelerator.device)
     run_dir = checkpoint.open_output(cfg.out, "align", to_dict(cfg), parents, overwrite=cfg.overwrite,
                                      resume=cfg.resume, barrier=accelerator.wait_for_everyone)
 
-    warmup_pairs_total = max(cfg.warmup_steps, 1)
-    policy_opt = training.build_optimizer(policy, cfg.lr, cfg.weight_decay)
-    policy_sched = training.build_scheduler(policy_opt, "constant", 0, max(cfg.steps, 1))
-    disc_opt = training.build_optimizer(disc, cfg.disc_lr, cfg.weight_decay)
-    disc_sched = training.build_scheduler(disc_opt, "constant", 0, max(cfg.steps, 1))
-    warm_opt = training.build_optimizer(disc, cfg.warmup_lr, cfg.weight_decay)
-    warm_sched = training.build_scheduler(warm_opt, "cosine", training.warmup_steps_from(0.1, warmup_pairs_total),
-                                          warmup_pairs_total)
-    (policy, policy_opt, policy_sched, disc, disc_opt, disc_sched, warm_opt,
-     warm_sched) = accelerator.prepare(policy, policy_opt, policy_sched, disc, disc_opt, disc_sched, warm_opt,
-                                       warm_sched)
-    engine = make_engine(cfg.engine, training.unwrap(accelerator, policy), processor)
+    # One engine (optimizer state) per trained model; the discriminator's schedule covers warmup then game.
+    policy = runtime.prepare(policy_model, lambda m: training.build_optimizer(m, cfg.lr, cfg.weight_decay),
+                             lambda opt: training.build_scheduler(opt, "constant", 0, max(cfg.steps, 1)),
+                             max_grad_norm=cfg.max_grad_norm, name="policy")
+    disc = runtime.prepare(disc_model, lambda m: training.build_optimizer(m, 1.0, cfg.weight_decay),
+                           lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, discriminator_lr(cfg)),
+                           max_grad_norm=cfg.max_grad_norm, name="discriminator")
+    engine = make_engine(cfg.engine, policy.module, processor)
+    engine.lockstep = distributed.lockstep(accelerator, runtime.backend)
 
     state = {"step": 0, "cursor": 0, "warmed_up": False}
     if run_dir.resuming:
-        saved = training.load_state(accelerator, run_dir.state_dir)
+        saved = training.load_state(accelerator, run_dir.state_dir, [policy, disc])
         if saved is not None:
             state = saved
             console.info(f"resuming {cfg.out} at step {state['step']}/{cfg.steps}")
@@ -81,33 +82,26 @@ def run(cfg: AlignConfig) -> Path:
         run_dir.truncate_metrics(state["step"] if state["warmed_up"] else -1)
 
     if not state["warmed_up"]:
-        warmup(cfg, accelerator, policy, engine, disc, disc_processor, warm_opt, warm_sched, samples, run_dir)
+        warmup(cfg, accelerator, policy, engine, disc, disc_processor, samples, run_dir)
         state["warmed_up"] = True
-        training.save_state(accelerator, run_dir.state_dir, state)
+        training.save_state(accelerator, run_dir.state_dir, state, [policy, disc])
 
-    settings = PPOSettings(clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.loss_agg,
-                           temperature=cfg.temperature, micro_batch_tokens=cfg.micro_batch_tokens,
-                           max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)
     timer = training.StepTimer()
     with console.progress("align", total=cfg.steps) as bar:
         bar.advance(state["step"])
         for step in range(state["step"], cfg.steps):
             batch, state["cursor"] = next_prompts(samples, state["cursor"], cfg, accelerator)
             with timer.phase("rollout"):
-                engine.sync_weights(training.unwrap(accelerator, policy))
-                completions = engine.generate([p for _, p in batch], SamplingParams(
-                    n=cfg.rollouts_per_prompt, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                    seed=cfg.seed * 1_000_003 + step * 1009 + accelerator.process_index))
+                completions = collect_rollouts(cfg, accelerator, policy, engine, batch, step)
             with timer.phase("score"):
-                game = score_rollouts(cfg, disc, disc_processor, batch, completions)
+                scores, rewards = score_rollouts(cfg, disc, disc_processor, batch, completions)
             with timer.phase("disc_update"):
-                d_metrics = discriminator_update(cfg, accelerator, disc, disc_opt, disc_sched, game)
+                d_metrics = discriminator_update(cfg, disc, scores)
             with timer.phase("policy_update"):
-                advantages = game_advantages(cfg, game)
-                rows = [c for group in completions for c in group]
-                update = ppo_update(settings, accelerator, policy, policy_opt, policy_sched, processor,
-                                    [p for _, p in batch], rows, game["prompt_index"], advantages)
-            record = {"step": step + 1, **d_metrics, **game_metrics(game, advantages), **update, **timer.pop()}
+                advantages, update = policy_update(cfg, accelerator, policy, processor, batch, completions,
+                                                   scores.detached(), rewards)
+            record = {"step": step + 1, **d_metrics, **game_metrics(scores.detached(), rewards, advantages), **update,
+                      **timer.pop()}
             run_dir.log_metrics(record)
             if cfg.report_to != "none":
                 accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
@@ -115,18 +109,39 @@ def run(cfg: AlignConfig) -> Path:
                                f"fmt {record['format/valid']:.2f}")
             state["step"] = step + 1
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                training.save_state(accelerator, run_dir.state_dir, state)
+                training.save_state(accelerator, run_dir.state_dir, state, [policy, disc])
 
     training.save_model(accelerator, policy, processor, run_dir.model_dir)
+    disc_weights = disc.full_state_dict()
     if accelerator.is_main_process:
-        save_discriminator(training.unwrap(accelerator, disc), disc_processor, run_dir.path / "discriminator")
+        save_discriminator(disc.module, disc_processor, run_dir.path / "discriminator", state_dict=disc_weights)
     accelerator.wait_for_everyone()
     records = run_dir.read_metrics()
     training.plot_curves(records, {"gap/caption": "perception gap (teacher - student, caption)",
                                    "gap/think": "reasoning gap (teacher - student, think)"},
                          run_dir.path / "drift_gap.png", "PRISM alignment: discriminator score gaps")
     accelerator.end_training()
-    return run_dir.finalize(summary=summarize(records), data=data_fp, keep_state=cfg.keep_state)
+    summary = summarize(records)
+    summary.update(processes=accelerator.num_processes, backend=runtime.backend.name)
+    return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
+
+
+def check_batches(cfg: AlignConfig, world: int) -> None:
+    """prompts_per_step and warmup_batch are global: each process takes an equal share."""
+    if cfg.prompts_per_step % world:
+        raise UsageError(f"prompts_per_step {cfg.prompts_per_step} is not divisible by the {world} processes",
+                         hint=f"use a multiple of {world}")
+    if cfg.warmup_steps > 0 and cfg.warmup_batch % world:
+        raise UsageError(f"warmup_batch {cfg.warmup_batch} is not divisible by the {world} processes",
+                         hint=f"use a multiple of {world}")
+
+
+def discriminator_lr(cfg: AlignConfig):
+    """The discriminator's lr at each of its optimizer steps (base lr 1): warmup_lr on a cosine with 10%
+    warmup over the warmup steps, then disc_lr constant through the game. One optimizer, one state."""
+    n_warm = max(cfg.warmup_steps, 0)
+    warm = training.lr_lambda("cosine", training.warmup_steps_from(0.1, max(n_warm, 1)), max(n_warm, 1))
+    return lambda step: cfg.warmup_lr * warm(step) if step < n_warm else cfg.disc_lr
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -163,27 +178,26 @@ def build_discriminator(cfg: AlignConfig, source, device):
     how, spec = source
     if how == "reuse":
         path = spec.path / "discriminator" if spec.kind == "prism" else spec.path
-        disc = load_discriminator(path, dtype=cfg.dtype, device=device, train=True)
+        disc = load_discriminator(path, dtype=training.MASTER_WEIGHTS_DTYPE, device=device, train=True)
         return disc, load_discriminator_processor(path)
     disc = upcycle(spec, num_experts=cfg.num_experts, top_k=cfg.top_k, noise_std=cfg.expert_noise,
                    router_std=cfg.router_std, aux_loss_coef=cfg.aux_loss_coef, seed=cfg.seed, dense=cfg.disc_dense,
-                   text_only=cfg.disc_text_only, dtype=cfg.dtype if cfg.dtype != "auto" else
-                   ("bf16" if device.type == "cuda" else "fp32"), device=device)
+                   text_only=cfg.disc_text_only, dtype=training.MASTER_WEIGHTS_DTYPE, device=device)
     disc.train()
     return disc, load_processor(spec)
 
 
 def next_prompts(samples: list[Sample], cursor: int, cfg: AlignConfig, accelerator) -> tuple[list, int]:
-    """This process's share of the next prompts_per_step prompts of a seeded endless stream."""
+    """This process's share of the next prompts_per_step (global) prompts of a seeded endless stream."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    quota = max(1, cfg.prompts_per_step // world)
+    quota = cfg.prompts_per_step // world   # check_batches: divisible
     picked = [stream_item(samples, cursor + i, cfg.seed) for i in range(rank * quota, (rank + 1) * quota)]
     return [(s, rollout_prompt(s)) for s in picked], cursor + quota * world
 
 
 # --------------------------------------------------------------------------------------------- warmup
 
-def warmup(cfg, accelerator, policy, engine, disc, disc_processor, optimizer, scheduler, samples, run_dir) -> None:
+def warmup(cfg, accelerator, policy, engine, disc, disc_processor, samples, run_dir) -> None:
     """Bradley-Terry warmup of the discriminator on (teacher, student) pairs, held-out accuracy reported."""
     if cfg.warmup_steps <= 0:
         return
@@ -194,21 +208,21 @@ def warmup(cfg, accelerator, policy, engine, disc, disc_processor, optimizer, sc
     n_held = int(round(cfg.warmup_holdout * len(pairs))) if len(pairs) > 1 else 0
     held, train = pairs[:n_held], pairs[n_held:]
     rank, world = accelerator.process_index, accelerator.num_processes
-    before = pairwise_accuracy(disc, disc_processor, held, layout=cfg.disc_layout) if held else None
+    before = pairwise_accuracy(disc.model, disc_processor, held, layout=cfg.disc_layout) if held else None
     with console.progress("discriminator warmup", total=cfg.warmup_steps) as bar:
         for step in range(cfg.warmup_steps):
             start = (step * cfg.warmup_batch) % max(len(train), 1)
             batch = [train[(start + i) % len(train)] for i in range(cfg.warmup_batch)][rank::world]
-            loss, metrics = pair_loss(disc, disc_processor, batch, layout=cfg.disc_layout,
+            loss, metrics = pair_loss(disc.model, disc_processor, batch, layout=cfg.disc_layout,
                                       score_l2_coef=cfg.score_reg, clip=cfg.score_clip)
-            accelerator.backward(loss)  # mean over this process's pairs; DDP averages the processes
-            grad_norm = training.optimizer_step(accelerator, disc, optimizer, scheduler, cfg.max_grad_norm)
+            disc.backward(loss)  # mean over this process's pairs; the backend averages the processes
+            grad_norm = disc.step(cfg.max_grad_norm)
             record = {"phase": "warmup", "warmup_step": step + 1, "step": 0, **{f"warmup/{k}": v for k, v in
                                                                                   metrics.items()},
                       "warmup/grad_norm": grad_norm}
             run_dir.log_metrics(record)
             bar.advance(status=f"loss {metrics['loss']:.3f}")
-    after = pairwise_accuracy(disc, disc_processor, held, layout=cfg.disc_layout) if held else None
+    after = pairwise_accuracy(disc.model, disc_processor, held, layout=cfg.disc_layout) if held else None
     summary = {"phase": "warmup_done", "step": 0, "warmup/pairs": len(pairs), "warmup/held_out": len(held)}
     if after is not None:
         summary.update({"warmup/heldout_acc_caption_before": before["caption"],
@@ -221,25 +235,39 @@ def warmup(cfg, accelerator, policy, engine, disc, disc_processor, optimizer, sc
 
 
 def sample_pairs(cfg, accelerator, policy, engine, samples) -> list[PreferencePair]:
-    """One student response per prompt from the input policy, paired with the teacher's segments."""
+    """One student response per prompt from the input policy, paired with the teacher's segments. Each
+    process samples an equal share of the prompts (the last share padded with repeats whose responses are
+    dropped); the responses are then gathered so every process holds the same pairs."""
     rng = random.Random(cfg.seed + 1)
     chosen = rng.sample(samples, min(cfg.warmup_prompts, len(samples)))
-    engine.sync_weights(training.unwrap(accelerator, policy))
-    pairs = []
+    rank, world = accelerator.process_index, accelerator.num_processes
+    share = -(-len(chosen) // world)
+    mine = list(range(rank * share, min((rank + 1) * share, len(chosen))))
+    padded = mine + [mine[0] if mine else 0] * (share - len(mine))   # equal forwards on every process
+    engine.sync_weights(policy.module)
+    texts: list[tuple[int, str, str]] = []
     batch_size = 32
-    with console.progress("sampling warmup pairs", total=len(chosen)) as bar:
-        for start in range(0, len(chosen), batch_size):
-            group = chosen[start:start + batch_size]
-            prompts = [rollout_prompt(s) for s in group]
-            outs = engine.generate(prompts, SamplingParams(n=1, temperature=cfg.temperature,
-                                                           max_new_tokens=cfg.max_new_tokens,
-                                                           seed=cfg.seed * 17 + start))
-            for sample, prompt, (completion,) in zip(group, prompts, outs):
-                parsed = parse_response(completion.text)
-                pairs.append(PreferencePair(prompt=prompt, teacher_caption=sample.teacher.caption,
-                                            teacher_think=sample.teacher.think,
-                                            student_caption=parsed.caption or "", student_think=parsed.think or ""))
-            bar.advance(len(group))
+    with console.progress("sampling warmup pairs", total=share) as bar:
+        for start in range(0, share, batch_size):
+            idx = padded[start:start + batch_size]
+            outs = engine.generate([rollout_prompt(chosen[i]) for i in idx], SamplingParams(
+                n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                seed=cfg.seed * 17 + rank * 7919 + start))
+            for k, (i, (completion,)) in enumerate(zip(idx, outs)):
+                if start + k < len(mine):
+                    parsed = parse_response(completion.text)
+                    texts.append((i, parsed.caption or "", parsed.think or ""))
+            bar.advance(len(idx))
+    if world > 1:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, texts)
+        texts = sorted(t for part in gathered for t in part)
+    pairs = []
+    for i, caption, think in texts:
+        sample = chosen[i]
+        pairs.append(PreferencePair(prompt=rollout_prompt(sample), teacher_caption=sample.teacher.caption,
+                                    teacher_think=sample.teacher.think, student_caption=caption,
+                                    student_think=think))
     return pairs
 
 
@@ -280,88 +308,90 @@ def load_pairs(path: str) -> list[PreferencePair]:
 
 # --------------------------------------------------------------------------------------------- the game
 
-def score_rollouts(cfg: AlignConfig, disc, disc_processor, batch, completions) -> dict:
-    """Parse every rollout and score teacher + rollout captions and thinks, one group per prompt.
+def collect_rollouts(cfg: AlignConfig, accelerator, policy, engine, batch, step: int) -> list[list]:
+    """n rollouts per prompt of this process's share, from the current policy."""
+    engine.sync_weights(policy.module)
+    return engine.generate([p for _, p in batch], SamplingParams(
+        n=cfg.rollouts_per_prompt, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed * 1_000_003 + step * 1009 + accelerator.process_index))
+
+
+def score_rollouts(cfg: AlignConfig, disc, disc_processor, batch, completions) -> tuple[GroupScores, dict]:
+    """Parse every rollout and score teacher + rollout captions and thinks, one group per prompt; and the
+    verifiable reward of every rollout, {"acc", "score"} [G, n] (stages.common.rewards with the config's
+    weights; reported, and used by the acc-gated / rlvr-mixed variants).
 
     Segment order per group: [teacher caption, teacher think, caption_1..n, think_1..n]."""
     n = cfg.rollouts_per_prompt
     parsed = [[parse_response(c.text) for c in group] for group in completions]
     segments = [[sample.teacher.caption, sample.teacher.think] + [p.caption or "" for p in group]
                 + [p.think or "" for p in group] for (sample, _), group in zip(batch, parsed)]
-    result = score_groups(disc, disc_processor, [p for _, p in batch], segments, cfg.disc_layout,
+    result = score_groups(disc.model, disc_processor, [p for _, p in batch], segments, cfg.disc_layout,
                           output_router_logits=True)
     scores = torch.stack(result.scores)                        # [G, 2 + 2n], with grad to the discriminator
-    acc = torch.tensor([[compute_score(c.text, sample.answer, sample.choices)["acc"] for c in group]
-                        for (sample, _), group in zip(batch, completions)], dtype=torch.float32)
-    return {
-        "teacher_caption": scores[:, 0], "teacher_think": scores[:, 1],
-        "student_caption": scores[:, 2:2 + n], "student_think": scores[:, 2 + n:],
-        "format_ok": torch.tensor([[p.format_ok for p in group] for group in parsed]),
-        "acc": acc, "aux_loss": result.aux_loss, "tokens": result.num_tokens,
-        "prompt_index": [g for g in range(len(batch)) for _ in range(n)],
-    }
+    verifiable = [[compute_score(c.text, sample.answer, sample.choices, acc_weight=cfg.acc_weight,
+                                 format_weight=cfg.format_weight) for c in group]
+                  for (sample, _), group in zip(batch, completions)]
+    rewards = {key: torch.tensor([[v[key] for v in group] for group in verifiable], dtype=torch.float32)
+               for key in ("acc", "score")}
+    return GroupScores(teacher_caption=scores[:, 0], teacher_think=scores[:, 1],
+                       student_caption=scores[:, 2:2 + n], student_think=scores[:, 2 + n:],
+                       format_ok=torch.tensor([[p.format_ok for p in group] for group in parsed]),
+                       aux_loss=result.aux_loss, tokens=result.num_tokens), rewards
 
 
-def discriminator_update(cfg: AlignConfig, accelerator, disc, optimizer, scheduler, game: dict) -> dict:
-    """BT(caption) + BT(think) over format-valid rollouts, each against its prompt's teacher segment;
-    L2 on the four score sets; router aux loss. Scores clipped to [-score_clip, score_clip]."""
-    valid = game["format_ok"].to(game["student_caption"].device)
-    tc = clip_scores(game["teacher_caption"], cfg.score_clip)
-    tt = clip_scores(game["teacher_think"], cfg.score_clip)
-    sc = clip_scores(game["student_caption"], cfg.score_clip)
-    st = clip_scores(game["student_think"], cfg.score_clip)
-    tc_pairs, tt_pairs = tc[:, None].expand_as(sc), tt[:, None].expand_as(st)
-    bt_caption = prism_adv.bradley_terry_loss(tc_pairs, sc, valid)
-    bt_think = prism_adv.bradley_terry_loss(tt_pairs, st, valid)
-    loss = bt_caption + bt_think + cfg.score_reg * prism_adv.score_l2(tc, tt, sc[valid], st[valid])
-    aux = game["aux_loss"]
-    coef = cfg.aux_loss_coef if not cfg.disc_dense else 0.0
-    if aux is not None and coef:
-        loss = loss + coef * aux
-    accelerator.backward(loss)
-    grad_norm = training.optimizer_step(accelerator, disc, optimizer, scheduler, cfg.max_grad_norm)
-    with torch.no_grad():
-        n_valid = int(valid.sum())
-        acc_c = float(((tc_pairs > sc) & valid).sum() / max(n_valid, 1))
-        acc_t = float(((tt_pairs > st) & valid).sum() / max(n_valid, 1))
-    return {"d/loss": float(loss.detach()), "d/bt_caption": float(bt_caption.detach()),
-            "d/bt_think": float(bt_think.detach()),
-            "d/aux_loss": float(aux.detach()) if aux is not None else 0.0, "d/acc_caption": acc_c,
-            "d/acc_think": acc_t,
-            "d/grad_norm": grad_norm, "d/valid_pairs": n_valid}
+def discriminator_update(cfg: AlignConfig, disc, scores: GroupScores) -> dict:
+    """One step of the discriminator objective (stages.align.objective) on this step's scores."""
+    terms = discriminator_objective(scores, score_reg=cfg.score_reg, clip=cfg.score_clip,
+                                    aux_coef=aux_loss_coef(disc.module))
+    disc.backward(terms.loss)
+    return {**terms.metrics("d/"), "d/grad_norm": disc.step(cfg.max_grad_norm), "d/lr": disc.lr}
 
 
-def game_advantages(cfg: AlignConfig, game: dict) -> torch.Tensor:
-    """PRISM advantages from the (pre-update) discriminator scores, optionally mixed with the verifiable reward."""
-    caption = game["student_caption"].detach().clamp(-cfg.score_clip, cfg.score_clip).flatten().cpu()
-    think = game["student_think"].detach().clamp(-cfg.score_clip, cfg.score_clip).flatten().cpu()
-    fmt = game["format_ok"].flatten()
-    groups = torch.tensor(game["prompt_index"])
+def policy_update(cfg: AlignConfig, accelerator, policy, processor, batch, completions, scores: GroupScores,
+                  rewards: dict) -> tuple[torch.Tensor, dict]:
+    """PRISM advantages from the (pre-update) discriminator scores, then the clipped policy update."""
+    advantages = game_advantages(cfg, scores, rewards)
+    settings = PPOSettings(clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.loss_agg,
+                           temperature=cfg.temperature, micro_batch_tokens=cfg.micro_batch_tokens,
+                           max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)
+    n = cfg.rollouts_per_prompt
+    rows = [c for group in completions for c in group]
+    update = ppo_update(settings, accelerator, policy, processor, [p for _, p in batch], rows,
+                        [g for g in range(len(batch)) for _ in range(n)], advantages)
+    return advantages, update
+
+
+def game_advantages(cfg: AlignConfig, scores: GroupScores, rewards: dict) -> torch.Tensor:
+    """PRISM advantages, optionally gated by or mixed with the verifiable reward (config weights)."""
+    caption = scores.student_caption.clamp(-cfg.score_clip, cfg.score_clip).flatten()
+    think = scores.student_think.clamp(-cfg.score_clip, cfg.score_clip).flatten()
+    fmt = scores.format_ok.flatten()
+    groups = torch.arange(scores.format_ok.shape[0]).repeat_interleave(scores.format_ok.shape[1])
     adv = prism_adv.prism_advantages(caption, think, fmt, groups, alpha=cfg.alpha, format_penalty=cfg.format_penalty)
     if cfg.advantage_mode == "acc-gated":
-        adv = prism_adv.acc_gated_advantages(adv, game["acc"].flatten())
+        adv = prism_adv.acc_gated_advantages(adv, rewards["acc"].flatten())
     elif cfg.advantage_mode == "rlvr-mixed":
-        rlvr = 0.8 * game["acc"].flatten() + 0.2 * fmt.float()
-        adv = prism_adv.rlvr_mixed_advantages(adv, rlvr, groups)
+        adv = prism_adv.rlvr_mixed_advantages(adv, rewards["score"].flatten(), groups)
     return adv
 
 
-def game_metrics(game: dict, advantages: torch.Tensor) -> dict:
+def game_metrics(scores: GroupScores, rewards: dict, advantages: torch.Tensor) -> dict:
     """Teacher and student mean scores per segment and the drift gap (teacher - student)."""
-    with torch.no_grad():
-        valid = game["format_ok"]
-        sc, st = game["student_caption"].detach().cpu(), game["student_think"].detach().cpu()
-        mean_valid = lambda x: float(x[valid].mean()) if bool(valid.any()) else float("nan")  # noqa: E731
-        tc, tt = float(game["teacher_caption"].detach().mean()), float(game["teacher_think"].detach().mean())
-        return {
-            "score/teacher_caption": tc, "score/teacher_think": tt,
-            "score/student_caption": mean_valid(sc), "score/student_think": mean_valid(st),
-            "gap/caption": tc - float(sc.mean()), "gap/think": tt - float(st.mean()),
-            "format/valid": float(valid.float().mean()), "acc/mean": float(game["acc"].mean()),
-            "advantage/mean": float(advantages.mean()), "advantage/std": float(advantages.std()) if
-            advantages.numel() > 1 else 0.0, "advantage/min": float(advantages.min()),
-            "advantage/max": float(advantages.max()), "d/tokens": game["tokens"],
-        }
+    valid = scores.format_ok
+    sc, st = scores.student_caption, scores.student_think
+    mean_valid = lambda x: float(x[valid].mean()) if bool(valid.any()) else float("nan")  # noqa: E731
+    tc, tt = float(scores.teacher_caption.mean()), float(scores.teacher_think.mean())
+    return {
+        "score/teacher_caption": tc, "score/teacher_think": tt,
+        "score/student_caption": mean_valid(sc), "score/student_think": mean_valid(st),
+        "gap/caption": tc - float(sc.mean()), "gap/think": tt - float(st.mean()),
+        "format/valid": float(valid.float().mean()), "acc/mean": float(rewards["acc"].mean()),
+        "reward/mean": float(rewards["score"].mean()),
+        "advantage/mean": float(advantages.mean()), "advantage/std": float(advantages.std()) if
+        advantages.numel() > 1 else 0.0, "advantage/min": float(advantages.min()),
+        "advantage/max": float(advantages.max()), "d/tokens": scores.tokens,
+    }
 
 
 # --------------------------------------------------------------------------------------------- reporting

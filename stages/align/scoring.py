@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
-from stages.align.advantage import bradley_terry_loss
+from stages.align.objective import GroupScores, discriminator_objective
 from stages.common.discriminator import aux_loss_coef, is_text_only
 
 LAYOUTS = ("shared", "separate")
@@ -335,21 +335,14 @@ def pair_loss(disc, processor, pairs: Sequence[PreferencePair], *, layout: str =
     BT(caption) + BT(think) + aux_coef * router aux loss (+ score_l2_coef * mean squared score over the
     four score sets), scores clipped to [-clip, clip]. Returns (loss, float metrics)."""
     raw, result = _pair_scores(disc, processor, pairs, layout, output_router_logits=True, **score_kwargs)
-    s = clip_scores(raw, clip)
-    bt_caption = bradley_terry_loss(s[:, 0], s[:, 2])
-    bt_think = bradley_terry_loss(s[:, 1], s[:, 3])
-    loss = bt_caption + bt_think
-    aux = result.aux_loss
-    coef = aux_loss_coef(disc)
-    if aux is not None and coef:
-        loss = loss + coef * aux
-    if score_l2_coef:
-        loss = loss + score_l2_coef * s.pow(2).mean(dim=0).sum()
+    # a pair is a group of one response; the objective is the game's (stages.align.objective)
+    terms = discriminator_objective(
+        GroupScores(raw[:, 0], raw[:, 1], raw[:, 2:3], raw[:, 3:4], torch.ones(len(pairs), 1, dtype=torch.bool),
+                    result.aux_loss), score_reg=score_l2_coef, clip=clip, aux_coef=aux_loss_coef(disc))
+    loss = terms.loss
     with torch.no_grad():
-        metrics = {"loss": float(loss), "bt_caption": float(bt_caption), "bt_think": float(bt_think),
-                   "aux_loss": float(aux) if aux is not None else 0.0,
-                   "acc_caption": float((raw[:, 0] > raw[:, 2]).float().mean()),
-                   "acc_think": float((raw[:, 1] > raw[:, 3]).float().mean()),
+        metrics = {"loss": float(loss), "bt_caption": terms.bt_caption, "bt_think": terms.bt_think,
+                   "aux_loss": terms.aux_loss, "acc_caption": terms.acc_caption, "acc_think": terms.acc_think,
                    "score_teacher": float(raw[:, :2].mean()), "score_student": float(raw[:, 2:].mean()),
                    "tokens": result.num_tokens}
     return loss, metrics

@@ -288,11 +288,12 @@ def _disc_attn(attn: str) -> str:
 
 # ------------------------------------------------------------------------------------------ save / load
 
-def save_discriminator(model, processor, out_dir: str | Path) -> Path:
-    """HF save_pretrained layout + the dense base's processor alongside (the discriminator tokenises with it)."""
+def save_discriminator(model, processor, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """HF save_pretrained layout + the dense base's processor alongside (the discriminator tokenises with it).
+    state_dict: the gathered weights when the model is sharded (FSDP2 / ZeRO-3)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    getattr(model, "module", model).save_pretrained(out_dir, safe_serialization=True)
+    getattr(model, "module", model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     if processor is not None:
         processor.save_pretrained(out_dir)
     return out_dir

@@ -52,6 +52,14 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, banned: torch.Te
     return torch.log_softmax(z, dim=-1)
 
 
+def output_vocab_size(model) -> int:
+    """Rows of the vocabulary projection, from its declared shape: under DeepSpeed ZeRO-3 the weight itself
+    is a 1-D placeholder (weight.shape[0] == 0), so the banned-token mask would be empty."""
+    head = model.get_output_embeddings()
+    size = getattr(head, "out_features", None)
+    return int(size) if size else int(model.config.get_text_config().vocab_size)
+
+
 # ---- micro-batching -------------------------------------------------------------------------------------
 
 def make_microbatches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -203,7 +211,7 @@ def response_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: 
     suppress = batch.get("suppress_token_ids")
     banned = None
     if suppress is not None and suppress.numel():
-        banned = banned_token_mask(inner.get_output_embeddings().weight.shape[0], suppress.tolist(), device)
+        banned = banned_token_mask(output_vocab_size(inner), suppress.tolist(), device)
     logp_flat, ent_flat = chunked_token_logprobs(inner.get_output_embeddings(), h, targets, temperature, banned,
                                                  chunk_size, with_entropy)
     logp = torch.zeros(mask.shape, dtype=logp_flat.dtype, device=device).masked_scatter(mask, logp_flat)
@@ -355,7 +363,7 @@ def full_logits_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.
     suppress = batch.get("suppress_token_ids")
     banned = None
     if suppress is not None and suppress.numel():
-        banned = banned_token_mask(inner.get_output_embeddings().weight.shape[0], suppress.tolist(), device)
+        banned = banned_token_mask(output_vocab_size(inner), suppress.tolist(), device)
     all_logp = sampling_logprobs(inner.get_output_embeddings()(hidden), temperature, banned)     # [B, L, V]
     next_token_logp = all_logp[:, :-1].gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, L-1]
     T = batch["response_mask"].shape[1]

@@ -42,9 +42,10 @@ class PPOSettings:
     shared_prefix: bool = True     # run each distinct prompt once per micro-batch (see module doc)
 
 
-def ppo_update(settings: PPOSettings, accelerator, model, optimizer, scheduler, processor, prompts, completions,
+def ppo_update(settings: PPOSettings, accelerator, policy, processor, prompts, completions,
                prompt_index: list[int], advantages: torch.Tensor, reference=None) -> dict:
-    """Optimizer steps over this process's rollout rows; returns statistics averaged over the updates."""
+    """Optimizer steps over this process's rollout rows; returns statistics averaged over the updates.
+    policy is a stages.common.distributed.Trained."""
     rows = len(completions)
     if training.global_sum(accelerator, rows) == 0:
         return {"update/skipped": 1.0}
@@ -60,9 +61,8 @@ def ppo_update(settings: PPOSettings, accelerator, model, optimizer, scheduler, 
         random.Random(settings.seed * 31 + epoch).shuffle(order)
         for k in range(settings.mini_batches):
             mini = order[k * size:(k + 1) * size]
-            stats = _minibatch(settings, accelerator, model, reference, batch, old_logp, advantages, mini)
-            stats["grad_norm"] = training.optimizer_step(accelerator, model, optimizer, scheduler,
-                                                         settings.max_grad_norm)
+            stats = _minibatch(settings, accelerator, policy, reference, batch, old_logp, advantages, mini)
+            stats["grad_norm"] = policy.step(settings.max_grad_norm)
             for key, value in stats.items():
                 if value is not None:
                     stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
@@ -70,8 +70,17 @@ def ppo_update(settings: PPOSettings, accelerator, model, optimizer, scheduler, 
     return {f"update/{k}": v / n_updates for k, v in stats_sum.items()}
 
 
-def _minibatch(settings: PPOSettings, accelerator, model, reference, batch, old_logp, advantages, mini) -> dict:
-    """Forward/backward of one mini-batch in token-budget micro-batches."""
+def pad_plan(micro: list[list[int]], n_global: int) -> tuple[list[list[int]], list[float]]:
+    """This process's micro-batches padded to the count every process runs (n_global, the largest): the
+    padding repeats row 0 with loss weight 0. Every process then runs the same number of forwards and
+    backwards, which ZeRO-2 (a reduction per backward), ZeRO-3 and FSDP2 (a gather per forward) need."""
+    weights = [1.0] * len(micro) + [0.0] * (n_global - len(micro))
+    return micro + [[0]] * (n_global - len(micro)), weights
+
+
+def _minibatch(settings: PPOSettings, accelerator, policy, reference, batch, old_logp, advantages, mini) -> dict:
+    """Forward/backward of one mini-batch in token-budget micro-batches (as many on every process)."""
+    model = policy.model
     sub = select_rows(batch, mini) if mini else None
     local_norm = float(losses.aggregation_normalizer(sub["response_mask"], settings.agg)) if mini else 0.0
     # DDP averages gradients over processes, so each divides by (global count / processes).
@@ -84,22 +93,22 @@ def _minibatch(settings: PPOSettings, accelerator, model, reference, batch, old_
                                          sub["response_lengths"].tolist(), settings.micro_batch_tokens)
     else:
         micro = make_microbatches(sub["lengths"].tolist(), settings.micro_batch_tokens)
-    weight = 1.0
-    if not micro:  # a process with no rows still joins the gradient all-reduce, with zero weight
+    if not micro:  # a process with no rows still joins the collectives, with zero weight
         if batch is None:
             raise RuntimeError("a process without rollout rows cannot join the update; give every process rows")
-        mini, micro, weight = [0], [[0]], 0.0
+        mini = [0]
         sub = select_rows(batch, mini)
+    micro, weights = pad_plan(micro, training.global_max(accelerator, len(micro)))
     stats_acc: dict[str, float] = {}
     tokens = 0
-    for i, local_rows in enumerate(micro):
+    for i, (local_rows, weight) in enumerate(zip(micro, weights)):
         mb = select_rows(sub, local_rows)
         rows = [mini[r] for r in local_rows]
         mask = mb["response_mask"].to(accelerator.device)
         T = mask.shape[1]
         old = old_logp[rows, :T].to(accelerator.device)
         adv = advantages[rows].to(accelerator.device, torch.float32)
-        with training.accumulate(accelerator, model, last=(i == len(micro) - 1)):
+        with policy.accumulate(last=(i == len(micro) - 1)):
             logp, entropy = response_logprobs(model, mb, temperature=settings.temperature, with_entropy=True,
                                               shared_prefix=shared)
             loss, stats = settings.loss(logp, old, adv, mask, clip_low=settings.clip_low, clip_high=settings.clip_high,
@@ -112,7 +121,9 @@ def _minibatch(settings: PPOSettings, accelerator, model, reference, batch, old_
                 kl = losses.kl_penalty(logp, ref_logp, settings.kl_kind, mask=mask)
                 loss = loss + settings.kl_coef * losses.aggregate(kl, mask, settings.agg, normalizer=normalizer)
                 stats["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
-            accelerator.backward(loss * weight)
+            policy.backward(loss * weight)
+        if weight == 0.0:
+            continue
         n_tok = int(mask.sum())
         tokens += n_tok
         stats["entropy"] = (entropy.detach() * mask).sum() / max(n_tok, 1)

@@ -1,11 +1,12 @@
 """Training building blocks shared by sft, align and rl: accelerate setup, optimiser and schedule,
 save/resume of trainer state, step timing, plots.
 
-Distribution is accelerate's: run any stage under `accelerate launch --config_file
-recipes/accelerate/<ddp|fsdp2|zero2|zero3>.yaml -m prism_cli <stage> ...` and the same code runs DDP,
-FSDP2 or DeepSpeed. Gradient accumulation is done by hand (no_sync on all but the last micro-batch)
-because packed micro-batches carry different token counts and the loss is normalised by the step's
-global token count, not by a micro-batch count.
+Run any stage under `accelerate launch --config_file recipes/accelerate/<ddp|fsdp2|zero2|zero3>.yaml -m
+prism_cli <stage> ...` (or torchrun with PRISM_BACKEND) and the same code runs DDP, FSDP2 or DeepSpeed:
+stages.common.distributed wraps each trained model for the launch's backend. Gradient accumulation is
+done by hand (no gradient sync on all but the last micro-batch) because packed micro-batches carry
+different token counts and the loss is normalised by the step's global token count, not by a
+micro-batch count.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import os
 import random
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from prism_cli.errors import PrismError
+from stages.common import distributed
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -36,45 +39,66 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def make_accelerator(mixed_precision: str = "auto", report_to: str = "none", project_dir: str | None = None,
-                     grad_accum: int = 1, micro_batch_size: int = 1):
-    """An Accelerator for this process: CPU when no GPU, bf16 autocast on GPUs that support it.
+@dataclass
+class Runtime:
+    """This process's place in the run: the Accelerator (process group, ranks, trackers), the backend the
+    launch asked for, and the compute precision trained models run in (their weights stay fp32)."""
 
-    grad_accum is the number of micro-batches per optimizer step; DeepSpeed must know it because its
-    engine decides when to step (the other backends accumulate through `accumulate` below)."""
+    accelerator: object
+    backend: distributed.Backend
+    mixed_precision: str
+
+    def prepare(self, model, make_optimizer, make_scheduler, *, max_grad_norm: float | None = None,
+                name: str = "model") -> distributed.Trained:
+        """make_optimizer(model) -> optimizer, make_scheduler(optimizer) -> schedule (see distributed.prepare)."""
+        return distributed.prepare(self.backend, self.accelerator, model, make_optimizer, make_scheduler,
+                                   mixed_precision=self.mixed_precision, max_grad_norm=max_grad_norm, name=name)
+
+
+def make_runtime(compute_dtype: str = "auto", report_to: str = "none", project_dir: str | None = None) -> Runtime:
+    """The backend from the launch (stages.common.distributed.detect_backend) and an Accelerator for the
+    process group and trackers. compute_dtype is the --dtype option: bf16 on GPUs by default, as autocast
+    (DDP), FSDP2's param dtype or DeepSpeed's bf16 mode, over fp32 weights (master_weights_dtype)."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    # Forcing cpu=True would silently drop a DeepSpeed launch config; DeepSpeed picks its own device.
-    cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true"
-    if mixed_precision == "auto":
-        mixed_precision = ("no" if not torch.cuda.is_available()
-                           else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    from stages.common.models import pick_dtype
+
+    backend = distributed.detect_backend()
+    dtype = pick_dtype(compute_dtype, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     log_with = None if report_to in ("", "none", None) else [t.strip() for t in report_to.split(",")]
-    # step_scheduler_with_optimizer=False: otherwise accelerate steps the lr schedule once per process per
-    # optimizer step, so under DDP the schedule runs num_processes times too fast. Our schedules count
-    # optimizer steps of the global batch.
-    kwargs = dict(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, step_scheduler_with_optimizer=False,
-                  gradient_accumulation_steps=grad_accum)
+    # step_scheduler_with_optimizer=False: our schedules count optimizer steps of the global batch.
+    # No gradient_accumulation_steps: prism accumulates by hand and normalises the loss by the step's global
+    # token count; accelerate would also divide it by k (grad norms 1/k, clipping k times looser).
+    # find_unused_parameters: a text-only micro-batch leaves the vision tower without gradients.
+    kwargs = dict(cpu=not torch.cuda.is_available(), log_with=log_with, step_scheduler_with_optimizer=False,
+                  mixed_precision=mixed if backend.kind in ("single", "ddp") else "no",
+                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if project_dir:
         kwargs["project_dir"] = project_dir
-    accelerator = Accelerator(**kwargs)
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        # prism feeds its own micro-batches (no DataLoader), so DeepSpeed is told their shape here.
-        ds = plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = micro_batch_size
-        ds["gradient_accumulation_steps"] = grad_accum
-        ds["train_batch_size"] = micro_batch_size * grad_accum * accelerator.num_processes
-    return accelerator
+    with distributed.hidden_launch_vars():   # the Accelerator runs plain DDP; prism wraps the models
+        accelerator = Accelerator(**kwargs)
+    if backend.kind == "deepspeed" and accelerator.device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return Runtime(accelerator, backend, mixed)
 
 
-def uses_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
+def make_accelerator(mixed_precision: str = "auto", report_to: str = "none", project_dir: str | None = None):
+    """The Accelerator alone (tests and tools that wrap a model with accelerator.prepare themselves)."""
+    return make_runtime(mixed_precision, report_to, project_dir).accelerator
 
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+MASTER_WEIGHTS_DTYPE = "fp32"   # trained models load in fp32: AdamW never updates bare bf16 weights
 
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)   # torch's fused AdamW kernel
+
+
+def full_ndim(p: torch.Tensor) -> int:
+    """A parameter's real rank: under deepspeed.zero.Init it is a 1-D placeholder whose shape is ds_shape."""
+    shape = getattr(p, "ds_shape", None)
+    return len(shape) if shape is not None else p.ndim
 
 
 def build_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -83,7 +107,7 @@ def build_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.9
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        (no_decay if full_ndim(p) < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # torch's fused AdamW kernel (CUDA and CPU; one kernel over all tensors instead of a Python loop per
     # parameter, ~3.5x faster a step on the tiny model). Same update rule; other devices keep the default.
@@ -119,26 +143,6 @@ def warmup_steps_from(warmup: float, total_steps: int) -> int:
     return int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
 
 
-@contextmanager
-def accumulate(accelerator, model, last: bool):
-    """Gradient accumulation over micro-batches of one optimizer step.
-
-    DDP/FSDP: skip the all-reduce on all but the last micro-batch (no_sync). DeepSpeed: its engine steps
-    at an accumulation boundary, and accelerate marks every backward a boundary unless sync_gradients is
-    off, so it is turned off for all but the last micro-batch."""
-    if uses_deepspeed(accelerator):
-        accelerator.gradient_state._set_sync_gradients(last)
-        try:
-            yield
-        finally:
-            accelerator.gradient_state._set_sync_gradients(True)
-    elif last or accelerator.num_processes == 1:
-        yield
-    else:
-        with accelerator.no_sync(model):
-            yield
-
-
 def global_sum(accelerator, value: float) -> float:
     """Sum a python number over all processes (token counts for loss normalisation)."""
     if accelerator.num_processes == 1:
@@ -147,42 +151,39 @@ def global_sum(accelerator, value: float) -> float:
     return float(accelerator.reduce(t, reduction="sum").item())
 
 
-def loss_scale(accelerator, grad_accum: int) -> float:
-    """Factor turning 'sum of token losses / global token count' into what backward should see.
-
-    DDP and DeepSpeed average gradients over processes (x world size undoes it); DeepSpeed also divides
-    by its accumulation steps (x grad_accum undoes it)."""
-    scale = float(accelerator.num_processes)
-    if uses_deepspeed(accelerator):
-        scale *= grad_accum
-    return scale
+def global_max(accelerator, value: int) -> int:
+    """The largest of a python int over all processes (micro-batch and eval-batch counts)."""
+    if accelerator.num_processes == 1:
+        return int(value)
+    t = torch.tensor([float(value)], device=accelerator.device, dtype=torch.float64)
+    return int(accelerator.reduce(t, reduction="max").item())
 
 
-def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float | None) -> float | None:
-    """Clip, step, schedule, zero; returns the pre-clip gradient norm when available."""
-    grad_norm = None
-    if max_grad_norm and max_grad_norm > 0:
-        norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-        grad_norm = float(norm) if norm is not None else None
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+def loss_scale(accelerator) -> float:
+    """Factor turning 'sum of token losses / global token count' into what backward should see: every
+    backend averages gradients over processes (x world size undoes it). Accumulation adds no factor:
+    micro-batch gradients are summed (distributed.Trained never divides by an accumulation count)."""
+    return float(accelerator.num_processes)
 
 
 # --------------------------------------------------------------------------------- save / resume
 
-def save_state(accelerator, state_dir: Path, trainer_state: dict) -> None:
-    """Model, optimiser, scheduler and RNG states (accelerate, sharded where the backend shards) plus
-    the trainer's own counters. Written to a temp dir and renamed so a kill mid-save leaves the old one."""
+def save_state(accelerator, state_dir: Path, trainer_state: dict, models: list) -> None:
+    """Every trained model's weights, optimiser and schedule (sharded where the backend shards), this
+    process's RNG state and the trainer's own counters. Written to a temp dir and renamed so a kill
+    mid-save leaves the old one."""
+    import shutil
+
     state_dir = Path(state_dir)
     tmp = state_dir.with_name(state_dir.name + ".saving")
     if accelerator.is_main_process and tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    for trained in models:
+        trained.save(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
         old = state_dir.with_name(state_dir.name + ".old")
@@ -190,13 +191,11 @@ def save_state(accelerator, state_dir: Path, trainer_state: dict) -> None:
             os.replace(state_dir, old)
         os.replace(tmp, state_dir)
         if old.exists():
-            import shutil
-
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
-def load_state(accelerator, state_dir: Path) -> dict | None:
+def load_state(accelerator, state_dir: Path, models: list) -> dict | None:
     """Restore what save_state wrote; None when there is nothing to resume from."""
     state_dir = Path(state_dir)
     if not (state_dir / TRAINER_STATE).is_file():
@@ -206,21 +205,35 @@ def load_state(accelerator, state_dir: Path) -> dict | None:
             state_dir = old
         else:
             return None
-    accelerator.load_state(str(state_dir))
+    for trained in models:
+        trained.load(state_dir)
+    rng_file = state_dir / f"rng_{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((state_dir / TRAINER_STATE).read_text())
 
 
-def unwrap(accelerator, model):
-    return accelerator.unwrap_model(model)
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
-def save_model(accelerator, model, processor, out_dir: Path) -> None:
-    """The policy in HF format; gathers sharded (FSDP / ZeRO-3) weights onto the main process."""
-    state_dict = accelerator.get_state_dict(model)
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_model(accelerator, trained, processor, out_dir: Path) -> None:
+    """The policy in HF format; gathers sharded (FSDP2 / ZeRO-3) weights onto the main process."""
+    state_dict = trained.full_state_dict()
     if accelerator.is_main_process:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        unwrap(accelerator, model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+        trained.module.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
         processor.save_pretrained(out_dir)
     accelerator.wait_for_everyone()
 
@@ -278,18 +291,13 @@ def plot_curves(records: list[dict], series: dict[str, str], path: Path, title: 
     return Path(path)
 
 
-def rank_fingerprints(accelerator, model) -> list[float] | None:
+def rank_fingerprints(accelerator, trained) -> list[float] | None:
     """A cheap fingerprint of the weights on every process (sum and sum of squares, float64), for
-    backends that replicate the weights (DDP, ZeRO-1/2); None where they are sharded (FSDP, ZeRO-3).
+    backends that replicate the weights (DDP, ZeRO-0/1/2); None where they are sharded (FSDP2, ZeRO-3).
     Raises if the processes disagree: replicas that drift apart are a bug, never a result."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.num_processes == 1:
+    if not trained.backend.replicates_weights:
         return None
-    if accelerator.distributed_type == DistributedType.FSDP or (
-            uses_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3):
-        return None
-    params = [p.detach() for p in unwrap(accelerator, model).parameters()]
+    params = [p.detach() for p in trained.module.parameters()]
     local = torch.stack([sum(p.double().sum() for p in params), sum(p.double().pow(2).sum() for p in params)])
     everyone = accelerator.gather(local.to(accelerator.device)[None]).cpu()   # [processes, 2]
     sums = everyone[:, 0].tolist()

@@ -15,8 +15,9 @@ import torch
 
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
+from prism_cli.errors import UsageError
 from stages.common import advantages as advantage_fns
-from stages.common import losses, training
+from stages.common import distributed, losses, training
 from stages.common.advantages import dynamic_sampling_keep, overlong_penalty
 from stages.common.algorithms import ALGORITHMS
 from stages.common.chat import rollout_prompt
@@ -38,9 +39,11 @@ def run(cfg: RLConfig) -> Path:
         return print_plan(cfg, policy_spec, len(prompts))
 
     checkpoint.check_output(cfg.out, "rl", to_dict(cfg), cfg.overwrite, cfg.resume)
-    accelerator = training.make_accelerator(report_to=cfg.report_to, project_dir=cfg.out)
+    runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
+    accelerator = runtime.accelerator
+    check_prompts_per_step(cfg.prompts_per_step, accelerator.num_processes)
     processor = load_processor(policy_spec)
-    model = load_policy(policy_spec, dtype=cfg.dtype, attn=cfg.attn, device=accelerator.device,
+    model = load_policy(policy_spec, dtype=training.MASTER_WEIGHTS_DTYPE, attn=cfg.attn, device=accelerator.device,
                         gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision)
     run_dir = checkpoint.open_output(cfg.out, "rl", to_dict(cfg), [("policy", policy_spec), *data_parents],
                                      overwrite=cfg.overwrite, resume=cfg.resume,
@@ -49,15 +52,16 @@ def run(cfg: RLConfig) -> Path:
                             train=False) if cfg.kl_coef > 0 else None
     if reference is not None:
         reference.requires_grad_(False)
-    optimizer = training.build_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = training.build_scheduler(optimizer, "constant", training.warmup_steps_from(cfg.warmup, cfg.steps),
-                                         cfg.steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    engine = make_engine(cfg.engine, training.unwrap(accelerator, model), processor)
+    warmup_steps = training.warmup_steps_from(cfg.warmup, cfg.steps)
+    policy = runtime.prepare(model, lambda m: training.build_optimizer(m, cfg.lr, cfg.weight_decay),
+                             lambda opt: training.build_scheduler(opt, "constant", warmup_steps, cfg.steps),
+                             max_grad_norm=cfg.max_grad_norm, name="policy")
+    engine = make_engine(cfg.engine, policy.module, processor)
+    engine.lockstep = distributed.lockstep(accelerator, runtime.backend)
 
     start_step, cursor = 0, 0
     if run_dir.resuming:
-        state = training.load_state(accelerator, run_dir.state_dir)
+        state = training.load_state(accelerator, run_dir.state_dir, [policy])
         if state is not None:
             start_step, cursor = state["step"], state["cursor"]
             console.info(f"resuming {cfg.out} at step {start_step}/{cfg.steps}")
@@ -67,28 +71,27 @@ def run(cfg: RLConfig) -> Path:
     with console.progress(f"rl ({cfg.algo})", total=cfg.steps) as bar:
         bar.advance(start_step)
         for step in range(start_step, cfg.steps):
-            rollouts, cursor, sampling = collect_rollouts(cfg, accelerator, model, engine, prompts, cursor, step,
+            rollouts, cursor, sampling = collect_rollouts(cfg, accelerator, policy, engine, prompts, cursor, step,
                                                           timer)
             with timer.phase("update"):
-                update = policy_update(cfg, accelerator, model, reference, optimizer, scheduler, processor, rollouts)
-            record = {"step": step + 1, **rollouts.metrics(), **sampling, **update, **timer.pop(),
-                      "lr": scheduler.get_last_lr()[0]}
+                update = policy_update(cfg, accelerator, policy, reference, processor, rollouts)
+            record = {"step": step + 1, **rollouts.metrics(), **sampling, **update, **timer.pop(), "lr": policy.lr}
             run_dir.log_metrics(record)
             if cfg.report_to != "none":
                 accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
             bar.advance(status=f"reward {record['reward/mean']:.3f} acc {record['acc/mean']:.3f} "
                                f"fmt {record['format/mean']:.2f}")
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                training.save_state(accelerator, run_dir.state_dir, {"step": step + 1, "cursor": cursor})
+                training.save_state(accelerator, run_dir.state_dir, {"step": step + 1, "cursor": cursor}, [policy])
 
-    replicas = training.rank_fingerprints(accelerator, model)   # raises if the processes' weights drifted apart
-    training.save_model(accelerator, model, processor, run_dir.model_dir)
+    replicas = training.rank_fingerprints(accelerator, policy)   # raises if the processes' weights drifted apart
+    training.save_model(accelerator, policy, processor, run_dir.model_dir)
     records = run_dir.read_metrics()
     training.plot_curves(records, {"reward/mean": "reward", "acc/mean": "accuracy", "format/mean": "format"},
                          run_dir.path / "reward.png", f"prism rl --algo {cfg.algo}")
     accelerator.end_training()
     summary = summarize(records)
-    summary.update(processes=accelerator.num_processes, replica_weight_sums=replicas)
+    summary.update(processes=accelerator.num_processes, backend=runtime.backend.name, replica_weight_sums=replicas)
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 
@@ -99,6 +102,13 @@ def load_prompts(specs: list[str]) -> tuple[list[Sample], dict, list]:
     sources = load_sources(specs, keep=lambda s: bool(s.answer.strip()), need="RL needs a ground-truth answer")
     prompts = [s for src in sources for s in src.samples]
     return prompts, {src.spec: src.fingerprint for src in sources}, source_parents(sources)
+
+
+def check_prompts_per_step(prompts_per_step: int, world: int) -> None:
+    """prompts_per_step is the global batch: each of the world processes rolls out an equal share."""
+    if prompts_per_step % world:
+        raise UsageError(f"prompts_per_step {prompts_per_step} is not divisible by the {world} processes",
+                         hint=f"use a multiple of {world}")
 
 
 # --------------------------------------------------------------------------------------------- rollouts
@@ -145,17 +155,17 @@ def score_rows(cfg: RLConfig, samples: list[Sample], completions_by_prompt: list
     return rewards_t, torch.tensor(acc), torch.tensor(fmt), lengths
 
 
-def collect_rollouts(cfg: RLConfig, accelerator, model, engine, prompts: list[Sample], cursor: int, step: int,
+def collect_rollouts(cfg: RLConfig, accelerator, policy, engine, prompts: list[Sample], cursor: int, step: int,
                      timer: training.StepTimer) -> tuple[Rollouts, int, dict]:
     """Sample rollout batches until this step has prompts_per_step useful groups (or the draw limit)."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    quota = max(1, cfg.prompts_per_step // world)
+    quota = cfg.prompts_per_step // world   # check_prompts_per_step: divisible
     n = cfg.rollouts_per_prompt
     dynamic = cfg.resolved("dynamic_sampling")
     kept = dict(prompts=[], samples=[], completions=[], rewards=[], acc=[], fmt=[])
     seen = dict(rewards=[], acc=[], fmt=[], lengths=[])
     groups_total = groups_kept = batches = 0
-    engine.sync_weights(training.unwrap(accelerator, model))
+    engine.sync_weights(policy.module)
     while True:
         batch_samples = [stream_item(prompts, cursor + i, cfg.seed) for i in range(rank * quota, (rank + 1) * quota)]
         cursor += quota * world
@@ -214,13 +224,12 @@ def ppo_settings(cfg: RLConfig) -> PPOSettings:
                        kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, seed=cfg.seed)
 
 
-def policy_update(cfg: RLConfig, accelerator, model, reference, optimizer, scheduler, processor,
-                  rollouts: Rollouts) -> dict:
+def policy_update(cfg: RLConfig, accelerator, policy, reference, processor, rollouts: Rollouts) -> dict:
     """Group-normalised advantages of the verifiable reward, then the clipped policy update."""
     group_ids = torch.tensor(rollouts.prompt_index, dtype=torch.long)
     advantage = getattr(advantage_fns, ALGORITHMS.get(cfg.algo).advantage)
     advantages = advantage(rollouts.rewards, group_ids, cfg.normalize_std)
-    stats = ppo_update(ppo_settings(cfg), accelerator, model, optimizer, scheduler, processor, rollouts.prompts,
+    stats = ppo_update(ppo_settings(cfg), accelerator, policy, processor, rollouts.prompts,
                        rollouts.completions, rollouts.prompt_index, advantages, reference=reference)
     stats["advantage/mean_abs"] = float(advantages.abs().mean()) if len(advantages) else 0.0
     return stats

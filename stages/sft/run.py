@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import time
 from pathlib import Path
@@ -44,12 +43,10 @@ def run(cfg: SFTConfig) -> Path:
         return print_plan(cfg, policy_spec, mixture, len(train_samples), len(eval_samples), total_steps)
 
     checkpoint.check_output(cfg.out, "sft", to_dict(cfg), cfg.overwrite, cfg.resume)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = training.make_accelerator(report_to=cfg.report_to, project_dir=cfg.out,
-                                            grad_accum=max(1, cfg.batch_size // (cfg.micro_batch_size * world)),
-                                            micro_batch_size=cfg.micro_batch_size)
+    runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
+    accelerator = runtime.accelerator
     processor = load_processor(policy_spec, cfg.min_pixels, cfg.max_pixels)
-    model = load_policy(policy_spec, dtype=cfg.dtype, attn=cfg.attn, device=accelerator.device,
+    model = load_policy(policy_spec, dtype=training.MASTER_WEIGHTS_DTYPE, attn=cfg.attn, device=accelerator.device,
                         gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision)
     run_dir = checkpoint.open_output(cfg.out, "sft", to_dict(cfg), [("policy", policy_spec), *mixture.parents],
                                      overwrite=cfg.overwrite, resume=cfg.resume,
@@ -61,32 +58,31 @@ def run(cfg: SFTConfig) -> Path:
     encode_s = time.perf_counter() - t_encode
     eval_set = encode_all(eval_samples, processor, model, cfg, "encoding eval", refused)
 
-    optimizer = training.build_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = training.build_scheduler(optimizer, cfg.schedule, training.warmup_steps_from(cfg.warmup, total_steps),
-                                         total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    warmup_steps = training.warmup_steps_from(cfg.warmup, total_steps)
+    policy = runtime.prepare(model, lambda m: training.build_optimizer(m, cfg.lr, cfg.weight_decay),
+                             lambda opt: training.build_scheduler(opt, cfg.schedule, warmup_steps, total_steps),
+                             max_grad_norm=cfg.max_grad_norm, name="policy")
     if cfg.report_to != "none":
         accelerator.init_trackers("prism-sft", config=to_dict(cfg))
 
     start_step = 0
     if run_dir.resuming:
-        state = training.load_state(accelerator, run_dir.state_dir)
+        state = training.load_state(accelerator, run_dir.state_dir, [policy])
         if state is not None:
             start_step = state["step"]
             console.info(f"resuming {cfg.out} at step {start_step}/{total_steps}")
         run_dir.truncate_metrics(start_step)  # killed before the first save: steps logged since are redone
 
-    train_loop(cfg, accelerator, model, optimizer, scheduler, processor, train_set, eval_set, run_dir,
-               start_step, total_steps)
+    train_loop(cfg, accelerator, policy, processor, train_set, eval_set, run_dir, start_step, total_steps)
 
-    replicas = training.rank_fingerprints(accelerator, model)
-    training.save_model(accelerator, model, processor, run_dir.model_dir)
+    replicas = training.rank_fingerprints(accelerator, policy)
+    training.save_model(accelerator, policy, processor, run_dir.model_dir)
     records = run_dir.read_metrics()
     training.plot_curves(records, {"loss": "train loss", "eval_loss": "eval loss"}, run_dir.path / "loss.png",
                          f"SFT loss ({cfg.ckpt})")
     summary = summarize(records, train_set, total_steps)
-    summary.update(processes=accelerator.num_processes, replica_weight_sums=replicas, encode_s=encode_s,
-                   encode_ms_per_sample=1000 * encode_s / max(len(train_samples), 1),
+    summary.update(processes=accelerator.num_processes, backend=runtime.backend.name, replica_weight_sums=replicas,
+                   encode_s=encode_s, encode_ms_per_sample=1000 * encode_s / max(len(train_samples), 1),
                    samples_refused=sum(refused.values()), refused_reasons=refused)
     accelerator.end_training()
     return run_dir.finalize(summary=summary, data=mixture.fingerprints, keep_state=cfg.keep_state)
@@ -176,15 +172,14 @@ def collate(items: list[Encoded], packed: bool, pad_id: int) -> dict:
     return pack(items) if packed else pad(items, pad_id)
 
 
-def train_loop(cfg, accelerator, model, optimizer, scheduler, processor, train_set, eval_set, run_dir,
-               start_step, total_steps):
+def train_loop(cfg, accelerator, policy, processor, train_set, eval_set, run_dir, start_step, total_steps):
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise PrismError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size x processes "
                          f"({cfg.micro_batch_size} x {world})")
-    grad_accum = cfg.batch_size // (cfg.micro_batch_size * world)
     pad_id = processor.tokenizer.pad_token_id
-    packed = use_packing(cfg, model)
+    packed = use_packing(cfg, policy.module)
+    model = policy.model
     model.train()
     with console.progress("sft", total=total_steps) as bar:
         bar.advance(start_step)
@@ -197,22 +192,22 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, processor, train_s
             if n_targets == 0:  # never report success for a run that trained on nothing
                 raise PrismError(f"sft step {step + 1}: the batch holds no target tokens",
                                  hint="the label masks are empty; check the chat template and the data")
-            scale = training.loss_scale(accelerator, grad_accum) / max(n_targets, 1.0)
+            scale = training.loss_scale(accelerator) / max(n_targets, 1.0)
             loss_sum, tokens, padded = 0.0, 0, 0
             micros = micro_batches(mine, cfg.micro_batch_size)
             for i, items in enumerate(micros):
                 batch = to_device(collate(items, packed, pad_id), accelerator.device)
-                with training.accumulate(accelerator, model, last=(i == len(micros) - 1)):
+                with policy.accumulate(last=(i == len(micros) - 1)):
                     nll, _ = summed_nll(model, batch)
-                    accelerator.backward(nll * scale)
+                    policy.backward(nll * scale)
                 loss_sum += float(nll.detach())
                 tokens += sum(e.n_tokens for e in items)
                 padded += int(batch["input_ids"].numel())
-            grad_norm = training.optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+            grad_norm = policy.step(cfg.max_grad_norm)
             elapsed = time.perf_counter() - t0
             loss = training.global_sum(accelerator, loss_sum) / max(n_targets, 1.0)
             tokens_all = training.global_sum(accelerator, tokens)
-            record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            record = {"step": step + 1, "loss": loss, "lr": policy.lr, "grad_norm": grad_norm,
                       "tokens": tokens_all, "tokens_per_s": tokens_all / elapsed,
                       "padding_ratio": 1.0 - tokens / max(padded, 1), "step_time": elapsed}
             last = step + 1 == total_steps
@@ -225,19 +220,27 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, processor, train_s
             bar.advance(status=f"loss {loss:.3f}" + (f" eval {record['eval_loss']:.3f}" if "eval_loss" in record
                                                       else "") + f" {record['tokens_per_s']:.0f} tok/s")
             if (step + 1) % cfg.save_every == 0 and not last:
-                training.save_state(accelerator, run_dir.state_dir, {"step": step + 1})
+                training.save_state(accelerator, run_dir.state_dir, {"step": step + 1}, [policy])
 
 
 @torch.no_grad()
 def eval_loss(cfg, accelerator, model, eval_set, pad_id, packed) -> float:
+    """Mean token loss over the eval split, each process taking every world-th sample. Every process runs
+    the same number of batches (sharded backends gather parameters on each forward): one that runs out
+    repeats its first batch with the loss discarded."""
     rank, world = accelerator.process_index, accelerator.num_processes
     model.eval()
     total, count = 0.0, 0
-    for items in micro_batches(eval_set[rank::world], cfg.micro_batch_size):
+    mine = micro_batches(eval_set[rank::world], cfg.micro_batch_size)
+    filler = mine[:1] or [eval_set[:1]]
+    n_batches = training.global_max(accelerator, len(mine))
+    for i in range(n_batches):
+        items = mine[i] if i < len(mine) else filler[0]
         batch = to_device(collate(items, packed, pad_id), accelerator.device)
         nll, n = summed_nll(model, batch)
-        total += float(nll)
-        count += n
+        if i < len(mine):
+            total += float(nll)
+            count += n
     model.train()
     return training.global_sum(accelerator, total) / max(training.global_sum(accelerator, count), 1.0)
 

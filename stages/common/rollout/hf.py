@@ -57,6 +57,9 @@ class HFEngine:
         self.compact_fraction = compact_fraction
         self.banned_ids = vision_token_ids(processor)
         self.eos_ids = stop_token_ids(processor, model)
+        # Under sharded parameters (FSDP2, ZeRO-3) every forward is a collective: lockstep(this rank still
+        # decoding) -> whether any rank is, and the decode loop runs until none is (distributed.lockstep).
+        self.lockstep = None
 
     def sync_weights(self, model) -> None:
         # Same process, same tensors: sampling from `model` is enough.
@@ -77,7 +80,9 @@ class HFEngine:
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode():
+            # Sharded parameters are gathered into buffers the training step reuses: inference tensors there
+            # would poison autograd, so those backends sample under no_grad.
+            with torch.inference_mode() if self.lockstep is None else torch.no_grad():
                 results: list[list[Completion]] = []
                 for start in range(0, len(prompts), per_chunk):
                     results += self._generate_chunk(model, prompts[start:start + per_chunk], params, generator)
@@ -142,10 +147,11 @@ class HFEngine:
                     lengths[r] = step + 1
                     reasons[r] = "stop"
                 alive &= ~done
-            if step + 1 == max_new or not bool(alive.any()):
+            if step + 1 == max_new or not self._still_decoding(bool(alive.any())):
                 break
-            # Compact: drop finished rows (their cache rows too) once enough have piled up.
-            if int((~alive).sum()) >= self.compact_fraction * alive.numel():
+            # Compact: drop finished rows (their cache rows too) once enough have piled up; never to none
+            # (a rank whose rows are all done keeps stepping with them while other ranks decode).
+            if alive.any() and int((~alive).sum()) >= self.compact_fraction * alive.numel():
                 idx = alive.nonzero().squeeze(1)
                 cache.batch_select_indices(idx)
                 if groups is not None:
@@ -171,6 +177,9 @@ class HFEngine:
             next_pos = next_pos + 1
             cache = out.past_key_values
         return tokens, logprobs, lengths, reasons
+
+    def _still_decoding(self, local: bool) -> bool:
+        return local if self.lockstep is None else self.lockstep(local)
 
     def _completions(self, tokens, logprobs, lengths, reasons, n_prompts, n, params) -> list[list[Completion]]:
         tok = tokenizer_of(self.processor)
