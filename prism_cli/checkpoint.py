@@ -205,6 +205,9 @@ def resolve(ref: str, role: str = "--ckpt") -> CkptSpec:
     if looks_local:
         raise PrismError(f"{role} {ref} does not exist", hint="give a prism checkpoint, an HF model directory, "
                                                                "a hub id, or 'tiny'")
+    from stages.common.hub import require_hub
+
+    require_hub(ref, "model", role)  # seconds, not minutes of retries, when there is no network
     return CkptSpec(ref=ref, kind="hub")
 
 

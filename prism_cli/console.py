@@ -29,8 +29,9 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
+    # one unwrapped line (a cluster log is grepped); the message is user text, never markup
     if is_main_process():
-        err.print(f"[yellow]warning:[/] {message}")
+        err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def error_line(message: str, hint: str | None = None) -> None:

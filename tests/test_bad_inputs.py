@@ -161,7 +161,7 @@ CASES = {
                                                       "corrupt or truncated"),
     "truncated parquet": Case([*SFT, "--data", "{truncated.parquet}"], "cannot read parquet file"),
     "parquet without the required columns": Case([*SFT, "--data", "{wrong_schema.parquet}"],
-                                                 "neither in the prism sample schema"),
+                                                 "no question column"),
     "20000x20000 image (decompression bomb)": Case([*SFT, "--data", "{huge.jsonl}"], "decompression bomb"),
     "jsonl that is not UTF-8": Case([*SFT, "--data", "{latin1.jsonl}"], "not UTF-8"),
     "malformed JSON": Case([*SFT, "--data", "{malformed.json}"], "not valid JSON"),

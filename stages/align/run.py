@@ -31,7 +31,7 @@ from stages.align.scoring import PreferencePair, clip_scores, pair_loss, pairwis
 from stages.common import training
 from stages.common.chat import problem_messages, rollout_prompt
 from stages.common.data import Sample, stream_item
-from stages.common.formats import load_sources, source_parents
+from stages.common.formats import dropped_report, load_sources, source_parents
 from stages.common.models import default_device, estimate_training_memory, load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
@@ -44,7 +44,7 @@ POLICY_STAGES = ("base", "sft", "align", "rl")
 def run(cfg: AlignConfig) -> Path:
     training.seed_everything(cfg.seed)
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), POLICY_STAGES)
-    samples, data_fp, data_parents = load_demonstrations(cfg.data)
+    samples, data_fp, data_parents, dropped = load_demonstrations(cfg.data)
     disc_source = discriminator_source(cfg, policy_spec)
     if cfg.dry_run:
         return print_plan(cfg, policy_spec, disc_source, len(samples))
@@ -127,18 +127,19 @@ def run(cfg: AlignConfig) -> Path:
                                    "gap/think": "reasoning gap (teacher - student, think)"},
                          run_dir.path / "drift_gap.png", "PRISM alignment: discriminator score gaps")
     accelerator.end_training()
-    return run_dir.finalize(summary=summarize(records), data=data_fp, keep_state=cfg.keep_state)
+    return run_dir.finalize(summary=dict(summarize(records), data_dropped=dropped), data=data_fp,
+                            keep_state=cfg.keep_state)
 
 
 # --------------------------------------------------------------------------------------------- inputs
 
-def load_demonstrations(specs: list[str]) -> tuple[list[Sample], dict, list]:
+def load_demonstrations(specs: list[str]) -> tuple[list[Sample], dict, list, dict]:
     """Prompts with teacher caption/think/answer (synth gets oracle demonstrations)."""
     sources = load_sources(specs, keep=lambda s: s.teacher is not None and bool(s.teacher.caption.strip())
                            and bool(s.teacher.think.strip()),
                            need="alignment needs a teacher caption and think; curate the data first")
     samples = [s for src in sources for s in src.samples]
-    return samples, {src.spec: src.fingerprint for src in sources}, source_parents(sources)
+    return samples, {src.spec: src.fingerprint for src in sources}, source_parents(sources), dropped_report(sources)
 
 
 def discriminator_source(cfg: AlignConfig, policy_spec) -> tuple[str, checkpoint.CkptSpec]:

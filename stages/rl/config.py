@@ -28,6 +28,8 @@ class RLConfig(CommonConfig):
     prompts_per_step: int = opt(32, "prompts per rollout batch", group="Rollout")
     rollouts_per_prompt: int = opt(16, "samples per prompt (the group size n)", group="Rollout")
     max_new_tokens: int = opt(8192, "max response tokens", group="Rollout")
+    max_prompt_chars: int = opt(16000, "drop (and count) questions longer than this many characters; 0: no limit",
+                                group="Rollout", cli=False)
     temperature: float = opt(1.0, "sampling temperature", group="Rollout")
     top_p: float = opt(1.0, "nucleus sampling", group="Rollout")
     engine: str = opt("auto", "rollout engine: auto (vllm when installed on a GPU, else hf), hf, vllm", group="Rollout")

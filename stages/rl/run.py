@@ -15,10 +15,11 @@ import torch
 
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
+from prism_cli.errors import PrismError
 from stages.common import training
 from stages.common.chat import rollout_prompt
 from stages.common.data import Sample, stream_item
-from stages.common.formats import load_sources, source_parents
+from stages.common.formats import dropped_report, load_sources, source_parents
 from stages.common.models import estimate_training_memory, load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.rewards import compute_score
@@ -32,7 +33,7 @@ POLICY_STAGES = ("base", "sft", "align", "rl")
 def run(cfg: RLConfig) -> Path:
     training.seed_everything(cfg.seed)
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), POLICY_STAGES)
-    prompts, data_fp, data_parents = load_prompts(cfg.data)
+    prompts, data_fp, data_parents, dropped = load_prompts(cfg.data, cfg.max_prompt_chars)
     if cfg.dry_run:
         return print_plan(cfg, policy_spec, len(prompts))
 
@@ -87,17 +88,28 @@ def run(cfg: RLConfig) -> Path:
                          run_dir.path / "reward.png", f"prism rl --algo {cfg.algo}")
     accelerator.end_training()
     summary = summarize(records)
-    summary.update(processes=accelerator.num_processes, replica_weight_sums=replicas)
+    summary.update(processes=accelerator.num_processes, replica_weight_sums=replicas, data_dropped=dropped)
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 
 # --------------------------------------------------------------------------------------------- data
 
-def load_prompts(specs: list[str]) -> tuple[list[Sample], dict, list]:
-    """Problems with a ground-truth answer, from every --data source."""
+def load_prompts(specs: list[str], max_prompt_chars: int = 0) -> tuple[list[Sample], dict, list, dict]:
+    """Problems with a ground-truth answer, from every --data source; questions over max_prompt_chars
+    are dropped and counted (one 100 KB question would otherwise take every rollout's memory)."""
     sources = load_sources(specs, keep=lambda s: bool(s.answer.strip()), need="RL needs a ground-truth answer")
     prompts = [s for src in sources for s in src.samples]
-    return prompts, {src.spec: src.fingerprint for src in sources}, source_parents(sources)
+    dropped = dropped_report(sources)
+    if max_prompt_chars > 0:
+        too_long = sum(len(s.question) > max_prompt_chars for s in prompts)
+        if too_long:
+            prompts = [s for s in prompts if len(s.question) <= max_prompt_chars]
+            console.warn(f"--data: dropped {too_long} prompt(s) longer than max_prompt_chars={max_prompt_chars}")
+            dropped["max_prompt_chars"] = {"filtered": too_long, "limit": max_prompt_chars}
+        if not prompts:
+            raise PrismError(f"every prompt is longer than max_prompt_chars={max_prompt_chars}",
+                             hint="raise it with --set max_prompt_chars=N")
+    return prompts, {src.spec: src.fingerprint for src in sources}, source_parents(sources), dropped
 
 
 # --------------------------------------------------------------------------------------------- rollouts

@@ -20,7 +20,7 @@ from prism_cli.config import to_dict
 from prism_cli.errors import PrismError
 from stages.common import training
 from stages.common.data import Sample
-from stages.common.formats import load_sources, source_parents
+from stages.common.formats import dropped_report, load_sources, source_parents
 from stages.common.models import load_policy, load_processor, estimate_training_memory
 from stages.sft.config import SFTConfig
 from stages.sft.data import Encoded, encode_batch, pack, pad, rope_index_of, split_holdout, step_indices
@@ -85,7 +85,7 @@ def run(cfg: SFTConfig) -> Path:
                          f"SFT loss ({cfg.ckpt})")
     summary = summarize(records, train_set, total_steps)
     summary.update(processes=accelerator.num_processes, replica_weight_sums=replicas, encode_s=encode_s,
-                   encode_ms_per_sample=1000 * encode_s / max(len(train_samples), 1))
+                   encode_ms_per_sample=1000 * encode_s / max(len(train_samples), 1), data_dropped=mixture.dropped)
     accelerator.end_training()
     return run_dir.finalize(summary=summary, data=mixture.fingerprints, keep_state=cfg.keep_state)
 
@@ -93,8 +93,9 @@ def run(cfg: SFTConfig) -> Path:
 # --------------------------------------------------------------------------------------------- data
 
 class Mixture:
-    def __init__(self, samples: list[Sample], fingerprints: dict, parents: list, counts: dict):
+    def __init__(self, samples: list[Sample], fingerprints: dict, parents: list, counts: dict, dropped: dict):
         self.samples, self.fingerprints, self.parents, self.counts = samples, fingerprints, parents, counts
+        self.dropped = dropped  # {spec: malformed/filtered counts}, for the manifest summary
 
 
 def load_mixture(specs: list[str], seed: int) -> Mixture:
@@ -111,7 +112,7 @@ def load_mixture(specs: list[str], seed: int) -> Mixture:
     else:
         mixed = [s for src in sources for s in src.samples]
     return Mixture(distinct_ids(mixed), {src.spec: src.fingerprint for src in sources}, source_parents(sources),
-                   {src.spec: len(src.samples) for src in sources})
+                   {src.spec: len(src.samples) for src in sources}, dropped_report(sources))
 
 
 def distinct_ids(samples: list[Sample]) -> list[Sample]:
