@@ -172,10 +172,45 @@ def resolve(cls, config_file: str | None = None, flags: dict | None = None, sets
         cfg = cls(**values)
     except TypeError as e:  # a required field with no default was not given
         raise UsageError(str(e)) from None
+    check_common(cfg)
     check = getattr(cfg, "validate", None)
     if check is not None:
         check()
     return cfg
+
+
+# Lower bounds of knobs several stages share; (bound, inclusive). Checked when a config is resolved, so
+# --dry-run refuses them too, instead of a NaN loss or a ZeroDivisionError an hour in.
+_BOUNDS = {"max_new_tokens": (1, True), "weight_decay": (0, True), "max_grad_norm": (0, True), "warmup": (0, True),
+           "save_every": (1, True), "log_every": (1, True), "eval_every": (1, True),
+           "epochs": (0, False), "batch_size": (1, True), "micro_batch_tokens": (1, True), "ppo_epochs": (1, True),
+           "mini_batches": (1, True), "kl_coef": (0, True), "max_prompt_chars": (0, True)}
+
+
+def check_common(cfg) -> None:
+    """Rules every stage config obeys: finite numbers, positive learning rates, sane shared bounds, and
+    --report-to trackers that exist and are installed."""
+    import math
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"config key '{f.name}' is {value}, not a finite number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if (f.name == "lr" or f.name.endswith("_lr")) and value <= 0:
+            raise UsageError(f"config key '{f.name}' must be positive, not {value}")
+        if f.name in _BOUNDS:
+            low, inclusive = _BOUNDS[f.name]
+            if value < low or (value == low and not inclusive):
+                raise UsageError(f"config key '{f.name}' must be {'at least' if inclusive else 'above'} {low}, "
+                                 f"not {value}")
+        if f.name == "top_p" and not 0 < value <= 1:
+            raise UsageError(f"config key 'top_p' must be in (0, 1], not {value}")
+    if hasattr(cfg, "report_to"):
+        from stages.common import tracking
+
+        tracking.parse(cfg.report_to)
 
 
 def to_dict(cfg) -> dict:

@@ -28,7 +28,7 @@ from stages.align.config import AlignConfig
 from stages.align.discriminator import (load_discriminator, load_discriminator_processor, save_discriminator,
                                         upcycle)
 from stages.align.scoring import PreferencePair, clip_scores, pair_loss, pairwise_accuracy, score_groups
-from stages.common import training
+from stages.common import tracking, training
 from stages.common.chat import problem_messages, rollout_prompt
 from stages.common.data import Sample, stream_item
 from stages.common.formats import dropped_report, load_sources, source_parents
@@ -71,6 +71,7 @@ def run(cfg: AlignConfig) -> Path:
      warm_sched) = accelerator.prepare(policy, policy_opt, policy_sched, disc, disc_opt, disc_sched, warm_opt,
                                        warm_sched)
     engine = make_engine(cfg.engine, training.unwrap(accelerator, policy), processor)
+    tracking.start(accelerator, "align", to_dict(cfg), cfg.report_to, cfg.out)
 
     state = {"step": 0, "cursor": 0, "warmed_up": False}
     if run_dir.resuming:
@@ -110,8 +111,7 @@ def run(cfg: AlignConfig) -> Path:
                                     [p for _, p in batch], rows, game["prompt_index"], advantages)
             record = {"step": step + 1, **d_metrics, **game_metrics(game, advantages), **update, **timer.pop()}
             run_dir.log_metrics(record)
-            if cfg.report_to != "none":
-                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
+            tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"gap caption {record['gap/caption']:+.2f} think {record['gap/think']:+.2f} "
                                f"fmt {record['format/valid']:.2f}")
             state["step"] = step + 1

@@ -49,7 +49,9 @@ def make_accelerator(mixed_precision: str = "auto", report_to: str = "none", pro
     if mixed_precision == "auto":
         mixed_precision = ("no" if not torch.cuda.is_available()
                            else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    log_with = None if report_to in ("", "none", None) else [t.strip() for t in report_to.split(",")]
+    from stages.common import tracking
+
+    log_with = tracking.parse(report_to) or None
     # step_scheduler_with_optimizer=False: otherwise accelerate steps the lr schedule once per process per
     # optimizer step, so under DDP the schedule runs num_processes times too fast. Our schedules count
     # optimizer steps of the global batch.

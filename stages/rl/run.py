@@ -16,7 +16,7 @@ import torch
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
 from prism_cli.errors import PrismError
-from stages.common import training
+from stages.common import tracking, training
 from stages.common.chat import rollout_prompt
 from stages.common.data import Sample, stream_item
 from stages.common.formats import dropped_report, load_sources, source_parents
@@ -54,6 +54,7 @@ def run(cfg: RLConfig) -> Path:
                                          cfg.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     engine = make_engine(cfg.engine, training.unwrap(accelerator, model), processor)
+    tracking.start(accelerator, "rl", to_dict(cfg), cfg.report_to, cfg.out)
 
     start_step, cursor = 0, 0
     if run_dir.resuming:
@@ -74,8 +75,7 @@ def run(cfg: RLConfig) -> Path:
             record = {"step": step + 1, **rollouts.metrics(), **sampling, **update, **timer.pop(),
                       "lr": scheduler.get_last_lr()[0]}
             run_dir.log_metrics(record)
-            if cfg.report_to != "none":
-                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
+            tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"reward {record['reward/mean']:.3f} acc {record['acc/mean']:.3f} "
                                f"fmt {record['format/mean']:.2f}")
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:

@@ -18,7 +18,7 @@ import torch
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
 from prism_cli.errors import PrismError
-from stages.common import training
+from stages.common import tracking, training
 from stages.common.data import Sample
 from stages.common.formats import dropped_report, load_sources, source_parents
 from stages.common.models import load_policy, load_processor, estimate_training_memory
@@ -64,8 +64,7 @@ def run(cfg: SFTConfig) -> Path:
     scheduler = training.build_scheduler(optimizer, cfg.schedule, training.warmup_steps_from(cfg.warmup, total_steps),
                                          total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if cfg.report_to != "none":
-        accelerator.init_trackers("prism-sft", config=to_dict(cfg))
+    tracking.start(accelerator, "sft", to_dict(cfg), cfg.report_to, cfg.out)
 
     start_step = 0
     if run_dir.resuming:
@@ -216,8 +215,7 @@ def train_loop(cfg, accelerator, model, optimizer, scheduler, processor, train_s
                 record["eval_loss"] = eval_loss(cfg, accelerator, model, eval_set, pad_id, packed)
             if (step + 1) % cfg.log_every == 0 or last or "eval_loss" in record:
                 run_dir.log_metrics(record)
-                if cfg.report_to != "none":
-                    accelerator.log({k: v for k, v in record.items() if v is not None}, step=step + 1)
+                tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"loss {loss:.3f}" + (f" eval {record['eval_loss']:.3f}" if "eval_loss" in record
                                                       else "") + f" {record['tokens_per_s']:.0f} tok/s")
             if (step + 1) % cfg.save_every == 0 and not last:
