@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -42,10 +43,65 @@ def error_line(message: str, hint: str | None = None) -> None:
     err.print(text, soft_wrap=True)
 
 
+# When stderr is not a terminal (a cluster job log), rich draws its bar only at the end; instead a plain
+# line is printed at most every PLAIN_EVERY_S seconds (and at the end). PRISM_PROGRESS_EVERY overrides it.
+PLAIN_EVERY_S = 30.0
+clock = time.monotonic  # tests replace it
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class PlainProgress:
+    """Progress as plain text lines for logs: "sft 120/600 (20%) elapsed 0:10:00 eta 0:40:00 | loss 1.23"."""
+
+    def __init__(self, description: str, total: int | None, every_s: float):
+        self.description, self.total, self.every_s = description, total, every_s
+        self.done, self.status = 0, ""
+        self.start = self.last = clock()
+
+    def line(self) -> str:
+        elapsed = clock() - self.start
+        text = f"{self.description} {self.done}"
+        if self.total:
+            text += f"/{self.total} ({100 * self.done / self.total:.0f}%)"
+        text += f" elapsed {_duration(elapsed)}"
+        if self.total and self.done:
+            text += f" eta {_duration(elapsed * (self.total - self.done) / self.done)}"
+        return text + (f" | {self.status}" if self.status else "")
+
+    def tick(self, force: bool = False) -> None:
+        now = clock()
+        if force or now - self.last >= self.every_s:
+            self.last = now
+            err.print(escape(self.line()), soft_wrap=True, highlight=False)
+            err.file.flush()
+
+    def advance(self, n: int = 1, status: str | None = None) -> None:
+        self.done += n
+        if status is not None:
+            self.status = status
+        self.tick()
+
+    def update(self, status: str) -> None:
+        self.status = status
+        self.tick()
+
+
 @contextmanager
 def progress(description: str, total: int | None, enabled: bool = True):
     """A rich progress bar; yields an object with .advance(n=1) and .update(**fields)."""
     show = enabled and is_main_process() and not os.environ.get("PRISM_NO_PROGRESS")
+    if show and not err.is_terminal:
+        plain = PlainProgress(description, total, float(os.environ.get("PRISM_PROGRESS_EVERY") or PLAIN_EVERY_S))
+        plain.tick(force=True)
+        try:
+            yield plain
+        finally:
+            plain.tick(force=True)
+        return
     bar = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                    MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[status]}"), console=err, disable=not show,
