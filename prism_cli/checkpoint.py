@@ -323,6 +323,13 @@ class Run:
         return self.path
 
 
+# Fields a resumed run may change: how long it runs (extend a run), how often it saves, logs and
+# evaluates, where it reports. Everything else (data, model, optimiser, algorithm) must match the
+# interrupted run, or the resumed half would be a different experiment.
+SAFE_ON_RESUME = ("max_steps", "steps", "epochs", "save_every", "log_every", "eval_every", "report_to",
+                  "keep_state")
+
+
 def _config_for_compare(config: dict) -> dict:
     plain = json.loads(json.dumps(scrub(config), default=str))
     return {k: v for k, v in plain.items() if k not in ("resume", "overwrite", "dry_run")}
@@ -512,9 +519,16 @@ def _output_decision(path: Path, out: str, stage: str, config: dict, overwrite: 
             raise PrismError(f"--out {out} holds a partial '{marker.get('stage')}' run, not '{stage}'")
         before, now = _config_for_compare(marker.get("config", {})), _config_for_compare(config)
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        if changed:
+        unsafe = [k for k in changed if k not in SAFE_ON_RESUME]
+        if unsafe:
             raise PrismError(f"cannot resume {out}: config differs from the interrupted run in "
-                             f"{', '.join(changed)}", hint="resume with the same options, or --overwrite")
+                             f"{', '.join(f'{k} ({before.get(k)!r} -> {now.get(k)!r})' for k in unsafe)}",
+                             hint=f"resume with the same options (only {', '.join(SAFE_ON_RESUME)} may change), "
+                                  "or --overwrite")
+        if changed and is_main_process():
+            from prism_cli import console
+
+            console.info(f"resuming {out} with changed {', '.join(f'{k} {before.get(k)!r} -> {now.get(k)!r}' for k in changed)}")
         return True
     if partial:
         raise PrismError(f"--out {out} holds an interrupted run",

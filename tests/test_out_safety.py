@@ -85,3 +85,14 @@ def test_a_stale_lock_file_does_not_block(tmp_path):
     (out / LOCK).write_text(json.dumps({"pid": 2**22 + 12345, "host": "elsewhere"}))
     run = open_output(str(out), "sft", {"seed": 0}, [])
     assert not run.resuming and (out / checkpoint.RUN_MARKER).is_file()
+
+
+def test_resume_accepts_safe_changes_and_names_the_unsafe_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    config = {"steps": 10, "save_every": 5, "report_to": "none", "lr": 1e-5, "data": ["synth"], "resume": False}
+    open_output(str(out), "rl", config, [])
+    extended = dict(config, steps=20, save_every=2, report_to="tensorboard", resume=True)
+    assert open_output(str(out), "rl", extended, [], resume=True).resuming
+    assert "steps 10 -> 20" in capsys.readouterr().err
+    with pytest.raises(PrismError, match=r"differs from the interrupted run in data \(\['synth'\] -> \['x'\]\)"):
+        open_output(str(out), "rl", dict(extended, data=["x"]), [], resume=True)
