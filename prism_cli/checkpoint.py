@@ -22,6 +22,7 @@ from typing import Any
 
 from prism_cli import __version__
 from prism_cli.errors import PrismError, UsageError
+from prism_cli.redact import redact
 
 FORMAT_VERSION = 1
 MANIFEST = "prism.json"
@@ -74,6 +75,8 @@ def scrub(obj: Any) -> Any:
                 for k, v in obj.items()}
     if isinstance(obj, list):
         return [scrub(v) for v in obj]
+    if isinstance(obj, str):
+        return redact(obj)  # http://user:TOKEN@host -> http://<redacted>@host
     return obj
 
 

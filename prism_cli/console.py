@@ -14,6 +14,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 from rich.table import Table
 from rich.text import Text
 
+from prism_cli.redact import redact
+
 # stdout carries results (tables, paths); stderr carries progress and diagnostics.
 # emoji=False: specs like synth:train:64 must not render as "synth🚋64".
 out = Console(highlight=False, emoji=False)
@@ -26,20 +28,20 @@ def is_main_process() -> bool:
 
 def info(message: str) -> None:
     if is_main_process():
-        err.print(message)
+        err.print(redact(message))
 
 
 def warn(message: str) -> None:
     # one unwrapped line (a cluster log is grepped); the message is user text, never markup
     if is_main_process():
-        err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {escape(redact(message))}", soft_wrap=True)
 
 
 def error_line(message: str, hint: str | None = None) -> None:
     # messages carry user text (paths, option values, "prism-vlm[eval]"): never interpret it as markup
-    text = f"[bold red]error:[/] {escape(message)}"
+    text = f"[bold red]error:[/] {escape(redact(message))}"
     if hint:
-        text += f" [dim](hint: {escape(hint)})[/]"
+        text += f" [dim](hint: {escape(redact(hint))})[/]"
     err.print(text, soft_wrap=True)
 
 
@@ -76,7 +78,7 @@ class PlainProgress:
         now = clock()
         if force or now - self.last >= self.every_s:
             self.last = now
-            err.print(escape(self.line()), soft_wrap=True, highlight=False)
+            err.print(escape(redact(self.line())), soft_wrap=True, highlight=False)
             err.file.flush()
 
     def advance(self, n: int = 1, status: str | None = None) -> None:
@@ -95,7 +97,7 @@ def progress(description: str, total: int | None, enabled: bool = True):
     """A rich progress bar; yields an object with .advance(n=1) and .update(**fields)."""
     show = enabled and is_main_process() and not os.environ.get("PRISM_NO_PROGRESS")
     if show and not err.is_terminal:
-        plain = PlainProgress(description, total, float(os.environ.get("PRISM_PROGRESS_EVERY") or PLAIN_EVERY_S))
+        plain = PlainProgress(redact(description), total, float(os.environ.get("PRISM_PROGRESS_EVERY") or PLAIN_EVERY_S))
         plain.tick(force=True)
         try:
             yield plain
@@ -107,7 +109,7 @@ def progress(description: str, total: int | None, enabled: bool = True):
                    TextColumn("{task.fields[status]}"), console=err, disable=not show,
                    transient=False)
     with bar:
-        task = bar.add_task(description, total=total, status="")
+        task = bar.add_task(redact(description), total=total, status="")
 
         class _Handle:
             def advance(self, n: int = 1, status: str | None = None) -> None:
@@ -127,7 +129,7 @@ def table(title: str, columns: list[str], rows: list[list]) -> Table:
     for c in columns:
         t.add_column(c, overflow="fold")
     for r in rows:
-        t.add_row(*[Text("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))) for v in r])
+        t.add_row(*[Text("" if v is None else (f"{v:.4g}" if isinstance(v, float) else redact(str(v)))) for v in r])
     return t
 
 
