@@ -180,3 +180,11 @@ def test_dropped_rows_are_counted_for_the_manifest(tmp_path, capsys):
     assert any("duplicate id 'a'" in e for e in sources[0].problems)
     assert "skipped 3 malformed row(s)" in capsys.readouterr().err
     assert dropped_report(load_sources(["synth:train:4"])) == {}
+
+
+def test_an_image_string_too_long_for_a_path_is_a_bad_row_not_a_crash(tmp_path):
+    rows = [{"id": "a", "question": "q?", "images": ["b'\\x89PNG" + "x" * 5000 + "'"]},
+            {"id": "b", "question": "q?", "answer": "1"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples, problems = load_samples(str(tmp_path / "d.jsonl"))
+    assert [s.id for s in samples] == ["b"] and "not found" in problems[0]

@@ -98,3 +98,60 @@ def test_hub_model_id_without_network_fails_in_seconds(monkeypatch):
         resolve("Qwen/Nope-VL")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve("Qwen/Nope-VL").kind == "hub"  # offline mode: the cache decides later, no probe
+
+
+def test_rl_drops_overlong_prompts_and_reports_dropped_rows_in_the_manifest(tmp_path, capsys):
+    from stages.common.data import sample_to_row
+    from stages.common.synth import load as synth_load
+    from stages.rl.config import RLConfig
+    from stages.rl.run import run
+
+    import base64
+
+    rows = [dict(sample_to_row(s), images=["data:image/png;base64," + base64.b64encode(s.images[0]).decode()])
+            for s in synth_load("synth:train:4")]
+    rows[1] = dict(rows[1], question="why? " * 20000)     # 100 KB of question
+    lines = [json.dumps(r, default=str) for r in rows] + ["{broken", json.dumps(rows[0], default=str)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = run(config.resolve(RLConfig, flags=dict(algo="grpo", ckpt="tiny", data=[str(data)], out=str(tmp_path / "rl"),
+                                                  steps=1, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=4,
+                                                  engine="hf", warmup=0, seed=0)))
+    dropped = load_manifest(out)["summary"]["data_dropped"]
+    assert dropped[str(data)]["malformed"] == 2           # the broken line and the duplicate id
+    assert dropped["max_prompt_chars"] == {"filtered": 1, "limit": 16000}
+    err = capsys.readouterr().err
+    assert "skipped 2 malformed row(s)" in err and "dropped 1 prompt(s) longer than max_prompt_chars=16000" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(algo="grpo", rollouts_per_prompt=1), "needs at least 2 rollouts per prompt"),
+    (dict(max_new_tokens=0), "'max_new_tokens' must be at least 1"),
+    (dict(algo="dapo", max_new_tokens=512, overlong_buffer=4096), "overlong_buffer 4096 is not below max_new_tokens 512"),
+    (dict(lr=-1e-6), "'lr' must be positive"),
+    (dict(lr=float("nan")), "'lr' is nan, not a finite number"),
+    (dict(top_p=0.0), "'top_p' must be in"),
+    (dict(temperature=0.0), "temperature must be positive"),
+    (dict(report_to="tensorbord"), "unknown tracker"),
+])
+def test_rl_config_rules_refuse_at_resolution_so_dry_run_catches_them(flags, message):
+    from stages.rl.config import RLConfig
+
+    with pytest.raises(UsageError, match=message):
+        config.resolve(RLConfig, flags=dict(ckpt="tiny", dry_run=True, **flags))
+
+
+def test_dapo_default_overlong_buffer_keeps_its_proportion_on_short_responses():
+    from stages.rl.config import RLConfig
+
+    assert config.resolve(RLConfig, flags=dict(ckpt="tiny")).resolved("overlong_buffer") == 4096
+    assert config.resolve(RLConfig, flags=dict(ckpt="tiny", max_new_tokens=512)).resolved("overlong_buffer") == 102
+
+
+def test_align_top_k_above_experts_and_nan_lr_are_refused():
+    from stages.align.config import AlignConfig
+
+    with pytest.raises(UsageError, match="top_k 8 must be between 1 and num_experts \\(4\\)"):
+        config.resolve(AlignConfig, flags=dict(ckpt="tiny", data=["synth"], top_k=8))
+    with pytest.raises(UsageError, match="'disc_lr' is inf"):
+        config.resolve(AlignConfig, flags=dict(ckpt="tiny", data=["synth"]), sets=["disc_lr=inf"])

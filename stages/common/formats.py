@@ -280,8 +280,11 @@ def image_bytes(value: Any, base_dir: Path | None = None) -> bytes:
         p = Path(value).expanduser()
         if not p.is_absolute() and base_dir is not None:
             p = base_dir / p
-        if p.is_file():
-            return p.read_bytes()
+        try:
+            if p.is_file():
+                return p.read_bytes()
+        except OSError:  # a name too long for the filesystem (base64 text, a repr of bytes): not a path
+            pass
         if len(value) > 256 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", value):
             try:
                 return base64.b64decode(value, validate=False)
