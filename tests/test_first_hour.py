@@ -155,3 +155,47 @@ def test_align_top_k_above_experts_and_nan_lr_are_refused():
         config.resolve(AlignConfig, flags=dict(ckpt="tiny", data=["synth"], top_k=8))
     with pytest.raises(UsageError, match="'disc_lr' is inf"):
         config.resolve(AlignConfig, flags=dict(ckpt="tiny", data=["synth"]), sets=["disc_lr=inf"])
+
+
+@pytest.fixture()
+def sft_with_data(tmp_path, tiny_path):
+    """A finished sft checkpoint (the tiny model as its model/) that dropped rows of its data."""
+    import shutil
+
+    from prism_cli import checkpoint
+
+    run_dir = checkpoint.open_output(str(tmp_path / "runs" / "sft"), "sft", {"lr": 1e-5, "data": ["d.jsonl"]},
+                                     [("policy", checkpoint.resolve("tiny"))])
+    shutil.copytree(tiny_path, run_dir.model_dir, ignore=shutil.ignore_patterns(".complete"))
+    return run_dir.finalize(summary={"final_loss": 1.0, "data_dropped": {"d.jsonl": {"malformed": 2, "filtered": 1}}},
+                            data={"d.jsonl": "f00dfeedbeefcafe0123"})
+
+
+def test_inspect_shows_data_lineage_and_reads_an_export(sft_with_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from prism_cli.app import app
+    from stages.export.config import ExportConfig
+    from stages.export.run import run as export
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["inspect", str(sft_with_data)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "data lineage" in r.stdout and "d.jsonl" in r.stdout and "f00dfeedbeefcafe" in r.stdout
+    assert "2 malformed, 1 filtered" in r.stdout
+    hf = export(config.resolve(ExportConfig, flags={"ckpt": str(sft_with_data), "out": str(tmp_path / "hf"),
+                                                    "dtype": "fp32"}))
+    r = runner.invoke(app, ["inspect", str(hf)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "exported Hugging Face folder" in r.stdout and str(sft_with_data) in r.stdout
+    assert "d.jsonl" in r.stdout and "2 malformed, 1 filtered" in r.stdout
+
+
+def test_export_out_onto_its_own_checkpoint_is_refused(sft_with_data):
+    from stages.export.config import ExportConfig
+    from stages.export.run import run as export
+
+    for out in (sft_with_data, sft_with_data / "model", sft_with_data.parent):
+        with pytest.raises(PrismError, match="input checkpoint"):
+            export(config.resolve(ExportConfig, flags={"ckpt": str(sft_with_data), "out": str(out), "overwrite": True}))
+    assert load_manifest(sft_with_data)["stage"] == "sft"

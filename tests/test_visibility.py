@@ -74,3 +74,19 @@ def test_clean_config_and_numeric_metrics():
     assert cleaned == {"data": "a,b", "clip_high": "none", "lr": 1e-5, "set": '{"x": 1}', "ok": True}
     assert tracking.numeric({"step": 3, "loss": 0.5, "grad_norm": None, "tag": "x", "nan": float("nan"),
                              "flag": True}) == {"step": 3.0, "loss": 0.5}
+
+
+def test_rl_plot_has_kl_entropy_length_and_clip_panels(tmp_path):
+    from stages.common.plots import panel_data, plot_eval, plot_panels
+    from stages.rl.run import RL_PANELS
+
+    records = [{"step": s, "reward/mean": 0.1 * s, "acc/mean": 0.2, "format/mean": 1.0, "update/kl": 0.01 * s,
+                "update/entropy": 2.0 - 0.1 * s, "response_length/mean": 30 + s, "response_length/max": 64,
+                "update/clipfrac": 0.05, "grad_norm": None} for s in range(1, 6)]
+    drawn = panel_data(records, RL_PANELS)
+    assert set(drawn) == {"reward", "KL", "entropy", "response length", "clip fraction"}
+    assert drawn["KL"] == {"KL to reference": [(s, 0.01 * s) for s in range(1, 6)]}
+    assert plot_panels(records, RL_PANELS, tmp_path / "rl.png", "rl").stat().st_size > 1000
+    assert plot_panels([{"step": 1}], RL_PANELS, tmp_path / "none.png", "rl") is None
+    results = {"synth": {"value": 0.5, "stderr": 0.05, "n": 100}, "mmmu": {"value": 0.3, "stderr": 0.02, "n": 900}}
+    assert plot_eval(results, tmp_path / "eval.png", "eval").stat().st_size > 1000

@@ -28,7 +28,7 @@ from stages.align.config import AlignConfig
 from stages.align.discriminator import (load_discriminator, load_discriminator_processor, save_discriminator,
                                         upcycle)
 from stages.align.scoring import PreferencePair, clip_scores, pair_loss, pairwise_accuracy, score_groups
-from stages.common import tracking, training
+from stages.common import plots, tracking, training
 from stages.common.chat import problem_messages, rollout_prompt
 from stages.common.data import Sample, stream_item
 from stages.common.formats import dropped_report, load_sources, source_parents
@@ -123,9 +123,11 @@ def run(cfg: AlignConfig) -> Path:
         save_discriminator(training.unwrap(accelerator, disc), disc_processor, run_dir.path / "discriminator")
     accelerator.wait_for_everyone()
     records = run_dir.read_metrics()
-    training.plot_curves(records, {"gap/caption": "perception gap (teacher - student, caption)",
-                                   "gap/think": "reasoning gap (teacher - student, think)"},
-                         run_dir.path / "drift_gap.png", "PRISM alignment: discriminator score gaps")
+    plots.plot_panels(records, {"score gap (teacher - student)": {"gap/caption": "perception (caption)",
+                                                                   "gap/think": "reasoning (think)"},
+                                "discriminator accuracy": {"d/acc_caption": "caption", "d/acc_think": "think"}},
+                      run_dir.path / "drift_gap.png", "PRISM alignment: discriminator score gaps",
+                      zero_line=("score gap (teacher - student)",))
     accelerator.end_training()
     return run_dir.finalize(summary=dict(summarize(records), data_dropped=dropped), data=data_fp,
                             keep_state=cfg.keep_state)

@@ -16,7 +16,7 @@ import torch
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
 from prism_cli.errors import PrismError
-from stages.common import tracking, training
+from stages.common import plots, tracking, training
 from stages.common.chat import rollout_prompt
 from stages.common.data import Sample, stream_item
 from stages.common.formats import dropped_report, load_sources, source_parents
@@ -28,6 +28,11 @@ from stages.rl import advantages as adv_fns
 from stages.rl.config import RLConfig
 
 POLICY_STAGES = ("base", "sft", "align", "rl")
+RL_PANELS = {"reward": {"reward/mean": "reward", "acc/mean": "accuracy", "format/mean": "format"},
+             "KL": {"update/kl": "KL to reference", "update/approx_kl": "approx KL to old policy"},
+             "entropy": {"update/entropy": "entropy"},
+             "response length": {"response_length/mean": "mean", "response_length/max": "max"},
+             "clip fraction": {"update/clipfrac": "clipped", "truncated/ratio": "truncated at max_new_tokens"}}
 
 
 def run(cfg: RLConfig) -> Path:
@@ -84,8 +89,7 @@ def run(cfg: RLConfig) -> Path:
     replicas = training.rank_fingerprints(accelerator, model)   # raises if the processes' weights drifted apart
     training.save_model(accelerator, model, processor, run_dir.model_dir)
     records = run_dir.read_metrics()
-    training.plot_curves(records, {"reward/mean": "reward", "acc/mean": "accuracy", "format/mean": "format"},
-                         run_dir.path / "reward.png", f"prism rl --algo {cfg.algo}")
+    plots.plot_panels(records, RL_PANELS, run_dir.path / "reward.png", f"prism rl --algo {cfg.algo}")
     accelerator.end_training()
     summary = summarize(records)
     summary.update(processes=accelerator.num_processes, replica_weight_sums=replicas, data_dropped=dropped)
