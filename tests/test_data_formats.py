@@ -188,3 +188,44 @@ def test_an_image_string_too_long_for_a_path_is_a_bad_row_not_a_crash(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     samples, problems = load_samples(str(tmp_path / "d.jsonl"))
     assert [s.id for s in samples] == ["b"] and "not found" in problems[0]
+
+
+# ------------------------------------------------------------------------------------ image modes
+
+def _encode(img, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _decoded(raw: bytes):
+    from stages.common.data import Sample
+
+    [img] = Sample(id="x", images=[raw], question="q").pil_images()
+    assert img.mode == "RGB"
+    return img
+
+
+def test_transparent_16bit_cmyk_palette_grey_and_rotated_images_decode_as_meant():
+    import numpy as np
+    from PIL import Image
+
+    transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert _decoded(_encode(transparent)).getpixel((0, 0)) == (255, 255, 255)  # not black
+    half = Image.new("LA", (8, 8), (0, 128))
+    assert _decoded(_encode(half)).getpixel((0, 0)) == (127, 127, 127)
+    deep = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
+    assert deep.mode.startswith("I;16")
+    assert _decoded(_encode(deep)).getpixel((0, 0)) == (128, 128, 128)          # not clipped to white
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))
+    assert _decoded(_encode(cmyk, "JPEG")).getpixel((0, 0))[0] > 200             # red stays red
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    assert _decoded(_encode(palette, transparency=0)).getpixel((0, 0)) == (255, 255, 255)
+    grey = Image.new("L", (8, 8), 90)
+    assert _decoded(_encode(grey)).getpixel((0, 0)) == (90, 90, 90)
+    wide = Image.new("RGB", (20, 10), (0, 0, 255))
+    exif = wide.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    assert _decoded(_encode(wide, "JPEG", exif=exif.tobytes())).size == (10, 20)
