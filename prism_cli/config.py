@@ -121,13 +121,27 @@ def _coerce(key: str, value: Any, tp, from_text: bool) -> Any:
     raise UsageError(f"config key '{key}' has an unsupported type {_type_name(tp)}")
 
 
+def _unknown_key_hint(key: str, value: Any, hints: dict) -> str:
+    import difflib
+
+    close = [n for n in hints if n.replace("_", "") == key.replace("_", "").replace("-", "")]
+    close = close or difflib.get_close_matches(key.replace("-", "_"), list(hints), n=1, cutoff=0.75)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    if isinstance(value, dict):  # a nested section (optimizer: {lr: ...}) in a flat config
+        inner = [k for k in value if k in hints]
+        unknown = [k for k in value if k not in hints]
+        if inner:
+            return (f"prism configs are flat: put {', '.join(inner)} at the top level"
+                    + (f" (and {', '.join(map(str, unknown))} is not a key either)" if unknown else ""))
+    return f"see `prism <stage> --help`; valid keys: {', '.join(sorted(hints))}"
+
+
 def _apply(cls, values: dict, updates: dict, source: str, from_text: bool) -> None:
     hints = typing.get_type_hints(cls)
     for key, value in updates.items():
         if key not in hints:
-            close = [n for n in hints if n.replace("_", "") == key.replace("_", "").replace("-", "")]
-            hint = f"did you mean '{close[0]}'?" if close else f"see `prism <stage> --help`; valid keys: {', '.join(sorted(hints))}"
-            raise UsageError(f"unknown config key '{key}' in {source}", hint=hint)
+            raise UsageError(f"unknown config key '{key}' in {source}", hint=_unknown_key_hint(str(key), value, hints))
         values[key] = _coerce(key, value, hints[key], from_text)
 
 

@@ -229,3 +229,18 @@ def test_transparent_16bit_cmyk_palette_grey_and_rotated_images_decode_as_meant(
     exif = wide.getexif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
     assert _decoded(_encode(wide, "JPEG", exif=exif.tobytes())).size == (10, 20)
+
+
+def test_json_and_jsonl_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "d.json").write_bytes("\ufeff".encode() + json.dumps([{"question": "a?", "answer": "1"}]).encode())
+    (tmp_path / "d.jsonl").write_bytes("\ufeff".encode() + json.dumps({"question": "b?", "answer": "2"}).encode())
+    assert load_samples(str(tmp_path / "d.json"))[0][0].question == "a?"
+    samples, problems = load_samples(str(tmp_path / "d.jsonl"))
+    assert problems == [] and samples[0].question == "b?"
+
+
+def test_imagefolder_metadata_csv_keeps_text_as_written(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png())
+    (tmp_path / "metadata.csv").write_text("file_name,question,answer,id\na.png,How many?,1.50,007\n")
+    [sample], problems = load_samples(str(tmp_path))
+    assert problems == [] and (sample.id, sample.answer) == ("007", "1.50") and len(sample.images) == 1

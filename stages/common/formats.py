@@ -113,6 +113,10 @@ def read_path(path: Path, spec: str | None = None) -> tuple[list[Sample], list[s
     spec = spec or str(path)
     if path.is_file() and path.stat().st_size == 0:
         raise PrismError(f"data source {path} is an empty file")
+    if path.is_dir() and (path / "config.json").is_file() and any(
+            path.glob(g) for g in ("*.safetensors", "*.bin", "*.safetensors.index.json")):
+        raise PrismError(f"data source {spec} is a model directory (config.json and weights), not data",
+                         hint="give it as --ckpt; --data takes problems (a curate dir, parquet, jsonl, json ...)")
     for name, reader in READERS.items():
         if reader.detect(path):
             return _read_prism(path, spec) if name == "prism checkpoint" else reader.read(path)
@@ -131,7 +135,7 @@ def _read_prism(path: Path, spec: str) -> tuple[list[Sample], list[str]]:
     return read_shards(ckpt.path / "data"), []
 
 
-_DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow")
+_DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow", ".csv")
 
 
 def _data_files(path: Path, recursive: bool = False) -> list[Path]:
@@ -220,6 +224,25 @@ def read_arrow(path: Path) -> tuple[list[Sample], list[str]]:
                     lambda r: sample_from_record(r, path.parent))
 
 
+def read_csv(path: Path) -> tuple[list[Sample], list[str]]:
+    """A CSV table with a header (an HF imagefolder's metadata.csv: file_name + columns). Every cell is
+    text, so ids like 007 and answers like 1.50 keep their spelling."""
+    import csv
+
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [{k: (v if v != "" else None) for k, v in r.items() if k is not None} for r in reader]
+            names = reader.fieldnames or []
+    except UnicodeDecodeError as e:
+        raise PrismError(f"{path} is not UTF-8 text (invalid byte at offset {e.start})") from None
+    except csv.Error as e:
+        raise PrismError(f"cannot read CSV file {path}: {e}") from None
+    _require_question_column(path, names)
+    return _collect(((f"{path} line {i + 2}", r) for i, r in enumerate(rows)),
+                    lambda r: sample_from_record(r, path.parent))
+
+
 def _require_question_column(path: Path, names: list[str]) -> None:
     if not any(c in names for c in _QUESTION_COLS):
         raise PrismError(f"{path} has no question column (looked for {', '.join(_QUESTION_COLS)}; has "
@@ -272,6 +295,9 @@ def image_bytes(value: Any, base_dir: Path | None = None) -> bytes:
             return image_bytes(str(value["path"]), base_dir)
         raise BadRow("an image entry has neither bytes nor path")
     if isinstance(value, str):
+        if value.startswith(("http://", "https://", "s3://", "gs://")):
+            raise BadRow(f"image {value[:80]!r} is a URL: prism reads images from files or bytes and never "
+                         "downloads them; fetch them first")
         if value.startswith("data:") and ";base64," in value:
             try:
                 return base64.b64decode(value.split(";base64,", 1)[1], validate=True)
@@ -433,7 +459,7 @@ def read_jsonl(path: Path) -> tuple[list[Sample], list[str]]:
         with open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     yield f"{path} line {n}", _Broken(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
                                                       f"{e.start + 1})")
@@ -463,7 +489,7 @@ def _unbroken(row, convert):
 
 def read_json(path: Path) -> tuple[list[Sample], list[str]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))  # -sig: a BOM from Windows tools is fine
     except UnicodeDecodeError as e:
         raise PrismError(f"{path} is not UTF-8 text (invalid byte at offset {e.start})") from None
     except json.JSONDecodeError as e:
@@ -865,4 +891,5 @@ READERS.update({
     "jsonl": Reader(_suffix(".jsonl"), lambda p: read_jsonl(p), "*.jsonl (sample schema, imagefolder metadata)"),
     "json": Reader(_suffix(".json"), lambda p: read_json(p), "*.json (ShareGPT or a list of sample rows)"),
     "arrow": Reader(_suffix(".arrow"), read_arrow, "*.arrow (datasets' Arrow files)"),
+    "csv": Reader(_suffix(".csv"), read_csv, "*.csv with a header (imagefolder metadata.csv)"),
 })
