@@ -288,11 +288,14 @@ class Run:
         """Hash every file and write prism.json last, atomically. Returns the directory."""
         if not self.main:
             return self.path
-        if not keep_state and self.state_dir.exists():
-            shutil.rmtree(self.state_dir)
+        # state/ is removed only once the manifest is written: a Ctrl-C while hashing leaves a partial run
+        # that --resume continues from its last save, not one that starts again from step 0
+        drop_state = not keep_state and self.state_dir.exists()
         files = {}
         for f in sorted(self.path.rglob("*")):
             rel = f.relative_to(self.path).as_posix()
+            if drop_state and (rel == "state" or rel.startswith("state/") or rel.startswith("state.")):
+                continue
             if f.is_file() and rel not in (MANIFEST, RUN_MARKER, LOCK) and not rel.endswith(".tmp"):
                 files[rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
         parents = []
@@ -322,6 +325,9 @@ class Run:
             os.fsync(f.fileno())
         os.replace(tmp, self.path / MANIFEST)
         (self.path / RUN_MARKER).unlink(missing_ok=True)
+        if drop_state:
+            for leftover in ("state", "state.old", "state.saving"):   # save_state's rename steps too
+                shutil.rmtree(self.path / leftover, ignore_errors=True)
         release_lock(self.path)
         return self.path
 

@@ -96,3 +96,26 @@ def test_resume_accepts_safe_changes_and_names_the_unsafe_one(tmp_path, capsys):
     assert "steps 10 -> 20" in capsys.readouterr().err
     with pytest.raises(PrismError, match=r"differs from the interrupted run in data \(\['synth'\] -> \['x'\]\)"):
         open_output(str(out), "rl", dict(extended, data=["x"]), [], resume=True)
+
+
+def test_ctrl_c_while_finalizing_keeps_the_state_for_resume(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run = open_output(str(out), "sft", {"seed": 0}, [])
+    run.state_dir.mkdir()
+    (run.state_dir / "trainer_state.json").write_text('{"step": 7}')
+    (run.path / "model").mkdir()
+    (run.path / "model" / "w.bin").write_bytes(b"w")
+
+    def interrupted(path, chunk=0):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "sha256_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.finalize()
+    assert not (out / MANIFEST).exists() and (out / "state" / "trainer_state.json").is_file()
+    monkeypatch.undo()
+    again = open_output(str(out), "sft", {"seed": 0}, [], resume=True)
+    assert again.resuming
+    again.finalize()
+    assert "state/trainer_state.json" not in json.loads((out / MANIFEST).read_text())["files"]
+    assert not (out / "state").exists()
