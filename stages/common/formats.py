@@ -1,11 +1,21 @@
 """Readers for every accepted source format, all returning Samples; `load_samples(spec)` picks one.
 
+Paths go through READERS (bottom of this module), one entry per format: detect(path) -> bool,
+read(path) -> (samples, problems); the first that detects a path reads it. Adding a format is a reader
+function, one READERS entry and its test (docs/first-hour.md lists them all):
+
     out/curated                 a prism checkpoint directory (its data/ shards)
-    data.parquet, data.jsonl    rows in the sample schema (stages/common/data.py); a directory of them
+    data.parquet, data.jsonl    rows in the sample schema (stages/common/data.py), or any table with
+    data.csv, data.arrow        question-like columns (problem/solution/image); a directory of them
+    folder/metadata.jsonl       an HF imagefolder (file_name names the image)
     data.json                   LLaMA-Factory ShareGPT multimodal JSON (images by path, relative to the file)
     rl.parquet                  verl-style RL parquet (prompt, images, reward_model.ground_truth, extra_info)
     hf_folder/                  a Hugging Face datasets folder (datasets.save_to_disk)
-    synth[:train:N...]          the built-in synthetic benchmark
+    snapshot/data/...           a hub snapshot folder
+
+Specs that are not paths: synth[:train:N...] (the built-in benchmark), owner/name[:split] (a hub
+dataset, from the local hub cache), a glob (data/*.parquet), DIR#name or dataset_info.json#name (a
+LLaMA-Factory dataset_info.json entry with its column mapping).
 
 A malformed row never stops a load by default: it is skipped and reported by position ("data.json
 row 17: image 'img/x.png' not found"); strict=True makes the first one fatal. `parse_mixture` reads
