@@ -122,7 +122,8 @@ def test_hub_dataset_id_from_the_local_cache(tmp_path, monkeypatch):
     assert [s.answer for s in samples] == ["11", "12"]
     with pytest.raises(PrismError, match="no 'validation' split .*test, train"):
         load_samples("lab/tiny-vqa:validation")
-    with pytest.raises(PrismError, match="not in the local hub cache and HF_HUB_OFFLINE is set"):
+    with pytest.raises(PrismError, match="lab/not-cached is not a local path; as a hub dataset: .*not in the local "
+                                         "hub cache and HF_HUB_OFFLINE is set"):
         load_samples("lab/not-cached")
 
 

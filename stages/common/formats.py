@@ -98,7 +98,11 @@ def load_samples(spec: str, strict: bool = False, seed: int = 0) -> tuple[list[S
     elif not path.exists() and any(c in spec for c in "*?["):
         samples, problems = read_glob(spec)
     elif not path.exists() and _looks_like_hub_dataset(spec):
-        samples, problems = read_hub_dataset(spec)
+        try:
+            samples, problems = read_hub_dataset(spec)
+        except PrismError as e:  # it may as well be a mistyped local path: say both
+            raise PrismError(f"data source {spec} is not a local path; as a hub dataset: {e.message}",
+                             hint=e.hint) from None
     elif not path.exists():
         raise PrismError(f"data source {spec} does not exist",
                          hint="give a prism data dir, *.parquet, *.jsonl, *.arrow, ShareGPT *.json, an HF datasets "
