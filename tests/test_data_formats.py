@@ -58,6 +58,19 @@ def test_hf_imagefolder_loads_its_images(tmp_path):
         assert [s.images[0] for s in samples] == [(folder / f"{i}.png").read_bytes() for i in range(3)]
 
 
+def test_imagefolder_with_split_folders_reads_train(tmp_path):
+    for split, n in (("train", 3), ("test", 2)):
+        (tmp_path / "ds" / split).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "ds" / split / f"{i}.png").write_bytes(_png((i * 50, 0, 0)))
+        (tmp_path / "ds" / split / "metadata.jsonl").write_text("".join(
+            json.dumps({"file_name": f"{i}.png", "question": f"{split} q{i}?", "answer": str(i)}) + "\n"
+            for i in range(n)))
+    samples, problems = load_samples(str(tmp_path / "ds"))
+    assert problems == [] and [s.question for s in samples] == ["train q0?", "train q1?", "train q2?"]
+    assert all(len(s.images) == 1 for s in samples)
+
+
 def test_parquet_with_image_problem_solution_columns(tmp_path):
     path = _write_parquet(tmp_path / "train.parquet", _hub_rows(4))
     samples, problems = load_samples(str(path))
@@ -120,7 +133,7 @@ def test_hub_dataset_id_from_the_local_cache(tmp_path, monkeypatch):
     assert len(samples) == 3
     samples, _ = load_samples("lab/tiny-vqa:test")
     assert [s.answer for s in samples] == ["11", "12"]
-    with pytest.raises(PrismError, match="no 'validation' split .*test, train"):
+    with pytest.raises(PrismError, match="hub dataset lab/tiny-vqa has no 'validation' split .*test, train"):
         load_samples("lab/tiny-vqa:validation")
     with pytest.raises(PrismError, match="lab/not-cached is not a local path; as a hub dataset: .*not in the local "
                                          "hub cache and HF_HUB_OFFLINE is set"):

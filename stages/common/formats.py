@@ -76,8 +76,10 @@ def _is_hf_saved(p: Path) -> bool:
 
 
 def _is_snapshot(p: Path) -> bool:
-    """A hub snapshot or a folder laid out like one: the data files live under data/."""
-    return p.is_dir() and (p / "data").is_dir() and not _data_files(p)
+    """A hub snapshot or a folder laid out like one: the data files live under data/ or split folders."""
+    if not p.is_dir() or _data_files(p):
+        return False
+    return (p / "data").is_dir() or any((p / s).is_dir() and _data_files(p / s) for s in _SPLITS)
 
 
 READERS: dict[str, Reader] = {}  # filled at the end of this module, once every reader is defined
@@ -176,22 +178,37 @@ def read_dir(path: Path) -> tuple[list[Sample], list[str]]:
     return _read_many(_data_files(path))
 
 
-def _split_of(f: Path) -> str:
-    return f.name.split("-")[0].split(".")[0]
+_SPLITS = ("train", "test", "validation", "val", "dev")
+
+
+def _split_of(f: Path, root: Path) -> str:
+    """train-00000-of-00001.parquet -> train; train/metadata.jsonl -> train; else the name's prefix."""
+    prefix = f.name.split("-")[0].split(".")[0]
+    folders = f.relative_to(root).parts[:-1]
+    if prefix not in _SPLITS and folders and folders[0] in _SPLITS:
+        return folders[0]
+    return prefix
+
+
+def split_files(root: Path, split: str | None, what: str, hint: str | None = None) -> list[Path]:
+    """The data files under root of one split: the named one, else train when there is one, else all."""
+    files = _data_files(root, recursive=True)
+    splits = sorted({_split_of(f, root) for f in files})
+    want = split or ("train" if "train" in splits else None)
+    if want is not None:
+        files = [f for f in files if _split_of(f, root) == want]
+        if not files:
+            raise PrismError(f"{what} has no '{want}' split (has: {', '.join(splits) or 'no data files'})", hint=hint)
+    if not files:
+        raise PrismError(f"{what} holds no *.parquet, *.jsonl, *.json, *.csv or *.arrow files")
+    return files
 
 
 def read_snapshot(path: Path, split: str | None = None) -> tuple[list[Sample], list[str]]:
-    """A hub dataset snapshot: data/**/{split}-*.parquet ... (train when present, unless a split is named)."""
-    files = _data_files(path / "data", recursive=True)
-    splits = sorted({_split_of(f) for f in files})
-    want = split or ("train" if "train" in splits else None)
-    if want is not None:
-        files = [f for f in files if _split_of(f) == want]
-        if not files:
-            raise PrismError(f"{path}: no '{want}' split under data/ (splits: {', '.join(splits) or 'none'})")
-    if not files:
-        raise PrismError(f"{path}/data holds no *.parquet, *.jsonl, *.json or *.arrow files")
-    return _read_many(files)
+    """A hub dataset snapshot (data/**/{split}-*.parquet) or an imagefolder with split folders
+    (train/metadata.jsonl): train when present, unless a split is named."""
+    root = path / "data" if (path / "data").is_dir() else path
+    return _read_many(split_files(root, split, str(root)))
 
 
 def read_glob(pattern: str) -> tuple[list[Sample], list[str]]:
@@ -754,17 +771,7 @@ def read_hub_dataset(spec: str) -> tuple[list[Sample], list[str]]:
     repo, _, split = spec.partition(":")
     folder = snapshot(repo, repo_type="dataset", what="--data")
     root = folder / "data" if (folder / "data").is_dir() else folder
-    files = _data_files(root, recursive=True)
-    splits = sorted({_split_of(f) for f in files})
-    want = split or ("train" if "train" in splits else None)
-    if want is not None:
-        files = [f for f in files if _split_of(f) == want]
-        if not files:
-            raise PrismError(f"hub dataset {repo} has no '{want}' split (has: {', '.join(splits) or 'no data files'})",
-                             hint=f"name one: --data {repo}:<split>")
-    if not files:
-        raise PrismError(f"hub dataset {repo} holds no *.parquet, *.jsonl, *.json or *.arrow files")
-    return _read_many(files)
+    return _read_many(split_files(root, split, f"hub dataset {repo}", hint=f"name one: --data {repo}:<split>"))
 
 
 # --------------------------------------------------------------------------------------- LLaMA-Factory
