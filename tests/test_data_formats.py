@@ -258,3 +258,24 @@ def test_imagefolder_metadata_csv_keeps_text_as_written(tmp_path):
     (tmp_path / "metadata.csv").write_text("file_name,question,answer,id\na.png,How many?,1.50,007\n")
     [sample], problems = load_samples(str(tmp_path))
     assert problems == [] and (sample.id, sample.answer) == ("007", "1.50") and len(sample.images) == 1
+
+
+def test_hub_dataset_id_prepared_in_the_datasets_cache(tmp_path, monkeypatch):
+    """What `datasets.load_dataset("lab/tiny-qa")` leaves in its cache (HF_DATASETS_CACHE/lab___tiny-qa/
+    default/0.0.0/<hash>/tiny-qa-train.arrow) is read offline when the hub cache has no snapshot."""
+    import shutil
+
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "ds-cache")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = _write_parquet(tmp_path / "t.parquet", _hub_rows(3))
+    datasets.load_dataset("parquet", data_files={"train": str(source)}, cache_dir=str(tmp_path / "build"))
+    [built] = [p for p in (tmp_path / "build").glob("parquet/*/0.0.0/*") if p.is_dir()]
+    target = tmp_path / "ds-cache" / "lab___tiny-qa" / "default" / "0.0.0" / built.name
+    shutil.copytree(built, target)
+    (target / "parquet-train.arrow").rename(target / "tiny-qa-train.arrow")
+    samples, problems = load_samples("lab/tiny-qa")
+    assert problems == [] and [s.answer for s in samples] == ["1", "2", "3"] and len(samples[0].images) == 1

@@ -630,6 +630,17 @@ _ANSWER_COLS = ("answer", "solution", "ground_truth", "label")
 _IMAGE_COLS = ("images", "image", "decoded_image", "file_name", "image_path")
 
 
+def _from_datasets_cache(repo: str, split: str | None):
+    """(samples, problems) of a hub dataset prepared in the `datasets` cache, or None when it is not there."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(repo, split=split)
+    except Exception:  # not cached (or not loadable offline): the hub snapshot path reports it
+        return None
+    return read_hf_dataset(ds, f"hub dataset {repo}", None)
+
+
 def read_hf_folder(path: Path) -> tuple[list[Sample], list[str]]:
     import datasets
 
@@ -637,13 +648,21 @@ def read_hf_folder(path: Path) -> tuple[list[Sample], list[str]]:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
         raise PrismError(f"cannot load the Hugging Face datasets folder {path}: {str(e).splitlines()[0]}") from None
+    return read_hf_dataset(ds, str(path), path)
+
+
+def read_hf_dataset(ds, where: str, base_dir: Path | None) -> tuple[list[Sample], list[str]]:
+    """A datasets Dataset (or the train split of a DatasetDict) with question-like columns."""
+    import datasets
+
     if isinstance(ds, datasets.DatasetDict):
         split = "train" if "train" in ds else sorted(ds)[0]
         ds = ds[split]
+    path = Path(where)
     cols = ds.column_names
     qcol = next((c for c in _QUESTION_COLS if c in cols), None)
     if qcol is None:
-        raise PrismError(f"{path}: no question column (looked for {', '.join(_QUESTION_COLS)}; has {', '.join(cols)})")
+        raise PrismError(f"{where}: no question column (looked for {', '.join(_QUESTION_COLS)}; has {', '.join(cols)})")
     acol = next((c for c in _ANSWER_COLS if c in cols), None)
     icol = next((c for c in _IMAGE_COLS if c in cols), None)
     if icol is not None:  # raw bytes instead of decoded PIL images: no decode/re-encode round trip
@@ -663,9 +682,9 @@ def read_hf_folder(path: Path) -> tuple[list[Sample], list[str]]:
                 out[k] = rec[k]
         if isinstance(out["answer"], list):
             out["answer"] = out["answer"][0] if out["answer"] else ""
-        return sample_from_record(out, path)
+        return sample_from_record(out, base_dir)
 
-    return _collect(((f"{path} row {i}", (i, r)) for i, r in enumerate(ds)), convert)
+    return _collect(((f"{where} row {i}", (i, r)) for i, r in enumerate(ds)), convert)
 
 
 # --------------------------------------------------------------------------------------- mixtures
@@ -768,7 +787,14 @@ def read_hub_dataset(spec: str) -> tuple[list[Sample], list[str]]:
     """owner/name[:split] -> the dataset's snapshot in the local hub cache (downloaded first when online)."""
     from stages.common.hub import snapshot
 
+    from stages.common import hub
+
     repo, _, split = spec.partition(":")
+    if hub.offline() and not hub.cached(repo, "dataset"):
+        # what `datasets.load_dataset` prepared earlier lives in its own cache, not the hub's
+        from_datasets = _from_datasets_cache(repo, split or None)
+        if from_datasets is not None:
+            return from_datasets
     folder = snapshot(repo, repo_type="dataset", what="--data")
     root = folder / "data" if (folder / "data").is_dir() else folder
     return _read_many(split_files(root, split, f"hub dataset {repo}", hint=f"name one: --data {repo}:<split>"))
