@@ -199,3 +199,23 @@ def test_export_out_onto_its_own_checkpoint_is_refused(sft_with_data):
         with pytest.raises(PrismError, match="input checkpoint"):
             export(config.resolve(ExportConfig, flags={"ckpt": str(sft_with_data), "out": str(out), "overwrite": True}))
     assert load_manifest(sft_with_data)["stage"] == "sft"
+
+
+def test_sft_reports_dropped_rows_in_the_manifest(tmp_path):
+    import base64
+
+    from stages.common.data import sample_to_row
+    from stages.common.synth import load as synth_load
+    from stages.common.synth import with_oracle_demos
+    from stages.sft.config import SFTConfig
+    from stages.sft.run import run
+
+    rows = [dict(sample_to_row(s), images=["data:image/png;base64," + base64.b64encode(s.images[0]).decode()])
+            for s in with_oracle_demos(synth_load("synth:train:4"))]
+    rows.append(dict(rows[0], id="bad", images=["missing.png"]))
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+    out = run(config.resolve(SFTConfig, flags=dict(ckpt="tiny", data=[str(data)], out=str(tmp_path / "sft"),
+                                                   batch_size=2, micro_batch_size=2, max_steps=1, eval_fraction=0.0)))
+    dropped = load_manifest(out)["summary"]["data_dropped"][str(data)]
+    assert dropped["malformed"] == 1 and "'missing.png' not found" in dropped["examples"][0]
