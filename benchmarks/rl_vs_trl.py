@@ -53,7 +53,7 @@ def prompt_stream(steps: int):
     from stages.common.data import stream_item
     from stages.rl.run import load_prompts
 
-    prompts, _, _ = load_prompts([DATA])
+    prompts, *_ = load_prompts([DATA])
     return [stream_item(prompts, k, SEED) for k in range(PROMPTS_PER_STEP * steps)]
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from prism_cli import __version__
 from prism_cli.console import is_main_process
 from prism_cli.errors import PrismError, UsageError
+from prism_cli.redact import redact
 # tiny is a leaf (no project imports): it names where a tiny spec lives and its fingerprint; building it is
 # stages.common.models' job (load_processor / load_policy), never a side effect of reading a spec.
 from stages.common import tiny
@@ -30,6 +31,7 @@ from stages.common import tiny
 FORMAT_VERSION = 1
 MANIFEST = "prism.json"
 RUN_MARKER = ".prism-run.json"  # written at start: marks a directory as a (possibly partial) prism run
+LOCK = ".prism-lock"            # held (flock) by the one process writing a run; records its pid and host
 STAGES = ("curate", "sft", "align", "rl", "eval", "export")
 POLICY_STAGES = ("base", "sft", "align", "rl")  # checkpoints whose model/ is a policy
 TINY_SPECS = ("tiny", "tiny-moe", "tiny-qwen")
@@ -74,6 +76,8 @@ def scrub(obj: Any) -> Any:
                 for k, v in obj.items()}
     if isinstance(obj, list):
         return [scrub(v) for v in obj]
+    if isinstance(obj, str):
+        return redact(obj)  # http://user:TOKEN@host -> http://<redacted>@host
     return obj
 
 
@@ -204,6 +208,9 @@ def resolve(ref: str, role: str = "--ckpt") -> CkptSpec:
     if looks_local:
         raise PrismError(f"{role} {ref} does not exist", hint="give a prism checkpoint, an HF model directory, "
                                                                "a hub id, or 'tiny'")
+    from stages.common.hub import require_hub
+
+    require_hub(ref, "model", role)  # seconds, not minutes of retries, when there is no network
     return CkptSpec(ref=ref, kind="hub")
 
 
@@ -289,12 +296,15 @@ class Run:
         """Hash every file and write prism.json last, atomically. Returns the directory."""
         if not self.main:
             return self.path
-        if not keep_state and self.state_dir.exists():
-            shutil.rmtree(self.state_dir)
+        # state/ is removed only once the manifest is written: a Ctrl-C while hashing leaves a partial run
+        # that --resume continues from its last save, not one that starts again from step 0
+        drop_state = not keep_state and self.state_dir.exists()
         files = {}
         for f in sorted(self.path.rglob("*")):
             rel = f.relative_to(self.path).as_posix()
-            if f.is_file() and rel not in (MANIFEST, RUN_MARKER) and not rel.endswith(".tmp"):
+            if drop_state and (rel == "state" or rel.startswith("state/") or rel.startswith("state.")):
+                continue
+            if f.is_file() and rel not in (MANIFEST, RUN_MARKER, LOCK) and not rel.endswith(".tmp"):
                 files[rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
         parents = []
         for item in self.parents:
@@ -323,7 +333,18 @@ class Run:
             os.fsync(f.fileno())
         os.replace(tmp, self.path / MANIFEST)
         (self.path / RUN_MARKER).unlink(missing_ok=True)
+        if drop_state:
+            for leftover in ("state", "state.old", "state.saving"):   # save_state's rename steps too
+                shutil.rmtree(self.path / leftover, ignore_errors=True)
+        release_lock(self.path)
         return self.path
+
+
+# Fields a resumed run may change: how long it runs (extend a run), how often it saves, logs and
+# evaluates, where it reports. Everything else (data, model, optimiser, algorithm) must match the
+# interrupted run, or the resumed half would be a different experiment.
+SAFE_ON_RESUME = ("max_steps", "steps", "epochs", "save_every", "log_every", "eval_every", "report_to",
+                  "keep_state")
 
 
 def _config_for_compare(config: dict) -> dict:
@@ -336,7 +357,9 @@ def open_output(out: str, stage: str, config: dict, parents: list, overwrite: bo
     """Prepare the output directory of a stage run.
 
     complete (manifest) -> refused unless --overwrite; partial (marker or state/) -> refused unless
-    --resume or --overwrite; a non-empty directory that is not a prism run -> refused unless --overwrite.
+    --resume or --overwrite; a non-empty directory that is not a prism run -> refused unless --overwrite;
+    a directory another live process is writing -> refused (lock); --out equal to, inside or around an
+    input checkpoint -> refused before anything is deleted.
     Under several processes pass barrier=accelerator.wait_for_everyone: every process decides from the
     directory as it was, then only the main process changes it.
     """
@@ -344,13 +367,17 @@ def open_output(out: str, stage: str, config: dict, parents: list, overwrite: bo
         raise UsageError("--out is required")
     path = Path(out).expanduser()
     main = is_main_process()
+    refuse_overlap(out, [spec for item in parents for spec in [item[1] if isinstance(item, tuple) else item]])
     resuming = _output_decision(path, out, stage, config, overwrite, resume)
+    if main:  # decided read-only first (a refused --out is not created); then again under the lock
+        acquire_lock(path, out)
+        resuming = _output_decision(path, out, stage, config, overwrite, resume, check_lock=False)
     if barrier is not None:
         barrier()
     if main:
         try:
             if overwrite and path.exists():
-                shutil.rmtree(path)
+                _empty_dir(path)
             path.mkdir(parents=True, exist_ok=True)
             if not resuming:
                 (path / RUN_MARKER).write_text(json.dumps({"stage": stage, "config": scrub(config)}, default=str,
@@ -362,6 +389,123 @@ def open_output(out: str, stage: str, config: dict, parents: list, overwrite: bo
     return Run(path, stage, config, parents, resuming)
 
 
+def _empty_dir(path: Path) -> None:
+    """--overwrite: remove everything but the lock this process holds."""
+    for child in path.iterdir():
+        if child.name == LOCK:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _real(p: Path) -> Path:
+    return Path(os.path.realpath(p.expanduser()))
+
+
+def refuse_overlap(out: str, inputs: list) -> None:
+    """--out must not be an input checkpoint, lie inside one (even in its model/), or contain one:
+    writing (or --overwrite deleting) there destroys the input. Checked before anything is touched."""
+    target = _real(Path(out))
+    for spec in inputs:
+        if getattr(spec, "path", None) is None or spec.kind == "tiny":
+            continue
+        source = _real(spec.path)
+        if target == source:
+            raise PrismError(f"--out {out} is the input checkpoint {spec.ref}: writing there would destroy it",
+                             hint="choose a new --out")
+        if source in target.parents:
+            raise PrismError(f"--out {out} is inside the input checkpoint {spec.ref}", hint="choose a --out outside it")
+        if target in source.parents:
+            raise PrismError(f"--out {out} contains the input checkpoint {spec.ref}",
+                             hint="choose a --out that does not hold the inputs")
+
+
+# Locks this process holds, by real path: a stage run re-opening its own --out (tests, resume after an
+# in-process failure) is not another writer.
+_HELD_LOCKS: dict[str, int] = {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_owner(path: Path) -> dict:
+    try:
+        return json.loads((path / LOCK).read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def acquire_lock(path: Path, out: str) -> None:
+    """Take the exclusive write lock of an output directory (created if missing) for this process.
+
+    flock is released by the kernel when its holder dies, so a lock file left by a killed run is stale
+    and simply taken over; the pid it records is only for the message naming the live holder."""
+    import fcntl
+    import socket
+
+    key = str(_real(path))
+    if key in _HELD_LOCKS:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise PrismError(f"cannot write to --out {out}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        owner = _lock_owner(path)
+        raise PrismError(f"--out {out} is being written by another prism process (pid {owner.get('pid', '?')} "
+                         f"on {owner.get('host', '?')})",
+                         hint="wait for it to finish, or choose another --out") from None
+    previous = _lock_owner(path)
+    if previous.get("pid") and previous.get("host") == socket.gethostname() and not _pid_alive(previous["pid"]):
+        from prism_cli import console
+
+        console.info(f"--out {out}: taking over a stale lock left by pid {previous['pid']} (no longer running)")
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+    _HELD_LOCKS[key] = fd
+
+
+def release_lock(path: Path) -> None:
+    fd = _HELD_LOCKS.pop(str(_real(path)), None)
+    if fd is None:
+        return
+    (Path(path) / LOCK).unlink(missing_ok=True)
+    os.close(fd)
+
+
+def lock_holder(path: Path) -> dict | None:
+    """The owner recorded in the lock of a directory another process is writing now; None if free."""
+    import fcntl
+
+    if str(_real(path)) in _HELD_LOCKS or not (path / LOCK).is_file():
+        return None
+    try:
+        fd = os.open(path / LOCK, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except OSError:
+        return _lock_owner(path) or {"pid": "?"}
+    finally:
+        os.close(fd)
+
+
 def check_output(out: str, stage: str, config: dict, overwrite: bool = False, resume: bool = False) -> bool:
     """Read-only: refuse a bad --out before any slow work (loading models); True if it will resume."""
     if not out:
@@ -369,11 +513,17 @@ def check_output(out: str, stage: str, config: dict, overwrite: bool = False, re
     return _output_decision(Path(out).expanduser(), out, stage, config, overwrite, resume)
 
 
-def _output_decision(path: Path, out: str, stage: str, config: dict, overwrite: bool, resume: bool) -> bool:
+def _output_decision(path: Path, out: str, stage: str, config: dict, overwrite: bool, resume: bool,
+                     check_lock: bool = True) -> bool:
     """Read-only: may this run write to `path`, and is it resuming? Raises with the reason when not."""
     if path.exists() and not path.is_dir():
         raise PrismError(f"--out {out} exists and is a file")
-    if not (path.is_dir() and any(path.iterdir())) or overwrite:
+    # only the main process takes the lock, so only it asks (other ranks would see their own main's lock)
+    holder = lock_holder(path) if check_lock and is_main_process() and path.is_dir() else None
+    if holder is not None:
+        raise PrismError(f"--out {out} is being written by another prism process (pid {holder.get('pid', '?')} "
+                         f"on {holder.get('host', '?')})", hint="wait for it to finish, or choose another --out")
+    if not (path.is_dir() and any(p.name != LOCK for p in path.iterdir())) or overwrite:
         return False
     complete = (path / MANIFEST).is_file()
     partial = not complete and ((path / RUN_MARKER).is_file() or (path / "state").is_dir())
@@ -386,9 +536,16 @@ def _output_decision(path: Path, out: str, stage: str, config: dict, overwrite: 
             raise PrismError(f"--out {out} holds a partial '{marker.get('stage')}' run, not '{stage}'")
         before, now = _config_for_compare(marker.get("config", {})), _config_for_compare(config)
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        if changed:
+        unsafe = [k for k in changed if k not in SAFE_ON_RESUME]
+        if unsafe:
             raise PrismError(f"cannot resume {out}: config differs from the interrupted run in "
-                             f"{', '.join(changed)}", hint="resume with the same options, or --overwrite")
+                             f"{', '.join(f'{k} ({before.get(k)!r} -> {now.get(k)!r})' for k in unsafe)}",
+                             hint=f"resume with the same options (only {', '.join(SAFE_ON_RESUME)} may change), "
+                                  "or --overwrite")
+        if changed and is_main_process():
+            from prism_cli import console
+
+            console.info(f"resuming {out} with changed {', '.join(f'{k} {before.get(k)!r} -> {now.get(k)!r}' for k in changed)}")
         return True
     if partial:
         raise PrismError(f"--out {out} holds an interrupted run",

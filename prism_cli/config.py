@@ -134,13 +134,27 @@ def _coerce(key: str, value: Any, tp, from_text: bool) -> Any:
     raise UsageError(f"config key '{key}' has an unsupported type {_type_name(tp)}")
 
 
+def _unknown_key_hint(key: str, value: Any, hints: dict) -> str:
+    import difflib
+
+    close = [n for n in hints if n.replace("_", "") == key.replace("_", "").replace("-", "")]
+    close = close or difflib.get_close_matches(key.replace("-", "_"), list(hints), n=1, cutoff=0.75)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    if isinstance(value, dict):  # a nested section (optimizer: {lr: ...}) in a flat config
+        inner = [k for k in value if k in hints]
+        unknown = [k for k in value if k not in hints]
+        if inner:
+            return (f"prism configs are flat: put {', '.join(inner)} at the top level"
+                    + (f" (and {', '.join(map(str, unknown))} is not a key either)" if unknown else ""))
+    return f"see `prism <stage> --help`; valid keys: {', '.join(sorted(hints))}"
+
+
 def _apply(cls, values: dict, updates: dict, source: str, from_text: bool) -> None:
     hints = typing.get_type_hints(cls)
     for key, value in updates.items():
         if key not in hints:
-            close = [n for n in hints if n.replace("_", "") == key.replace("_", "").replace("-", "")]
-            hint = f"did you mean '{close[0]}'?" if close else f"see `prism <stage> --help`; valid keys: {', '.join(sorted(hints))}"
-            raise UsageError(f"unknown config key '{key}' in {source}", hint=hint)
+            raise UsageError(f"unknown config key '{key}' in {source}", hint=_unknown_key_hint(str(key), value, hints))
         values[key] = _coerce(key, value, hints[key], from_text)
 
 
@@ -185,10 +199,45 @@ def resolve(cls, config_file: str | None = None, flags: dict | None = None, sets
         cfg = cls(**values)
     except TypeError as e:  # a required field with no default was not given
         raise UsageError(str(e)) from None
+    check_common(cfg)
     check = getattr(cfg, "validate", None)
     if check is not None:
         check()
     return cfg
+
+
+# Lower bounds of knobs several stages share; (bound, inclusive). Checked when a config is resolved, so
+# --dry-run refuses them too, instead of a NaN loss or a ZeroDivisionError an hour in.
+_BOUNDS = {"max_new_tokens": (1, True), "weight_decay": (0, True), "max_grad_norm": (0, True), "warmup": (0, True),
+           "save_every": (1, True), "log_every": (1, True), "eval_every": (1, True),
+           "epochs": (0, False), "batch_size": (1, True), "micro_batch_tokens": (1, True), "ppo_epochs": (1, True),
+           "mini_batches": (1, True), "kl_coef": (0, True), "max_prompt_chars": (0, True)}
+
+
+def check_common(cfg) -> None:
+    """Rules every stage config obeys: finite numbers, positive learning rates, sane shared bounds, and
+    --report-to trackers that exist and are installed."""
+    import math
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"config key '{f.name}' is {value}, not a finite number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if (f.name == "lr" or f.name.endswith("_lr")) and value <= 0:
+            raise UsageError(f"config key '{f.name}' must be positive, not {value}")
+        if f.name in _BOUNDS:
+            low, inclusive = _BOUNDS[f.name]
+            if value < low or (value == low and not inclusive):
+                raise UsageError(f"config key '{f.name}' must be {'at least' if inclusive else 'above'} {low}, "
+                                 f"not {value}")
+        if f.name == "top_p" and not 0 < value <= 1:
+            raise UsageError(f"config key 'top_p' must be in (0, 1], not {value}")
+    if hasattr(cfg, "report_to"):
+        from stages.common import tracking
+
+        tracking.parse(cfg.report_to)
 
 
 def to_dict(cfg) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -12,6 +13,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
+
+from prism_cli.redact import redact
 
 # stdout carries results (tables, paths); stderr carries progress and diagnostics.
 # emoji=False: specs like synth:train:64 must not render as "synth🚋64".
@@ -25,32 +28,88 @@ def is_main_process() -> bool:
 
 def info(message: str) -> None:
     if is_main_process():
-        err.print(message)
+        err.print(redact(message))
 
 
 def warn(message: str) -> None:
+    # one unwrapped line (a cluster log is grepped); the message is user text, never markup
     if is_main_process():
-        err.print(f"[yellow]warning:[/] {message}")
+        err.print(f"[yellow]warning:[/] {escape(redact(message))}", soft_wrap=True)
 
 
 def error_line(message: str, hint: str | None = None) -> None:
     # messages carry user text (paths, option values, "prism-vlm[eval]"): never interpret it as markup
-    text = f"[bold red]error:[/] {escape(message)}"
+    text = f"[bold red]error:[/] {escape(redact(message))}"
     if hint:
-        text += f" [dim](hint: {escape(hint)})[/]"
+        text += f" [dim](hint: {escape(redact(hint))})[/]"
     err.print(text, soft_wrap=True)
+
+
+# When stderr is not a terminal (a cluster job log), rich draws its bar only at the end; instead a plain
+# line is printed at most every PLAIN_EVERY_S seconds (and at the end). PRISM_PROGRESS_EVERY overrides it.
+PLAIN_EVERY_S = 30.0
+clock = time.monotonic  # tests replace it
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class PlainProgress:
+    """Progress as plain text lines for logs: "sft 120/600 (20%) elapsed 0:10:00 eta 0:40:00 | loss 1.23"."""
+
+    def __init__(self, description: str, total: int | None, every_s: float):
+        self.description, self.total, self.every_s = description, total, every_s
+        self.done, self.status = 0, ""
+        self.start = self.last = clock()
+
+    def line(self) -> str:
+        elapsed = clock() - self.start
+        text = f"{self.description} {self.done}"
+        if self.total:
+            text += f"/{self.total} ({100 * self.done / self.total:.0f}%)"
+        text += f" elapsed {_duration(elapsed)}"
+        if self.total and self.done:
+            text += f" eta {_duration(elapsed * (self.total - self.done) / self.done)}"
+        return text + (f" | {self.status}" if self.status else "")
+
+    def tick(self, force: bool = False) -> None:
+        now = clock()
+        if force or now - self.last >= self.every_s:
+            self.last = now
+            err.print(escape(redact(self.line())), soft_wrap=True, highlight=False)
+            err.file.flush()
+
+    def advance(self, n: int = 1, status: str | None = None) -> None:
+        self.done += n
+        if status is not None:
+            self.status = status
+        self.tick()
+
+    def update(self, status: str) -> None:
+        self.status = status
+        self.tick()
 
 
 @contextmanager
 def progress(description: str, total: int | None, enabled: bool = True):
     """A rich progress bar; yields an object with .advance(n=1) and .update(**fields)."""
     show = enabled and is_main_process() and not os.environ.get("PRISM_NO_PROGRESS")
+    if show and not err.is_terminal:
+        plain = PlainProgress(redact(description), total, float(os.environ.get("PRISM_PROGRESS_EVERY") or PLAIN_EVERY_S))
+        plain.tick(force=True)
+        try:
+            yield plain
+        finally:
+            plain.tick(force=True)
+        return
     bar = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                    MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[status]}"), console=err, disable=not show,
                    transient=False)
     with bar:
-        task = bar.add_task(description, total=total, status="")
+        task = bar.add_task(redact(description), total=total, status="")
 
         class _Handle:
             def advance(self, n: int = 1, status: str | None = None) -> None:
@@ -70,7 +129,7 @@ def table(title: str, columns: list[str], rows: list[list]) -> Table:
     for c in columns:
         t.add_column(c, overflow="fold")
     for r in rows:
-        t.add_row(*[Text("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))) for v in r])
+        t.add_row(*[Text("" if v is None else (f"{v:.4g}" if isinstance(v, float) else redact(str(v)))) for v in r])
     return t
 
 

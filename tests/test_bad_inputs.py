@@ -137,6 +137,20 @@ def inputs(tmp_path_factory, tiny_path):
     p["wrong_type.yaml"].write_text("batch_size: eight\n")
     p["a_file"] = d / "a_file"
     p["a_file"].write_text("not a directory\n")
+    # issue 19: what a researcher tries next
+    p["eval"] = _checkpoint(d / "eval-tiny", "eval")
+    p["hf_model"] = tiny_path
+    p["url_image.jsonl"] = d / "url_image.jsonl"
+    p["url_image.jsonl"].write_text(json.dumps({"question": "a?", "answer": "1",
+                                                "images": ["https://example.com/cat.png"]}) + "\n")
+    p["blank_lines.jsonl"] = d / "blank_lines.jsonl"
+    p["blank_lines.jsonl"].write_text("\n\n  \n")
+    p["nested.yaml"] = d / "nested.yaml"
+    p["nested.yaml"].write_text("optimizer:\n  lr: 3e-5\n")
+    p["typo.yaml"] = d / "typo.yaml"
+    p["typo.yaml"].write_text("lr: 3e-5\nbatch_szie: 8\n")
+    p["no_answers.jsonl"] = d / "no_answers.jsonl"
+    p["no_answers.jsonl"].write_text(json.dumps({"id": "q1", "question": "what is shown?"}) + "\n")
     p["dir"] = d
     return p
 
@@ -161,7 +175,7 @@ CASES = {
                                                       "corrupt or truncated"),
     "truncated parquet": Case([*SFT, "--data", "{truncated.parquet}"], "cannot read parquet file"),
     "parquet without the required columns": Case([*SFT, "--data", "{wrong_schema.parquet}"],
-                                                 "neither in the prism sample schema"),
+                                                 "no question column"),
     "20000x20000 image (decompression bomb)": Case([*SFT, "--data", "{huge.jsonl}"], "decompression bomb"),
     "jsonl that is not UTF-8": Case([*SFT, "--data", "{latin1.jsonl}"], "not UTF-8"),
     "malformed JSON": Case([*SFT, "--data", "{malformed.json}"], "not valid JSON"),
@@ -170,6 +184,30 @@ CASES = {
     "image path that does not exist": Case([*SFT, "--data", "{missing_image.jsonl}"], "'nope.png' not found"),
     "--data that does not exist": Case([*SFT, "--data", "{dir}/no-such.parquet"], "does not exist"),
     "malformed synth spec": Case([*SFT, "--data", "synth:train:many"], "synth spec", code=2),
+    "--data of an eval output": Case([*SFT, "--data", "{eval}"], "is a 'eval' checkpoint; this stage needs 'curate'"),
+    "--data of a model directory": Case([*SFT, "--data", "{hf_model}"], "is a model directory"),
+    "image given as a URL": Case([*SFT, "--data", "{url_image.jsonl}"], "is a URL"),
+    "jsonl of blank lines": Case([*SFT, "--data", "{blank_lines.jsonl}"], "holds no rows"),
+    "glob matching nothing": Case([*SFT, "--data", "{dir}/nothing-*.parquet"], "matches no file"),
+    "hub dataset not in the offline cache": Case([*SFT, "--data", "no-such-org/no-such-data"],
+                                                 "not in the local hub cache and HF_HUB_OFFLINE is set"),
+    "dataset_info.json entry that does not exist": Case([*SFT, "--data", "{dir}/dataset_info.json#x"],
+                                                        "no dataset_info.json there"),
+    "curate --gate verify on rows without answers": Case(["curate", "--teacher", "oracle", "--source",
+                                                          "{no_answers.jsonl}"], "--gate verify needs ground-truth"),
+    "rl with one rollout per prompt": Case(["rl", "--ckpt", "tiny", "--algo", "grpo", "--rollouts-per-prompt", "1"],
+                                           "at least 2 rollouts per prompt", code=2),
+    "rl --max-new-tokens 0": Case(["rl", "--ckpt", "tiny", "--max-new-tokens", "0"], "'max_new_tokens' must be",
+                                  code=2),
+    "negative lr": Case([*SFT, "--lr", "-1e-5"], "'lr' must be positive", code=2),
+    "NaN lr": Case([*SFT, "--set", "lr=nan"], "'lr' is nan", code=2),
+    "--report-to a tracker that does not exist": Case([*SFT, "--report-to", "tensorbord"], "unknown tracker", code=2),
+    "align top_k above num_experts": Case(["align", "--ckpt", "tiny", "--data", "synth", "--set", "top_k=9"],
+                                          "top_k 9 must be between 1 and num_experts", code=2),
+    "YAML with a nested section": Case([*SFT, "--config", "{nested.yaml}"], "prism configs are flat", code=2),
+    "YAML with a typo'd key": Case([*SFT, "--config", "{typo.yaml}"], "did you mean 'batch_size'", code=2),
+    "--out inside the input checkpoint": Case([*SFT, "--ckpt", "{sft}", "--data", "synth:train:2", "--out",
+                                               "{sft}/model/sub", "--overwrite"], "inside the input checkpoint"),
     "curate --source with only broken rows": Case(["curate", "--teacher", "oracle", "--source",
                                                    "{corrupt_image.parquet}"], "no usable rows"),
     # checkpoints

@@ -332,7 +332,7 @@ def test_complete_dir_refused_without_overwrite(ckpt):
 
 def test_overwrite_replaces_a_complete_dir(ckpt):
     run = open_output(str(ckpt), "sft", CONFIG, [], overwrite=True)
-    assert sorted(p.name for p in ckpt.iterdir()) == [RUN_MARKER] and not run.resuming
+    assert sorted(p.name for p in ckpt.iterdir() if p.name != checkpoint.LOCK) == [RUN_MARKER] and not run.resuming
 
 
 def test_partial_dir_refused_without_resume(tmp_path):
@@ -365,7 +365,8 @@ def test_resume_with_a_different_config_names_the_keys(tmp_path):
     before = snapshot(d)
     with pytest.raises(PrismError) as e:
         open_output(str(d), "sft", dict(CONFIG, lr=1e-4, seed=1, resume=True), [], resume=True)
-    assert e.value.message == f"cannot resume {d}: config differs from the interrupted run in lr, seed"
+    assert e.value.message == (f"cannot resume {d}: config differs from the interrupted run in "
+                               f"lr (1e-05 -> 0.0001), seed (0 -> 1)")
     assert snapshot(d) == before
 
 

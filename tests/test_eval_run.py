@@ -36,6 +36,7 @@ def test_synth_eval_writes_an_eval_checkpoint(synth_eval):
     rows = [json.loads(line) for line in (synth_eval / "samples" / "synth.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and {"id", "response", "acc", "caption_f1", "pred"} <= set(rows[0])
     assert spec.manifest["summary"]["synth"] == synth["value"]
+    assert "results.png" in spec.manifest["files"]  # the eval's plot (issue 19)
 
 
 def test_greedy_eval_is_deterministic(synth_eval, tmp_path):

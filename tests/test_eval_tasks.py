@@ -156,9 +156,15 @@ def test_compare_table_and_markdown(tmp_path):
     assert (tmp_path / "t.md").read_text() == md
     lines = md.splitlines()
     assert lines[0] == "| checkpoint | mathvista | mmmu | synth | avg |"
-    assert lines[2] == "| out/sft | 75.0 | 25.0 | 50.0 | 50.0 |"
-    assert lines[3] == "| out/rl | 80.0 | 40.0 | 90.0 | 70.0 |"
-    assert lines[4] == "| out/x | 10.0 | - | - | - |"
+    assert lines[2] == "| sft | 75.0 ± 0.0 (n=10) | 25.0 ± 0.0 (n=10) | 50.0 ± 0.0 (n=10) | 50.0 |"
+    assert lines[3] == "| rl | 80.0 ± 0.0 (n=10) | 40.0 ± 0.0 (n=10) | 90.0 ± 0.0 (n=10) | 70.0 |"
+    assert lines[4] == "| x | 10.0 ± 0.0 (n=10) | - | - | - |"
+
+
+def test_compare_labels_are_short_but_distinct():
+    assert compare.short_labels(["/home/me/runs/a/rl", "/home/me/runs/b/rl", "/scratch/out/sft", "tiny",
+                                 "Qwen/Qwen3-VL-4B-Instruct"]) == ["a/rl", "b/rl", "sft", "tiny", "Qwen3-VL-4B-Instruct"]
+    assert compare.short_labels(["/x/rl", "/x/rl"]) == ["/x/rl", "/x/rl"]  # the same directory twice
 
 
 def test_compare_refuses_non_eval_directories(tmp_path):

@@ -82,6 +82,8 @@ class AlignConfig(CommonConfig):
             raise UsageError(f"unknown advantage_mode {self.advantage_mode!r}", hint=", ".join(ADVANTAGE_MODES))
         if self.disc_layout not in ("shared", "separate"):
             raise UsageError(f"unknown disc_layout {self.disc_layout!r}", hint="shared or separate")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise UsageError(f"top_k {self.top_k} must be between 1 and num_experts ({self.num_experts})")
         if not 0.0 <= self.alpha <= 1.0:
             raise UsageError("alpha must be in [0, 1]")
         if self.steps < 0 or self.prompts_per_step < 1 or self.rollouts_per_prompt < 1:

@@ -27,12 +27,12 @@ from stages.align import advantage as prism_adv
 from stages.align.config import AlignConfig
 from stages.align.objective import GroupScores, discriminator_objective
 from stages.align.scoring import PreferencePair, pair_loss, pairwise_accuracy, score_groups
-from stages.common import distributed, training
+from stages.common import distributed, plots, tracking, training
 from stages.common.chat import problem_messages, rollout_prompt
 from stages.common.data import Sample, stream_item
 from stages.common.discriminator import (aux_loss_coef, load_discriminator, load_discriminator_processor,
                                          save_discriminator, upcycle)
-from stages.common.formats import image_bytes, load_sources, source_parents
+from stages.common.formats import dropped_report, image_bytes, load_sources, source_parents
 from stages.common.models import default_device, estimate_training_memory, load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
@@ -44,7 +44,7 @@ from stages.common.rollout import RolloutPrompt, SamplingParams, make_engine
 def run(cfg: AlignConfig) -> Path:
     training.seed_everything(cfg.seed)
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
-    samples, data_fp, data_parents = load_demonstrations(cfg.data)
+    samples, data_fp, data_parents, dropped = load_demonstrations(cfg.data)
     disc_source = discriminator_source(cfg, policy_spec)
     if cfg.dry_run:
         return print_plan(cfg, policy_spec, disc_source, len(samples))
@@ -71,6 +71,7 @@ def run(cfg: AlignConfig) -> Path:
                            max_grad_norm=cfg.max_grad_norm, name="discriminator")
     engine = make_engine(cfg.engine, policy.module, processor)
     engine.lockstep = distributed.lockstep(accelerator, runtime.backend)
+    tracking.start(accelerator, "align", to_dict(cfg), cfg.report_to, cfg.out)
 
     state = {"step": 0, "cursor": 0, "warmed_up": False}
     if run_dir.resuming:
@@ -103,8 +104,7 @@ def run(cfg: AlignConfig) -> Path:
             record = {"step": step + 1, **d_metrics, **game_metrics(scores.detached(), rewards, advantages), **update,
                       **timer.pop()}
             run_dir.log_metrics(record)
-            if cfg.report_to != "none":
-                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
+            tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"gap caption {record['gap/caption']:+.2f} think {record['gap/think']:+.2f} "
                                f"fmt {record['format/valid']:.2f}")
             state["step"] = step + 1
@@ -117,12 +117,14 @@ def run(cfg: AlignConfig) -> Path:
         save_discriminator(disc.module, disc_processor, run_dir.path / "discriminator", state_dict=disc_weights)
     accelerator.wait_for_everyone()
     records = run_dir.read_metrics()
-    training.plot_curves(records, {"gap/caption": "perception gap (teacher - student, caption)",
-                                   "gap/think": "reasoning gap (teacher - student, think)"},
-                         run_dir.path / "drift_gap.png", "PRISM alignment: discriminator score gaps")
+    plots.plot_panels(records, {"score gap (teacher - student)": {"gap/caption": "perception (caption)",
+                                                                   "gap/think": "reasoning (think)"},
+                                "discriminator accuracy": {"d/acc_caption": "caption", "d/acc_think": "think"}},
+                      run_dir.path / "drift_gap.png", "PRISM alignment: discriminator score gaps",
+                      zero_line=("score gap (teacher - student)",))
     accelerator.end_training()
     summary = summarize(records)
-    summary.update(processes=accelerator.num_processes, backend=runtime.backend.name)
+    summary.update(processes=accelerator.num_processes, backend=runtime.backend.name, data_dropped=dropped)
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 
@@ -146,13 +148,13 @@ def discriminator_lr(cfg: AlignConfig):
 
 # --------------------------------------------------------------------------------------------- inputs
 
-def load_demonstrations(specs: list[str]) -> tuple[list[Sample], dict, list]:
+def load_demonstrations(specs: list[str]) -> tuple[list[Sample], dict, list, dict]:
     """Prompts with teacher caption/think/answer (synth gets oracle demonstrations)."""
     sources = load_sources(specs, keep=lambda s: s.teacher is not None and bool(s.teacher.caption.strip())
                            and bool(s.teacher.think.strip()),
                            need="alignment needs a teacher caption and think; curate the data first")
     samples = [s for src in sources for s in src.samples]
-    return samples, {src.spec: src.fingerprint for src in sources}, source_parents(sources)
+    return samples, {src.spec: src.fingerprint for src in sources}, source_parents(sources), dropped_report(sources)
 
 
 def discriminator_source(cfg: AlignConfig, policy_spec) -> tuple[str, checkpoint.CkptSpec]:

@@ -62,8 +62,34 @@ class Sample:
                                  f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
                 raise PrismError(f"sample {self.id}: image {i} cannot be decoded ({e.__class__.__name__})") from None
-            out.append(img.convert("RGB") if img.mode != "RGB" else img)
+            out.append(to_rgb(img))
         return out
+
+
+def to_rgb(img):
+    """An 8-bit RGB image as the camera or the author meant it: EXIF rotation applied (phone photos),
+    transparency composited on white (convert() alone turns transparent pixels black), 16-bit and
+    32-bit greyscale scaled to 8 bits (convert() alone clips them to white); CMYK, palette, greyscale
+    converted."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        if img.mode in ("I", "F") and values.max(initial=0) > 65535:
+            top = float(values.max())
+        img = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 COLUMNS = ["id", "images", "question", "answer", "choices", "task", "source", "teacher", "meta", "conversation"]

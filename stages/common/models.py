@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -130,10 +131,16 @@ def load_policy(ckpt: str | CkptSpec, *, dtype: str = "auto", attn: str = "auto"
 
     spec = as_spec(ckpt)
     device = device or default_device()
+    if os.path.isdir(spec.model_path):
+        check_safetensors(Path(spec.model_path))
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             spec.model_path, dtype=pick_dtype(dtype, device), attn_implementation=pick_attention(attn, device))
     except OSError as e:
+        raise PrismError(f"cannot load model weights from {spec.describe()}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # safetensors raises its own SafetensorError for a broken file
+        if "safetensor" not in type(e).__name__.lower():
+            raise
         raise PrismError(f"cannot load model weights from {spec.describe()}: {str(e).splitlines()[0]}") from None
     model.to(device)
     if freeze_vision:
@@ -143,6 +150,38 @@ def load_policy(ckpt: str | CkptSpec, *, dtype: str = "auto", attn: str = "auto"
         model.config.use_cache = False
     model.train(train)
     return model
+
+
+def check_safetensors(folder: Path) -> None:
+    """Each *.safetensors file's header is readable and its tensors fit in the file; a truncated or
+    partly copied file is named here instead of failing inside transformers. Reads headers only."""
+    import json
+    import struct
+
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        problem = None
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                problem = f"{size} bytes, shorter than a safetensors header"
+            else:
+                (n,) = struct.unpack("<Q", head)
+                if 8 + n > size:
+                    problem = f"its header claims {n:,} bytes but the file has {size:,}"
+                else:
+                    try:
+                        header = json.loads(fh.read(n))
+                        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                                  default=0)
+                    except (ValueError, KeyError, TypeError, IndexError):
+                        problem = "its header is not valid safetensors JSON"
+                    else:
+                        if 8 + n + end > size:
+                            problem = f"truncated: its tensors need {8 + n + end:,} bytes, the file has {size:,}"
+        if problem:
+            raise PrismError(f"weights file {f} is damaged ({problem})",
+                             hint="copy or download it again; a partial copy is the usual cause")
 
 
 def vision_tower(model):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from prism_cli.errors import PrismError
-from stages.common import distributed
+from stages.common import distributed, tracking
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -67,7 +67,7 @@ def make_runtime(compute_dtype: str = "auto", report_to: str = "none", project_d
     backend = distributed.detect_backend()
     dtype = pick_dtype(compute_dtype, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    log_with = None if report_to in ("", "none", None) else [t.strip() for t in report_to.split(",")]
+    log_with = tracking.parse(report_to) or None
     # step_scheduler_with_optimizer=False: our schedules count optimizer steps of the global batch.
     # No gradient_accumulation_steps: prism accumulates by hand and normalises the loss by the step's global
     # token count; accelerate would also divide it by k (grad norms 1/k, clipping k times looser).

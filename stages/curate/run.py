@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from prism_cli import console
-from prism_cli.checkpoint import open_output, resolve
+from prism_cli.checkpoint import open_output, require_stage, resolve
 from prism_cli.config import to_dict
 from prism_cli.errors import PrismError, UsageError
 from stages.common.chat import question_text
@@ -38,8 +38,9 @@ def run(cfg: CurateConfig) -> Path | None:
     if teacher_kind(spec).check_credentials and not cfg.dry_run:
         teacher_kind(spec).check_credentials()  # a missing key is one clear line before any work
 
-    # 1. the problems, in source order
+    # 1. the problems, in source order (those --gate verify could never pass are not paid for)
     samples, sources = load_sources(cfg)
+    samples = drop_unverifiable(cfg, samples)
 
     # 2. the plan (and, for --dry-run, nothing more)
     show_plan(cfg, spec, samples)
@@ -50,7 +51,8 @@ def run(cfg: CurateConfig) -> Path | None:
     teacher = make_teacher(spec, cfg)
 
     # 4. the output directory (a partial one is resumed with --resume; its cache replays every answer)
-    student = resolve(cfg.student, role="--student") if cfg.select == "unsolved" else None
+    student = (require_stage(resolve(cfg.student, role="--student"), ("base", "sft", "align", "rl"), role="--student")
+               if cfg.select == "unsolved" else None)
     out = open_output(cfg.out, "curate", to_dict(cfg), parents=[("student", student)] if student else [],
                       overwrite=cfg.overwrite, resume=cfg.resume)
     with disk_errors(cfg.out):
@@ -132,6 +134,22 @@ def load_sources(cfg: CurateConfig) -> tuple[list[Sample], dict]:
     if not samples:
         raise PrismError(f"no usable problems in {', '.join(cfg.source)}")
     return samples, sources
+
+
+def drop_unverifiable(cfg: CurateConfig, samples: list[Sample]) -> list[Sample]:
+    """--gate verify keeps a demonstration only if its answer matches the ground truth: a problem with no
+    answer can never pass, so its teacher calls would be paid for nothing."""
+    if cfg.gate != "verify":
+        return samples
+    answered = [s for s in samples if s.answer.strip()]
+    if not answered:
+        raise PrismError(f"--gate verify needs ground-truth answers, and none of the {len(samples)} problem(s) in "
+                         f"{', '.join(cfg.source)} has one: every teacher call would be paid for and rejected",
+                         hint="use --gate format (keeps well-formed replies) or add an answer column")
+    if len(answered) < len(samples):
+        console.warn(f"--gate verify: skipped {len(samples) - len(answered)} problem(s) without a ground-truth "
+                     f"answer (they could never pass the gate)")
+    return answered
 
 
 def show_plan(cfg: CurateConfig, spec, samples: list[Sample]) -> None:

@@ -32,6 +32,20 @@ def row_label(results: dict, directory: str | Path) -> str:
     return (results.get("checkpoint") or {}).get("ref") or Path(directory).name
 
 
+def short_labels(refs: list[str]) -> list[str]:
+    """The shortest trailing part of each path that still tells the rows apart: /home/me/runs/a/rl and
+    /home/me/runs/b/rl become a/rl and b/rl; a lone /scratch/x/out/sft becomes sft."""
+    parts = [Path(r).parts or (r,) for r in refs]
+    depth = [1] * len(refs)
+    while True:
+        labels = [str(Path(*p[-d:])) for p, d in zip(parts, depth)]
+        clash = [i for i, lab in enumerate(labels) if labels.count(lab) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            return labels
+        for i in clash:
+            depth[i] += 1
+
+
 def task_columns(all_results: list[dict]) -> list[str]:
     """The paper's tasks first (in its order), then synth, then anything else in first-seen order."""
     seen: list[str] = []
@@ -58,8 +72,14 @@ def table_rows(labels: list[str], all_results: list[dict], columns: list[str]) -
     for label, results in zip(labels, all_results):
         cells = [label]
         for c in columns:
-            value = results["tasks"].get(c, {}).get("value")
-            cells.append(None if value is None else round(100 * value, 1))
+            task = results["tasks"].get(c, {})
+            value = task.get("value")
+            if value is None:
+                cells.append(None)
+                continue
+            stderr = f" ± {100 * task['stderr']:.1f}" if isinstance(task.get("stderr"), (int, float)) else ""
+            n = f" (n={task['n']})" if task.get("n") is not None else ""
+            cells.append(f"{100 * value:.1f}{stderr}{n}")
         avg = average(results, columns)
         cells.append(None if avg is None else round(100 * avg, 1))
         rows.append(cells)
@@ -79,7 +99,7 @@ def show(directories: list[str], markdown_path: str = "") -> str:
     """Print the comparison of eval directories (and write it as Markdown); returns the Markdown text."""
     directories = split_names(directories)
     all_results = [read_results(d) for d in directories]
-    labels = [row_label(r, d) for r, d in zip(all_results, directories)]
+    labels = short_labels([row_label(r, d) for r, d in zip(all_results, directories)])
     columns = task_columns(all_results)
     header = ["checkpoint", *columns, "avg"]
     rows = table_rows(labels, all_results, columns)

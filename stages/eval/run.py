@@ -22,6 +22,7 @@ from prism_cli.config import to_dict
 from stages.common.models import load_policy, load_processor
 from stages.common.rollout import SamplingParams, make_engine
 from stages.common.synth import load
+from stages.common.plots import plot_eval
 from stages.eval import compare, lmms_runner, synth_native
 from stages.eval.config import EvalConfig
 from stages.eval.lmms_plugin import PrismLMM
@@ -80,6 +81,7 @@ def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan],
     report = results_report(cfg, spec, engine.name, results)
     (run_dir.path / compare.RESULTS).write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
     print_results(spec.ref, results)
+    plot_eval(results, run_dir.path / "results.png", f"prism eval of {spec.ref}")
     summary = {name: r["value"] for name, r in results.items()}
     if report["average"] is not None:
         summary["average"] = report["average"]

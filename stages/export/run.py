@@ -37,6 +37,7 @@ def run(cfg: ExportConfig) -> Path:
     else:
         checkpoint.require_stage(spec, checkpoint.POLICY_STAGES)
     out = Path(cfg.out).expanduser()
+    checkpoint.refuse_overlap(cfg.out, [spec])  # --overwrite would delete the checkpoint being exported
     check_output(out, cfg.overwrite)
     if cfg.dry_run:
         console.print_table("export plan", ["field", "value"], [["checkpoint", spec.describe()], ["what", cfg.what],

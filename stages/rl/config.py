@@ -20,6 +20,8 @@ class RLConfig(CommonConfig):
     prompts_per_step: int = opt(32, "prompts per rollout batch", group="Rollout")
     rollouts_per_prompt: int = opt(16, "samples per prompt (the group size n)", group="Rollout")
     max_new_tokens: int = opt(8192, "max response tokens", group="Rollout")
+    max_prompt_chars: int = opt(16000, "drop (and count) questions longer than this many characters; 0: no limit",
+                                group="Rollout", cli=False)
     temperature: float = opt(1.0, "sampling temperature", group="Rollout")
     top_p: float = opt(1.0, "nucleus sampling", group="Rollout")
     engine: str = opt("auto", "rollout engine: auto (vllm when installed on a GPU, else hf), hf, vllm", group="Rollout")
@@ -60,7 +62,14 @@ class RLConfig(CommonConfig):
 
     def resolved(self, key: str):
         value = getattr(self, key)
-        return ALGORITHMS.get(self.algo).default(key) if value is None else value
+        if value is not None:
+            return value
+        default = ALGORITHMS.get(self.algo).default(key)
+        if key == "overlong_buffer" and default is not None and default >= self.max_new_tokens:
+            # DAPO's 4096 assumes ~20K-token responses; against a short max_new_tokens keep its proportion
+            # (a fifth) rather than a buffer that penalises from token 0
+            return self.max_new_tokens // 5
+        return default
 
     def validate(self) -> None:
         ALGORITHMS.get(self.algo)  # an unknown name fails here, listing the registered ones
@@ -68,6 +77,19 @@ class RLConfig(CommonConfig):
             raise UsageError("--ckpt is required", hint="e.g. --ckpt out/sft or --ckpt tiny")
         if self.rollouts_per_prompt < 1 or self.prompts_per_step < 1 or self.steps < 1:
             raise UsageError("steps, prompts_per_step and rollouts_per_prompt must be positive")
+        if self.rollouts_per_prompt < 2:
+            raise UsageError(f"--algo {self.algo} needs at least 2 rollouts per prompt: advantages are relative to "
+                             "the group, and a group of one has advantage 0 (nothing is learnt)",
+                             hint="--rollouts-per-prompt 8 (the paper uses 16)")
+        if self.overlong_buffer is not None and self.overlong_buffer >= self.max_new_tokens:
+            raise UsageError(f"overlong_buffer {self.overlong_buffer} is not below max_new_tokens "
+                             f"{self.max_new_tokens}: the length penalty would start at token "
+                             f"{max(0, self.max_new_tokens - self.overlong_buffer)}",
+                             hint="set overlong_buffer below max_new_tokens (DAPO: 4096 of 20480), or 0 for none")
+        if self.overlong_buffer is not None and self.overlong_buffer < 0:
+            raise UsageError("overlong_buffer must be >= 0")
+        if self.temperature <= 0:
+            raise UsageError(f"temperature must be positive for RL sampling, not {self.temperature}")
         if self.resolved("loss_agg") not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
             raise UsageError(f"unknown loss_agg {self.loss_agg!r}")
         if self.kl_kind not in ("k1", "k3"):

@@ -15,26 +15,31 @@ import torch
 
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
-from prism_cli.errors import UsageError
+from prism_cli.errors import PrismError, UsageError
 from stages.common import advantages as advantage_fns
-from stages.common import distributed, losses, training
+from stages.common import distributed, losses, plots, tracking, training
 from stages.common.advantages import dynamic_sampling_keep, overlong_penalty
 from stages.common.algorithms import ALGORITHMS
 from stages.common.chat import rollout_prompt
 from stages.common.data import Sample, stream_item
-from stages.common.formats import load_sources, source_parents
+from stages.common.formats import dropped_report, load_sources, source_parents
 from stages.common.models import estimate_training_memory, load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.rewards import compute_score
 from stages.common.rollout import SamplingParams, make_engine
 from stages.rl.config import RLConfig
 
+RL_PANELS = {"reward": {"reward/mean": "reward", "acc/mean": "accuracy", "format/mean": "format"},
+             "KL": {"update/kl": "KL to reference", "update/approx_kl": "approx KL to old policy"},
+             "entropy": {"update/entropy": "entropy"},
+             "response length": {"response_length/mean": "mean", "response_length/max": "max"},
+             "clip fraction": {"update/clipfrac": "clipped", "truncated/ratio": "truncated at max_new_tokens"}}
 
 
 def run(cfg: RLConfig) -> Path:
     training.seed_everything(cfg.seed)
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
-    prompts, data_fp, data_parents = load_prompts(cfg.data)
+    prompts, data_fp, data_parents, dropped = load_prompts(cfg.data, cfg.max_prompt_chars)
     if cfg.dry_run:
         return print_plan(cfg, policy_spec, len(prompts))
 
@@ -58,6 +63,7 @@ def run(cfg: RLConfig) -> Path:
                              max_grad_norm=cfg.max_grad_norm, name="policy")
     engine = make_engine(cfg.engine, policy.module, processor)
     engine.lockstep = distributed.lockstep(accelerator, runtime.backend)
+    tracking.start(accelerator, "rl", to_dict(cfg), cfg.report_to, cfg.out)
 
     start_step, cursor = 0, 0
     if run_dir.resuming:
@@ -77,8 +83,7 @@ def run(cfg: RLConfig) -> Path:
                 update = policy_update(cfg, accelerator, policy, reference, processor, rollouts)
             record = {"step": step + 1, **rollouts.metrics(), **sampling, **update, **timer.pop(), "lr": policy.lr}
             run_dir.log_metrics(record)
-            if cfg.report_to != "none":
-                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
+            tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"reward {record['reward/mean']:.3f} acc {record['acc/mean']:.3f} "
                                f"fmt {record['format/mean']:.2f}")
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
@@ -87,21 +92,32 @@ def run(cfg: RLConfig) -> Path:
     replicas = training.rank_fingerprints(accelerator, policy)   # raises if the processes' weights drifted apart
     training.save_model(accelerator, policy, processor, run_dir.model_dir)
     records = run_dir.read_metrics()
-    training.plot_curves(records, {"reward/mean": "reward", "acc/mean": "accuracy", "format/mean": "format"},
-                         run_dir.path / "reward.png", f"prism rl --algo {cfg.algo}")
+    plots.plot_panels(records, RL_PANELS, run_dir.path / "reward.png", f"prism rl --algo {cfg.algo}")
     accelerator.end_training()
     summary = summarize(records)
-    summary.update(processes=accelerator.num_processes, backend=runtime.backend.name, replica_weight_sums=replicas)
+    summary.update(processes=accelerator.num_processes, backend=runtime.backend.name, replica_weight_sums=replicas,
+                   data_dropped=dropped)
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 
 # --------------------------------------------------------------------------------------------- data
 
-def load_prompts(specs: list[str]) -> tuple[list[Sample], dict, list]:
-    """Problems with a ground-truth answer, from every --data source."""
+def load_prompts(specs: list[str], max_prompt_chars: int = 0) -> tuple[list[Sample], dict, list, dict]:
+    """Problems with a ground-truth answer, from every --data source; questions over max_prompt_chars
+    are dropped and counted (one 100 KB question would otherwise take every rollout's memory)."""
     sources = load_sources(specs, keep=lambda s: bool(s.answer.strip()), need="RL needs a ground-truth answer")
     prompts = [s for src in sources for s in src.samples]
-    return prompts, {src.spec: src.fingerprint for src in sources}, source_parents(sources)
+    dropped = dropped_report(sources)
+    if max_prompt_chars > 0:
+        too_long = sum(len(s.question) > max_prompt_chars for s in prompts)
+        if too_long:
+            prompts = [s for s in prompts if len(s.question) <= max_prompt_chars]
+            console.warn(f"--data: dropped {too_long} prompt(s) longer than max_prompt_chars={max_prompt_chars}")
+            dropped["max_prompt_chars"] = {"filtered": too_long, "limit": max_prompt_chars}
+        if not prompts:
+            raise PrismError(f"every prompt is longer than max_prompt_chars={max_prompt_chars}",
+                             hint="raise it with --set max_prompt_chars=N")
+    return prompts, {src.spec: src.fingerprint for src in sources}, source_parents(sources), dropped
 
 
 def check_prompts_per_step(prompts_per_step: int, world: int) -> None:

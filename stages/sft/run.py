@@ -17,9 +17,9 @@ import torch
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
 from prism_cli.errors import PrismError
-from stages.common import training
+from stages.common import tracking, training
 from stages.common.data import Sample
-from stages.common.formats import load_sources, source_parents
+from stages.common.formats import dropped_report, load_sources, source_parents
 from stages.common.logprobs import to_device
 from stages.common.models import load_policy, load_processor, estimate_training_memory
 from stages.sft.config import SFTConfig
@@ -62,8 +62,7 @@ def run(cfg: SFTConfig) -> Path:
     policy = runtime.prepare(model, lambda m: training.build_optimizer(m, cfg.lr, cfg.weight_decay),
                              lambda opt: training.build_scheduler(opt, cfg.schedule, warmup_steps, total_steps),
                              max_grad_norm=cfg.max_grad_norm, name="policy")
-    if cfg.report_to != "none":
-        accelerator.init_trackers("prism-sft", config=to_dict(cfg))
+    tracking.start(accelerator, "sft", to_dict(cfg), cfg.report_to, cfg.out)
 
     start_step = 0
     if run_dir.resuming:
@@ -83,7 +82,7 @@ def run(cfg: SFTConfig) -> Path:
     summary = summarize(records, train_set, total_steps)
     summary.update(processes=accelerator.num_processes, backend=runtime.backend.name, replica_weight_sums=replicas,
                    encode_s=encode_s, encode_ms_per_sample=1000 * encode_s / max(len(train_samples), 1),
-                   samples_refused=sum(refused.values()), refused_reasons=refused)
+                   samples_refused=sum(refused.values()), refused_reasons=refused, data_dropped=mixture.dropped)
     accelerator.end_training()
     return run_dir.finalize(summary=summary, data=mixture.fingerprints, keep_state=cfg.keep_state)
 
@@ -91,8 +90,9 @@ def run(cfg: SFTConfig) -> Path:
 # --------------------------------------------------------------------------------------------- data
 
 class Mixture:
-    def __init__(self, samples: list[Sample], fingerprints: dict, parents: list, counts: dict):
+    def __init__(self, samples: list[Sample], fingerprints: dict, parents: list, counts: dict, dropped: dict):
         self.samples, self.fingerprints, self.parents, self.counts = samples, fingerprints, parents, counts
+        self.dropped = dropped  # {spec: malformed/filtered counts}, for the manifest summary
 
 
 def load_mixture(specs: list[str], seed: int) -> Mixture:
@@ -109,7 +109,7 @@ def load_mixture(specs: list[str], seed: int) -> Mixture:
     else:
         mixed = [s for src in sources for s in src.samples]
     return Mixture(distinct_ids(mixed), {src.spec: src.fingerprint for src in sources}, source_parents(sources),
-                   {src.spec: len(src.samples) for src in sources})
+                   {src.spec: len(src.samples) for src in sources}, dropped_report(sources))
 
 
 def distinct_ids(samples: list[Sample]) -> list[Sample]:
@@ -215,8 +215,7 @@ def train_loop(cfg, accelerator, policy, processor, train_set, eval_set, run_dir
                 record["eval_loss"] = eval_loss(cfg, accelerator, model, eval_set, pad_id, packed)
             if (step + 1) % cfg.log_every == 0 or last or "eval_loss" in record:
                 run_dir.log_metrics(record)
-                if cfg.report_to != "none":
-                    accelerator.log({k: v for k, v in record.items() if v is not None}, step=step + 1)
+                tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"loss {loss:.3f}" + (f" eval {record['eval_loss']:.3f}" if "eval_loss" in record
                                                       else "") + f" {record['tokens_per_s']:.0f} tok/s")
             if (step + 1) % cfg.save_every == 0 and not last:

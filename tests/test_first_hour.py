@@ -1,0 +1,221 @@
+"""What a researcher hits in the first hour (issue 19): credentials in URLs, hub ids without network,
+truncated weights, curate guards, prompt-length limits, dropped rows in the manifest, config rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prism_cli import config
+from prism_cli.checkpoint import load_manifest
+from prism_cli.errors import PrismError, UsageError
+from prism_cli.redact import redact
+
+
+def test_redact_userinfo_and_query_tokens():
+    assert redact("openai:http://user:TOK123@host:8000/v1#m") == "openai:http://<redacted>@host:8000/v1#m"
+    assert redact("https://host/v1?api_key=abc&x=1") == "https://host/v1?api_key=<redacted>&x=1"
+    assert redact("no url here user:pw@host") == "no url here user:pw@host"
+
+
+def test_teacher_url_credentials_never_reach_the_checkpoint_or_the_console(tmp_path, capsys):
+    from stages.common.protocol import format_response
+    from stages.common.synth import load as synth_load
+    from stages.curate.config import CurateConfig
+    from stages.curate.run import run
+    from tests.fakes.openai_server import FakeOpenAI
+
+    samples = synth_load("synth:train:3")
+    answers = {s.question: format_response("- shapes", "solve", s.answer) for s in samples}
+    with FakeOpenAI(lambda body: answers[body["messages"][1]["content"][-1]["text"]]) as fake:
+        url = fake.url.replace("://", "://alice:TOK-SECRET-42@")
+        out = run(config.resolve(CurateConfig, flags={"source": ["synth:train:3"], "teacher": f"openai:{url}#vlm",
+                                                       "out": str(tmp_path / "o"), "concurrency": 1}))
+    assert load_manifest(out)["config"]["teacher"].startswith("openai:http://<redacted>@127.0.0.1")
+    leaks = [p for p in out.rglob("*") if p.is_file() and b"TOK-SECRET-42" in p.read_bytes()]
+    assert leaks == []
+    captured = capsys.readouterr()
+    assert "TOK-SECRET-42" not in captured.err + captured.out
+
+
+def _rows_without_answers(tmp_path: Path) -> Path:
+    path = tmp_path / "noanswers.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "question": f"what is shown {i}?"}) + "\n" for i in range(3)))
+    return path
+
+
+def test_curate_gate_verify_without_answers_refuses_before_any_teacher_call(tmp_path):
+    from stages.curate.config import CurateConfig
+    from stages.curate.run import run
+    from tests.fakes.openai_server import FakeOpenAI
+
+    with FakeOpenAI(lambda body: "never asked") as fake:
+        cfg = config.resolve(CurateConfig, flags={"source": [str(_rows_without_answers(tmp_path))],
+                                                  "teacher": f"openai:{fake.url}#vlm", "out": str(tmp_path / "o")})
+        with pytest.raises(PrismError, match="--gate verify needs ground-truth answers, and none of the 3"):
+            run(cfg)
+        assert fake.bodies == [] and not (tmp_path / "o").exists()
+
+
+def test_curate_student_that_is_a_curate_checkpoint_says_so(tmp_path):
+    from stages.curate.config import CurateConfig
+    from stages.curate.run import run
+
+    curated = run(config.resolve(CurateConfig, flags={"source": ["synth:train:2"], "teacher": "oracle",
+                                                      "out": str(tmp_path / "cur")}))
+    cfg = config.resolve(CurateConfig, flags={"source": ["synth:train:2"], "teacher": "oracle", "select": "unsolved",
+                                              "student": str(curated), "out": str(tmp_path / "o")})
+    with pytest.raises(PrismError, match="--student .* is a 'curate' checkpoint; this stage needs 'base' or 'sft'"):
+        run(cfg)
+
+
+def test_truncated_safetensors_in_a_plain_hf_folder_names_the_file(tmp_path, tiny_path):
+    import shutil
+
+    from stages.common.models import load_policy
+
+    folder = tmp_path / "hf-model"
+    shutil.copytree(tiny_path, folder)
+    weights = sorted(folder.glob("*.safetensors"))[0]
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PrismError, match=f"weights file {weights} is damaged \\(truncated"):
+        load_policy(str(folder))
+    weights.write_bytes(data[:5])
+    with pytest.raises(PrismError, match="shorter than a safetensors header"):
+        load_policy(str(folder))
+
+
+def test_hub_model_id_without_network_fails_in_seconds(monkeypatch):
+    from prism_cli.checkpoint import resolve
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # refused at once, as a machine without network
+    with pytest.raises(PrismError, match="--ckpt Qwen/Nope-VL: cannot reach http://127.0.0.1:9 .*not in the local "
+                                         "cache"):
+        resolve("Qwen/Nope-VL")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve("Qwen/Nope-VL").kind == "hub"  # offline mode: the cache decides later, no probe
+
+
+def test_rl_drops_overlong_prompts_and_reports_dropped_rows_in_the_manifest(tmp_path, capsys):
+    from stages.common.data import sample_to_row
+    from stages.common.synth import load as synth_load
+    from stages.rl.config import RLConfig
+    from stages.rl.run import run
+
+    import base64
+
+    rows = [dict(sample_to_row(s), images=["data:image/png;base64," + base64.b64encode(s.images[0]).decode()])
+            for s in synth_load("synth:train:4")]
+    rows[1] = dict(rows[1], question="why? " * 20000)     # 100 KB of question
+    lines = [json.dumps(r, default=str) for r in rows] + ["{broken", json.dumps(rows[0], default=str)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = run(config.resolve(RLConfig, flags=dict(algo="grpo", ckpt="tiny", data=[str(data)], out=str(tmp_path / "rl"),
+                                                  steps=1, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=4,
+                                                  engine="hf", warmup=0, seed=0)))
+    dropped = load_manifest(out)["summary"]["data_dropped"]
+    assert dropped[str(data)]["malformed"] == 2           # the broken line and the duplicate id
+    assert dropped["max_prompt_chars"] == {"filtered": 1, "limit": 16000}
+    err = capsys.readouterr().err
+    assert "skipped 2 malformed row(s)" in err and "dropped 1 prompt(s) longer than max_prompt_chars=16000" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(algo="grpo", rollouts_per_prompt=1), "needs at least 2 rollouts per prompt"),
+    (dict(max_new_tokens=0), "'max_new_tokens' must be at least 1"),
+    (dict(algo="dapo", max_new_tokens=512, overlong_buffer=4096), "overlong_buffer 4096 is not below max_new_tokens 512"),
+    (dict(lr=-1e-6), "'lr' must be positive"),
+    (dict(lr=float("nan")), "'lr' is nan, not a finite number"),
+    (dict(top_p=0.0), "'top_p' must be in"),
+    (dict(temperature=0.0), "temperature must be positive"),
+    (dict(report_to="tensorbord"), "unknown tracker"),
+])
+def test_rl_config_rules_refuse_at_resolution_so_dry_run_catches_them(flags, message):
+    from stages.rl.config import RLConfig
+
+    with pytest.raises(UsageError, match=message):
+        config.resolve(RLConfig, flags=dict(ckpt="tiny", dry_run=True, **flags))
+
+
+def test_dapo_default_overlong_buffer_keeps_its_proportion_on_short_responses():
+    from stages.rl.config import RLConfig
+
+    assert config.resolve(RLConfig, flags=dict(ckpt="tiny")).resolved("overlong_buffer") == 4096
+    assert config.resolve(RLConfig, flags=dict(ckpt="tiny", max_new_tokens=512)).resolved("overlong_buffer") == 102
+
+
+def test_align_top_k_above_experts_and_nan_lr_are_refused():
+    from stages.align.config import AlignConfig
+
+    with pytest.raises(UsageError, match="top_k 8 must be between 1 and num_experts \\(4\\)"):
+        config.resolve(AlignConfig, flags=dict(ckpt="tiny", data=["synth"], top_k=8))
+    with pytest.raises(UsageError, match="'disc_lr' is inf"):
+        config.resolve(AlignConfig, flags=dict(ckpt="tiny", data=["synth"]), sets=["disc_lr=inf"])
+
+
+@pytest.fixture()
+def sft_with_data(tmp_path, tiny_path):
+    """A finished sft checkpoint (the tiny model as its model/) that dropped rows of its data."""
+    import shutil
+
+    from prism_cli import checkpoint
+
+    run_dir = checkpoint.open_output(str(tmp_path / "runs" / "sft"), "sft", {"lr": 1e-5, "data": ["d.jsonl"]},
+                                     [("policy", checkpoint.resolve("tiny"))])
+    shutil.copytree(tiny_path, run_dir.model_dir, ignore=shutil.ignore_patterns(".complete"))
+    return run_dir.finalize(summary={"final_loss": 1.0, "data_dropped": {"d.jsonl": {"malformed": 2, "filtered": 1}}},
+                            data={"d.jsonl": "f00dfeedbeefcafe0123"})
+
+
+def test_inspect_shows_data_lineage_and_reads_an_export(sft_with_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from prism_cli.app import app
+    from stages.export.config import ExportConfig
+    from stages.export.run import run as export
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["inspect", str(sft_with_data)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "data lineage" in r.stdout and "d.jsonl" in r.stdout and "f00dfeedbeefcafe" in r.stdout
+    assert "2 malformed, 1 filtered" in r.stdout
+    hf = export(config.resolve(ExportConfig, flags={"ckpt": str(sft_with_data), "out": str(tmp_path / "hf"),
+                                                    "dtype": "fp32"}))
+    r = runner.invoke(app, ["inspect", str(hf)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "exported Hugging Face folder" in r.stdout and str(sft_with_data) in r.stdout
+    assert "d.jsonl" in r.stdout and "2 malformed, 1 filtered" in r.stdout
+
+
+def test_export_out_onto_its_own_checkpoint_is_refused(sft_with_data):
+    from stages.export.config import ExportConfig
+    from stages.export.run import run as export
+
+    for out in (sft_with_data, sft_with_data / "model", sft_with_data.parent):
+        with pytest.raises(PrismError, match="input checkpoint"):
+            export(config.resolve(ExportConfig, flags={"ckpt": str(sft_with_data), "out": str(out), "overwrite": True}))
+    assert load_manifest(sft_with_data)["stage"] == "sft"
+
+
+def test_sft_reports_dropped_rows_in_the_manifest(tmp_path):
+    import base64
+
+    from stages.common.data import sample_to_row
+    from stages.common.synth import load as synth_load
+    from stages.common.synth import with_oracle_demos
+    from stages.sft.config import SFTConfig
+    from stages.sft.run import run
+
+    rows = [dict(sample_to_row(s), images=["data:image/png;base64," + base64.b64encode(s.images[0]).decode()])
+            for s in with_oracle_demos(synth_load("synth:train:4"))]
+    rows.append(dict(rows[0], id="bad", images=["missing.png"]))
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+    out = run(config.resolve(SFTConfig, flags=dict(ckpt="tiny", data=[str(data)], out=str(tmp_path / "sft"),
+                                                   batch_size=2, micro_batch_size=2, max_steps=1, eval_fraction=0.0)))
+    dropped = load_manifest(out)["summary"]["data_dropped"][str(data)]
+    assert dropped["malformed"] == 1 and "'missing.png' not found" in dropped["examples"][0]
