@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 MANIFEST = "prism.json"
 RUN_MARKER = ".prism-run.json"  # written at start: marks a directory as a (possibly partial) prism run
 STAGES = ("curate", "sft", "align", "rl", "eval", "export")
-TINY_SPECS = ("tiny", "tiny-moe")
+TINY_SPECS = ("tiny", "tiny-moe", "tiny-seeing")
 # Keys that name a credential ("api_key", "hf_token", "password"), not counts like "max_new_tokens".
 _SECRET_KEY = re.compile(r"((api|secret|access|private)[_-]?key|secret|passw(or)?d|credentials?"
                          r"|(^|[_-])(access|auth|bearer|hf|api)?[_-]?token)$", re.I)

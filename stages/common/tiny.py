@@ -179,13 +179,21 @@ def cache_root() -> Path:
 def build_key(name: str, seed: int = 0) -> str:
     import transformers
 
-    spec = json.dumps([TINY_BUILD_VERSION, name, seed, TEXT_SIZE, VISION_SIZE, ROPE, VOCAB_TARGET,
-                       transformers.__version__], sort_keys=True)
+    parts = [TINY_BUILD_VERSION, name, seed, TEXT_SIZE, VISION_SIZE, ROPE, VOCAB_TARGET, transformers.__version__]
+    if name == "tiny-seeing":
+        from .seeing_base import recipe_key
+
+        parts.append(recipe_key())
+    spec = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
 def build(name: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build tiny (dense) or tiny-moe into out_dir (save_pretrained layout)."""
+    """Build tiny (dense), tiny-moe or tiny-seeing (stages/common/seeing_base.py) into out_dir."""
+    if name == "tiny-seeing":
+        from .seeing_base import build as build_seeing
+
+        return build_seeing(out_dir, seed)
     if name not in ("tiny", "tiny-moe"):
         raise ValueError(f"unknown tiny model {name!r}")
     out_dir = Path(out_dir)
