@@ -374,15 +374,24 @@ def recipe_key() -> dict:
     return {"image_pixels": IMAGE_PIXELS, **dataclasses.asdict(RECIPE)}
 
 
-def build(out_dir, seed: int = 0, recipe: SeeingRecipe | None = None, log=print):
+def progress_line(record: dict) -> str:
+    return "tiny-seeing build: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in record.items())
+
+
+def build(out_dir, seed: int = 0, recipe: SeeingRecipe | None = None, log=None):
     """Build tiny-seeing into out_dir: the tiny dense model's tokenizer and initial weights (same seed), a
     processor that feeds it 48-px images, then the two pretraining phases. Writes seeing.json (the recipe
     and every monitor record) next to the weights. About 15 minutes on one free CPU core."""
     from pathlib import Path
 
+    from prism_cli import console
+
     from . import tiny
 
     recipe = recipe or dataclasses.replace(RECIPE, seed=seed)
+    log = log or (lambda record: console.info(progress_line(record)))
+    log({"phase": "start", "note": "building tiny-seeing once (vision, then language pretraining); cached after"})
     tok = tiny._build_tokenizer(seed)
     processor = tiny._build_processor(tok)
     bounds = {"shortest_edge": tiny.MIN_PIXELS, "longest_edge": IMAGE_PIXELS * IMAGE_PIXELS}
