@@ -105,6 +105,28 @@ def test_tiny_seeing_is_a_checkpoint_spec():
     assert tiny.build_key("tiny-seeing") != tiny.build_key("tiny")
 
 
+def test_build_end_to_end_on_a_micro_recipe(tmp_path):
+    """The whole build at toy size: both phases run, the result reloads through the Auto classes with its
+    48-px processor, and seeing.json records the recipe and the monitor."""
+    import json
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    recipe = sb.SeeingRecipe(vision_steps=3, vision_batch=4, vision_images=20, text_steps=3, text_batch=2,
+                             text_problems=8, text_warmup=1, vision_warmup=1)
+    out = sb.build(tmp_path / "seeing", recipe=recipe, log=lambda r: None)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.image_processor.size["longest_edge"] == sb.IMAGE_PIXELS ** 2
+    enc = processor.image_processor(images=[generate("test", 1)[0].pil_images()[0]], return_tensors="pt")
+    assert enc["image_grid_thw"].tolist() == [[1, 6, 6]]
+    assert all(p.requires_grad for p in model.parameters())  # frozen only while it was built
+    record = json.loads((out / "seeing.json").read_text())
+    assert record["recipe"]["image_pixels"] == 48 and record["recipe"]["text_steps"] == 3
+    assert [r["phase"] for r in record["records"]][:1] == ["vision"] and record["records"][-1]["phase"] == "text"
+    assert "cos_shape" in record["records"][0]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(5400)
 @pytest.mark.skipif(os.environ.get("PRISM_SLOW") != "1",

@@ -370,8 +370,8 @@ def evaluate(model, processor, samples, batch_size: int = 16, max_new_tokens: in
 RECIPE = SeeingRecipe()
 
 
-def recipe_key() -> dict:
-    return {"image_pixels": IMAGE_PIXELS, **dataclasses.asdict(RECIPE)}
+def recipe_key(recipe: SeeingRecipe | None = None) -> dict:
+    return {"image_pixels": IMAGE_PIXELS, **dataclasses.asdict(recipe or RECIPE)}
 
 
 def progress_line(record: dict) -> str:
@@ -405,5 +405,5 @@ def build(out_dir, seed: int = 0, recipe: SeeingRecipe | None = None, log=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    (out_dir / "seeing.json").write_text(json.dumps({"recipe": recipe_key(), "records": records}, indent=1) + "\n")
+    (out_dir / "seeing.json").write_text(json.dumps({"recipe": recipe_key(recipe), "records": records}, indent=1) + "\n")
     return out_dir
