@@ -6,8 +6,16 @@ from collections import Counter
 import pytest
 
 from prism_cli.errors import UsageError
-from stages.common.synth import (DEFAULT_DRIFT, Drift, arms, caption_accuracy, caption_for, drifted_demo, load,
-                                 parse_spec)
+from stages.common.synth import (
+    DEFAULT_DRIFT,
+    Drift,
+    arms,
+    caption_accuracy,
+    caption_for,
+    drifted_demo,
+    load,
+    parse_spec,
+)
 from stages.common.synth.caption_check import mentions, scene_items
 from stages.common.synth.drift import confused, dropped_last
 from stages.common.synth.tasks import FAMILIES

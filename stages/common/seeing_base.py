@@ -9,8 +9,8 @@ This builder gives it eyes in two deterministic phases, cached under $PRISM_HOME
      token i is trained to name cell i's colour, shape and size (or "empty"); chart images train a pooled
      head to read every bar's value. A penalty holds the merged tokens' norm near the text embeddings' scale,
      so the language model is not swamped by them (the failure the feasibility study measured).
-  2. caption pretraining: the tower frozen, the language model learns to describe scenes (the <caption>
-     part of the protocol) from the scene graph.
+  2. language pretraining: the tower frozen, the language model learns the clean oracle's demonstrations
+     (caption, think, answer) of synth training problems, in two rounds (docs/seeing-base.md has the numbers).
 
 `feature_cosines` is the collapse monitor: cosine of merged tokens for same-cell objects that differ only in
 colour or only in shape (near 1 means the tower cannot tell them apart).
@@ -325,7 +325,7 @@ def perception_scores(caption: str, sample) -> dict:
     from .synth.caption_check import caption_accuracy, mentions, scene_items
 
     named, actual = mentions(caption), scene_items(sample.meta["scene"])
-    expand = lambda c, i: [k[i] for k, n in c.items() for _ in range(n)]  # noqa: E731
+    expand = lambda c, i: [k[i] for k, n in c.items() for _ in range(n)]
     out = {"caption_f1": caption_accuracy(caption, sample)["f1"],
            "color_f1": attribute_f1(expand(named, 0), expand(actual, 0)),
            "exact_count": float(sum(named.values()) == sum(actual.values()))}
@@ -357,7 +357,7 @@ def evaluate(model, processor, samples, batch_size: int = 16, max_new_tokens: in
             row["task"] = s.task
             rows.append(row)
     tok.padding_side = "right"
-    mean = lambda key: sum(r[key] for r in rows if key in r) / max(1, sum(key in r for r in rows))  # noqa: E731
+    mean = lambda key: sum(r[key] for r in rows if key in r) / max(1, sum(key in r for r in rows))
     result = {k: mean(k) for k in ("caption_f1", "color_f1", "shape_f1", "exact_count", "acc")}
     result["acc_by_task"] = {t: sum(r["acc"] for r in rows if r["task"] == t) / sum(r["task"] == t for r in rows)
                              for t in dict.fromkeys(r["task"] for r in rows)}
