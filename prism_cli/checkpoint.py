@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from prism_cli import __version__
+from prism_cli import __version__, hub
 from prism_cli.console import is_main_process
 from prism_cli.errors import PrismError, UsageError
 from prism_cli.redact import redact
@@ -34,7 +34,7 @@ RUN_MARKER = ".prism-run.json"  # written at start: marks a directory as a (poss
 LOCK = ".prism-lock"            # held (flock) by the one process writing a run; records its pid and host
 STAGES = ("curate", "sft", "align", "rl", "eval", "export")
 POLICY_STAGES = ("base", "sft", "align", "rl")  # checkpoints whose model/ is a policy
-TINY_SPECS = ("tiny", "tiny-moe", "tiny-qwen")
+TINY_SPECS = ("tiny", "tiny-moe", "tiny-qwen", "tiny-seeing")
 # Keys that name a credential ("api_key", "hf_token", "password"), not counts like "max_new_tokens".
 _SECRET_KEY = re.compile(r"((api|secret|access|private)[_-]?key|secret|passw(or)?d|credentials?"
                          r"|(^|[_-])(access|auth|bearer|hf|api)?[_-]?token)$", re.I)
@@ -208,9 +208,7 @@ def resolve(ref: str, role: str = "--ckpt") -> CkptSpec:
     if looks_local:
         raise PrismError(f"{role} {ref} does not exist", hint="give a prism checkpoint, an HF model directory, "
                                                                "a hub id, or 'tiny'")
-    from stages.common.hub import require_hub
-
-    require_hub(ref, "model", role)  # seconds, not minutes of retries, when there is no network
+    hub.require_hub(ref, "model", role)  # seconds, not minutes of retries, when there is no network
     return CkptSpec(ref=ref, kind="hub")
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from prism_cli import tracking
 from prism_cli.errors import UsageError
 
 
@@ -235,8 +236,6 @@ def check_common(cfg) -> None:
         if f.name == "top_p" and not 0 < value <= 1:
             raise UsageError(f"config key 'top_p' must be in (0, 1], not {value}")
     if hasattr(cfg, "report_to"):
-        from stages.common import tracking
-
         tracking.parse(cfg.report_to)
 
 

@@ -27,7 +27,8 @@ from stages.align import advantage as prism_adv
 from stages.align.config import AlignConfig
 from stages.align.objective import GroupScores, discriminator_objective
 from stages.align.scoring import PreferencePair, pair_loss, pairwise_accuracy, score_groups
-from stages.common import distributed, plots, tracking, training
+from prism_cli import tracking
+from stages.common import distributed, plots, training
 from stages.common.chat import problem_messages, rollout_prompt
 from stages.common.data import Sample, stream_item
 from stages.common.discriminator import (aux_loss_coef, load_discriminator, load_discriminator_processor,

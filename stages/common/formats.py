@@ -33,6 +33,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from prism_cli import hub
 from prism_cli.errors import PrismError, UsageError
 from stages.common.data import Sample, Teacher, read_shards
 
@@ -785,17 +786,13 @@ def _looks_like_hub_dataset(spec: str) -> bool:
 
 def read_hub_dataset(spec: str) -> tuple[list[Sample], list[str]]:
     """owner/name[:split] -> the dataset's snapshot in the local hub cache (downloaded first when online)."""
-    from stages.common.hub import snapshot
-
-    from stages.common import hub
-
     repo, _, split = spec.partition(":")
     if hub.offline() and not hub.cached(repo, "dataset"):
         # what `datasets.load_dataset` prepared earlier lives in its own cache, not the hub's
         from_datasets = _from_datasets_cache(repo, split or None)
         if from_datasets is not None:
             return from_datasets
-    folder = snapshot(repo, repo_type="dataset", what="--data")
+    folder = hub.snapshot(repo, repo_type="dataset", what="--data")
     root = folder / "data" if (folder / "data").is_dir() else folder
     return _read_many(split_files(root, split, f"hub dataset {repo}", hint=f"name one: --data {repo}:<split>"))
 

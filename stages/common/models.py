@@ -14,7 +14,7 @@ import torch
 
 from prism_cli.checkpoint import CkptSpec, resolve
 from prism_cli.errors import PrismError
-from stages.common import tiny
+from stages.common import seeing_base, tiny
 
 
 def default_device() -> torch.device:
@@ -52,7 +52,7 @@ def as_spec(ckpt: str | CkptSpec) -> CkptSpec:
     """The resolved spec, with the tiny model built if it names one (the one place it is built)."""
     spec = ckpt if isinstance(ckpt, CkptSpec) else resolve(ckpt)
     if spec.kind == "tiny":
-        tiny.ensure(spec.ref)
+        tiny.ensure(spec.ref, builder=seeing_base.build if spec.ref == "tiny-seeing" else None)
     return spec
 
 

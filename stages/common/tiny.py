@@ -30,6 +30,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from stages.common import seeing_recipe
+
 # Bump when anything below changes what is built: it keys the cache.
 TINY_BUILD_VERSION = "1"
 NAMES = ("tiny", "tiny-moe", "tiny-qwen")
@@ -206,6 +208,8 @@ def build_key(name: str, seed: int = 0) -> str:
     import transformers
 
     parts = [TINY_BUILD_VERSION, name, seed, TEXT_SIZE, VISION_SIZE, ROPE, VOCAB_TARGET, transformers.__version__]
+    if name == "tiny-seeing":  # its own inputs: the pretraining recipe
+        parts.append(seeing_recipe.recipe_key())
     if name == "tiny-qwen":  # its own inputs: the vocabulary file, the template, the processor geometry
         from stages.common import qwen_vocab
 
@@ -222,6 +226,9 @@ def _file_sha256(path: Path) -> str:
 
 def build(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Build tiny (dense), tiny-moe or tiny-qwen into out_dir (save_pretrained layout)."""
+    if name == "tiny-seeing":
+        raise ValueError("tiny-seeing is trained by stages.common.seeing_base: resolve it through "
+                         "stages.common.models.as_spec('tiny-seeing'), which passes that builder to ensure()")
     if name not in NAMES:
         raise ValueError(f"unknown tiny model {name!r}")
     out_dir = Path(out_dir)
@@ -251,15 +258,20 @@ def is_built(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / ".complete").is_file()
 
 
-def ensure(name: str, seed: int = 0) -> Path:
-    """Path of the cached tiny model, building it on first use (atomically: build in a temp dir, rename)."""
+def ensure(name: str, seed: int = 0, builder=None) -> Path:
+    """Path of the cached tiny model, building it on first use (atomically: build in a temp dir, rename).
+    builder(out_dir, seed) replaces `build` for models trained on top of tiny (tiny-seeing: its trainer,
+    stages.common.seeing_base, imports this module, so stages.common.models passes it in)."""
     target = cached_path(name, seed)
     if is_built(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        build(name, tmp, seed)
+        if builder is None:
+            build(name, tmp, seed)
+        else:
+            builder(tmp, seed)
         (tmp / ".complete").write_text("ok\n")
         try:
             os.replace(tmp, target)

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from prism_cli.errors import PrismError
-from stages.common import distributed, tracking
+from prism_cli import tracking
+from stages.common import distributed
 
 TRAINER_STATE = "trainer_state.json"
 

@@ -17,7 +17,8 @@ from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
 from prism_cli.errors import PrismError, UsageError
 from stages.common import advantages as advantage_fns
-from stages.common import distributed, losses, plots, tracking, training
+from prism_cli import tracking
+from stages.common import distributed, losses, plots, training
 from stages.common.advantages import dynamic_sampling_keep, overlong_penalty
 from stages.common.algorithms import ALGORITHMS
 from stages.common.chat import rollout_prompt

@@ -17,7 +17,8 @@ import torch
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
 from prism_cli.errors import PrismError
-from stages.common import tracking, training
+from prism_cli import tracking
+from stages.common import training
 from stages.common.data import Sample
 from stages.common.formats import dropped_report, load_sources, source_parents
 from stages.common.logprobs import to_device

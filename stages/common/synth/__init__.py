@@ -9,13 +9,28 @@ slice of the scene-hash space, so train and test never share a scene.
     demo = oracle_demo(samples[0])                         # clean: Teacher(caption, think, answer)
     noisy = oracle_demo(samples[0], caption_error_rate=0.2, reasoning_slip_rate=0.2)
     caption_accuracy(demo.caption, samples[0])["f1"]       # 1.0
+    clean, drifted = arms("train", 2000)                   # same problems; systematic demo errors in one
 """
 
-from .benchmark import SynthSpec, generate, load, parse_spec
+import dataclasses
+
+from ..data import Sample
+from .benchmark import SynthSpec, generate, parse_spec
 from .caption_check import caption_accuracy
+from .drift import DEFAULT_DRIFT, Drift, arms, drifted_demo
 from .oracle import caption_for, oracle_demo, with_oracle_demos
 from .scene import render, scene_hash, split_of
 from .tasks import TASKS
 
-__all__ = ["TASKS", "SynthSpec", "caption_accuracy", "caption_for", "generate", "load", "oracle_demo", "with_oracle_demos",
+__all__ = ["DEFAULT_DRIFT", "TASKS", "Drift", "SynthSpec", "arms", "caption_accuracy", "caption_for", "drifted_demo", "generate", "load", "oracle_demo", "with_oracle_demos",
            "parse_spec", "render", "scene_hash", "split_of"]
+
+
+def load(spec: str, seed: int = 0) -> list[Sample]:
+    """The problems a synth spec names, with the oracle's demonstrations, or with the drifted demonstrator's
+    (`:drift`). Here rather than in benchmark.py: drift builds on benchmark, not the other way round."""
+    s = parse_spec(spec)
+    samples = generate(s.split, s.n, seed=seed, tasks=s.tasks, difficulty=s.difficulty)
+    if s.drift:
+        samples = [dataclasses.replace(x, teacher=drifted_demo(x, DEFAULT_DRIFT, seed)) for x in samples]
+    return samples

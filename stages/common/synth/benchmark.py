@@ -74,13 +74,15 @@ class SynthSpec:
     n: int = DEFAULT_N
     difficulty: int | None = None
     tasks: tuple[str, ...] | None = None
+    drift: bool = False  # demonstrations by the drifted demonstrator (synth/drift.py) instead of the oracle
 
 
-SPEC_HELP = "synth[:train|test][:N][:d1|d2|d3][:task+task...]"
+SPEC_HELP = "synth[:train|test][:N][:d1|d2|d3][:task+task...][:drift]"
 
 
 def parse_spec(spec: str) -> SynthSpec:
-    """Parse "synth", "synth:test", "synth:train:2000", "synth:test:200:d2", "synth:test:count_color"."""
+    """Parse "synth", "synth:test", "synth:train:2000", "synth:test:200:d2", "synth:test:count_color",
+    "synth:train:2000:drift"."""
     head, *parts = str(spec).strip().split(":")
     if head != "synth":
         raise UsageError(f"{spec!r} is not a synth data spec (expected {SPEC_HELP})")
@@ -100,14 +102,11 @@ def parse_spec(spec: str) -> SynthSpec:
             put("n", int(part), part)
         elif len(part) == 2 and part[0] == "d" and part[1] in "123":
             put("difficulty", int(part[1]), part)
+        elif part == "drift":
+            put("drift", True, part)
         elif part and all(t in FAMILIES for t in part.split("+")):
             put("tasks", tuple(part.split("+")), part)
         else:
             raise UsageError(f"synth spec {spec!r}: cannot read {part!r} (expected {SPEC_HELP}; "
                              f"tasks: {', '.join(TASKS)})")
     return SynthSpec(**found)
-
-
-def load(spec: str, seed: int = 0) -> list[Sample]:
-    s = parse_spec(spec)
-    return generate(s.split, s.n, seed=seed, tasks=s.tasks, difficulty=s.difficulty)

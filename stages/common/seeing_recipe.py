@@ -1,0 +1,35 @@
+"""What tiny-seeing's build depends on (its cache key): the recipe of stages.common.seeing_base, kept in a leaf
+module so stages.common.tiny can key its cache without importing the trainer (which imports tiny)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+IMAGE_PIXELS = 48  # 48x48 -> 6x6 patches of 8 -> 3x3 merged tokens, one per scene-grid cell
+
+
+@dataclass(frozen=True)
+class SeeingRecipe:
+    """Everything the build depends on (it keys the cache)."""
+    vision_steps: int = 1000
+    vision_batch: int = 32
+    vision_lr: float = 3e-3
+    vision_warmup: int = 100
+    norm_target: float = 1.0
+    norm_weight: float = 0.1
+    vision_images: int = 4000
+    # (steps, peak lr, warmup steps) per round; each round decays linearly to 0.1x and replays the same data
+    # order. Measured (docs/seeing-base.md): one round of 1,500 reached caption F1 0.43; a second round of
+    # 1,100 at 2e-3 reached 0.91.
+    text_rounds: tuple = ((1500, 3e-3, 100), (1100, 2e-3, 20))
+    text_batch: int = 8
+    text_problems: int = 6000
+    seed: int = 0
+
+
+RECIPE = SeeingRecipe()
+
+
+def recipe_key(recipe: SeeingRecipe | None = None) -> dict:
+    return {"image_pixels": IMAGE_PIXELS, **dataclasses.asdict(recipe or RECIPE)}

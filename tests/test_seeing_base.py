@@ -1,0 +1,146 @@
+"""tiny-seeing: the perception targets, the token/cell geometry, the collapse monitor, the metrics; a slow test
+builds the base and checks the issue's targets on held-out synth problems."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from stages.common import seeing_base as sb
+from stages.common.synth import generate
+
+
+def scene(*objects):
+    return {"kind": "shapes", "objects": [dict(zip(("color", "shape", "size", "x", "y"), o)) for o in objects]}
+
+
+def test_cell_targets_name_each_cell():
+    s = scene(("red", "square", "large", 0.15, 0.15), ("purple", "hexagon", "small", 0.85, 0.85))
+    t = sb.cell_targets(s)
+    assert t["color"] == [1, 0, 0, 0, 0, 0, 0, 0, 5]
+    assert t["shape"] == [sb.SHAPE_NAMES.index("square") + 1] + [0] * 7 + [sb.SHAPE_NAMES.index("hexagon") + 1]
+    assert t["size"] == [2, 0, 0, 0, 0, 0, 0, 0, 1]
+    chart = {"kind": "chart", "max_value": 8, "bars": [{"color": "blue", "value": 7}, {"color": "red", "value": 2}]}
+    assert sb.chart_targets(chart) == [2, 0, 7, 0, 0]
+    assert sb.cell_targets(chart)["shape"] == [0] * 9 and sb.chart_targets(s) == [0] * 5
+
+
+def test_merged_token_i_sees_grid_cell_i(tiny_path):
+    """The geometry the vision pretraining relies on: a 64-px synth image under the 48-px bound becomes 3x3
+    merged tokens, and merge group i holds exactly the patches of scene cell i (row-major)."""
+    from transformers import AutoProcessor
+
+    from stages.common.synth.scene import render
+
+    ip = AutoProcessor.from_pretrained(tiny_path).image_processor
+    ip.size = {"shortest_edge": 32 * 32, "longest_edge": sb.IMAGE_PIXELS ** 2}
+    for cell in (0, 5, 7):
+        row, col = divmod(cell, 3)
+        s = scene(("red", "square", "large", (col + 0.5) / 3, (row + 0.5) / 3))
+        enc = ip(images=[render(s, 64)], return_tensors="pt")
+        assert enc["image_grid_thw"].tolist() == [[1, 6, 6]]
+        groups = enc["pixel_values"].view(9, 4, -1)  # 4 patches of 8x8 (x2 frames x 3 channels) per token
+        ink = (groups < 0.9).any(-1).any(-1)         # normalised white is 1.0
+        assert ink.tolist() == [i == cell for i in range(9)]
+
+
+def test_perception_scores_on_hand_made_captions():
+    sample = generate("test", 5, tasks=["count_color"])[0]
+    objects = sample.meta["scene"]["objects"]
+    right = "\n".join(f"- {o['color']} {o['shape']}" for o in objects)
+    got = sb.perception_scores(right, sample)
+    assert got == {"caption_f1": 1.0, "color_f1": 1.0, "exact_count": 1.0, "shape_f1": 1.0}
+    o = objects[0]
+    other = next(c for c in sb.COLOR_NAMES if c != o["color"])
+    recoloured = right.replace(f"- {o['color']} {o['shape']}", f"- {other} {o['shape']}", 1)
+    got = sb.perception_scores(recoloured, sample)
+    assert got["shape_f1"] == 1.0 and got["exact_count"] == 1.0 and got["color_f1"] < 1.0
+    assert sb.perception_scores("", sample) == {"caption_f1": 0.0, "color_f1": 0.0, "exact_count": 0.0,
+                                                "shape_f1": 0.0}
+    assert sb.attribute_f1(["a", "a", "b"], ["a", "b"]) == pytest.approx(0.8)
+
+
+def test_norm_penalty_only_punishes_excess():
+    tokens = torch.tensor([[3.0, 4.0], [0.3, 0.4]])     # norms 5 and 0.5
+    assert sb.norm_penalty(tokens, 1.0).item() == pytest.approx(16 / 2)
+    assert sb.norm_penalty(tokens, 10.0).item() == 0.0
+
+
+def test_vision_pretraining_learns_and_is_monitored(tiny_path):
+    """A few dozen steps already beat chance on held-out cells, and the monitor reports the cosines."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    ip = AutoProcessor.from_pretrained(tiny_path).image_processor
+    ip.size = {"shortest_edge": 32 * 32, "longest_edge": sb.IMAGE_PIXELS ** 2}
+    visual = AutoModelForImageTextToText.from_pretrained(tiny_path).model.visual
+    recipe = sb.SeeingRecipe(vision_steps=60, vision_batch=16, vision_images=400, vision_warmup=10)
+    records = sb.pretrain_vision(visual, ip, recipe, log=lambda r: None)
+    first, last = records[0], records[-1]
+    assert last["loss"] < first["loss"] / 2
+    assert last["probe_color"] > 0.6 and last["probe_size"] > 0.6  # chance: 1/6 and 1/3 on occupied cells
+    for key in ("cos_colour", "cos_shape"):
+        assert -1.0 <= last[key] <= 1.0
+
+
+def test_collate_pads_without_labels():
+    a = {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]),
+         "mm_token_type_ids": torch.tensor([0, 1, 0]), "pixel_values": torch.zeros(4, 2),
+         "image_grid_thw": torch.tensor([[1, 2, 2]])}
+    b = {"input_ids": torch.tensor([5]), "labels": torch.tensor([5]), "mm_token_type_ids": torch.tensor([0]),
+         "pixel_values": torch.ones(4, 2), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+    batch = sb.collate([a, b], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["pixel_values"].shape == (8, 2)
+
+
+def test_tiny_seeing_is_a_checkpoint_spec():
+    from prism_cli.checkpoint import resolve
+    from stages.common import tiny
+
+    assert resolve("tiny-seeing").kind == "tiny"
+    assert tiny.build_key("tiny-seeing") != tiny.build_key("tiny")
+
+
+def test_build_end_to_end_on_a_micro_recipe(tmp_path):
+    """The whole build at toy size: both phases run, the result reloads through the Auto classes with its
+    48-px processor, and seeing.json records the recipe and the monitor."""
+    import json
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    recipe = sb.SeeingRecipe(vision_steps=3, vision_batch=4, vision_images=20, text_rounds=((3, 1e-3, 1), (2, 1e-3, 1)),
+                             text_batch=2, text_problems=8, vision_warmup=1)
+    out = sb.build(tmp_path / "seeing", recipe=recipe, log=lambda r: None)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.image_processor.size["longest_edge"] == sb.IMAGE_PIXELS ** 2
+    enc = processor.image_processor(images=[generate("test", 1)[0].pil_images()[0]], return_tensors="pt")
+    assert enc["image_grid_thw"].tolist() == [[1, 6, 6]]
+    assert all(p.requires_grad for p in model.parameters())  # frozen only while it was built
+    record = json.loads((out / "seeing.json").read_text())
+    assert record["recipe"]["image_pixels"] == 48 and record["recipe"]["text_rounds"] == [[3, 1e-3, 1], [2, 1e-3, 1]]
+    assert [r["phase"] for r in record["records"]][:1] == ["vision"] and record["records"][-1]["phase"] == "text"
+    assert "cos_shape" in record["records"][0]
+    assert [(r["round"], r["step"]) for r in record["records"] if r["phase"] == "text"] == [(0, 0), (0, 2), (1, 0), (1, 1)]
+
+
+# Not `slow` (CI runs those): the build alone is longer than CI's whole budget. Run it by hand.
+@pytest.mark.timeout(5400)
+@pytest.mark.skipif(os.environ.get("PRISM_BUILD_SEEING") != "1",
+                    reason="building tiny-seeing takes ~45 min on one loaded core; PRISM_BUILD_SEEING=1 runs it "
+                           "(not in CI)")
+def test_tiny_seeing_meets_the_perception_targets():
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from stages.common.models import as_spec
+
+    path = as_spec("tiny-seeing").model_path
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    got = sb.evaluate(model, processor, generate("test", 100, seed=0))
+    assert got["caption_f1"] >= 0.85 and got["color_f1"] >= 0.9 and got["shape_f1"] >= 0.9
+    assert got["exact_count"] >= 0.95
