@@ -328,14 +328,6 @@ def _pair_scores(disc, processor, pairs: Sequence[PreferencePair], layout: str, 
     return torch.stack(result.scores), result
 
 
-def _bt_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    try:  # the align stage's own definition when present
-        from stages.align.advantage import bradley_terry_loss
-    except ImportError:
-        return -torch.nn.functional.logsigmoid(teacher - student).mean()
-    return bradley_terry_loss(teacher, student)
-
-
 def pair_loss(disc, processor, pairs: Sequence[PreferencePair], *, layout: str = "shared",
               score_l2_coef: float = 0.0, clip: float = SCORE_CLIP, **score_kwargs) -> tuple[torch.Tensor, dict]:
     """The pairwise Bradley-Terry objective on (teacher, student) pairs, for the caller to backward:
