@@ -54,10 +54,7 @@ def run(cfg: RLConfig) -> Path:
     run_dir = checkpoint.open_output(cfg.out, "rl", to_dict(cfg), [("policy", policy_spec), *data_parents],
                                      overwrite=cfg.overwrite, resume=cfg.resume,
                                      barrier=accelerator.wait_for_everyone)
-    reference = load_policy(policy_spec, dtype=cfg.dtype, attn=cfg.attn, device=accelerator.device,
-                            train=False) if cfg.kl_coef > 0 else None
-    if reference is not None:
-        reference.requires_grad_(False)
+    reference = load_reference(cfg, policy_spec, accelerator.device)
     warmup_steps = training.warmup_steps_from(cfg.warmup, cfg.steps)
     policy = runtime.prepare(model, lambda m: training.build_optimizer(m, cfg.lr, cfg.weight_decay),
                              lambda opt: training.build_scheduler(opt, "constant", warmup_steps, cfg.steps),
@@ -99,6 +96,15 @@ def run(cfg: RLConfig) -> Path:
     summary.update(processes=accelerator.num_processes, backend=runtime.backend.name, replica_weight_sums=replicas,
                    data_dropped=dropped)
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
+
+
+def load_reference(cfg: RLConfig, policy_spec, device):
+    """The frozen starting policy the KL term pulls towards; None when KL is off (the paper's setting)."""
+    if cfg.kl_coef <= 0:
+        return None
+    reference = load_policy(policy_spec, dtype=cfg.dtype, attn=cfg.attn, device=device, train=False)
+    reference.requires_grad_(False)
+    return reference
 
 
 # --------------------------------------------------------------------------------------------- data

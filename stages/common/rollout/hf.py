@@ -173,9 +173,7 @@ class HFEngine:
                     step_mask = step_mask.bool()[:, None, None, :]
                 out = model(input_ids=tok.view(-1, 1), attention_mask=step_mask, position_ids=positions,
                             past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1].float()
-            next_pos = next_pos + 1
-            cache = out.past_key_values
+            logits, next_pos, cache = out.logits[:, -1].float(), next_pos + 1, out.past_key_values
         return tokens, logprobs, lengths, reasons
 
     def _still_decoding(self, local: bool) -> bool:
