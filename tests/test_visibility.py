@@ -10,7 +10,7 @@ from rich.console import Console
 
 from prism_cli import console
 from prism_cli.errors import UsageError
-from stages.common import tracking
+from prism_cli import tracking
 
 
 @pytest.fixture()
