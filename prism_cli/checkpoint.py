@@ -28,6 +28,8 @@ MANIFEST = "prism.json"
 RUN_MARKER = ".prism-run.json"  # written at start: marks a directory as a (possibly partial) prism run
 STAGES = ("curate", "sft", "align", "rl", "eval", "export")
 TINY_SPECS = ("tiny", "tiny-moe")
+# Published Qwen3-VL shapes with no weights (stages.common.shapes): for --dry-run plans and GPU benchmarks.
+SHAPE_SPECS = ("qwen3vl-2b-shape", "qwen3vl-4b-shape", "qwen3vl-8b-shape")
 # Keys that name a credential ("api_key", "hf_token", "password"), not counts like "max_new_tokens".
 _SECRET_KEY = re.compile(r"((api|secret|access|private)[_-]?key|secret|passw(or)?d|credentials?"
                          r"|(^|[_-])(access|auth|bearer|hf|api)?[_-]?token)$", re.I)
@@ -83,7 +85,7 @@ class CkptSpec:
     """What a --ckpt / --data / --disc argument resolved to."""
 
     ref: str                      # as the user gave it
-    kind: str                     # "prism" | "hf" | "hub" | "tiny"
+    kind: str                     # "prism" | "hf" | "hub" | "tiny" | "shape"
     path: Path | None = None      # directory on disk (prism checkpoint dir or HF model dir)
     manifest: dict | None = None  # prism.json for kind == "prism"
 
@@ -100,6 +102,9 @@ class CkptSpec:
             from stages.common import tiny
 
             return str(tiny.ensure(self.ref))
+        if self.kind == "shape":
+            raise PrismError(f"{self.ref} is a shape with no weights: only --dry-run plans and benchmarks use it",
+                             hint=f"train from a real checkpoint; --dry-run --ckpt {self.ref} plans its memory")
         if self.kind == "hf":
             return str(self.path)
         return self.ref
@@ -112,6 +117,8 @@ class CkptSpec:
             from stages.common import tiny
 
             return f"tiny:{tiny.build_key(self.ref)}"
+        if self.kind == "shape":
+            return f"shape:{self.ref}"
         if self.kind == "hf" and (self.path / "config.json").is_file():
             return "config:" + sha256_file(self.path / "config.json")
         return f"hub:{self.ref}"
@@ -184,6 +191,8 @@ def resolve(ref: str, role: str = "--ckpt") -> CkptSpec:
         raise UsageError(f"{role} is required")
     if ref in TINY_SPECS:
         return CkptSpec(ref=ref, kind="tiny")
+    if ref in SHAPE_SPECS:
+        return CkptSpec(ref=ref, kind="shape")
     path = Path(ref).expanduser()
     if path.is_dir():
         if (path / MANIFEST).is_file():

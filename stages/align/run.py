@@ -32,7 +32,8 @@ from stages.common import training
 from stages.common.chat import problem_messages, rollout_prompt
 from stages.common.data import Sample, stream_item
 from stages.common.formats import load_sources, source_parents
-from stages.common.models import default_device, estimate_training_memory, load_policy, load_processor
+from stages.common import plan_report
+from stages.common.models import default_device, load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
 from stages.common.rewards import compute_score
@@ -385,15 +386,18 @@ def summarize(records: list[dict]) -> dict:
 
 
 def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> None:
-    mem = estimate_training_memory(policy_spec, cfg.dtype)
     how, spec = disc_source
-    disc_mem = estimate_training_memory(spec, cfg.dtype) if how == "upcycle" else None
+    shape = plan_report.policy_shape(policy_spec)
+    disc_spec = checkpoint.CkptSpec(ref=str(spec.path / "discriminator"), kind="hf", path=spec.path / "discriminator") \
+        if how == "reuse" and spec.kind == "prism" else spec
+    disc_shape = plan_report.discriminator_shape(disc_spec, upcycle=how == "upcycle", dense=cfg.disc_dense,
+                                                 num_experts=cfg.num_experts, top_k=cfg.top_k,
+                                                 aux_loss_coef=cfg.aux_loss_coef)
     kind = "dense" if cfg.disc_dense else f"MoE {cfg.num_experts} experts top-{cfg.top_k}"
     rows = [
-        ["policy", f"{policy_spec.describe()} ({mem['parameters'] / 1e6:.1f}M parameters)"],
+        ["policy", f"{policy_spec.describe()}: {plan_report.parameter_summary(shape)}"],
         ["discriminator", f"{how} {spec.ref}: {kind}" + (", text-only" if cfg.disc_text_only else "")
-                          + (f" (dense base {disc_mem['parameters'] / 1e6:.1f}M; MoE MLPs x{cfg.num_experts})"
-                             if disc_mem and not cfg.disc_dense else "")],
+                          + f": {plan_report.parameter_summary(disc_shape)}"],
         ["data", f"{n_samples} prompts with teacher demonstrations"],
         ["warmup", f"{cfg.warmup_steps} BT steps x {cfg.warmup_batch} pairs, lr {cfg.warmup_lr} cosine"
                    + (f", pairs from {cfg.warmup_pairs}" if cfg.warmup_pairs else
@@ -402,9 +406,9 @@ def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> No
                  f"max {cfg.max_new_tokens} new tokens; alpha {cfg.alpha}, format penalty {cfg.format_penalty}, "
                  f"advantages {cfg.advantage_mode}; scoring layout {cfg.disc_layout}"],
         ["optimizers", f"policy lr {cfg.lr} constant, discriminator lr {cfg.disc_lr}, wd {cfg.weight_decay}"],
-        ["memory (policy weights+grads+Adam, unsharded)", f"{mem['training_bytes'] / 2**30:.2f} GiB"],
         ["device", str(default_device())],
         ["output", cfg.out or "(--out not set)"],
     ]
     console.print_table("prism align --dry-run", ["", "plan"], rows)
+    plan_report.print_plan("prism align", plan_report.align_plan(cfg, shape, disc_shape, vllm_sleeps=False))
     return None

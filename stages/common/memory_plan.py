@@ -236,7 +236,7 @@ class MemoryPlan:
         for phase in self.phases:
             for part, size in phase.parts.items():
                 rows.append([phase.name, part, gib(size)])
-            rows.append([phase.name, "[b]total[/b]", f"[b]{gib(phase.total)}[/b]"])
+            rows.append([phase.name, "total", gib(phase.total)])
         if self.cpu_bytes:
             rows.append(["(host)", "offloaded states, CPU memory per rank", gib(self.cpu_bytes)])
         rows.append(["verdict", "", self.verdict()])
@@ -301,10 +301,12 @@ def training_plan(stage: str, *, policy: ModelShape, backend: str, world: int, w
             notes.append("vLLM stays awake through updates: its pool is counted in every phase")
     if discriminator is not None and disc_tokens:
         parts = dict(during_update)
-        parts["discriminator activations"] = activation_bytes(discriminator, disc_tokens, width, disc_checkpointing)
-        row = min(disc_row_tokens or disc_tokens, disc_tokens)
-        # one additive [row, row] mask per forward row (stages.align.scoring), rows of <= disc_row_tokens
-        parts["scoring masks"] = math.ceil(disc_tokens / row) * row * row * width
+        # stages.align.scoring: forward and backward one chunk of <= disc_row_tokens at a time (the chunk is
+        # re-run in backward), so only one chunk's activations and its additive [rows, 1, t, t] mask are alive
+        chunk = min(disc_row_tokens or disc_tokens, disc_tokens)
+        parts["discriminator activations (one chunk)"] = activation_bytes(discriminator, chunk, width,
+                                                                          disc_checkpointing)
+        parts["scoring mask (one chunk)"] = chunk * chunk * width
         phases.append(Phase("scoring", parts))
     parts = dict(during_update)
     parts["policy activations"] = activation_bytes(policy, micro_batch_tokens, width, checkpointing,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from prism_cli.config import CommonConfig, opt
 from prism_cli.errors import UsageError
+from stages.common.plan_report import check_plan_options
 
 # What each algorithm means when the user does not override a knob.
 ALGO_DEFAULTS = {
@@ -61,6 +62,10 @@ class RLConfig(CommonConfig):
     attn: str = opt("auto", "auto, sdpa, flash_attention_2, eager", group="Hardware")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward", group="Hardware")
     freeze_vision: bool = opt(False, "keep the vision tower frozen", group="Hardware")
+    gpu_memory: str = opt("80GiB", "--dry-run: memory of one GPU, for the plan's verdict", group="Hardware")
+    backend: str = opt("auto", "--dry-run plan backend: auto (from the accelerate launch), none, ddp, zero2, zero3, "
+                               "fsdp2, offload", group="Hardware")
+    world_size: int = opt(0, "--dry-run plan: number of GPUs (0: the launch's WORLD_SIZE)", group="Hardware")
 
     save_every: int = opt(10, "save resumable state every N steps", group="Logging")
     report_to: str = opt("none", "trackers through accelerate: none, tensorboard, wandb", group="Logging")
@@ -71,6 +76,7 @@ class RLConfig(CommonConfig):
         return ALGO_DEFAULTS[self.algo][key] if value is None else value
 
     def validate(self) -> None:
+        check_plan_options(self.gpu_memory, self.backend, self.world_size)
         if self.algo not in ALGO_DEFAULTS:
             raise UsageError(f"unknown --algo {self.algo!r}", hint="use grpo, dapo or gspo")
         if not self.ckpt:

@@ -19,7 +19,8 @@ from stages.common import training
 from stages.common.chat import rollout_prompt
 from stages.common.data import Sample, stream_item
 from stages.common.formats import load_sources, source_parents
-from stages.common.models import estimate_training_memory, load_policy, load_processor
+from stages.common import plan_report
+from stages.common.models import load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.rewards import compute_score
 from stages.common.rollout import SamplingParams, make_engine
@@ -239,7 +240,7 @@ def summarize(records: list[dict]) -> dict:
 
 
 def print_plan(cfg: RLConfig, policy_spec, n_prompts: int) -> None:
-    mem = estimate_training_memory(policy_spec, cfg.dtype)
+    shape = plan_report.policy_shape(policy_spec)
     rollouts = cfg.prompts_per_step * cfg.rollouts_per_prompt
     rows = [
         ["algorithm", f"{cfg.algo}: clip {cfg.resolved('clip_low')}/{cfg.resolved('clip_high')}, "
@@ -251,11 +252,10 @@ def print_plan(cfg: RLConfig, policy_spec, n_prompts: int) -> None:
         ["batch shapes", f"responses up to {cfg.max_new_tokens} tokens; micro-batches of <= {cfg.micro_batch_tokens} "
                          f"tokens; {cfg.ppo_epochs} epoch(s) x {cfg.mini_batches} mini-batch(es)"],
         ["optimizer", f"AdamW lr {cfg.lr}, warmup {cfg.warmup}, wd {cfg.weight_decay}, clip {cfg.max_grad_norm}"],
-        ["parameters", f"{mem['parameters'] / 1e6:.1f}M"],
-        ["memory (weights+grads+Adam, unsharded)", f"{mem['training_bytes'] / 2**30:.2f} GiB"
-                                                    + (" + a frozen reference" if cfg.kl_coef > 0 else "")],
+        ["parameters", plan_report.parameter_summary(shape) + (" + a frozen reference" if cfg.kl_coef > 0 else "")],
         ["rollout engine", cfg.engine],
         ["output", cfg.out or "(--out not set)"],
     ]
     console.print_table(f"prism rl --algo {cfg.algo} --dry-run", ["", "plan"], rows)
+    plan_report.print_plan(f"prism rl --algo {cfg.algo}", plan_report.rl_plan(cfg, shape, vllm_sleeps=False))
     return None
