@@ -166,11 +166,15 @@ def build_discriminator(cfg: AlignConfig, source, device):
     if how == "reuse":
         path = spec.path / "discriminator" if spec.kind == "prism" else spec.path
         disc = load_discriminator(path, dtype=cfg.dtype, device=device, train=True)
+        if cfg.disc_gradient_checkpointing:
+            disc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return disc, load_discriminator_processor(path)
     disc = upcycle(spec, num_experts=cfg.num_experts, top_k=cfg.top_k, noise_std=cfg.expert_noise,
                    router_std=cfg.router_std, aux_loss_coef=cfg.aux_loss_coef, seed=cfg.seed, dense=cfg.disc_dense,
                    text_only=cfg.disc_text_only, dtype=cfg.dtype if cfg.dtype != "auto" else
                    ("bf16" if device.type == "cuda" else "fp32"), device=device)
+    if cfg.disc_gradient_checkpointing:
+        disc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     disc.train()
     return disc, load_processor(spec)
 
@@ -293,7 +297,7 @@ def score_rollouts(cfg: AlignConfig, disc, disc_processor, batch, completions) -
     segments = [[sample.teacher.caption, sample.teacher.think] + [p.caption or "" for p in group]
                 + [p.think or "" for p in group] for (sample, _), group in zip(batch, parsed)]
     result = score_groups(disc, disc_processor, [p for _, p in batch], segments, cfg.disc_layout,
-                          output_router_logits=True)
+                          output_router_logits=True, max_row_tokens=cfg.disc_row_tokens)
     scores = torch.stack(result.scores)                        # [G, 2 + 2n], with grad to the discriminator
     acc = torch.tensor([[compute_score(c.text, sample.answer, sample.choices)["acc"] for c in group]
                         for (sample, _), group in zip(batch, completions)], dtype=torch.float32)
