@@ -71,7 +71,8 @@ def run(cfg: AlignConfig) -> Path:
     (policy, policy_opt, policy_sched, disc, disc_opt, disc_sched, warm_opt,
      warm_sched) = accelerator.prepare(policy, policy_opt, policy_sched, disc, disc_opt, disc_sched, warm_opt,
                                        warm_sched)
-    engine = make_engine(cfg.engine, training.unwrap(accelerator, policy), processor)
+    engine = make_engine(cfg.engine, training.unwrap(accelerator, policy), processor,
+                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, training=True)
 
     state = {"step": 0, "cursor": 0, "warmed_up": False}
     if run_dir.resuming:

@@ -53,7 +53,8 @@ def run(cfg: RLConfig) -> Path:
     scheduler = training.build_scheduler(optimizer, "constant", training.warmup_steps_from(cfg.warmup, cfg.steps),
                                          cfg.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    engine = make_engine(cfg.engine, training.unwrap(accelerator, model), processor)
+    engine = make_engine(cfg.engine, training.unwrap(accelerator, model), processor,
+                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, training=True)
 
     start_step, cursor = 0, 0
     if run_dir.resuming:

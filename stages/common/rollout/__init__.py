@@ -25,8 +25,14 @@ def vllm_usable() -> bool:
     return torch.cuda.is_available()
 
 
-def make_engine(name: str, model, processor, **opts) -> RolloutEngine:
-    """The rollout engine called `name` for `model`; opts go to the engine's constructor."""
+MAX_PROMPT_TOKENS = 2048   # paper: max prompt 2048 (image tokens included); the vllm engine's max_model_len adds it
+
+
+def make_engine(name: str, model, processor, *, max_new_tokens: int | None = None, seed: int = 0,
+                training: bool = False, **opts) -> RolloutEngine:
+    """The rollout engine called `name` for `model`; opts go to the engine's constructor. For vllm:
+    max_model_len = MAX_PROMPT_TOKENS + max_new_tokens, the engine seed, and (training) sleep between
+    rollouts so the updates get the GPU memory back."""
     if name not in ENGINE_NAMES:
         raise UsageError(f"unknown rollout engine {name!r}", hint="use auto, hf or vllm")
     if name == "auto":
@@ -38,7 +44,9 @@ def make_engine(name: str, model, processor, **opts) -> RolloutEngine:
                              hint="pip install 'prism-vlm[gpu]' on a GPU machine, or use --set rollout_engine=hf")
         from stages.common.rollout.vllm import VLLMEngine
 
-        return VLLMEngine(model, processor, **opts)
+        if max_new_tokens is not None:
+            opts.setdefault("max_model_len", MAX_PROMPT_TOKENS + int(max_new_tokens))
+        return VLLMEngine(model, processor, seed=seed, sleep_between=training, **opts)
     from stages.common.rollout.hf import HFEngine
 
     return HFEngine(model, processor, **opts)
