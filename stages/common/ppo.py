@@ -21,6 +21,7 @@ import torch
 from stages.common import training
 from stages.common.logprobs import (build_policy_batch, make_microbatches, make_prefix_microbatches,
                                     response_logprobs, select_rows, shared_prefix_supported)
+from stages.common.rollout import correction
 from stages.rl import losses
 
 
@@ -39,6 +40,7 @@ class PPOSettings:
     kl_kind: str = "k3"
     seed: int = 0
     shared_prefix: bool = True     # run each distinct prompt once per micro-batch (see module doc)
+    tis_cap: float = 0.0           # truncated importance sampling cap (0: off; stages.common.rollout.correction)
 
 
 def ppo_update(settings: PPOSettings, accelerator, model, optimizer, scheduler, processor, prompts, completions,
@@ -51,7 +53,15 @@ def ppo_update(settings: PPOSettings, accelerator, model, optimizer, scheduler, 
     old_logp = torch.zeros(batch["response_mask"].shape) if rows else None
     for i, c in enumerate(completions):
         old_logp[i, :len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+    rollout_logp, token_weights = old_logp, None
+    if settings.tis_cap > 0 and rows:
+        # PPO's old policy becomes the trainer's own logprobs; the rollout engine's mismatch is corrected per
+        # token by a truncated importance weight instead of leaking into the ratio
+        old_logp = _trainer_logprobs(settings, model, batch)
+        token_weights = correction.truncated_is_weights(old_logp, rollout_logp, batch["response_mask"],
+                                                        settings.tis_cap)
     stats_sum: dict[str, float] = {}
+    gap_stats: dict[str, float] = {}
     n_updates = 0
     order = list(range(rows))
     size = max(1, -(-rows // settings.mini_batches))
@@ -59,17 +69,35 @@ def ppo_update(settings: PPOSettings, accelerator, model, optimizer, scheduler, 
         random.Random(settings.seed * 31 + epoch).shuffle(order)
         for k in range(settings.mini_batches):
             mini = order[k * size:(k + 1) * size]
-            stats = _minibatch(settings, accelerator, model, reference, batch, old_logp, advantages, mini)
+            # before the first optimizer step the trainer's logprobs are the old policy's: measure the gap there
+            gap_vs = rollout_logp if epoch == 0 and k == 0 else None
+            stats = _minibatch(settings, accelerator, model, reference, batch, old_logp, advantages, mini,
+                               token_weights=token_weights, gap_vs=gap_vs)
             stats["grad_norm"] = training.optimizer_step(accelerator, model, optimizer, scheduler,
                                                          settings.max_grad_norm)
+            gap_stats.update({key: stats.pop(key) for key in list(stats) if key.startswith("rollout_gap")})
             for key, value in stats.items():
                 if value is not None:
                     stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
             n_updates += 1
-    return {f"update/{k}": v / n_updates for k, v in stats_sum.items()}
+    result = {f"update/{k}": v / n_updates for k, v in stats_sum.items()}
+    result.update({f"rollout/{k[len('rollout_'):]}": float(v) for k, v in gap_stats.items()})
+    return result
 
 
-def _minibatch(settings: PPOSettings, accelerator, model, reference, batch, old_logp, advantages, mini) -> dict:
+@torch.no_grad()
+def _trainer_logprobs(settings: PPOSettings, model, batch) -> torch.Tensor:
+    """The trainer's logprobs of every response token (no gradient), [rows, T] on the CPU."""
+    out = torch.zeros(batch["response_mask"].shape)
+    for rows in make_microbatches(batch["lengths"].tolist(), settings.micro_batch_tokens):
+        mb = select_rows(batch, rows)
+        logp, _ = response_logprobs(model, mb, temperature=settings.temperature, shared_prefix=False)
+        out[rows, :logp.shape[1]] = logp.float().cpu()
+    return out
+
+
+def _minibatch(settings: PPOSettings, accelerator, model, reference, batch, old_logp, advantages, mini,
+               token_weights=None, gap_vs=None) -> dict:
     """Forward/backward of one mini-batch in token-budget micro-batches."""
     loss_fn = losses.gspo_loss if settings.loss == "gspo" else losses.ppo_clip_loss
     sub = select_rows(batch, mini) if mini else None
@@ -99,11 +127,18 @@ def _minibatch(settings: PPOSettings, accelerator, model, reference, batch, old_
         T = mask.shape[1]
         old = old_logp[rows, :T].to(accelerator.device)
         adv = advantages[rows].to(accelerator.device, torch.float32)
+        if token_weights is not None:
+            adv = adv[:, None] * token_weights[rows, :T].to(accelerator.device)
         with training.accumulate(accelerator, model, last=(i == len(micro) - 1)):
             logp, entropy = response_logprobs(model, mb, temperature=settings.temperature, with_entropy=True,
                                               shared_prefix=shared)
             loss, stats = loss_fn(logp, old, adv, mask, clip_low=settings.clip_low, clip_high=settings.clip_high,
                                   agg=settings.agg, normalizer=normalizer)
+            if gap_vs is not None:
+                gap = correction.logprob_gap(gap_vs[rows, :T].to(logp.device), logp.detach(), mask)
+                stats.update({f"rollout_{k}": v for k, v in gap.items()})
+            if token_weights is not None:
+                stats["tis_weight_mean"] = float((token_weights[rows, :T] * mask.cpu()).sum()) / max(float(mask.sum()), 1.0)
             if reference is not None:
                 with torch.no_grad():
                     ref_logp, _ = response_logprobs(reference, mb, temperature=settings.temperature,

@@ -55,6 +55,8 @@ class RLConfig(CommonConfig):
     overlong_buffer: int | None = opt(None, "DAPO overlong buffer in tokens (0: off; capped at max_new_tokens)",
                                       group="Algorithm")
     overlong_penalty: float = opt(1.0, "DAPO overlong penalty factor", group="Algorithm")
+    tis_cap: float = opt(0.0, "truncated importance sampling: weight each token by min(pi_trainer / pi_rollout, "
+                              "cap) to correct the rollout engine's mismatch (0: off; e.g. 2)", group="Algorithm")
     acc_weight: float = opt(0.8, "reward = acc_weight * acc + format_weight * format", group="Algorithm")
     format_weight: float = opt(0.2, "see acc_weight", group="Algorithm")
 
@@ -87,5 +89,9 @@ class RLConfig(CommonConfig):
             raise UsageError(f"unknown loss_agg {self.loss_agg!r}")
         if self.kl_kind not in ("k1", "k3"):
             raise UsageError(f"unknown kl_kind {self.kl_kind!r}", hint="use k1 or k3")
+        if self.tis_cap < 0:
+            raise UsageError("tis_cap must be >= 0 (0: off)")
+        if self.tis_cap and self.algo == "gspo":
+            raise UsageError("tis_cap weights tokens; gspo's ratio is per sequence", hint="use grpo or dapo")
         if self.prompts_per_step * self.rollouts_per_prompt % self.mini_batches:
             raise UsageError("prompts_per_step x rollouts_per_prompt must be divisible by mini_batches")

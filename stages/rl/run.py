@@ -212,7 +212,7 @@ def ppo_settings(cfg: RLConfig) -> PPOSettings:
                        clip_high=cfg.resolved("clip_high"), agg=cfg.resolved("loss_agg"),
                        temperature=cfg.temperature, micro_batch_tokens=cfg.micro_batch_tokens,
                        ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches, max_grad_norm=cfg.max_grad_norm,
-                       kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, seed=cfg.seed)
+                       kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, seed=cfg.seed, tis_cap=cfg.tis_cap)
 
 
 def policy_update(cfg: RLConfig, accelerator, model, reference, optimizer, scheduler, processor,
