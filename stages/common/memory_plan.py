@@ -311,7 +311,7 @@ def training_plan(stage: str, *, policy: ModelShape, backend: str, world: int, w
     parts = dict(during_update)
     parts["policy activations"] = activation_bytes(policy, micro_batch_tokens, width, checkpointing,
                                                    image_patches=image_patches, train_vision=not freeze_vision)
-    parts["logits chunk"] = logits_chunk_bytes(policy.vocab, logits_chunk, width)
+    parts["logits chunk"] = logits_chunk_bytes(policy.vocab, min(logits_chunk, micro_batch_tokens), width)
     phases.append(Phase("update", parts))
     return MemoryPlan(stage=stage, backend=backend, world=world, gpu_bytes=gpu_bytes, phases=phases, cpu_bytes=cpu,
                       notes=notes)
