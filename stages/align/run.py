@@ -415,5 +415,5 @@ def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> No
         ["output", cfg.out or "(--out not set)"],
     ]
     console.print_table("prism align --dry-run", ["", "plan"], rows)
-    plan_report.print_plan("prism align", plan_report.align_plan(cfg, shape, disc_shape, vllm_sleeps=False))
+    plan_report.print_plan("prism align", plan_report.align_plan(cfg, shape, disc_shape, vllm_sleeps=True))
     return None

@@ -258,5 +258,5 @@ def print_plan(cfg: RLConfig, policy_spec, n_prompts: int) -> None:
         ["output", cfg.out or "(--out not set)"],
     ]
     console.print_table(f"prism rl --algo {cfg.algo} --dry-run", ["", "plan"], rows)
-    plan_report.print_plan(f"prism rl --algo {cfg.algo}", plan_report.rl_plan(cfg, shape, vllm_sleeps=False))
+    plan_report.print_plan(f"prism rl --algo {cfg.algo}", plan_report.rl_plan(cfg, shape, vllm_sleeps=True))
     return None
