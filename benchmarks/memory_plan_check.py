@@ -80,6 +80,10 @@ def build(args, device, dtype):
                                                        "mrope_section": [8, 4, 4], "mrope_interleaved": True})
         overrides["vision"].update(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
     config = shape_config(args.shape, **overrides)
+    if getattr(args, "moe", False):   # the discriminator's shape: every MLP upcycled to 4 experts, top-2
+        from stages.align.discriminator import moe_config_from_dense
+
+        config = moe_config_from_dense(config, 4, 2)
     vocab = config.text_config.vocab_size
     for i, key in enumerate(("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")):
         setattr(config, key, vocab - 1 - i)   # keep the special ids inside a reduced vocabulary
@@ -156,7 +160,7 @@ def run(args) -> dict:
     update = plan.phases[-1]
     planned_state = update.parts["policy weights"] + update.parts["policy Adam m, v"]
     return {
-        "shape": args.shape, "layers": args.layers, "vocab": vocab, "params": shape.params, "tokens": args.tokens,
+        "shape": args.shape + (" moe" if args.moe else ""), "layers": args.layers, "vocab": vocab, "params": shape.params, "tokens": args.tokens,
         "micro_batches": args.micro_batches, "chunk": args.chunk, "checkpointing": args.checkpointing, "dtype": args.dtype,
         "device": str(device), "torch": torch.__version__,
         "measured": {"state": state, "update_peak": update_peak},
@@ -177,6 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--moe", action="store_true", help="upcycle the shape to 4 experts top-2 (the discriminator)")
     ap.add_argument("--train-vision", action="store_true", help="keep the vision tower trainable (it sees no image)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--device", default="auto")

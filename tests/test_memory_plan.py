@@ -139,3 +139,18 @@ def test_plan_matches_a_measured_cpu_step(checkpointing, tmp_path):
     ratio = json.loads(out.read_text())["ratio"]
     for key in ("state", "update_peak", "step_delta"):
         assert 0.85 <= ratio[key] <= 1.15, (key, ratio)
+
+
+@pytest.mark.slow
+def test_plan_matches_a_measured_cpu_step_of_the_moe_discriminator_shape(tmp_path):
+    """The 2B width upcycled to 4 experts top-2, one layer: state and step peak within 15%. (The step's own
+    memory above the state is under-planned by ~18% here: docs/memory-plan.md.)"""
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "memory_plan_check.py"), "--layers", "1", "--tokens", "512",
+           "--moe", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ratio = json.loads(out.read_text())["ratio"]
+    for key in ("state", "update_peak"):
+        assert 0.85 <= ratio[key] <= 1.15, (key, ratio)
