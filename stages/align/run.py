@@ -392,12 +392,7 @@ def summarize(records: list[dict]) -> dict:
 
 def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> None:
     how, spec = disc_source
-    shape = plan_report.policy_shape(policy_spec)
-    disc_spec = checkpoint.CkptSpec(ref=str(spec.path / "discriminator"), kind="hf", path=spec.path / "discriminator") \
-        if how == "reuse" and spec.kind == "prism" else spec
-    disc_shape = plan_report.discriminator_shape(disc_spec, upcycle=how == "upcycle", dense=cfg.disc_dense,
-                                                 num_experts=cfg.num_experts, top_k=cfg.top_k,
-                                                 aux_loss_coef=cfg.aux_loss_coef)
+    shape, disc_shape = plan_report.align_shapes(cfg, policy_spec, disc_source)
     kind = "dense" if cfg.disc_dense else f"MoE {cfg.num_experts} experts top-{cfg.top_k}"
     rows = [
         ["policy", f"{policy_spec.describe()}: {plan_report.parameter_summary(shape)}"],

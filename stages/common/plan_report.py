@@ -59,6 +59,16 @@ def discriminator_shape(spec: CkptSpec, *, upcycle: bool, dense: bool, num_exper
     return mp.shape_of(model, f"discriminator ({spec.ref})")
 
 
+def align_shapes(cfg, policy_spec: CkptSpec, disc_source: tuple[str, CkptSpec]):
+    """(policy, discriminator) shapes of an align run; disc_source is ("reuse" | "upcycle", spec)."""
+    how, spec = disc_source
+    if how == "reuse" and spec.kind == "prism":
+        spec = CkptSpec(ref=str(spec.path / "discriminator"), kind="hf", path=spec.path / "discriminator")
+    disc = discriminator_shape(spec, upcycle=how == "upcycle", dense=cfg.disc_dense, num_experts=cfg.num_experts,
+                               top_k=cfg.top_k, aux_loss_coef=cfg.aux_loss_coef)
+    return policy_shape(policy_spec), disc
+
+
 def backend_of(name: str) -> str:
     """The backend a launch uses: as given, or (auto) read from accelerate's launch environment."""
     if name != "auto":
