@@ -165,5 +165,8 @@ def print_plan(title: str, plan: mp.MemoryPlan) -> None:
 
 
 def parameter_summary(shape: mp.ModelShape) -> str:
-    return (f"{shape.params / 1e9:.3f}B parameters (vision {shape.vision_params / 1e9:.3f}B"
+    def count(n: int) -> str:
+        return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+    return (f"{count(shape.params)} parameters (vision {count(shape.vision_params)}"
             + (f", {shape.experts} experts top-{shape.top_k}" if shape.experts else "") + ")")
