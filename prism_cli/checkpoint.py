@@ -35,6 +35,8 @@ LOCK = ".prism-lock"            # held (flock) by the one process writing a run;
 STAGES = ("curate", "sft", "align", "rl", "eval", "export")
 POLICY_STAGES = ("base", "sft", "align", "rl")  # checkpoints whose model/ is a policy
 TINY_SPECS = ("tiny", "tiny-moe", "tiny-qwen", "tiny-seeing")
+# Published Qwen3-VL shapes with no weights (stages.common.shapes): for --dry-run plans and GPU benchmarks.
+SHAPE_SPECS = ("qwen3vl-2b-shape", "qwen3vl-4b-shape", "qwen3vl-8b-shape")
 # Keys that name a credential ("api_key", "hf_token", "password"), not counts like "max_new_tokens".
 _SECRET_KEY = re.compile(r"((api|secret|access|private)[_-]?key|secret|passw(or)?d|credentials?"
                          r"|(^|[_-])(access|auth|bearer|hf|api)?[_-]?token)$", re.I)
@@ -88,7 +90,7 @@ class CkptSpec:
     """What a --ckpt / --data / --disc argument resolved to."""
 
     ref: str                      # as the user gave it
-    kind: str                     # "prism" | "hf" | "hub" | "tiny"
+    kind: str                     # "prism" | "hf" | "hub" | "tiny" | "shape"
     path: Path | None = None      # directory on disk (prism checkpoint dir or HF model dir)
     manifest: dict | None = None  # prism.json for kind == "prism"
 
@@ -106,6 +108,9 @@ class CkptSpec:
             if not tiny.is_built(path):
                 raise RuntimeError(f"the {self.ref} model is not built yet: load it through stages.common.models")
             return str(path)
+        if self.kind == "shape":
+            raise PrismError(f"{self.ref} is a shape with no weights: only --dry-run plans and benchmarks use it",
+                             hint=f"train from a real checkpoint; --dry-run --ckpt {self.ref} plans its memory")
         if self.kind == "hf":
             return str(self.path)
         return self.ref
@@ -116,6 +121,8 @@ class CkptSpec:
             return hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
         if self.kind == "tiny":
             return f"tiny:{tiny.build_key(self.ref)}"
+        if self.kind == "shape":
+            return f"shape:{self.ref}"
         if self.kind == "hf" and (self.path / "config.json").is_file():
             return "config:" + sha256_file(self.path / "config.json")
         return f"hub:{self.ref}"
@@ -188,6 +195,8 @@ def resolve(ref: str, role: str = "--ckpt") -> CkptSpec:
         raise UsageError(f"{role} is required")
     if ref in TINY_SPECS:
         return CkptSpec(ref=ref, kind="tiny")
+    if ref in SHAPE_SPECS:
+        return CkptSpec(ref=ref, kind="shape")
     path = Path(ref).expanduser()
     if path.is_dir():
         if (path / MANIFEST).is_file():

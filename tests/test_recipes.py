@@ -42,11 +42,17 @@ DRY_RUNS = {
              ["prism_mathvista_testmini", "prism_mathverse_testmini", "prism_mathvision_testmini",
               "prism_wemath_testmini", "prism_mmmu_val", "prism_mmmu_pro_standard", "prism_hallusion_bench_image"]),
 }
-# The same dry runs with the real hub ids: offline they must stop with one line, not a traceback.
+# The same dry runs with the real hub ids, planned for the recipes' launch (ZeRO-2 on 8 x 80 GB): known
+# Qwen3-VL ids plan offline from their published configs, and every stage must fit.
+PLAN = ["--backend", "zero2", "--world-size", "8", "--gpu-memory", "80GiB"]
 HUB_RUNS = {
-    "sft": (["sft", "--config", f"{PAPER}/sft.yaml", "--data", "synth:train:256"], "Qwen/Qwen3-VL-4B-Instruct"),
-    "align": (["align", "--config", f"{PAPER}/align.yaml", "--ckpt", "tiny", "--data", "synth:64"],
-              "Qwen/Qwen3-VL-2B-Instruct"),
+    "sft": (["sft", "--config", f"{PAPER}/sft.yaml", "--data", "synth:train:256", *PLAN], "Qwen/Qwen3-VL-4B-Instruct"),
+    "align": (["align", "--config", f"{PAPER}/align.yaml", "--ckpt", "Qwen/Qwen3-VL-4B-Instruct", "--data",
+               "synth:64", *PLAN], "Qwen/Qwen3-VL-2B-Instruct"),
+    "rl-dapo": (["rl", "--config", f"{PAPER}/rl-dapo.yaml", "--ckpt", "Qwen/Qwen3-VL-4B-Instruct", "--data",
+                 "synth:64", *PLAN], "Qwen/Qwen3-VL-4B-Instruct"),
+    "unknown": (["sft", "--config", f"{PAPER}/sft.yaml", "--ckpt", "someorg/not-a-known-model", "--data",
+                 "synth:train:256"], "someorg/not-a-known-model"),
 }
 
 
@@ -84,10 +90,17 @@ def test_paper_config_dry_run(stage, dry_runs):
         assert text in out, f"plan of {stage} lacks {text!r}:\n{proc.stdout[-3000:]}"
 
 
-@pytest.mark.parametrize("stage", list(HUB_RUNS))
-def test_paper_config_without_hub_fails_in_one_line(stage, dry_runs):
-    _, hub_id = HUB_RUNS[stage]
+@pytest.mark.parametrize("stage", [k for k in HUB_RUNS if k != "unknown"])
+def test_paper_config_plan_fits_8_x_80gb_offline(stage, dry_runs):
     proc = dry_runs[f"hub:{stage}"]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "memory per GPU (zero2 x 8)" in out and "fits: peak" in out and "DOES NOT FIT" not in out, out[-3000:]
+
+
+def test_unknown_hub_id_fails_offline_in_one_line(dry_runs):
+    _, hub_id = HUB_RUNS["unknown"]
+    proc = dry_runs["hub:unknown"]
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

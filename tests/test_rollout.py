@@ -182,13 +182,13 @@ def test_vllm_request_building(policy):
 
 def test_vllm_sampling_kwargs():
     kw = vllm_engine.sampling_kwargs(SamplingParams(n=4, temperature=0.7, max_new_tokens=9, stop=["</answer>"],
-                                                    seed=11), banned_ids=[5, 6], request_index=2)
+                                                    seed=11), banned_ids=[5, 6], seed=13)
     assert kw["n"] == 4 and kw["max_tokens"] == 9 and kw["temperature"] == 0.7
     assert kw["top_k"] == -1 and kw["top_p"] == 1.0
     assert kw["stop"] == ["</answer>"] and kw["include_stop_str_in_output"]
     assert kw["logprobs"] == 0 and kw["seed"] == 13
     assert kw["logit_bias"] == {5: -100.0, 6: -100.0}
-    assert "seed" not in vllm_engine.sampling_kwargs(SamplingParams(), [], 0)
+    assert "seed" not in vllm_engine.sampling_kwargs(SamplingParams(), [])
 
 
 def test_vllm_weight_names():

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from prism_cli.config import CommonConfig, opt
 from prism_cli.errors import UsageError
+from stages.common.plan_report import check_plan_options
 
 ADVANTAGE_MODES = ("prism", "acc-gated", "rlvr-mixed")
 
@@ -68,12 +69,23 @@ class AlignConfig(CommonConfig):
     attn: str = opt("auto", "policy attention: auto, sdpa, flash_attention_2", group="Hardware")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward", group="Hardware")
     freeze_vision: bool = opt(False, "keep the policy's vision tower frozen", group="Hardware")
+    gpu_memory: str = opt("80GiB", "--dry-run: memory of one GPU, for the plan's verdict", group="Hardware")
+    backend: str = opt("auto", "--dry-run plan backend: auto (from the accelerate launch), none, ddp, zero2, zero3, "
+                               "fsdp2, offload", group="Hardware")
+    world_size: int = opt(0, "--dry-run plan: number of GPUs (0: the launch's WORLD_SIZE)", group="Hardware")
+    disc_row_tokens: int = opt(8192, "token budget of one discriminator scoring row (a group is split into rows "
+                                     "of at most this many tokens, each repeating the prompt)", group="Discriminator")
+    disc_gradient_checkpointing: bool = opt(True, "recompute the discriminator's activations in backward",
+                                            group="Discriminator")
 
     save_every: int = opt(25, "save resumable state every N steps", group="Logging")
     report_to: str = opt("none", "trackers through accelerate: none, tensorboard, wandb", group="Logging")
     keep_state: bool = opt(False, "keep optimizer state in the final checkpoint", group="Output", cli=False)
 
     def validate(self) -> None:
+        check_plan_options(self.gpu_memory, self.backend, self.world_size)
+        if self.disc_row_tokens < 1:
+            raise UsageError("disc_row_tokens must be >= 1")
         if not self.ckpt:
             raise UsageError("--ckpt is required", hint="the SFT checkpoint to align, e.g. --ckpt out/sft")
         if not self.data:

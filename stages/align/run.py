@@ -34,7 +34,8 @@ from stages.common.data import Sample, stream_item
 from stages.common.discriminator import (aux_loss_coef, load_discriminator, load_discriminator_processor,
                                          save_discriminator, upcycle)
 from stages.common.formats import dropped_report, image_bytes, load_sources, source_parents
-from stages.common.models import default_device, estimate_training_memory, load_policy, load_processor
+from stages.common import plan_report
+from stages.common.models import default_device, load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
 from stages.common.rewards import compute_score
@@ -70,7 +71,8 @@ def run(cfg: AlignConfig) -> Path:
     disc = runtime.prepare(disc_model, lambda m: training.build_optimizer(m, 1.0, cfg.weight_decay),
                            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, discriminator_lr(cfg)),
                            max_grad_norm=cfg.max_grad_norm, name="discriminator")
-    engine = make_engine(cfg.engine, policy.module, processor)
+    engine = make_engine(cfg.engine, policy.module, processor, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                         training=True)
     engine.lockstep = distributed.lockstep(accelerator, runtime.backend)
     tracking.start(accelerator, "align", to_dict(cfg), cfg.report_to, cfg.out)
 
@@ -182,10 +184,14 @@ def build_discriminator(cfg: AlignConfig, source, device):
     if how == "reuse":
         path = spec.path / "discriminator" if spec.kind == "prism" else spec.path
         disc = load_discriminator(path, dtype=training.MASTER_WEIGHTS_DTYPE, device=device, train=True)
+        if cfg.disc_gradient_checkpointing:
+            disc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return disc, load_discriminator_processor(path)
     disc = upcycle(spec, num_experts=cfg.num_experts, top_k=cfg.top_k, noise_std=cfg.expert_noise,
                    router_std=cfg.router_std, aux_loss_coef=cfg.aux_loss_coef, seed=cfg.seed, dense=cfg.disc_dense,
                    text_only=cfg.disc_text_only, dtype=training.MASTER_WEIGHTS_DTYPE, device=device)
+    if cfg.disc_gradient_checkpointing:
+        disc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     disc.train()
     return disc, load_processor(spec)
 
@@ -330,7 +336,7 @@ def score_rollouts(cfg: AlignConfig, disc, disc_processor, batch, completions) -
     segments = [[sample.teacher.caption, sample.teacher.think] + [p.caption or "" for p in group]
                 + [p.think or "" for p in group] for (sample, _), group in zip(batch, parsed)]
     result = score_groups(disc.model, disc_processor, [p for _, p in batch], segments, cfg.disc_layout,
-                          output_router_logits=True)
+                          output_router_logits=True, max_row_tokens=cfg.disc_row_tokens)
     scores = torch.stack(result.scores)                        # [G, 2 + 2n], with grad to the discriminator
     verifiable = [[compute_score(c.text, sample.answer, sample.choices, acc_weight=cfg.acc_weight,
                                  format_weight=cfg.format_weight) for c in group]
@@ -415,15 +421,13 @@ def summarize(records: list[dict]) -> dict:
 
 
 def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> None:
-    mem = estimate_training_memory(policy_spec, cfg.dtype)
     how, spec = disc_source
-    disc_mem = estimate_training_memory(spec, cfg.dtype) if how == "upcycle" else None
+    shape, disc_shape = plan_report.align_shapes(cfg, policy_spec, disc_source)
     kind = "dense" if cfg.disc_dense else f"MoE {cfg.num_experts} experts top-{cfg.top_k}"
     rows = [
-        ["policy", f"{policy_spec.describe()} ({mem['parameters'] / 1e6:.1f}M parameters)"],
+        ["policy", f"{policy_spec.describe()}: {plan_report.parameter_summary(shape)}"],
         ["discriminator", f"{how} {spec.ref}: {kind}" + (", text-only" if cfg.disc_text_only else "")
-                          + (f" (dense base {disc_mem['parameters'] / 1e6:.1f}M; MoE MLPs x{cfg.num_experts})"
-                             if disc_mem and not cfg.disc_dense else "")],
+                          + f": {plan_report.parameter_summary(disc_shape)}"],
         ["data", f"{n_samples} prompts with teacher demonstrations"],
         ["warmup", f"{cfg.warmup_steps} BT steps x {cfg.warmup_batch} pairs, lr {cfg.warmup_lr} cosine"
                    + (f", pairs from {cfg.warmup_pairs}" if cfg.warmup_pairs else
@@ -432,9 +436,9 @@ def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> No
                  f"max {cfg.max_new_tokens} new tokens; alpha {cfg.alpha}, format penalty {cfg.format_penalty}, "
                  f"advantages {cfg.advantage_mode}; scoring layout {cfg.disc_layout}"],
         ["optimizers", f"policy lr {cfg.lr} constant, discriminator lr {cfg.disc_lr}, wd {cfg.weight_decay}"],
-        ["memory (policy weights+grads+Adam, unsharded)", f"{mem['training_bytes'] / 2**30:.2f} GiB"],
         ["device", str(default_device())],
         ["output", cfg.out or "(--out not set)"],
     ]
     console.print_table("prism align --dry-run", ["", "plan"], rows)
+    plan_report.print_plan("prism align", plan_report.align_plan(cfg, shape, disc_shape, vllm_sleeps=True))
     return None

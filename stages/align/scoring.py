@@ -143,8 +143,10 @@ def score_groups(disc, processor, prompts: Sequence[Any], segments: Sequence[Seq
     """Score every segment of every prompt group: segments[g] are the texts scored against prompts[g].
 
     text_only: withhold images (default: the discriminator's own text_only flag; a text-only
-    discriminator cannot be given images). max_row_tokens (shared layout): split a group over several
-    rows, each repeating the prompt, so that no row exceeds it (the mask is T x T per row).
+    discriminator cannot be given images). max_row_tokens (shared layout): the token budget. A group is
+    split over rows of at most that many tokens (each repeats the prompt; a row's mask is t x t), and rows
+    run in chunks of at most that many padded tokens; with gradients, backward re-runs one chunk at a time,
+    so memory is bounded by the budget however long the group is (stages.common.memory_plan).
     Gradients flow to the discriminator's parameters unless called under torch.no_grad().
     """
     if layout not in LAYOUTS:
@@ -256,19 +258,34 @@ def shared_layout_mask(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return mask[:, None]
 
 
-def _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_row_tokens) -> ScoreResult:
+def _chunk_rows(rows: list[_Row], max_tokens: int | None) -> list[list[int]]:
+    """Consecutive rows grouped so that a chunk's padded size (rows x widest row) stays within max_tokens; a
+    row wider than the budget is a chunk of its own. No budget: one chunk of every row."""
+    if max_tokens is None:
+        return [list(range(len(rows)))] if rows else []
+    chunks, current, width = [], [], 0
+    for r, row in enumerate(rows):
+        new_width = max(width, row.length)
+        if current and (len(current) + 1) * new_width > max_tokens:
+            chunks.append(current)
+            current, new_width = [], row.length
+        current.append(r)
+        width = new_width
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _shared_inputs(disc, processor, rows: list[_Row], seg_ids, prompt_pos_cache: dict) -> tuple[dict, list]:
+    """Model inputs of rows in the shared layout, and (row, column, group, segment) of every segment's end."""
     device, dtype = _model_device_dtype(disc)
     pad_id = processor.tokenizer.pad_token_id
-    rows = _pack_rows(encoded, seg_ids, max_row_tokens)
-    if not rows:
-        return ScoreResult(scores=[torch.zeros(0, device=device) for _ in encoded])
     width = max(row.length for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mm_types = torch.zeros((len(rows), width), dtype=torch.long)
     blocks = torch.full((len(rows), width), _PAD_BLOCK, dtype=torch.long)
     positions = torch.zeros((3, len(rows), width), dtype=torch.long)
-    last_index = []  # (row, column, group, segment) of every segment's last token
-    prompt_pos_cache: dict[int, torch.Tensor] = {}
+    last_index = []
     for r, row in enumerate(rows):
         prompt = row.prompt
         p_len = len(prompt)
@@ -291,20 +308,90 @@ def _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_r
             col += n
     pixel_values, grid = _cat_images([row.prompt for row in rows])
     blocks = blocks.to(device)
-    out = disc(input_ids=input_ids.to(device), attention_mask=shared_layout_mask(blocks, dtype),
-               position_ids=positions.to(device), mm_token_type_ids=mm_types.to(device),
-               pixel_values=pixel_values.to(device, dtype) if pixel_values is not None else None,
-               image_grid_thw=grid.to(device) if grid is not None else None,
-               output_router_logits=output_router_logits, aux_loss_mask=(blocks != _PAD_BLOCK).long())
+    inputs = dict(input_ids=input_ids.to(device), attention_mask=shared_layout_mask(blocks, dtype),
+                  position_ids=positions.to(device), mm_token_type_ids=mm_types.to(device),
+                  pixel_values=pixel_values.to(device, dtype) if pixel_values is not None else None,
+                  image_grid_thw=grid.to(device) if grid is not None else None,
+                  aux_loss_mask=(blocks != _PAD_BLOCK).long())
+    return inputs, last_index
+
+
+class _ChunkedScores(torch.autograd.Function):
+    """Scores of every chunk computed without a graph; backward re-runs one chunk at a time with its slice of
+    the incoming gradient, so a step holds one chunk's activations however long the group is (the same
+    trade as activation checkpointing: one more forward per chunk). `anchor` is a scalar leaf that only
+    puts this node on the graph; the discriminator's gradients accumulate into its parameters."""
+
+    @staticmethod
+    def forward(ctx, anchor, run_chunk, n_chunks, weights):
+        with torch.no_grad():
+            outs = [run_chunk(i) for i in range(n_chunks)]
+        ctx.run_chunk, ctx.sizes, ctx.weights = run_chunk, [len(o[0]) for o in outs], weights
+        scores = torch.cat([o[0] for o in outs])
+        auxes = [o[1] for o in outs]
+        aux = (sum(w * a for w, a in zip(weights, auxes)) if all(a is not None for a in auxes)
+               else torch.zeros((), device=scores.device))
+        return scores, aux
+
+    @staticmethod
+    def backward(ctx, grad_scores, grad_aux):
+        offset = 0
+        for i, size in enumerate(ctx.sizes):
+            with torch.enable_grad():
+                scores, aux = ctx.run_chunk(i)
+                loss = (scores * grad_scores[offset:offset + size]).sum()
+                if aux is not None and grad_aux is not None:
+                    loss = loss + ctx.weights[i] * aux * grad_aux
+            torch.autograd.backward(loss)
+            offset += size
+        return None, None, None, None
+
+
+def _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_row_tokens) -> ScoreResult:
+    """Shared layout; with max_row_tokens, rows of at most that many tokens run in chunks of at most that
+    many (padded) tokens, so neither the [t, t] masks nor the activations grow with the group."""
+    device, _ = _model_device_dtype(disc)
+    rows = _pack_rows(encoded, seg_ids, max_row_tokens)
+    if not rows:
+        return ScoreResult(scores=[torch.zeros(0, device=device) for _ in encoded])
+    chunks = _chunk_rows(rows, max_row_tokens)
+    prompt_pos_cache: dict[int, torch.Tensor] = {}
+    located = []   # per chunk: (group, segment) of each score it returns
+
+    def run_chunk(c: int):
+        inputs, last_index = _shared_inputs(disc, processor, [rows[r] for r in chunks[c]], seg_ids, prompt_pos_cache)
+        out = disc(**inputs, output_router_logits=output_router_logits)
+        row_idx = torch.tensor([x[0] for x in last_index], device=device)
+        col_idx = torch.tensor([x[1] for x in last_index], device=device)
+        if len(located) <= c:
+            located.append([(x[2], x[3]) for x in last_index])
+        return out.values[row_idx, col_idx], out.aux_loss
+
+    tokens = [sum(rows[r].length for r in chunk) for chunk in chunks]
+    weights = [t / sum(tokens) for t in tokens]   # aux loss: token-weighted mean over chunks
+    with_grad = torch.is_grad_enabled() and any(p.requires_grad for p in disc.parameters())
+    if len(chunks) > 1 and with_grad:
+        anchor = torch.zeros((), device=device, requires_grad=True)
+        flat, aux = _ChunkedScores.apply(anchor, run_chunk, len(chunks), weights)
+        aux = aux if output_router_logits and _is_moe(disc) else None
+    else:
+        outs = [run_chunk(c) for c in range(len(chunks))]
+        flat = torch.cat([o[0] for o in outs])
+        auxes = [o[1] for o in outs]
+        aux = sum(w * a for w, a in zip(weights, auxes)) if all(a is not None for a in auxes) else None
     # put every score back in (group, segment) order
-    order = sorted(range(len(last_index)), key=lambda j: (last_index[j][2], last_index[j][3]))
-    row_idx = torch.tensor([last_index[j][0] for j in order], device=device)
-    col_idx = torch.tensor([last_index[j][1] for j in order], device=device)
-    flat = out.values[row_idx, col_idx]
+    where = [gs for chunk in located for gs in chunk]
+    order = sorted(range(len(where)), key=lambda j: where[j])
+    flat = flat[torch.tensor(order, device=device)]
     sizes = [len(group) for group in seg_ids]
-    return ScoreResult(scores=list(torch.split(flat, sizes)), aux_loss=out.aux_loss,
-                       num_tokens=sum(row.length for row in rows), num_padded_tokens=len(rows) * width,
-                       num_rows=len(rows))
+    widths = [max(rows[r].length for r in chunk) for chunk in chunks]
+    return ScoreResult(scores=list(torch.split(flat, sizes)), aux_loss=aux,
+                       num_tokens=sum(row.length for row in rows),
+                       num_padded_tokens=sum(len(c) * w for c, w in zip(chunks, widths)), num_rows=len(rows))
+
+
+def _is_moe(disc) -> bool:
+    return getattr(disc, "module", disc).config.model_type == "qwen3_vl_moe"
 
 
 # ------------------------------------------------------------------------------------------ warmup

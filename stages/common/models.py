@@ -205,21 +205,3 @@ def count_parameters(model, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def estimate_training_memory(ckpt: str | CkptSpec, dtype: str = "auto") -> dict:
-    """Parameter count (from the config, on the meta device: no weights are read) and the bytes of
-    weights + grads in the training dtype + fp32 Adam moments and master copy, unsharded."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    spec = as_spec(ckpt)
-    try:
-        config = AutoConfig.from_pretrained(spec.model_path)
-    except OSError as e:
-        raise PrismError(f"cannot read the config of {spec.describe()}: {str(e).splitlines()[0]}") from None
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
-    n = sum(p.numel() for p in model.parameters())
-    gpu_dtype = pick_dtype(dtype, torch.device("cuda")) if dtype == "auto" else pick_dtype(dtype)
-    width = torch.finfo(gpu_dtype).bits // 8
-    # weights + grads in the training dtype; Adam m, v and (for half precision) an fp32 master copy
-    per_param = 2 * width + 8 + (4 if width < 4 else 0)
-    return {"parameters": n, "training_bytes": n * per_param, "bytes_per_parameter": per_param}

@@ -23,6 +23,7 @@ from stages.common import training
 from stages.common.logprobs import (build_policy_batch, make_microbatches, make_prefix_microbatches,
                                     response_logprobs, select_rows, shared_prefix_supported)
 from stages.common import losses
+from stages.common.rollout import correction
 
 
 @dataclass
@@ -40,6 +41,7 @@ class PPOSettings:
     kl_kind: str = "k3"
     seed: int = 0
     shared_prefix: bool = True     # run each distinct prompt once per micro-batch (see module doc)
+    tis_cap: float = 0.0           # truncated importance sampling cap (0: off; stages.common.rollout.correction)
 
 
 def ppo_update(settings: PPOSettings, accelerator, policy, processor, prompts, completions,
@@ -53,7 +55,15 @@ def ppo_update(settings: PPOSettings, accelerator, policy, processor, prompts, c
     old_logp = torch.zeros(batch["response_mask"].shape) if rows else None
     for i, c in enumerate(completions):
         old_logp[i, :len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+    rollout_logp, token_weights = old_logp, None
+    if settings.tis_cap > 0 and rows:
+        # PPO's old policy becomes the trainer's own logprobs; the rollout engine's mismatch is corrected per
+        # token by a truncated importance weight instead of leaking into the ratio
+        old_logp = _trainer_logprobs(settings, accelerator, policy.model, batch)
+        token_weights = correction.truncated_is_weights(old_logp, rollout_logp, batch["response_mask"],
+                                                        settings.tis_cap)
     stats_sum: dict[str, float] = {}
+    gap_stats: dict[str, float] = {}
     n_updates = 0
     order = list(range(rows))
     size = max(1, -(-rows // settings.mini_batches))
@@ -61,13 +71,19 @@ def ppo_update(settings: PPOSettings, accelerator, policy, processor, prompts, c
         random.Random(settings.seed * 31 + epoch).shuffle(order)
         for k in range(settings.mini_batches):
             mini = order[k * size:(k + 1) * size]
-            stats = _minibatch(settings, accelerator, policy, reference, batch, old_logp, advantages, mini)
+            # before the first optimizer step the trainer's logprobs are the old policy's: measure the gap there
+            gap_vs = rollout_logp if epoch == 0 and k == 0 else None
+            stats = _minibatch(settings, accelerator, policy, reference, batch, old_logp, advantages, mini,
+                               token_weights=token_weights, gap_vs=gap_vs)
             stats["grad_norm"] = policy.step(settings.max_grad_norm)
+            gap_stats.update({key: stats.pop(key) for key in list(stats) if key.startswith("rollout_gap")})
             for key, value in stats.items():
                 if value is not None:
                     stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
             n_updates += 1
-    return {f"update/{k}": v / n_updates for k, v in stats_sum.items()}
+    result = {f"update/{k}": v / n_updates for k, v in stats_sum.items()}
+    result.update({f"rollout/{k[len('rollout_'):]}": float(v) for k, v in gap_stats.items()})
+    return result
 
 
 def pad_plan(micro: list[list[int]], n_global: int) -> tuple[list[list[int]], list[float]]:
@@ -78,7 +94,23 @@ def pad_plan(micro: list[list[int]], n_global: int) -> tuple[list[list[int]], li
     return micro + [[0]] * (n_global - len(micro)), weights
 
 
-def _minibatch(settings: PPOSettings, accelerator, policy, reference, batch, old_logp, advantages, mini) -> dict:
+@torch.no_grad()
+def _trainer_logprobs(settings: PPOSettings, accelerator, model, batch) -> torch.Tensor:
+    """The trainer's logprobs of every response token (no gradient), [rows, T] on the CPU. Every process runs
+    as many forwards (pad_plan), since ZeRO-3 and FSDP2 gather parameters in each."""
+    micro = make_microbatches(batch["lengths"].tolist(), settings.micro_batch_tokens)
+    out = torch.zeros(batch["response_mask"].shape)
+    micro, weights = pad_plan(micro, training.global_max(accelerator, len(micro)))
+    for rows, weight in zip(micro, weights):
+        logp, _ = response_logprobs(model, select_rows(batch, rows), temperature=settings.temperature,
+                                    shared_prefix=False)
+        if weight:
+            out[rows, :logp.shape[1]] = logp.float().cpu()
+    return out
+
+
+def _minibatch(settings: PPOSettings, accelerator, policy, reference, batch, old_logp, advantages, mini,
+               token_weights=None, gap_vs=None) -> dict:
     """Forward/backward of one mini-batch in token-budget micro-batches (as many on every process)."""
     model = policy.model
     sub = select_rows(batch, mini) if mini else None
@@ -108,11 +140,18 @@ def _minibatch(settings: PPOSettings, accelerator, policy, reference, batch, old
         T = mask.shape[1]
         old = old_logp[rows, :T].to(accelerator.device)
         adv = advantages[rows].to(accelerator.device, torch.float32)
+        if token_weights is not None:
+            adv = adv[:, None] * token_weights[rows, :T].to(accelerator.device)
         with policy.accumulate(last=(i == len(micro) - 1)):
             logp, entropy = response_logprobs(model, mb, temperature=settings.temperature, with_entropy=True,
                                               shared_prefix=shared)
             loss, stats = settings.loss(logp, old, adv, mask, clip_low=settings.clip_low, clip_high=settings.clip_high,
                                   agg=settings.agg, normalizer=normalizer)
+            if gap_vs is not None:
+                gap = correction.logprob_gap(gap_vs[rows, :T].to(logp.device), logp.detach(), mask)
+                stats.update({f"rollout_{k}": v for k, v in gap.items()})
+            if token_weights is not None:
+                stats["tis_weight_mean"] = float((token_weights[rows, :T] * mask.cpu()).sum()) / max(float(mask.sum()), 1.0)
             if reference is not None:
                 with torch.no_grad():
                     ref_logp, _ = response_logprobs(reference, mb, temperature=settings.temperature,

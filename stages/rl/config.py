@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from prism_cli.config import CommonConfig, opt
 from prism_cli.errors import UsageError
 from stages.common.algorithms import ALGORITHMS
+from stages.common.plan_report import check_plan_options
 
 @dataclass
 class RLConfig(CommonConfig):
@@ -48,6 +49,8 @@ class RLConfig(CommonConfig):
     overlong_buffer: int | None = opt(None, "DAPO overlong buffer in tokens (0: off; capped at max_new_tokens)",
                                       group="Algorithm")
     overlong_penalty: float = opt(1.0, "DAPO overlong penalty factor", group="Algorithm")
+    tis_cap: float = opt(0.0, "truncated importance sampling: weight each token by min(pi_trainer / pi_rollout, "
+                              "cap) to correct the rollout engine's mismatch (0: off; e.g. 2)", group="Algorithm")
     acc_weight: float = opt(0.8, "reward = acc_weight * acc + format_weight * format", group="Algorithm")
     format_weight: float = opt(0.2, "see acc_weight", group="Algorithm")
 
@@ -55,6 +58,10 @@ class RLConfig(CommonConfig):
     attn: str = opt("auto", "auto, sdpa, flash_attention_2, eager", group="Hardware")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward", group="Hardware")
     freeze_vision: bool = opt(False, "keep the vision tower frozen", group="Hardware")
+    gpu_memory: str = opt("80GiB", "--dry-run: memory of one GPU, for the plan's verdict", group="Hardware")
+    backend: str = opt("auto", "--dry-run plan backend: auto (from the accelerate launch), none, ddp, zero2, zero3, "
+                               "fsdp2, offload", group="Hardware")
+    world_size: int = opt(0, "--dry-run plan: number of GPUs (0: the launch's WORLD_SIZE)", group="Hardware")
 
     save_every: int = opt(10, "save resumable state every N steps", group="Logging")
     report_to: str = opt("none", "trackers through accelerate: none, tensorboard, wandb", group="Logging")
@@ -72,6 +79,7 @@ class RLConfig(CommonConfig):
         return default
 
     def validate(self) -> None:
+        check_plan_options(self.gpu_memory, self.backend, self.world_size)
         ALGORITHMS.get(self.algo)  # an unknown name fails here, listing the registered ones
         if not self.ckpt:
             raise UsageError("--ckpt is required", hint="e.g. --ckpt out/sft or --ckpt tiny")
@@ -94,5 +102,9 @@ class RLConfig(CommonConfig):
             raise UsageError(f"unknown loss_agg {self.loss_agg!r}")
         if self.kl_kind not in ("k1", "k3"):
             raise UsageError(f"unknown kl_kind {self.kl_kind!r}", hint="use k1 or k3")
+        if self.tis_cap < 0:
+            raise UsageError("tis_cap must be >= 0 (0: off)")
+        if self.tis_cap and self.algo == "gspo":
+            raise UsageError("tis_cap weights tokens; gspo's ratio is per sequence", hint="use grpo or dapo")
         if self.prompts_per_step * self.rollouts_per_prompt % self.mini_batches:
             raise UsageError("prompts_per_step x rollouts_per_prompt must be divisible by mini_batches")

@@ -23,8 +23,9 @@ from stages.common.advantages import dynamic_sampling_keep, overlong_penalty
 from stages.common.algorithms import ALGORITHMS
 from stages.common.chat import rollout_prompt
 from stages.common.data import Sample, stream_item
+from stages.common import plan_report
 from stages.common.formats import dropped_report, load_sources, source_parents
-from stages.common.models import estimate_training_memory, load_policy, load_processor
+from stages.common.models import load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.rewards import compute_score
 from stages.common.rollout import SamplingParams, make_engine
@@ -59,7 +60,8 @@ def run(cfg: RLConfig) -> Path:
     policy = runtime.prepare(model, lambda m: training.build_optimizer(m, cfg.lr, cfg.weight_decay),
                              lambda opt: training.build_scheduler(opt, "constant", warmup_steps, cfg.steps),
                              max_grad_norm=cfg.max_grad_norm, name="policy")
-    engine = make_engine(cfg.engine, policy.module, processor)
+    engine = make_engine(cfg.engine, policy.module, processor, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                         training=True)
     engine.lockstep = distributed.lockstep(accelerator, runtime.backend)
     tracking.start(accelerator, "rl", to_dict(cfg), cfg.report_to, cfg.out)
 
@@ -244,7 +246,7 @@ def ppo_settings(cfg: RLConfig) -> PPOSettings:
                        clip_high=cfg.resolved("clip_high"), agg=cfg.resolved("loss_agg"),
                        temperature=cfg.temperature, micro_batch_tokens=cfg.micro_batch_tokens,
                        ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches, max_grad_norm=cfg.max_grad_norm,
-                       kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, seed=cfg.seed)
+                       kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, seed=cfg.seed, tis_cap=cfg.tis_cap)
 
 
 def policy_update(cfg: RLConfig, accelerator, policy, reference, processor, rollouts: Rollouts) -> dict:
@@ -273,7 +275,7 @@ def summarize(records: list[dict]) -> dict:
 
 
 def print_plan(cfg: RLConfig, policy_spec, n_prompts: int) -> None:
-    mem = estimate_training_memory(policy_spec, cfg.dtype)
+    shape = plan_report.policy_shape(policy_spec)
     rollouts = cfg.prompts_per_step * cfg.rollouts_per_prompt
     rows = [
         ["algorithm", f"{cfg.algo}: clip {cfg.resolved('clip_low')}/{cfg.resolved('clip_high')}, "
@@ -285,11 +287,10 @@ def print_plan(cfg: RLConfig, policy_spec, n_prompts: int) -> None:
         ["batch shapes", f"responses up to {cfg.max_new_tokens} tokens; micro-batches of <= {cfg.micro_batch_tokens} "
                          f"tokens; {cfg.ppo_epochs} epoch(s) x {cfg.mini_batches} mini-batch(es)"],
         ["optimizer", f"AdamW lr {cfg.lr}, warmup {cfg.warmup}, wd {cfg.weight_decay}, clip {cfg.max_grad_norm}"],
-        ["parameters", f"{mem['parameters'] / 1e6:.1f}M"],
-        ["memory (weights+grads+Adam, unsharded)", f"{mem['training_bytes'] / 2**30:.2f} GiB"
-                                                    + (" + a frozen reference" if cfg.kl_coef > 0 else "")],
+        ["parameters", plan_report.parameter_summary(shape) + (" + a frozen reference" if cfg.kl_coef > 0 else "")],
         ["rollout engine", cfg.engine],
         ["output", cfg.out or "(--out not set)"],
     ]
     console.print_table(f"prism rl --algo {cfg.algo} --dry-run", ["", "plan"], rows)
+    plan_report.print_plan(f"prism rl --algo {cfg.algo}", plan_report.rl_plan(cfg, shape, vllm_sleeps=True))
     return None

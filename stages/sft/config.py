@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from prism_cli.config import CommonConfig, opt
 from prism_cli.errors import UsageError
+from stages.common.plan_report import check_plan_options
 
 
 @dataclass
@@ -36,6 +37,10 @@ class SFTConfig(CommonConfig):
                     group="Hardware")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (saves memory)", group="Hardware")
     freeze_vision: bool = opt(False, "keep the vision tower frozen", group="Hardware")
+    gpu_memory: str = opt("80GiB", "--dry-run: memory of one GPU, for the plan's verdict", group="Hardware")
+    backend: str = opt("auto", "--dry-run plan backend: auto (from the accelerate launch), none, ddp, zero2, zero3, "
+                               "fsdp2, offload", group="Hardware")
+    world_size: int = opt(0, "--dry-run plan: number of GPUs (0: the launch's WORLD_SIZE)", group="Hardware")
 
     log_every: int = opt(1, "log metrics every N steps", group="Logging")
     eval_every: int = opt(50, "eval loss every N steps (and at the end)", group="Logging")
@@ -44,6 +49,7 @@ class SFTConfig(CommonConfig):
     keep_state: bool = opt(False, "keep optimizer state in the final checkpoint", group="Output", cli=False)
 
     def validate(self) -> None:
+        check_plan_options(self.gpu_memory, self.backend, self.world_size)
         if self.batch_size <= 0 or self.micro_batch_size <= 0:
             raise UsageError("batch_size and micro_batch_size must be positive")
         if self.batch_size % self.micro_batch_size:

@@ -20,9 +20,10 @@ from prism_cli.errors import PrismError
 from prism_cli import tracking
 from stages.common import training
 from stages.common.data import Sample
+from stages.common import plan_report
 from stages.common.formats import dropped_report, load_sources, source_parents
 from stages.common.logprobs import to_device
-from stages.common.models import load_policy, load_processor, estimate_training_memory
+from stages.common.models import load_policy, load_processor
 from stages.sft.config import SFTConfig
 from stages.sft.data import Encoded, encode_batch, pack, pad, rope_index_of, split_holdout, step_indices
 from stages.sft.loss import summed_nll
@@ -260,7 +261,7 @@ def summarize(records: list[dict], train_set: list[Encoded], total_steps: int) -
 
 
 def print_plan(cfg: SFTConfig, policy_spec, mixture: Mixture, n_train: int, n_eval: int, total_steps: int) -> None:
-    mem = estimate_training_memory(policy_spec, cfg.dtype)
+    shape = plan_report.policy_shape(policy_spec)
     rows = [
         ["policy", policy_spec.describe()],
         ["data", ", ".join(f"{k} ({v})" for k, v in mixture.counts.items())],
@@ -268,10 +269,9 @@ def print_plan(cfg: SFTConfig, policy_spec, mixture: Mixture, n_train: int, n_ev
         ["steps", f"{total_steps} (batch {cfg.batch_size}, micro-batch {cfg.micro_batch_size}, "
                   f"packing {cfg.packing}, max_length {cfg.max_length})"],
         ["optimizer", f"AdamW lr {cfg.lr} {cfg.schedule}, warmup {cfg.warmup}, wd {cfg.weight_decay}"],
-        ["parameters", f"{mem['parameters'] / 1e6:.1f}M"],
-        ["memory (weights+grads+Adam, unsharded)", f"{mem['training_bytes'] / 2**30:.2f} GiB "
-                                                    f"(ZeRO-3/FSDP over N GPUs: about / N, plus activations)"],
+        ["parameters", plan_report.parameter_summary(shape)],
         ["output", cfg.out or "(--out not set)"],
     ]
     console.print_table("prism sft --dry-run", ["", "plan"], rows)
+    plan_report.print_plan("prism sft", plan_report.sft_plan(cfg, shape))
     return None

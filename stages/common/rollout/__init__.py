@@ -26,18 +26,26 @@ def vllm_usable() -> bool:
     return torch.cuda.is_available()
 
 
+MAX_PROMPT_TOKENS = 2048   # paper: max prompt 2048 (image tokens included); the vllm engine's max_model_len adds it
+
+
 # The engine modules pull in transformers (and vllm): imported when an engine is built, so that importing the
 # rollout types (every stage config does, through chat) keeps `prism --help` free of torch.
-def _hf_engine(model, processor, **opts) -> RolloutEngine:
+# Every builder takes the run's max_new_tokens, seed and whether it is training (used by engines that need them).
+def _hf_engine(model, processor, *, max_new_tokens=None, seed=0, training=False, **opts) -> RolloutEngine:
     from stages.common.rollout.hf import HFEngine
 
     return HFEngine(model, processor, **opts)
 
 
-def _vllm_engine(model, processor, **opts) -> RolloutEngine:
+def _vllm_engine(model, processor, *, max_new_tokens=None, seed=0, training=False, **opts) -> RolloutEngine:
+    """max_model_len = MAX_PROMPT_TOKENS + max_new_tokens, the engine seed, and (training) sleep between
+    rollouts so the updates get the GPU memory back."""
     from stages.common.rollout.vllm import VLLMEngine
 
-    return VLLMEngine(model, processor, **opts)
+    if max_new_tokens is not None:
+        opts.setdefault("max_model_len", MAX_PROMPT_TOKENS + int(max_new_tokens))
+    return VLLMEngine(model, processor, seed=seed, sleep_between=training, **opts)
 
 
 def _vllm_missing() -> str:

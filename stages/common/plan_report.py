@@ -1,0 +1,172 @@
+"""`--dry-run` memory plans of the training stages: shapes read offline, the stage's config turned into the
+inputs of stages.common.memory_plan, and the table with its verdict.
+
+Offline: a model's shape comes from its config.json (a local directory or prism checkpoint), from the
+published config of a known Qwen3-VL hub id (stages.common.shapes), or from a `qwen3vl-*-shape` spec; the
+model is built on the meta device, so no weight is read or allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from prism_cli import console
+from prism_cli.checkpoint import CkptSpec
+from prism_cli.errors import PrismError, UsageError
+from stages.common import memory_plan as mp
+from stages.common import shapes
+
+# Assumptions the plan states rather than reads from data (docs/memory-plan.md):
+PROMPT_TOKENS = 2048         # paper: max prompt 2048 (image tokens included)
+IMAGE_TOKENS = 1024          # merged vision tokens per sample (about 1 MP at patch 16, merge 2); patches = 4x
+VLLM_FRACTION = 0.4          # stages.common.rollout.vllm's gpu_memory_utilization
+SFT_LOGITS_CHUNK = 1024      # stages.sft.loss.summed_nll
+RL_LOGITS_CHUNK = 512        # stages.common.logprobs.DEFAULT_CHUNK_TOKENS
+
+
+def config_of(spec: CkptSpec):
+    """The model config of a checkpoint spec, offline."""
+    from transformers import AutoConfig
+
+    name = spec.ref if spec.kind == "shape" else shapes.HUB_IDS.get(spec.ref) if spec.kind == "hub" else None
+    if name:
+        return shapes.shape_config(name)
+    try:
+        return AutoConfig.from_pretrained(spec.model_path)
+    except (OSError, ValueError) as e:
+        raise PrismError(f"cannot read the config of {spec.describe()}: {str(e).splitlines()[0]}",
+                         hint="--dry-run reads config.json only: give a local directory, a prism checkpoint, "
+                              "a qwen3vl-*-shape spec or a Qwen3-VL hub id it knows") from None
+
+
+def policy_shape(spec: CkptSpec) -> mp.ModelShape:
+    return mp.shape_of(shapes.meta_model(config_of(spec)), spec.ref)
+
+
+def discriminator_shape(spec: CkptSpec, *, upcycle: bool, dense: bool, num_experts: int, top_k: int,
+                        aux_loss_coef: float) -> mp.ModelShape:
+    import torch
+
+    from stages.align.discriminator import Qwen3VLDiscriminator, Qwen3VLMoeDiscriminator, moe_config_from_dense
+
+    config = config_of(spec)
+    if upcycle and not dense:
+        config = moe_config_from_dense(config, num_experts, top_k, aux_loss_coef)
+    cls = Qwen3VLMoeDiscriminator if config.model_type == "qwen3_vl_moe" else Qwen3VLDiscriminator
+    with torch.device("meta"):
+        model = cls._from_config(config)
+    return mp.shape_of(model, f"discriminator ({spec.ref})")
+
+
+def align_shapes(cfg, policy_spec: CkptSpec, disc_source: tuple[str, CkptSpec]):
+    """(policy, discriminator) shapes of an align run; disc_source is ("reuse" | "upcycle", spec)."""
+    how, spec = disc_source
+    if how == "reuse" and spec.kind == "prism":
+        spec = CkptSpec(ref=str(spec.path / "discriminator"), kind="hf", path=spec.path / "discriminator")
+    disc = discriminator_shape(spec, upcycle=how == "upcycle", dense=cfg.disc_dense, num_experts=cfg.num_experts,
+                               top_k=cfg.top_k, aux_loss_coef=cfg.aux_loss_coef)
+    return policy_shape(policy_spec), disc
+
+
+def backend_of(name: str) -> str:
+    """The backend a launch uses: as given, or (auto) read from accelerate's launch environment."""
+    if name != "auto":
+        return name
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        offload = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") not in ("", "none")
+        return "offload" if offload else ("zero3" if stage == "3" else "zero2")
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp2"
+    return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "none"
+
+
+def world_of(n: int) -> int:
+    return n if n > 0 else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def width_of(dtype: str) -> int:
+    """Bytes per element of the training dtype on a GPU (auto: bf16)."""
+    return {"auto": 2, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}[dtype]
+
+
+def check_plan_options(gpu_memory: str, backend: str, world_size: int) -> int:
+    """Validate the plan's options (every stage's validate() calls this); returns the GPU memory in bytes."""
+    try:
+        size = mp.parse_size(gpu_memory)
+    except ValueError as e:
+        raise UsageError(f"config key 'gpu_memory': {e}") from None
+    if backend != "auto" and backend not in mp.BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}", hint="auto, " + ", ".join(mp.BACKENDS))
+    if world_size < 0:
+        raise UsageError("world_size must be >= 0 (0: the launch's WORLD_SIZE)")
+    return size
+
+
+def _common(cfg) -> dict:
+    return dict(backend=backend_of(cfg.backend), world=world_of(cfg.world_size), width=width_of(cfg.dtype),
+                gpu_bytes=mp.parse_size(cfg.gpu_memory), checkpointing=cfg.gradient_checkpointing,
+                freeze_vision=cfg.freeze_vision)
+
+
+def sft_plan(cfg, policy: mp.ModelShape) -> mp.MemoryPlan:
+    # a micro-batch is one packed row of up to micro_batch_size x max_length tokens
+    tokens = cfg.micro_batch_size * cfg.max_length
+    return mp.training_plan("sft", policy=policy, micro_batch_tokens=tokens, logits_chunk=SFT_LOGITS_CHUNK,
+                            image_patches=4 * IMAGE_TOKENS * cfg.micro_batch_size, **_common(cfg))
+
+
+def _rollout(cfg, engine: str, world: int, prompts: int, sleeps: bool) -> dict:
+    if engine in ("auto", "vllm"):
+        return {"engine": "vllm", "fraction": VLLM_FRACTION, "sleep": sleeps}
+    per_rank = math.ceil(prompts / world)
+    # the hf engine keeps one prompt KV per group and each row's own generated tokens
+    return {"engine": "hf", "tokens": per_rank * (PROMPT_TOKENS + cfg.rollouts_per_prompt * cfg.max_new_tokens)}
+
+
+def rl_plan(cfg, policy: mp.ModelShape, vllm_sleeps: bool) -> mp.MemoryPlan:
+    common = _common(cfg)
+    return mp.training_plan(
+        "rl", policy=policy, micro_batch_tokens=cfg.micro_batch_tokens, logits_chunk=RL_LOGITS_CHUNK,
+        reference=cfg.kl_coef > 0, image_patches=4 * IMAGE_TOKENS * max(1, cfg.micro_batch_tokens //
+                                                                          (PROMPT_TOKENS + cfg.max_new_tokens)),
+        rollout=_rollout(cfg, cfg.engine, common["world"], cfg.prompts_per_step, vllm_sleeps), **common)
+
+
+def disc_scoring_tokens(prompts_per_rank: int, rollouts: int, max_new_tokens: int, row_tokens: int) -> int:
+    """Tokens one rank's discriminator runs in a game step: each row repeats its group's prompt and holds
+    segments up to the row budget; a response's caption and think together are at most max_new_tokens."""
+    segment_tokens = rollouts * max_new_tokens
+    room = max(1, row_tokens - PROMPT_TOKENS)
+    rows = math.ceil(segment_tokens / room)
+    return prompts_per_rank * (rows * PROMPT_TOKENS + segment_tokens)
+
+
+def align_plan(cfg, policy: mp.ModelShape, disc: mp.ModelShape, vllm_sleeps: bool) -> mp.MemoryPlan:
+    common = _common(cfg)
+    per_rank = math.ceil(cfg.prompts_per_step / common["world"])
+    row = getattr(cfg, "disc_row_tokens", 0) or (PROMPT_TOKENS + cfg.rollouts_per_prompt * cfg.max_new_tokens)
+    return mp.training_plan(
+        "align", policy=policy, micro_batch_tokens=cfg.micro_batch_tokens, logits_chunk=RL_LOGITS_CHUNK,
+        image_patches=4 * IMAGE_TOKENS * max(1, cfg.micro_batch_tokens // (PROMPT_TOKENS + cfg.max_new_tokens)),
+        discriminator=disc, disc_tokens=disc_scoring_tokens(per_rank, cfg.rollouts_per_prompt, cfg.max_new_tokens,
+                                                            row),
+        disc_row_tokens=row, disc_checkpointing=getattr(cfg, "disc_gradient_checkpointing", False),
+        rollout=_rollout(cfg, cfg.engine, common["world"], cfg.prompts_per_step, vllm_sleeps), **common)
+
+
+def print_plan(title: str, plan: mp.MemoryPlan) -> None:
+    console.print_table(f"{title}: memory per GPU ({plan.backend} x {plan.world})", ["phase", "what", "size"],
+                        plan.rows())
+    for note in plan.notes:
+        console.out.print(f"note: {note}")
+
+
+def parameter_summary(shape: mp.ModelShape) -> str:
+    def count(n: int) -> str:
+        return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+    return (f"{count(shape.params)} parameters (vision {count(shape.vision_params)}"
+            + (f", {shape.experts} experts top-{shape.top_k}" if shape.experts else "") + ")")

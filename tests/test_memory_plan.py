@@ -1,0 +1,156 @@
+"""The memory plan: published shapes counted on the meta device, each backend's sharding on hand-made
+shapes, the --dry-run table and verdict, and (slow) the plan against a measured training step."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prism_cli.checkpoint import resolve
+from stages.common import memory_plan as mp
+from stages.common import plan_report
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 10 ** 9
+
+
+def test_published_4b_shape_counts():
+    shape = plan_report.policy_shape(resolve("qwen3vl-4b-shape"))
+    assert round(shape.params / 1e9, 3) == 4.438
+    assert round(shape.vision_params / 1e9, 3) == 0.415
+    assert shape.vocab * shape.hidden == 388_956_160            # tied embeddings, 0.389B
+    assert (shape.hidden, shape.layers, shape.intermediate, shape.q_width, shape.kv_width) == (2560, 36, 9728,
+                                                                                               4096, 1024)
+    # a known hub id plans offline from the same published config
+    assert plan_report.policy_shape(resolve("Qwen/Qwen3-VL-4B-Instruct")).params == shape.params
+
+
+def test_upcycled_2b_discriminator_counts():
+    disc = plan_report.discriminator_shape(resolve("qwen3vl-2b-shape"), upcycle=True, dense=False, num_experts=4,
+                                           top_k=2, aux_loss_coef=0.01)
+    assert round(disc.params / 1e9, 2) == 5.30
+    assert (disc.experts, disc.top_k, disc.has_lm_head) == (4, 2, False)
+    dense = plan_report.policy_shape(resolve("qwen3vl-2b-shape"))
+    assert round(dense.params / 1e9, 2) == 2.13 and disc.params > 2 * dense.params
+
+
+SHAPE = mp.ModelShape(name="hand", params=8 * GB // 8, vision_params=GB // 8, hidden=1000, layers=10,
+                      intermediate=3000, q_width=1000, kv_width=500, vocab=10_000, largest_layer_params=10_000_000)
+
+
+def test_each_backend_shards_what_it_should():
+    p = SHAPE.params
+    ddp = mp.training_state(SHAPE, "ddp", 8, 2)
+    assert ddp == {"weights": 2 * p, "grads": 2 * p, "master": 0, "optimizer": 4 * p, "buffers": 2 * p, "cpu": 0}
+    z2 = mp.training_state(SHAPE, "zero2", 8, 2)
+    assert (z2["weights"], z2["grads"], z2["master"], z2["optimizer"]) == (2 * p, p // 2, p // 2, p)
+    z3 = mp.training_state(SHAPE, "zero3", 8, 2)
+    assert z3["weights"] == p // 4 and z3["buffers"] == 2 * 10_000_000 * 2 + 2 * mp.DEEPSPEED_BUCKET_ELEMENTS * 2
+    fsdp = mp.training_state(SHAPE, "fsdp2", 8, 2)
+    assert fsdp["weights"] == p // 2 and fsdp["master"] == 0 and fsdp["optimizer"] == p
+    off = mp.training_state(SHAPE, "offload", 8, 2)
+    assert off["weights"] == off["optimizer"] == 0 and off["cpu"] == p * 2 // 8 + p * 16 // 8
+    frozen_vision = mp.training_state(SHAPE, "zero2", 8, 2, freeze_vision=True)
+    assert frozen_vision["optimizer"] == (p - SHAPE.vision_params) * 8 // 8
+    assert mp.frozen_state(SHAPE, "zero2", 8, 2) == 2 * p
+    assert mp.frozen_state(SHAPE, "zero3", 8, 2) == 2 * p // 8 + 2 * 10_000_000 * 2
+    with pytest.raises(ValueError):
+        mp.training_state(SHAPE, "zero4", 8, 2)
+
+
+def test_activations_are_linear_in_tokens_and_checkpointing_saves():
+    for ckpt in (False, True):
+        a1 = mp.activation_bytes(SHAPE, 1000, 2, ckpt)
+        a2 = mp.activation_bytes(SHAPE, 2000, 2, ckpt)
+        assert a2 == 2 * a1
+    assert mp.activation_bytes(SHAPE, 1000, 2, True) < mp.activation_bytes(SHAPE, 1000, 2, False) / 3
+    per_token = mp.layer_activation_bytes_per_token(SHAPE, 4)
+    assert per_token == 24 * 1000 + 20 * 1000 + 16 * 500 + 16 * 3000       # fp32: 4 (6H + 5Hq + 4Hkv + 4I)
+
+
+def test_parse_size():
+    assert mp.parse_size("80GiB") == 80 * 2 ** 30
+    assert mp.parse_size("80 GB") == 80 * 10 ** 9
+    assert mp.parse_size("141") == 141 * 2 ** 30
+    for bad in ("lots", "-1GiB", "80XB", "0"):
+        with pytest.raises(ValueError):
+            mp.parse_size(bad)
+
+
+def test_plan_phases_and_verdict():
+    plan = mp.training_plan("rl", policy=SHAPE, backend="zero2", world=8, width=2, gpu_bytes=80 * 2 ** 30,
+                            micro_batch_tokens=16384, checkpointing=True,
+                            rollout={"engine": "vllm", "fraction": 0.4, "sleep": True})
+    rollout, update = plan.phases
+    assert "policy grads" not in rollout.parts and "policy grads" in update.parts
+    assert rollout.parts["vLLM pool (gpu_memory_utilization)"] == int(0.4 * 80 * 2 ** 30)
+    assert not any(k.startswith("vLLM") for k in update.parts)                    # slept through the update
+    awake = mp.training_plan("rl", policy=SHAPE, backend="zero2", world=8, width=2, gpu_bytes=80 * 2 ** 30,
+                             micro_batch_tokens=16384, checkpointing=True,
+                             rollout={"engine": "vllm", "fraction": 0.4, "sleep": False})
+    assert awake.phases[1].total - update.total == int(0.4 * 80 * 2 ** 30)
+    assert plan.fits and plan.verdict().startswith("fits")
+    tight = mp.training_plan("sft", policy=SHAPE, backend="ddp", world=8, width=2, gpu_bytes=2 ** 30,
+                             micro_batch_tokens=1024, checkpointing=False)
+    assert not tight.fits and "DOES NOT FIT" in tight.verdict()
+
+
+def _prism(*args, env_extra=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="250", PRISM_NO_PROGRESS="1")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "prism_cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_dry_run_prints_the_plan_offline_for_a_published_shape():
+    proc = _prism("sft", "--ckpt", "qwen3vl-4b-shape", "--data", "synth:train:64", "--batch-size", "8",
+                  "--micro-batch-size", "2", "--backend", "zero2", "--world-size", "8", "--gpu-memory", "80GiB",
+                  "--set", "max_length=4096", "--set", "gradient_checkpointing=true", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "4.438B parameters" in out and "memory per GPU (zero2 x 8)" in out
+    assert "policy Adam m, v" in out and "policy activations" in out and "fits: peak" in out
+
+
+def test_dry_run_rejects_a_bad_gpu_memory_and_a_shape_refuses_to_train(tmp_path):
+    proc = _prism("sft", "--ckpt", "tiny", "--gpu-memory", "lots", "--dry-run")
+    assert proc.returncode == 2 and "gpu_memory" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = _prism("sft", "--ckpt", "tiny", "--set", "backend=zero4", "--dry-run")
+    assert proc.returncode == 2 and "zero4" in proc.stderr
+    proc = _prism("sft", "--ckpt", "qwen3vl-2b-shape", "--data", "synth:train:64", "--batch-size", "8",
+                  "--max-steps", "1", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 1 and "shape with no weights" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_plan_matches_a_measured_cpu_step(checkpointing, tmp_path):
+    """Qwen3-VL-2B width (hidden 2048, MLP 6144, 16/8 heads), 2 layers, vocabulary 4096, fp32 on the CPU:
+    the planned state and step peak are within 15% of the measured resident memory."""
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "memory_plan_check.py"), "--layers", "2", "--tokens", "512",
+           "--out", str(out)] + (["--checkpointing"] if checkpointing else [])
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ratio = json.loads(out.read_text())["ratio"]
+    for key in ("state", "update_peak", "step_delta"):
+        assert 0.85 <= ratio[key] <= 1.15, (key, ratio)
+
+
+@pytest.mark.slow
+def test_plan_matches_a_measured_cpu_step_of_the_moe_discriminator_shape(tmp_path):
+    """The 2B width upcycled to 4 experts top-2, one layer: state and step peak within 15%. (The step's own
+    memory above the state is under-planned by ~18% here: docs/memory-plan.md.)"""
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "memory_plan_check.py"), "--layers", "1", "--tokens", "512",
+           "--moe", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ratio = json.loads(out.read_text())["ratio"]
+    for key in ("state", "update_peak"):
+        assert 0.85 <= ratio[key] <= 1.15, (key, ratio)

@@ -1,0 +1,81 @@
+"""Scoring under a token budget: rows and chunks bounded by it, same scores and same gradients as one
+forward over the whole group, and a backward that re-runs chunk by chunk."""
+
+import pytest
+import torch
+
+from stages.align.discriminator import upcycle
+from stages.align.scoring import _chunk_rows, _Row, score_groups
+from stages.common.models import load_processor
+from tests.test_scoring import SEGMENTS, _prompt
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return load_processor("tiny")
+
+
+@pytest.fixture(scope="module")
+def disc():
+    return upcycle("tiny", seed=1, value_head_std=0.1)
+
+
+def _rows(lengths):
+    return [_Row(prompt=None, group=0, segments=[i], length=n) for i, n in enumerate(lengths)]
+
+
+def test_chunks_stay_within_the_budget():
+    rows = _rows([30, 50, 20, 90, 10, 10, 10])
+    chunks = _chunk_rows(rows, 100)
+    assert [r for c in chunks for r in c] == list(range(7))          # every row once, in order
+    for c in chunks:
+        assert len(c) == 1 or len(c) * max(rows[r].length for r in c) <= 100
+    assert _chunk_rows(rows, None) == [list(range(7))]
+    assert _chunk_rows(_rows([150]), 100) == [[0]]                  # an over-wide row is its own chunk
+
+
+def _groups():
+    return [_prompt(seed=0), _prompt("What colour is the square?", seed=1)], [SEGMENTS, SEGMENTS[::-1] + ["ok"]]
+
+
+def _grads(disc):
+    return {n: p.grad.detach().clone() for n, p in disc.named_parameters() if p.grad is not None}
+
+
+def test_budget_gives_the_same_scores_and_gradients(disc, processor):
+    prompts, segments = _groups()
+    weights = torch.linspace(-1, 1, sum(len(s) for s in segments))
+
+    def run(budget):
+        disc.zero_grad(set_to_none=True)
+        result = score_groups(disc, processor, prompts, segments, "shared", max_row_tokens=budget)
+        flat = torch.cat(result.scores)
+        (flat * weights).sum().backward()
+        return flat.detach(), _grads(disc), result
+
+    whole, g_whole, r_whole = run(None)
+    chunked, g_chunked, r_chunked = run(120)
+    assert r_chunked.num_rows > r_whole.num_rows == 2              # the budget split the groups
+    assert r_chunked.num_tokens > r_whole.num_tokens                # each row repeats its prompt
+    assert (whole - chunked).abs().max() < 1e-4
+    assert g_whole.keys() == g_chunked.keys() and g_whole
+    for name in g_whole:
+        assert torch.allclose(g_whole[name], g_chunked[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_budget_backward_reruns_one_chunk_at_a_time(disc, processor):
+    prompts, segments = _groups()
+    calls = []
+    hook = disc.value_head.register_forward_hook(lambda m, i, o: calls.append((torch.is_grad_enabled(), o.shape[0])))
+    try:
+        result = score_groups(disc, processor, prompts, segments, "shared", max_row_tokens=120,
+                              output_router_logits=True)
+        n_chunks = len(calls)
+        assert n_chunks > 1 and not any(grad for grad, _ in calls)   # forward: no graph kept
+        loss = torch.cat(result.scores).sum() + 0.01 * result.aux_loss
+        loss.backward()
+    finally:
+        hook.remove()
+    assert len(calls) == 2 * n_chunks and all(grad for grad, _ in calls[n_chunks:])
+    assert result.aux_loss is not None and result.aux_loss.requires_grad
+    assert any(p.grad is not None and "mlp.gate" in n for n, p in disc.named_parameters())   # router got grads
