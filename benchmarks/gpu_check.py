@@ -168,16 +168,19 @@ def main(argv=None) -> int:
     result["transformers"] = transformers.__version__
     t0 = time.perf_counter()
     from stages.common import memory_plan as mp
-    from stages.common.training import build_optimizer, build_scheduler, make_accelerator
+    from stages.common.training import build_optimizer, build_scheduler, make_runtime
 
     memory = Memory(device)
     policy, processor, disc = build(mode, device)
     shape, disc_shape = mp.shape_of(policy, "qwen3vl-2b-shape"), mp.shape_of(disc, "discriminator")
     result["policy_params"], result["discriminator_params"] = shape.params, disc_shape.params
     width = torch.finfo(cfg["dtype"]).bits // 8
-    accelerator = make_accelerator(mixed_precision="no")
-    optimizer = build_optimizer(policy, lr=1e-6)
-    scheduler = build_scheduler(optimizer, "constant", 0, 100)
+    # the weights are built in the check's dtype; the runtime adds no autocast on top (single process)
+    runtime = make_runtime("fp32")
+    accelerator = runtime.accelerator
+    trained = runtime.prepare(policy, lambda m: build_optimizer(m, lr=1e-6),
+                              lambda opt: build_scheduler(opt, "constant", 0, 100), name="policy")
+    optimizer = trained.optimizer
     stages = {}
 
     def record(name, seconds, tokens, planned_phase, flops_tokens=None):
@@ -219,8 +222,7 @@ def main(argv=None) -> int:
         advantages = torch.randn(len(completions))
         sync(device)
         start = time.perf_counter()
-        ppo_update(settings, accelerator, policy, optimizer, scheduler, processor, prompts, completions, index,
-                   advantages)
+        ppo_update(settings, accelerator, trained, processor, prompts, completions, index, advantages)
         sync(device)
         return time.perf_counter() - start, sum(len(c.token_ids) for c in completions)
 

@@ -3,6 +3,7 @@ cannot be installed here): placement and seeds, sleep/wake around every rollout,
 the sync, the probe check after each wake + sync (stale weights are caught), max_model_len from the stage."""
 
 import copy
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -167,7 +168,9 @@ def test_make_engine_passes_max_model_len_from_the_stage(policy, monkeypatch):
 
     model, processor = policy
     got = {}
-    monkeypatch.setattr(rollout, "vllm_usable", lambda: True)
+    # the engine table's row, as if this machine had vLLM and a GPU
+    monkeypatch.setitem(rollout.ENGINES._entries, "vllm",
+                        dataclasses.replace(rollout.ENGINES.get("vllm"), usable=lambda: True))
     monkeypatch.setattr(V, "VLLMEngine", lambda m, p, **kw: got.update(kw) or "engine")
     assert make_engine("vllm", model, processor, max_new_tokens=8192, seed=4, training=True) == "engine"
     assert got["max_model_len"] == rollout.MAX_PROMPT_TOKENS + 8192 and got["seed"] == 4 and got["sleep_between"]

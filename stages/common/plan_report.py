@@ -48,7 +48,7 @@ def discriminator_shape(spec: CkptSpec, *, upcycle: bool, dense: bool, num_exper
                         aux_loss_coef: float) -> mp.ModelShape:
     import torch
 
-    from stages.align.discriminator import Qwen3VLDiscriminator, Qwen3VLMoeDiscriminator, moe_config_from_dense
+    from stages.common.discriminator import Qwen3VLDiscriminator, Qwen3VLMoeDiscriminator, moe_config_from_dense
 
     config = config_of(spec)
     if upcycle and not dense:
