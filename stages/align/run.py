@@ -44,6 +44,11 @@ from stages.common.rollout import RolloutPrompt, SamplingParams, make_engine
 
 
 def run(cfg: AlignConfig) -> Path:
+    """The PRISM alignment game: warm the discriminator up on (teacher, student) pairs, then per step roll the
+    policy out, score captions and thinks, update the discriminator, then the policy (docs/method.md).
+
+    Long because it is the stage's recipe read top to bottom: two trained models prepared one engine each,
+    the warmup, resume, the game loop and the save; each step is a named function below."""
     training.seed_everything(cfg.seed)
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     samples, data_fp, data_parents, dropped = load_demonstrations(cfg.data)
