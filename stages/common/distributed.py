@@ -23,6 +23,7 @@ callers multiply by `world` (see training.loss_scale) and nothing else.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from contextlib import contextmanager
@@ -106,6 +107,19 @@ def shard_layer_classes(model) -> set[str]:
     collectives as an image one on every rank."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     return {n for n in names if "Vision" not in n and "Visual" not in n}
+
+
+def torch_save(obj, path: Path) -> None:
+    """torch.save, with a full disk reported as the OSError it is: torch's zip writer turns a short write into
+    "RuntimeError: [enforce fail at inline_container.cc] unexpected pos", which names neither the disk nor
+    the file."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        stats = os.statvfs(Path(path).parent)
+        if "unexpected pos" in str(e) and stats.f_bavail * stats.f_frsize < (1 << 20):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
 
 
 class Trained:
@@ -203,11 +217,11 @@ class Trained:
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory))
         elif self.accelerator.is_main_process:
             directory.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+            torch_save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
                        directory / "state.pt")
         if self.accelerator.is_main_process:
             directory.mkdir(parents=True, exist_ok=True)
-            torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+            torch_save(self.scheduler.state_dict(), directory / "scheduler.pt")
 
     def load(self, directory: Path) -> None:
         directory = Path(directory) / self.name

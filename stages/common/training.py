@@ -183,7 +183,7 @@ def save_state(accelerator, state_dir: Path, trainer_state: dict, models: list) 
     for trained in models:
         trained.save(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    distributed.torch_save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
