@@ -128,12 +128,51 @@ def test_build_end_to_end_on_a_micro_recipe(tmp_path):
     assert [(r["round"], r["step"]) for r in record["records"] if r["phase"] == "text"] == [(0, 0), (0, 2), (1, 0), (1, 1)]
 
 
-# Not `slow` (CI runs those): the build alone is longer than CI's whole budget. Run it by hand.
-@pytest.mark.timeout(5400)
-@pytest.mark.skipif(os.environ.get("PRISM_BUILD_SEEING") != "1",
-                    reason="building tiny-seeing takes ~45 min on one loaded core; PRISM_BUILD_SEEING=1 runs it "
-                           "(not in CI)")
+def test_shipped_base_is_this_recipes_build():
+    """The weights in the package are the build of the recipe in the code (change the recipe, reship)."""
+    import json
+
+    assert sb.shipped_is_current(), "the recipe changed: `python -m stages.common.seeing_base build --ship`"
+    record = json.loads((sb.SHIPPED / "seeing.json").read_text())
+    vision = [r for r in record["records"] if r["phase"] == "vision"]
+    assert vision[-1]["probe_color"] > 0.95 and vision[-1]["probe_shape"] > 0.95  # the tower sees every cell
+    assert vision[-1]["cos_shape"] < 0.8 and vision[-1]["cos_colour"] < 0.8       # and did not collapse
+    assert {f.name for f in sb.SHIPPED.iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json",
+                                                       "processor_config.json", "chat_template.jinja"}
+
+
+def test_provide_copies_the_shipped_build_only_when_it_is_current(tmp_path, monkeypatch):
+    import filecmp
+    import json
+    import shutil
+
+    built = []
+    monkeypatch.setattr(sb, "build", lambda out_dir, seed=0, log=None: built.append((out_dir, seed)) or out_dir)
+    out = sb.provide(tmp_path / "a")
+    assert not built and filecmp.cmp(out / "model.safetensors", sb.SHIPPED / "model.safetensors", shallow=False)
+    sb.provide(tmp_path / "b", seed=1)                   # another seed: only the build makes it
+    monkeypatch.setenv(sb.REBUILD_ENV, "1")
+    sb.provide(tmp_path / "c")                           # asked to rebuild
+    monkeypatch.delenv(sb.REBUILD_ENV)
+    stale = tmp_path / "stale"
+    shutil.copytree(sb.SHIPPED, stale)
+    record = json.loads((stale / "seeing.json").read_text())
+    record["recipe"]["text_batch"] += 1
+    (stale / "seeing.json").write_text(json.dumps(record))
+    monkeypatch.setattr(sb, "SHIPPED", stale)
+    sb.provide(tmp_path / "d")                           # a stale shipped copy is never used
+    assert [b[0].name for b in built] == ["b", "c", "d"] and not (tmp_path / "d").exists()
+
+
+def majority_rate(samples) -> float:
+    from collections import Counter
+
+    return Counter(s.answer for s in samples).most_common(1)[0][1] / len(samples)
+
+
 def test_tiny_seeing_meets_the_perception_targets():
+    """The issue's perception targets on 100 held-out problems, greedy, from the shipped base (cached like any
+    tiny model)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from stages.common.models import as_spec
@@ -141,6 +180,25 @@ def test_tiny_seeing_meets_the_perception_targets():
     path = as_spec("tiny-seeing").model_path
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
-    got = sb.evaluate(model, processor, generate("test", 100, seed=0))
-    assert got["caption_f1"] >= 0.85 and got["color_f1"] >= 0.9 and got["shape_f1"] >= 0.9
-    assert got["exact_count"] >= 0.95
+    test = generate("test", 100, seed=0)
+    got = sb.evaluate(model, processor, test)
+    assert got["caption_f1"] >= 0.85 and got["color_f1"] >= 0.9 and got["shape_f1"] >= 0.9, got
+    assert got["exact_count"] >= 0.95, got
+    # Reasoning is only partly there (docs/seeing-base.md): sides_total, which adds up every caption line, is far
+    # above its majority-answer rate; the other families sit 0-15 points above theirs, larger_shape at it.
+    assert got["acc_by_task"]["sides_total"] >= majority_rate([s for s in test if s.task == "sides_total"]) + 0.2, got
+
+
+# Not `slow` (CI runs those): the build is longer than the rest of CI together. Run it by hand.
+@pytest.mark.timeout(5400)
+@pytest.mark.skipif(os.environ.get("PRISM_BUILD_SEEING") != "1",
+                    reason="building tiny-seeing from scratch takes ~15-45 min on one core; PRISM_BUILD_SEEING=1 "
+                           "runs it (not in CI)")
+def test_a_fresh_build_meets_the_perception_targets(tmp_path, capsys):
+    import json
+
+    assert sb.main(["build", "--out", str(tmp_path / "seeing"), "--eval", "100"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    got = json.loads(printed[-1])
+    assert got["caption_f1"] >= 0.85 and got["color_f1"] >= 0.9 and got["shape_f1"] >= 0.9, got
+    assert got["exact_count"] >= 0.95, got

@@ -52,7 +52,7 @@ def as_spec(ckpt: str | CkptSpec) -> CkptSpec:
     """The resolved spec, with the tiny model built if it names one (the one place it is built)."""
     spec = ckpt if isinstance(ckpt, CkptSpec) else resolve(ckpt)
     if spec.kind == "tiny":
-        tiny.ensure(spec.ref, builder=seeing_base.build if spec.ref == "tiny-seeing" else None)
+        tiny.ensure(spec.ref, builder=seeing_base.provide if spec.ref == "tiny-seeing" else None)
     return spec
 
 
