@@ -161,6 +161,22 @@ def test_compare_table_and_markdown(tmp_path):
     assert lines[4] == "| x | 10.0 ± 0.0 (n=10) | - | - | - |"
 
 
+def test_compare_shows_synth_perception_when_the_evals_have_it(tmp_path):
+    write_results(tmp_path / "a", "out/base", {"synth": 0.5})
+    write_results(tmp_path / "b", "out/sft", {"synth": 0.4})
+    write_results(tmp_path / "c", "out/x", {"mathvista": 0.1})
+    for name, f1 in (("a", 0.95), ("b", 0.7)):
+        r = json.loads((tmp_path / name / "results.json").read_text())
+        r["tasks"]["synth"]["extra"] = {"caption_f1": f1, "perception_errors": 0.1, "reasoning_errors": 0.4,
+                                        "format": 1.0}
+        (tmp_path / name / "results.json").write_text(json.dumps(r))
+    lines = compare.show([str(tmp_path / d) for d in "abc"]).splitlines()
+    at = lines.index("| checkpoint | caption F1 | perception errors | reasoning errors | format |")
+    assert lines[at + 2:at + 5] == ["| base | 95.0 | 10.0 | 40.0 | 100.0 |", "| sft | 70.0 | 10.0 | 40.0 | 100.0 |",
+                                    "| x | - | - | - | - |"]
+    assert "caption F1" not in compare.show([str(tmp_path / "c")])
+
+
 def test_compare_labels_are_short_but_distinct():
     assert compare.short_labels(["/home/me/runs/a/rl", "/home/me/runs/b/rl", "/scratch/out/sft", "tiny",
                                  "Qwen/Qwen3-VL-4B-Instruct"]) == ["a/rl", "b/rl", "sft", "tiny", "Qwen3-VL-4B-Instruct"]

@@ -86,6 +86,20 @@ def table_rows(labels: list[str], all_results: list[dict], columns: list[str]) -
     return rows
 
 
+PERCEPTION_HEADER = ["checkpoint", "caption F1", "perception errors", "reasoning errors", "format"]
+
+
+def synth_perception_rows(labels: list[str], all_results: list[dict]) -> list[list]:
+    """Caption F1 and the error split of each checkpoint's synth evaluation ("-" where it has none)."""
+    rows = []
+    for label, results in zip(labels, all_results):
+        extra = results["tasks"].get("synth", {}).get("extra", {})
+        cells = [round(100 * extra[k], 1) if isinstance(extra.get(k), (int, float)) else "-"
+                 for k in ("caption_f1", "perception_errors", "reasoning_errors", "format")]
+        rows.append([label, *cells])
+    return rows if any(c != "-" for r in rows for c in r[1:]) else []
+
+
 def markdown(header: list[str], rows: list[list]) -> str:
     def cell(v):
         return "-" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))
@@ -105,6 +119,10 @@ def show(directories: list[str], markdown_path: str = "") -> str:
     rows = table_rows(labels, all_results, columns)
     console.print_table("accuracy (%)", header, [[("-" if v is None else v) for v in r] for r in rows])
     text = markdown(header, rows)
+    perception = synth_perception_rows(labels, all_results)
+    if perception:  # synth checks each caption against its scene: show what drift does to perception
+        console.print_table("synth perception (%)", PERCEPTION_HEADER, perception)
+        text += "\n" + markdown(PERCEPTION_HEADER, perception)
     if markdown_path:
         try:
             Path(markdown_path).expanduser().write_text(text, encoding="utf-8")
