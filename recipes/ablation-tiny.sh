@@ -1,184 +1,135 @@
 #!/usr/bin/env bash
-# The paper's comparison in miniature, on synth with the embedded tiny Qwen3-VL, on a CPU:
-#   base, SFT, SFT->{GRPO,DAPO,GSPO}, SFT->PRISM, SFT->PRISM->{GRPO,DAPO,GSPO},
-#   and the discriminator ablations SFT->PRISM(dense disc)->GRPO, SFT->PRISM(text-only disc)->GRPO.
-# Writes benchmarks/results/ablation-tiny.md (the table, the machine, the wall time) and ablation-tiny.png.
+# The paper's comparison in miniature, on synth, on a CPU, from the seeing tiny base (`tiny-seeing`):
+#   base -> SFT on drifted "public" demos -> {GRPO, DAPO, GSPO}
+#   base -> SFT -> PRISM align -> {GRPO, DAPO, GSPO}
+#   the discriminator ablations: SFT -> PRISM (dense disc) -> GRPO, SFT -> PRISM (text-only disc) -> GRPO
+#   and a reference: SFT on the clean demos of the same problems (what the drift costs).
+# Over several seeds, each row evaluated greedily on the same EVAL_N synth test problems. Writes
+# benchmarks/results/ablation-tiny.{md,json,png}: mean and 95% interval per row, per-family accuracy,
+# caption F1, exact object counts, green recall, the perception/reasoning error split, and the alignment
+# game's own evidence (discriminator accuracy, score gaps, advantage spread).
 #
-#   bash recipes/ablation-tiny.sh                 # one seed (0)
-#   SEEDS="0 1 2" OUT=/tmp/abl bash recipes/ablation-tiny.sh
+#   bash recipes/ablation-tiny.sh                          # seeds 0 1 2, 500 test problems
+#   SEEDS=0 EVAL_N=100 OUT=/tmp/abl bash recipes/ablation-tiny.sh
 #
-# REUSE="curate sft align" keeps those finished outputs and reruns the rest (e.g. RL_LR=1e-4 REUSE=...).
-# Seeds vary training (sft, align, rl sampling and data order); the curated data and the eval set are
-# fixed. Tiny-model hyperparameters, not the paper's (see recipes/tiny.sh for why). ~30-40 min per
-# seed on 2 loaded CPU cores.
+# REUSE="curate sft align" keeps those stages' finished outputs and reruns the rest. Seeds vary the SFT
+# problems and order, align and RL sampling; the align data and the eval set are fixed. Tiny-model
+# hyperparameters, not the paper's (docs/seeing-base.md says why each was chosen).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SEEDS=${SEEDS:-0}
+SEEDS=${SEEDS:-0 1 2}
 OUT=${OUT:-$ROOT/out/ablation-tiny}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 RESULTS=${RESULTS:-$ROOT/benchmarks/results}
-MD=$RESULTS/ablation-tiny.md
-PNG=$RESULTS/ablation-tiny.png
-EVAL_N=${EVAL_N:-100}        # synth test problems per eval (greedy)
-SFT_STEPS=${SFT_STEPS:-80}
-ALIGN_STEPS=${ALIGN_STEPS:-10}
-RL_STEPS=${RL_STEPS:-8}
-RL_LR=${RL_LR:-2e-5}         # 1e-4 raised format but cost greedy accuracy on the tiny model; 2e-5 did not
-REUSE=${REUSE:-}             # e.g. REUSE="curate sft align": keep those stages' finished outputs (to rerun RL only)
+EVAL_N=${EVAL_N:-500}         # synth test problems per eval (greedy)
+SFT_N=${SFT_N:-2000}          # problems in the SFT mix (drifted demonstrations)
+SFT_STEPS=${SFT_STEPS:-400}
+ALIGN_STEPS=${ALIGN_STEPS:-20}
+RL_STEPS=${RL_STEPS:-20}
+REUSE=${REUSE:-}
+BASE=${BASE:-tiny-seeing}      # the seeing base (a path works too)
+# The rows every seed evaluates (the base is evaluated once: greedy decoding does not depend on the seed).
+ROWS="sft_clean sft sft-grpo sft-dapo sft-gspo sft-prism sft-prism-grpo sft-prism-dapo sft-prism-gspo
+      sft-prism_dense sft-prism_textonly sft-prism_dense-grpo sft-prism_textonly-grpo"
 cd "$ROOT"
 
-# ---- environment: an interpreter that imports prism, the `prism` function, offline single-thread env
 source "$ROOT/recipes/tiny-env.sh"
 export PRISM_NO_PROGRESS=${PRISM_NO_PROGRESS:-1}
 
 START=$SECONDS
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-TIMINGS=()
-step() {  # step NAME prism-args...: run one stage, remember its wall time
+JOBS=${JOBS:-2}               # seeds run side by side, one single-threaded process each
+TIMINGS_FILE=$OUT/timings.txt
+: > "$TIMINGS_FILE"
+step() {  # step NAME prism-args...: run one stage (unless REUSE keeps its finished output), time it
   local name=$1; shift
   local t0=$SECONDS out="" prev="" a kind=${1}
   for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
   if [ -n "$out" ] && [ -f "$out/prism.json" ] && [[ " $REUSE " == *" $kind "* ]]; then
     echo "==> [$name] reusing $out (REUSE=\"$REUSE\")"
-    TIMINGS+=("$name reused")
+    echo "$name reused" >> "$TIMINGS_FILE"
     return
   fi
   echo "==> [$name] prism $*"
   prism "$@"
-  TIMINGS+=("$name $((SECONDS - t0))")
+  echo "$name $((SECONDS - t0))" >> "$TIMINGS_FILE"
 }
 
-# ---- data (shared by every seed): clean oracle demos + a noisy "public" mixture
-step curate curate --source synth:train:400 --teacher oracle --out "$OUT/curated" --overwrite
-step curate-public curate --source synth:train:800 --seed 1 --teacher oracle-noisy --gate none \
-  --out "$OUT/public" --overwrite
+# The alignment data: the (clean) teacher's demonstrations of problems the SFT mix does not hold.
+step curate curate --source synth:train:400 --seed 101 --teacher oracle --out "$OUT/curated" --overwrite
 
-ALIGN_COMMON=(--data "$OUT/curated" --disc-base tiny --warmup-steps 10 --warmup-prompts 64 --warmup-batch 16
-              --steps "$ALIGN_STEPS" --prompts-per-step 4 --rollouts-per-prompt 8 --max-new-tokens 96
-              --lr 5e-5 --disc-lr 5e-5 --overwrite)
+SFT_COMMON=(--ckpt "$BASE" --max-steps "$SFT_STEPS" --batch-size 8 --micro-batch-size 8 --lr 1e-3 --warmup 20
+            --eval-every 200 --save-every 10000 --freeze-vision --overwrite)
+ALIGN_COMMON=(--data "$OUT/curated" --disc-base "$BASE" --warmup-steps 30 --warmup-prompts 128 --warmup-batch 16
+              --warmup-lr 1e-4 --steps "$ALIGN_STEPS" --prompts-per-step 4 --rollouts-per-prompt 8
+              --max-new-tokens 128 --lr 2e-5 --disc-lr 2e-5 --freeze-vision --overwrite)
 RL_COMMON=(--data synth:train:1024 --steps "$RL_STEPS" --prompts-per-step 8 --rollouts-per-prompt 8
-           --max-new-tokens 96 --lr "$RL_LR" --warmup 2 --overwrite)
+           --max-new-tokens 128 --lr 2e-5 --warmup 2 --freeze-vision --overwrite)
 # DAPO's overlong buffer must sit well below max_new_tokens at this scale (paper: 4096 of 8192)
 rl_extra() { [ "$1" = dapo ] && echo "--overlong-buffer 16" || true; }
 
-EVAL_DIRS=()
-for S in $SEEDS; do
-  D=$OUT/seed$S
+evaluate() {  # evaluate NAME DIR CKPT...: greedy, on the same EVAL_N test problems (eval's seed stays 0)
+  local name=$1 dir=$2; shift 2
+  local t0=$SECONDS args=() c
+  for c in "$@"; do args+=(--ckpt "$c"); done
+  if [[ " $REUSE " == *" eval "* ]] && [ -d "$dir" ]; then
+    echo "==> [$name] reusing $dir"; echo "$name reused" >> "$TIMINGS_FILE"; return
+  fi
+  echo "==> [$name] prism eval of $# checkpoints on synth:test:$EVAL_N"
+  prism eval "${args[@]}" --synth "synth:test:$EVAL_N" --max-new-tokens 128 --batch-size 50 --seed 0 \
+    --out "$dir" --overwrite
+  echo "$name $((SECONDS - t0))" >> "$TIMINGS_FILE"
+}
+
+run_seed() {
+  local S=$1 D=$OUT/seed$1 FROM A V C CKPTS=()
   mkdir -p "$D"
-  step "sft/s$S" sft --ckpt tiny --data "$OUT/curated:0.3" --data "$OUT/public:0.7" --max-steps "$SFT_STEPS" \
-    --batch-size 16 --micro-batch-size 16 --lr 2e-3 --warmup 8 --eval-every 40 --save-every 1000 \
-    --seed "$S" --out "$D/sft" --overwrite
+  step "sft/s$S" sft "${SFT_COMMON[@]}" --data "synth:train:$SFT_N:drift" --seed "$S" --out "$D/sft"
+  step "sft_clean/s$S" sft "${SFT_COMMON[@]}" --data "synth:train:$SFT_N" --seed "$S" --out "$D/sft_clean"
   step "align/s$S" align --ckpt "$D/sft" "${ALIGN_COMMON[@]}" --seed "$S" --out "$D/sft-prism"
   step "align-dense/s$S" align --ckpt "$D/sft" "${ALIGN_COMMON[@]}" --disc-dense --seed "$S" \
     --out "$D/sft-prism_dense"
   step "align-textonly/s$S" align --ckpt "$D/sft" "${ALIGN_COMMON[@]}" --disc-text-only --seed "$S" \
     --out "$D/sft-prism_textonly"
-  CKPTS=(tiny sft)
-  for A in grpo dapo gspo; do
-    # shellcheck disable=SC2046
-    step "rl-$A/s$S" rl --algo "$A" --ckpt "$D/sft" "${RL_COMMON[@]}" $(rl_extra "$A") --seed "$S" \
-      --out "$D/sft-$A"
-    CKPTS+=("sft-$A")
-  done
-  CKPTS+=(sft-prism)
-  for A in grpo dapo gspo; do
-    # shellcheck disable=SC2046
-    step "prism-rl-$A/s$S" rl --algo "$A" --ckpt "$D/sft-prism" "${RL_COMMON[@]}" $(rl_extra "$A") \
-      --seed "$S" --out "$D/sft-prism-$A"
-    CKPTS+=("sft-prism-$A")
+  for FROM in sft sft-prism; do
+    for A in grpo dapo gspo; do
+      # shellcheck disable=SC2046
+      step "$FROM-$A/s$S" rl --algo "$A" --ckpt "$D/$FROM" "${RL_COMMON[@]}" $(rl_extra "$A") --seed "$S" \
+        --out "$D/$FROM-$A"
+    done
   done
   for V in dense textonly; do
-    step "prism_$V-rl-grpo/s$S" rl --algo grpo --ckpt "$D/sft-prism_$V" "${RL_COMMON[@]}" --seed "$S" \
+    step "prism_$V-grpo/s$S" rl --algo grpo --ckpt "$D/sft-prism_$V" "${RL_COMMON[@]}" --seed "$S" \
       --out "$D/sft-prism_$V-grpo"
-    CKPTS+=("sft-prism_$V-grpo")
   done
-  # One eval command for all rows (one process, the same test set: eval's seed stays 0).
-  # Refs relative to $OUT so the table's row labels read seedS/NAME.
-  ARGS=()
-  for C in "${CKPTS[@]}"; do [ "$C" = tiny ] && ARGS+=(--ckpt tiny) || ARGS+=(--ckpt "seed$S/$C"); done
-  t0=$SECONDS
-  echo "==> [eval/s$S] prism eval ${ARGS[*]}"
-  (cd "$OUT" && prism eval "${ARGS[@]}" --synth "synth:test:$EVAL_N" --max-new-tokens 96 --batch-size 50 \
-     --seed 0 --out "seed$S/evals" --overwrite)
-  TIMINGS+=("eval/s$S $((SECONDS - t0))")
-  for C in "${CKPTS[@]}"; do EVAL_DIRS+=("seed$S/evals/eval-$C"); done
-done
+  for C in $ROWS; do CKPTS+=("$D/$C"); done
+  evaluate "eval/s$S" "$D/evals" "${CKPTS[@]}"
+}
 
-# ---- the table, the machine, the wall time, the plot
-mkdir -p "$RESULTS"
+# The base's evaluation and each seed's chain are independent jobs, JOBS at a time; each logs to its file.
+PIDS=()
+launch() {  # launch LOG COMMAND...: run in the background once fewer than JOBS are running
+  local log=$1; shift
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
+  echo "==> $* (log: $log)"
+  ( "$@" ) > "$log" 2>&1 &
+  PIDS+=("$!")
+}
+launch "$OUT/eval-base.log" evaluate eval-base "$OUT/evals-base" "$BASE"
+for S in $SEEDS; do launch "$OUT/seed$S.log" run_seed "$S"; done
+FAILED=0
+for P in "${PIDS[@]}"; do wait "$P" || FAILED=1; done
+if [ "$FAILED" = 1 ]; then
+  echo "ablation: a job failed; its log under $OUT says why (finished stages are kept: rerun with REUSE)" >&2
+  tail -n 5 "$OUT"/*.log >&2
+  exit 1
+fi
+
+# The table (mean, 95% interval over seeds), per-family accuracy, perception measures, the game's evidence.
 WALL=$((SECONDS - START))
-(cd "$OUT" && IFS=, && prism eval --compare "${EVAL_DIRS[*]}" --markdown "$MD")
-{
-  echo
-  echo "Rows: base = the embedded tiny Qwen3-VL; SFT on a 30/70 mix of clean oracle demos and noisy"
-  echo "(oracle-noisy, ungated) demos; PRISM = \`prism align\` (MoE discriminator upcycled from tiny);"
-  echo "_dense / _textonly = the discriminator ablations; grpo/dapo/gspo = \`prism rl --algo\`."
-  echo "Accuracy (%) on synth:test:$EVAL_N, greedy, max 96 new tokens; seeds: $SEEDS."
-  echo
-  echo "Settings: sft $SFT_STEPS steps x 16, lr 2e-3; align warmup 10 x 16 pairs, $ALIGN_STEPS steps x 4 prompts x 8"
-  echo "rollouts, lr 5e-5 (policy and discriminator); rl $RL_STEPS steps x 8 prompts x 8 rollouts, lr $RL_LR, max 96"
-  echo "new tokens (DAPO overlong buffer 16). Tiny-model settings, not the paper's."
-  echo
-  echo "Format-valid rate (%) of the same responses:"
-  echo
-  (cd "$OUT" && "$PY" - "${EVAL_DIRS[@]}" <<'PY'
-import json, sys
-print("| checkpoint | format | caption F1 |\n|---|---|---|")
-for d in sys.argv[1:]:
-    r = json.load(open(f"{d}/results.json"))
-    x = r["tasks"]["synth"].get("extra", {})
-    print(f"| {'tiny' if d.endswith('eval-tiny') else d.replace('/evals/eval-', '/')} | {100 * x.get('format', 0):.1f} | "
-          f"{100 * x.get('caption_f1', 0):.1f} |")
-PY
-  )
-  echo
-  echo "Machine: \`$(uname -srmo)\`, $(nproc --all) cores; load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "(shared with other jobs). Wall time: ${WALL}s ($((WALL / 60)) min $((WALL % 60)) s) for seeds \"$SEEDS\"."
-  echo
-  echo "Stage wall times (s): $(printf '%s, ' "${TIMINGS[@]}" | sed 's/, $//')"
-} >> "$MD"
-
-(cd "$OUT" && "$PY" - "$PNG" "${EVAL_DIRS[@]}" <<'PY'
-import json, sys
-from collections import defaultdict
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-png, dirs = sys.argv[1], sys.argv[2:]
-by_row = defaultdict(list)
-for d in dirs:
-    row = d.split("/evals/eval-")[1]
-    by_row[row].append(100 * json.load(open(f"{d}/results.json"))["average"])
-rows = list(by_row)
-means = [sum(v) / len(v) for v in by_row.values()]
-spread = [(max(v) - min(v)) / 2 for v in by_row.values()]
-def label(r):
-    if r == "tiny":
-        return "base"
-    for a, b in (("-", "→"), ("prism_dense", "PRISM(dense)"), ("prism_textonly", "PRISM(text-only)"),
-                 ("prism", "PRISM"), ("sft", "SFT"), ("grpo", "GRPO"), ("dapo", "DAPO"), ("gspo", "GSPO")):
-        r = r.replace(a, b)
-    return r
-labels = [label(r) for r in rows]
-colors = ["#999999" if r == "tiny" else "#4c72b0" if r == "sft" else
-          "#dd8452" if r.startswith("sft-prism") else "#55a868" for r in rows]
-fig, ax = plt.subplots(figsize=(10, 5.5))
-ax.bar(range(len(rows)), means, yerr=spread if any(spread) else None, color=colors, capsize=3)
-for i, m in enumerate(means):
-    ax.text(i, m + 0.5, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
-ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=8)
-ax.set_ylabel("synth accuracy (%)")
-ax.set_ylim(0, max(max(means) * 1.15, 1))
-ax.set_title(f"PRISM ablation in miniature (tiny Qwen3-VL, CPU), seeds: {len(next(iter(by_row.values())))}")
-fig.subplots_adjust(bottom=0.32, top=0.92, left=0.07, right=0.98)
-fig.savefig(png, dpi=120)
-print(f"wrote {png}")
-PY
-)
-
-echo
-echo "stage timings (s):"
-printf '  %s\n' "${TIMINGS[@]}"
-echo "total wall time: ${WALL}s; table: $MD; plot: $PNG"
+mkdir -p "$RESULTS"
+"$PY" "$ROOT/benchmarks/ablation_table.py" --out-dir "$OUT" --seeds "$SEEDS" --eval-n "$EVAL_N" \
+  --results "$RESULTS/ablation-tiny" --wall "$WALL" --load-start "$LOAD_START" \
+  --settings "sft $SFT_STEPS steps x 8 on synth:train:$SFT_N(:drift), lr 1e-3, tower frozen; align warmup 30 x 16 pairs, $ALIGN_STEPS steps x 4 prompts x 8 rollouts, lr 2e-5 (policy and discriminator); rl $RL_STEPS steps x 8 prompts x 8 rollouts, lr 2e-5; max 128 new tokens" \
+  --timings "$(paste -sd, "$TIMINGS_FILE" | sed 's/,/, /g')"
