@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The README demo: the whole PRISM pipeline on a CPU with the embedded tiny Qwen3-VL, one `prism`
-# command per step, ending with the base / SFT / PRISM-align / RL comparison table.
+# The README demo: the whole PRISM pipeline on a CPU, one `prism` command per step, from the seeing tiny
+# Qwen3-VL (`tiny-seeing`, perception-pretrained; shipped with the package), ending with the base / SFT /
+# PRISM-align / RL comparison table.
 #
-#   bash recipes/tiny.sh                  # writes out/tiny/ (about 4-5 min on 2 cores)
+#   bash recipes/tiny.sh                  # writes out/tiny/ (about 5 min on 2 cores)
 #   OUT=/tmp/demo bash recipes/tiny.sh    # elsewhere; reruns overwrite (--overwrite)
 #
-# Step counts and learning rates are sized for the tiny model (1.3M parameters), not the paper's:
-# SFT needs lr ~3e-3 and ~200 steps of 16 before greedy decoding is reliably format-valid (at 80 steps
-# it still loops); align/RL use 5e-5/2e-5 (the paper's 1e-6 is for 4B models) and short responses
-# (96 tokens), so DAPO's overlong buffer is 16, not 4096.
-# The paper-scale chain is recipes/qwen3vl-4b/run.sh.
+# What it shows: SFT on drifted "public" demonstrations (synth:train:N:drift: a consistent green->blue
+# confusion, a dropped object, an off-by-one step) costs the base perception it had (caption F1, exact
+# object counts); align and RL then run on that drifted policy. recipes/ablation-tiny.sh measures the
+# whole comparison over seeds (benchmarks/results/ablation-tiny.md).
+# Step counts and learning rates are sized for the tiny model (1.3M parameters), not the paper's: align/RL
+# use 2e-5 (the paper's 1e-6 is for 4B models) and short responses (128 tokens), so DAPO's overlong buffer
+# is 16, not 4096. The paper-scale chain is recipes/qwen3vl-4b/run.sh.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,32 +35,30 @@ step() {  # step NAME prism-args...: run one stage and remember its wall time
   TIMINGS+=("$(printf '%-14s %4ds' "$name" $((SECONDS - t0)))")
 }
 
-# 1. curate: clean oracle demonstrations (through the verify gate) on one slice of synth, and a noisy
-#    "public" set (oracle-noisy: wrong captions and reasoning slips, kept ungated) on another slice,
-#    the way the paper mixes ~1.26M public demos with its curated Gemini ones.
-step curate         curate --source synth:train:400 --teacher oracle --out "$OUT/curated" --overwrite
-step curate-public  curate --source synth:train:800 --seed 1 --teacher oracle-noisy --gate none \
-                      --out "$OUT/public" --overwrite
+# 1. curate: the teacher's (clean oracle) demonstrations of 400 synth problems, through the verify gate:
+#    the alignment stage's data, like the paper's curated Gemini set.
+step curate         curate --source synth:train:400 --seed 101 --teacher oracle --out "$OUT/curated" --overwrite
 
-# 2. sft on the weighted mixture (30% curated, 70% public), from the embedded tiny base model
-step sft            sft --ckpt tiny --data "$OUT/curated:0.3" --data "$OUT/public:0.7" \
-                      --max-steps 200 --batch-size 16 --micro-batch-size 16 --lr 3e-3 --warmup 10 \
-                      --eval-every 40 --save-every 1000 --out "$OUT/sft" --overwrite
+# 2. sft from the seeing base on 2,000 problems with drifted demonstrations (the paper's public SFT mix:
+#    errors that repeat the same way), the vision tower frozen
+step sft            sft --ckpt tiny-seeing --data synth:train:2000:drift --max-steps 400 --batch-size 8 \
+                      --micro-batch-size 8 --lr 1e-3 --warmup 20 --eval-every 200 --save-every 1000 \
+                      --freeze-vision --out "$OUT/sft" --overwrite
 
-# 3. align: PRISM pre-alignment against the curated teacher demos, MoE discriminator upcycled from tiny
-step align          align --ckpt "$OUT/sft" --data "$OUT/curated" --disc-base tiny \
-                      --warmup-steps 10 --warmup-prompts 64 --warmup-batch 16 \
-                      --steps 12 --prompts-per-step 4 --rollouts-per-prompt 8 --max-new-tokens 96 \
-                      --lr 5e-5 --disc-lr 5e-5 --out "$OUT/align" --overwrite
+# 3. align: PRISM pre-alignment against the curated teacher demos, MoE discriminator upcycled from the base
+step align          align --ckpt "$OUT/sft" --data "$OUT/curated" --disc-base tiny-seeing \
+                      --warmup-steps 30 --warmup-prompts 128 --warmup-batch 16 --warmup-lr 1e-4 \
+                      --steps 20 --prompts-per-step 4 --rollouts-per-prompt 8 --max-new-tokens 128 \
+                      --lr 2e-5 --disc-lr 2e-5 --freeze-vision --out "$OUT/align" --overwrite
 
 # 4. rl: DAPO with the verifiable reward on synth train problems
 step rl             rl --algo dapo --ckpt "$OUT/align" --data synth:train:1024 \
-                      --steps 10 --prompts-per-step 8 --rollouts-per-prompt 8 --max-new-tokens 96 \
-                      --overlong-buffer 16 --lr 2e-5 --warmup 2 --out "$OUT/rl" --overwrite
+                      --steps 20 --prompts-per-step 8 --rollouts-per-prompt 8 --max-new-tokens 128 \
+                      --overlong-buffer 16 --lr 2e-5 --warmup 2 --freeze-vision --out "$OUT/rl" --overwrite
 
 # 5. eval: every stage's checkpoint on the held-out synth test split (greedy)
-step eval           eval --ckpt tiny --ckpt "$OUT/sft" --ckpt "$OUT/align" --ckpt "$OUT/rl" \
-                      --tasks synth --synth synth:test:200 --max-new-tokens 96 --batch-size 50 \
+step eval           eval --ckpt tiny-seeing --ckpt "$OUT/sft" --ckpt "$OUT/align" --ckpt "$OUT/rl" \
+                      --tasks synth --synth synth:test:200 --max-new-tokens 128 --batch-size 50 \
                       --out "$OUT/eval" --overwrite
 
 # 6. export: the RL policy as a plain Hugging Face folder with a model card (reloaded and checked)
@@ -68,4 +69,4 @@ echo "==> timings ($(nproc --all) cores; load average at start $LOAD_START, now 
 printf '  %s\n' "${TIMINGS[@]}"
 printf '  %-14s %4ds\n' total $((SECONDS - START))
 echo
-prism eval --compare "$OUT/eval/eval-tiny,$OUT/eval/eval-sft,$OUT/eval/eval-align,$OUT/eval/eval-rl"
+prism eval --compare "$OUT/eval/eval-tiny-seeing,$OUT/eval/eval-sft,$OUT/eval/eval-align,$OUT/eval/eval-rl"

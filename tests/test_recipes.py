@@ -146,7 +146,7 @@ def test_recipe_scripts_exist():
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 @pytest.mark.skipif(os.environ.get("PRISM_SLOW") != "1",
-                    reason="the README demo takes ~4 min on 2 cores; run it with "
+                    reason="the README demo takes ~5 min on 2 cores; run it with "
                            "`PRISM_SLOW=1 python -m pytest tests/test_recipes.py -k tiny_sh`")
 def test_tiny_sh_end_to_end(tmp_path):
     out = tmp_path / "tiny"
@@ -155,12 +155,15 @@ def test_tiny_sh_end_to_end(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "recipes" / "tiny.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=3600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    for stage in ("curated", "public", "sft", "align", "rl", "hf"):
+    for stage in ("curated", "sft", "align", "rl", "hf"):
         assert (out / stage).is_dir(), stage
-    acc = {}
-    for name in ("tiny", "sft", "align", "rl"):
+    synth = {}
+    for name in ("tiny-seeing", "sft", "align", "rl"):
         results = json.loads((out / "eval" / f"eval-{name}" / "results.json").read_text())
-        acc[name] = results["tasks"]["synth"]
-    assert acc["sft"]["value"] > acc["tiny"]["value"], acc
-    assert acc["sft"]["extra"]["format"] > acc["tiny"]["extra"]["format"], acc
+        synth[name] = results["tasks"]["synth"]
+    # The demo shows what it says: the seeing base perceives, and SFT on drifted demos costs perception.
+    assert synth["tiny-seeing"]["extra"]["caption_f1"] >= 0.85, synth
+    assert synth["sft"]["extra"]["caption_f1"] <= synth["tiny-seeing"]["extra"]["caption_f1"] - 0.1, synth
+    assert all(synth[n]["extra"]["format"] >= 0.9 for n in synth), synth
     assert "accuracy (%)" in proc.stdout and "total" in proc.stdout
+
