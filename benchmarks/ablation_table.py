@@ -179,9 +179,10 @@ def plot(data: dict, png: Path, eval_n: int) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in ROWS if r in data["rows"]]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 6), sharey=True)
-    for ax, measure, title in zip(axes, ("acc", "caption_f1", "exact_count"),
-                                  ("answer accuracy", "caption F1 (perception)", "exact object count")):
+    fig, axes = plt.subplots(1, 4, figsize=(20, 6), sharey=True)
+    for ax, measure, title in zip(axes, ("acc", "caption_f1", "green_recall", "exact_count"),
+                                  ("answer accuracy", "caption F1 (perception)", "green recall (green named green)",
+                                   "exact object count")):
         stats = [interval([v[measure] for v in data["rows"][r].values()]) for r in rows]
         colours = ["#999999" if r == "base" else "#bbbbbb" if r == "sft_clean" else "#4c72b0" if r.startswith("sft-prism")
                    else "#dd8452" for r in rows]

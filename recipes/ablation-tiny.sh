@@ -26,6 +26,8 @@ EVAL_N=${EVAL_N:-500}         # synth test problems per eval (greedy)
 SFT_N=${SFT_N:-2000}          # problems in the SFT mix (drifted demonstrations)
 SFT_STEPS=${SFT_STEPS:-400}
 ALIGN_STEPS=${ALIGN_STEPS:-20}
+WARMUP_STEPS=${WARMUP_STEPS:-30}      # the discriminator's Bradley-Terry warmup
+WARMUP_PROMPTS=${WARMUP_PROMPTS:-128}
 RL_STEPS=${RL_STEPS:-20}
 REUSE=${REUSE:-}
 BASE=${BASE:-tiny-seeing}      # the seeing base (a path works too)
@@ -61,7 +63,8 @@ step curate curate --source synth:train:400 --seed 101 --teacher oracle --out "$
 
 SFT_COMMON=(--ckpt "$BASE" --max-steps "$SFT_STEPS" --batch-size 8 --micro-batch-size 8 --lr 1e-3 --warmup 20
             --eval-every 200 --save-every 10000 --freeze-vision --overwrite)
-ALIGN_COMMON=(--data "$OUT/curated" --disc-base "$BASE" --warmup-steps 30 --warmup-prompts 128 --warmup-batch 16
+ALIGN_COMMON=(--data "$OUT/curated" --disc-base "$BASE" --warmup-steps "$WARMUP_STEPS"
+              --warmup-prompts "$WARMUP_PROMPTS" --warmup-batch 16
               --warmup-lr 1e-4 --steps "$ALIGN_STEPS" --prompts-per-step 4 --rollouts-per-prompt 8
               --max-new-tokens 128 --lr 2e-5 --disc-lr 2e-5 --freeze-vision --overwrite)
 RL_COMMON=(--data synth:train:1024 --steps "$RL_STEPS" --prompts-per-step 8 --rollouts-per-prompt 8
@@ -131,5 +134,5 @@ WALL=$((SECONDS - START))
 mkdir -p "$RESULTS"
 "$PY" "$ROOT/benchmarks/ablation_table.py" --out-dir "$OUT" --seeds "$SEEDS" --eval-n "$EVAL_N" \
   --results "$RESULTS/ablation-tiny" --wall "$WALL" --load-start "$LOAD_START" \
-  --settings "sft $SFT_STEPS steps x 8 on synth:train:$SFT_N(:drift), lr 1e-3, tower frozen; align warmup 30 x 16 pairs, $ALIGN_STEPS steps x 4 prompts x 8 rollouts, lr 2e-5 (policy and discriminator); rl $RL_STEPS steps x 8 prompts x 8 rollouts, lr 2e-5; max 128 new tokens" \
+  --settings "sft $SFT_STEPS steps x 8 on synth:train:$SFT_N(:drift), lr 1e-3, tower frozen; align warmup $WARMUP_STEPS x 16 pairs ($WARMUP_PROMPTS prompts), $ALIGN_STEPS steps x 4 prompts x 8 rollouts, lr 2e-5 (policy and discriminator); rl $RL_STEPS steps x 8 prompts x 8 rollouts, lr 2e-5; max 128 new tokens" \
   --timings "$(paste -sd, "$TIMINGS_FILE" | sed 's/,/, /g')"

@@ -167,3 +167,30 @@ def test_tiny_sh_end_to_end(tmp_path):
     assert all(synth[n]["extra"]["format"] >= 0.9 for n in synth), synth
     assert "accuracy (%)" in proc.stdout and "total" in proc.stdout
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(os.environ.get("PRISM_SLOW") != "1",
+                    reason="a micro run of the ablation takes ~3 min on 2 cores; run it with "
+                           "`PRISM_SLOW=1 python -m pytest tests/test_recipes.py -k ablation`")
+def test_ablation_tiny_sh_micro_run(tmp_path):
+    """The ablation's glue at toy size, two seeds side by side: every row of every seed is evaluated, the
+    table has intervals, the game's evidence is read from each align run, and the plot is drawn."""
+    results = tmp_path / "results"
+    env = dict(os.environ, OUT=str(tmp_path / "abl"), RESULTS=str(results), PYTHON=sys.executable, SEEDS="0 1",
+               JOBS="2", EVAL_N="6", SFT_N="16", SFT_STEPS="3", ALIGN_STEPS="1", RL_STEPS="1", WARMUP_STEPS="1",
+               WARMUP_PROMPTS="16")
+    proc = subprocess.run(["bash", str(ROOT / "recipes" / "ablation-tiny.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    data = json.loads((results / "ablation-tiny.json").read_text())
+    rows = data["rows"]
+    assert set(rows) == {"base", "sft_clean", "sft", "sft-grpo", "sft-dapo", "sft-gspo", "sft-prism", "sft-prism-grpo",
+                         "sft-prism-dapo", "sft-prism-gspo", "sft-prism_dense", "sft-prism_textonly",
+                         "sft-prism_dense-grpo", "sft-prism_textonly-grpo"}
+    assert list(rows["base"]) == ["-"] and all(set(v) == {"0", "1"} for r, v in rows.items() if r != "base")
+    assert all(x["n"] == 6 for v in rows.values() for x in v.values())
+    assert set(data["games"]) == {"sft-prism", "sft-prism_dense", "sft-prism_textonly"}
+    md = (results / "ablation-tiny.md").read_text()
+    assert "| SFT (drifted demos) | " in md and " ± " in md and "Paired by seed" in md
+    assert (results / "ablation-tiny.png").stat().st_size > 10_000
