@@ -18,7 +18,6 @@ display name in the account's job list, since the create may have reached the se
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -80,15 +79,7 @@ def inline_request(teacher, req, key: str):
 
 def prompt_tokens(req) -> int:
     """Estimated prompt tokens of one request (what the queued-token limit counts)."""
-    from PIL import Image
-
-    sizes = []
-    for img in req.images:
-        try:
-            sizes.append(Image.open(io.BytesIO(img)).size)  # reads the header only
-        except Exception:
-            sizes.append((768, 768))
-    return pricing.estimate_prompt_tokens(req.system + req.question, sizes)
+    return pricing.estimate_prompt_tokens(req.system + req.question, pricing.image_sizes(req.images))
 
 
 def reply_of_line(teacher, response: dict | None, error) -> Reply | None:

@@ -55,6 +55,21 @@ def image_tokens(width: int, height: int) -> int:
     return IMAGE_TOKENS * (-(-width // 768)) * (-(-height // 768))
 
 
+def image_sizes(images: list[bytes]) -> list[tuple[int, int]]:
+    """(width, height) of each encoded image from its header alone; an unreadable one counts as one 768 tile."""
+    import io
+
+    from PIL import Image
+
+    sizes = []
+    for img in images:
+        try:
+            sizes.append(Image.open(io.BytesIO(img)).size)
+        except Exception:
+            sizes.append((768, 768))
+    return sizes
+
+
 def estimate_prompt_tokens(text: str, image_sizes: list[tuple[int, int]]) -> int:
     return len(re.sub(r"\s+", " ", text)) // CHARS_PER_TOKEN + 1 + sum(image_tokens(w, h) for w, h in image_sizes)
 

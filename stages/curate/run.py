@@ -6,10 +6,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import io
 from pathlib import Path
 
-from PIL import Image
 
 from prism_cli import console
 from prism_cli.checkpoint import open_output, require_stage, resolve
@@ -177,13 +175,7 @@ def show_plan(cfg: CurateConfig, spec, samples: list[Sample]) -> None:
 def estimate_cost(cfg: CurateConfig, spec, samples: list[Sample]) -> dict:
     prompt = 0
     for s in samples:
-        sizes = []
-        for img in s.images:
-            try:
-                sizes.append(Image.open(io.BytesIO(img)).size)  # reads the header only
-            except Exception:
-                sizes.append((768, 768))
-        prompt += pricing.estimate_prompt_tokens(SYSTEM_PROMPT + question_text(s), sizes)
+        prompt += pricing.estimate_prompt_tokens(SYSTEM_PROMPT + question_text(s), pricing.image_sizes(s.images))
     output = cfg.est_output_tokens * len(samples)
     usage = {"prompt_tokens": prompt, "output_tokens": output}
     price = pricing.price_for(spec.model, cfg.prices) if teacher_kind(spec).priced else None
