@@ -22,7 +22,7 @@ from stages.curate.batch import JOB_LOG, JobLog, Shard, plan_shards, rest_reques
 from stages.curate.config import CurateConfig
 from stages.curate.run import run
 from tests.fakes import oracle_responder
-from tests.fakes.gemini_server import FakeGemini
+from tests.fakes.gemini_server import FakeGemini, use_only_key
 
 KEY = "test-key-SECRET-b4tch-91c2"
 SPEC = "synth:train:12"
@@ -31,10 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def key(monkeypatch):
-    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
-    monkeypatch.setenv("GEMINI_API_KEY", KEY)
-    monkeypatch.delenv("PRISM_GEMINI_BASE_URL", raising=False)
-    return KEY
+    return use_only_key(monkeypatch, KEY)
 
 
 def config(fake: FakeGemini, out: Path, **over) -> CurateConfig:

@@ -20,7 +20,7 @@ from stages.common.synth import load as synth_load
 from stages.curate.config import CurateConfig
 from stages.curate.run import run
 from tests.fakes import oracle_responder
-from tests.fakes.gemini_server import FakeGemini, request_images
+from tests.fakes.gemini_server import FakeGemini, request_images, use_only_key
 
 KEY = "test-key-SECRET-7f3a9c"
 SPEC = "synth:train:12"
@@ -29,10 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def key(monkeypatch):
-    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
-    monkeypatch.setenv("GEMINI_API_KEY", KEY)
-    monkeypatch.delenv("PRISM_GEMINI_BASE_URL", raising=False)
-    return KEY
+    return use_only_key(monkeypatch, KEY)
 
 
 def config(fake: FakeGemini, out: Path, **over) -> CurateConfig:

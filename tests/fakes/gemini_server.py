@@ -56,6 +56,15 @@ _TERMINAL = {"ok": "BATCH_STATE_SUCCEEDED", "expired": "BATCH_STATE_EXPIRED", "f
              "cancelled": "BATCH_STATE_CANCELLED"}
 
 
+def use_only_key(monkeypatch, key: str) -> str:
+    """The environment a curate test runs in: GEMINI_API_KEY=key and no other key or base URL, so the client
+    reaches the fake only through the config's gemini_base_url, and leak checks can grep for `key`."""
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    monkeypatch.setenv("GEMINI_API_KEY", key)
+    monkeypatch.delenv("PRISM_GEMINI_BASE_URL", raising=False)
+    return key
+
+
 def request_fingerprint(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
