@@ -15,13 +15,12 @@ import argparse
 import json
 import math
 import platform
-from collections import Counter
 from pathlib import Path
 
 from stages.common.synth import generate
 from stages.common.synth.caption_check import mentions, scene_items
 from stages.common.protocol import parse_response
-from stages.eval.synth_native import error_kind
+from stages.eval.synth_native import summarize
 
 # The rows in the order the paper's table reads; labels as the README and the plot show them.
 ROWS = {
@@ -68,9 +67,10 @@ def row_of(ref: str) -> tuple[str, str]:
 
 
 def score_records(records: list[dict], scenes: dict[str, dict]) -> dict:
-    """One evaluation's measures from its per-sample records (samples/synth.jsonl)."""
+    """One evaluation's measures from its per-sample records (samples/synth.jsonl): eval's own summary (accuracy,
+    format, caption F1, error split) plus exact counts, green recall and accuracy per family."""
     n = len(records)
-    kinds = Counter(error_kind(r) for r in records)
+    summary = summarize(records)
     exact = green_hit = green_all = 0
     for r in records:
         named = mentions(parse_response(r["response"]).caption or "")
@@ -82,10 +82,10 @@ def score_records(records: list[dict], scenes: dict[str, dict]) -> dict:
     by_task: dict[str, list[float]] = {}
     for r in records:
         by_task.setdefault(r["task"], []).append(r["acc"])
-    return {"n": n, "acc": sum(r["acc"] for r in records) / n, "format": sum(r["format"] for r in records) / n,
-            "caption_f1": sum(r["caption_f1"] for r in records) / n, "exact_count": exact / n,
-            "green_recall": green_hit / max(green_all, 1), "perception_errors": kinds["perception"] / n,
-            "reasoning_errors": kinds["reasoning"] / n,
+    extra = summary["extra"]
+    return {"n": n, "acc": summary["value"], "format": extra["format"], "caption_f1": extra["caption_f1"],
+            "exact_count": exact / n, "green_recall": green_hit / max(green_all, 1),
+            "perception_errors": extra["perception_errors"], "reasoning_errors": extra["reasoning_errors"],
             "acc_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())}}
 
 

@@ -45,7 +45,8 @@ def response(objs, answer):
 
 
 def record(sample, text, acc, f1):
-    return {"id": sample.id, "task": sample.task, "response": text, "acc": acc, "format": 1.0, "caption_f1": f1}
+    return {"id": sample.id, "task": sample.task, "response": text, "acc": acc, "format": 1.0, "caption_f1": f1,
+            "caption_precision": f1, "caption_recall": f1}  # the fields prism eval's samples carry
 
 
 def test_score_records_reads_counts_green_recall_and_the_error_split(table):
