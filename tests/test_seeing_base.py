@@ -184,9 +184,13 @@ def test_tiny_seeing_meets_the_perception_targets():
     got = sb.evaluate(model, processor, test)
     assert got["caption_f1"] >= 0.85 and got["color_f1"] >= 0.9 and got["shape_f1"] >= 0.9, got
     assert got["exact_count"] >= 0.95, got
-    # Reasoning is only partly there (docs/seeing-base.md): sides_total, which adds up every caption line, is far
-    # above its majority-answer rate; the other families sit 0-15 points above theirs, larger_shape at it.
-    assert got["acc_by_task"]["sides_total"] >= majority_rate([s for s in test if s.task == "sides_total"]) + 0.2, got
+    # Reasoning, against each family's majority-answer rate on these 20 problems a family (docs/seeing-base.md: on
+    # 500 problems four families are 16-47 points above theirs). Each margin leaves a problem or two (5 points
+    # each) of slack. larger_shape is not asserted: the base sits at its rate there (it names sizes poorly).
+    margins = {"count_color": 0.05, "count_shape": 0.1, "sides_total": 0.3, "chart_diff": 0.15}
+    for task, margin in margins.items():
+        rate = majority_rate([s for s in test if s.task == task])
+        assert got["acc_by_task"][task] >= rate + margin - 1e-9, (task, rate, got)
 
 
 # Not `slow` (CI runs those): the build is longer than the rest of CI together. Run it by hand.
