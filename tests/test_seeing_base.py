@@ -196,7 +196,7 @@ def test_tiny_seeing_meets_the_perception_targets():
 # Not `slow` (CI runs those): the build is longer than the rest of CI together. Run it by hand.
 @pytest.mark.timeout(5400)
 @pytest.mark.skipif(os.environ.get("PRISM_BUILD_SEEING") != "1",
-                    reason="building tiny-seeing from scratch takes ~15-45 min on one core; PRISM_BUILD_SEEING=1 "
+                    reason="building tiny-seeing from scratch takes ~20-45 min on one core; PRISM_BUILD_SEEING=1 "
                            "runs it (not in CI)")
 def test_a_fresh_build_meets_the_perception_targets(tmp_path, capsys):
     import json

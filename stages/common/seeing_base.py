@@ -362,7 +362,7 @@ def progress_line(record: dict) -> str:
 def build(out_dir, seed: int = 0, recipe: SeeingRecipe | None = None, log=None):
     """Build tiny-seeing into out_dir: the tiny dense model's tokenizer and initial weights (same seed), a
     processor that feeds it 48-px images, then the two pretraining phases. Writes seeing.json (the recipe
-    and every monitor record) next to the weights. About 15 minutes on one free CPU core."""
+    and every monitor record) next to the weights. About 20 minutes on one free CPU core."""
     from pathlib import Path
 
     from prism_cli import console
@@ -416,7 +416,7 @@ def provide(out_dir, seed: int = 0, log=None):
             shutil.copy2(f, out_dir / f.name)
         return out_dir
     if seed == 0 and shipped_recipe() is not None and not shipped_is_current():
-        console.warn("the shipped tiny-seeing was built from another recipe; building this one (about 15 min "
+        console.warn("the shipped tiny-seeing was built from another recipe; building this one (about 20 min "
                      "on a free core; `python -m stages.common.seeing_base build --ship` refreshes the shipped copy)")
     return build(out_dir, seed=seed, log=log)
 
