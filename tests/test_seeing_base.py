@@ -186,7 +186,8 @@ def test_tiny_seeing_meets_the_perception_targets():
     assert got["exact_count"] >= 0.95, got
     # Reasoning, against each family's majority-answer rate on these 20 problems a family (docs/seeing-base.md: on
     # 500 problems four families are 16-47 points above theirs). Each margin leaves a problem or two (5 points
-    # each) of slack. larger_shape is not asserted: the base sits at its rate there (it names sizes poorly).
+    # each) of slack. larger_shape is not asserted: the base sits near its rate there (its think does not use
+    # the caption's sizes).
     margins = {"count_color": 0.05, "count_shape": 0.1, "sides_total": 0.3, "chart_diff": 0.15}
     for task, margin in margins.items():
         rate = majority_rate([s for s in test if s.task == task])

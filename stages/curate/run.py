@@ -8,7 +8,6 @@ import dataclasses
 import errno
 from pathlib import Path
 
-
 from prism_cli import console
 from prism_cli.checkpoint import open_output, require_stage, resolve
 from prism_cli.config import to_dict
