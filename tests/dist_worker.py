@@ -81,6 +81,9 @@ def ppo(out: Path) -> None:
                                                     "world": world}))
         save_file({k: v.float().contiguous() for k, v in weights.items()}, str(out / "weights.safetensors"))
     accelerator.wait_for_everyone()
+    # Tear the process group down as the stages do: a rank that exits with it alive can abort in a C++
+    # destructor ("terminate called without an active exception", SIGABRT; seen once under ZeRO-3).
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -90,3 +90,22 @@ def test_rl_plot_has_kl_entropy_length_and_clip_panels(tmp_path):
     assert plot_panels([{"step": 1}], RL_PANELS, tmp_path / "none.png", "rl") is None
     results = {"synth": {"value": 0.5, "stderr": 0.05, "n": 100}, "mmmu": {"value": 0.3, "stderr": 0.02, "n": 900}}
     assert plot_eval(results, tmp_path / "eval.png", "eval").stat().st_size > 1000
+
+
+def test_only_the_main_process_writes_plots_and_never_a_half_written_one(tmp_path, monkeypatch):
+    """Every rank reaches a stage's plotting line; a rank > 0 rewriting the PNG while rank 0 hashed the run
+    directory left a manifest that no longer matched drift_gap.png (a CI failure under torchrun)."""
+    from stages.common.plots import plot_curves, plot_eval, plot_panels
+    from stages.rl.run import RL_PANELS
+
+    records = [{"step": s, "reward/mean": 0.1 * s, "loss": 1.0 / s} for s in range(1, 4)]
+    results = {"synth": {"value": 0.5, "stderr": 0.05, "n": 100}}
+    monkeypatch.setenv("RANK", "1")
+    assert plot_panels(records, RL_PANELS, tmp_path / "rl.png", "rl") is None
+    assert plot_curves(records, {"loss": "loss"}, tmp_path / "loss.png", "sft") is None
+    assert plot_eval(results, tmp_path / "eval.png", "eval") is None
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("RANK", "0")
+    assert plot_curves(records, {"loss": "loss"}, tmp_path / "loss.png", "sft").read_bytes()[:4] == b"\x89PNG"
+    assert plot_panels(records, RL_PANELS, tmp_path / "rl.png", "rl").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "rl.png"]    # no .tmp left behind

@@ -3,7 +3,10 @@ stage, and a bar chart of eval results with their standard errors. Panels with n
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from prism_cli.console import is_main_process
 
 
 def _pyplot():
@@ -13,6 +16,22 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path: Path) -> Path | None:
+    """Write the figure on the main process only, atomically. Under several processes every rank reaches
+    the stage's plotting line; a rank that rewrote the PNG while the main one hashed the run directory
+    left a checkpoint whose manifest no longer matched its file (seen in CI under torchrun)."""
+    try:
+        if not is_main_process():
+            return None
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+        return path
+    finally:
+        plt.close(fig)
 
 
 def panel_data(records: list[dict], panels: dict[str, dict[str, str]], xkey: str = "step") -> dict:
@@ -28,6 +47,32 @@ def panel_data(records: list[dict], panels: dict[str, dict[str, str]], xkey: str
         if lines:
             drawn[name] = lines
     return drawn
+
+
+def plot_curves(records: list[dict], series: dict[str, str], path: Path, title: str, xkey: str = "step",
+                smooth: int = 1) -> Path | None:
+    """A PNG of metric curves: series maps metric key -> label. Skips keys with no data."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = 0
+    for key, label in series.items():
+        pts = [(r[xkey], r[key]) for r in records if key in r and r[key] is not None and xkey in r]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        if smooth > 1 and len(ys) >= smooth:
+            ys = [sum(ys[max(0, i - smooth + 1):i + 1]) / len(ys[max(0, i - smooth + 1):i + 1]) for i in range(len(ys))]
+        ax.plot(xs, ys, label=label)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_title(title)
+    ax.set_xlabel(xkey)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(plt, fig, path)
 
 
 def plot_panels(records: list[dict], panels: dict[str, dict[str, str]], path: Path, title: str,
@@ -57,9 +102,7 @@ def plot_panels(records: list[dict], panels: dict[str, dict[str, str]], path: Pa
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_eval(results: dict[str, dict], path: Path, title: str) -> Path | None:
@@ -80,6 +123,4 @@ def plot_eval(results: dict[str, dict], path: Path, title: str) -> Path | None:
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)

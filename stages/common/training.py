@@ -239,7 +239,7 @@ def save_model(accelerator, trained, processor, out_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-# --------------------------------------------------------------------------------- timing and plots
+# --------------------------------------------------------------------------------------------- timing
 
 class StepTimer:
     """Wall time of named phases within a step (rollout / score / update ...)."""
@@ -258,38 +258,6 @@ class StepTimer:
     def pop(self) -> dict[str, float]:
         out, self.times = self.times, {}
         return {f"time/{k}": v for k, v in out.items()}
-
-
-def plot_curves(records: list[dict], series: dict[str, str], path: Path, title: str, xkey: str = "step",
-                smooth: int = 1) -> Path | None:
-    """A PNG of metric curves: series maps metric key -> label. Skips keys with no data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    drawn = 0
-    for key, label in series.items():
-        pts = [(r[xkey], r[key]) for r in records if key in r and r[key] is not None and xkey in r]
-        if not pts:
-            continue
-        xs, ys = zip(*pts)
-        if smooth > 1 and len(ys) >= smooth:
-            ys = [sum(ys[max(0, i - smooth + 1):i + 1]) / len(ys[max(0, i - smooth + 1):i + 1]) for i in range(len(ys))]
-        ax.plot(xs, ys, label=label)
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_title(title)
-    ax.set_xlabel(xkey)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
 
 
 def rank_fingerprints(accelerator, trained) -> list[float] | None:

@@ -18,7 +18,7 @@ from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
 from prism_cli.errors import PrismError
 from prism_cli import tracking
-from stages.common import training
+from stages.common import plots, training
 from stages.common.data import Sample
 from stages.common import plan_report
 from stages.common.formats import dropped_report, load_sources, source_parents
@@ -79,8 +79,8 @@ def run(cfg: SFTConfig) -> Path:
     replicas = training.rank_fingerprints(accelerator, policy)
     training.save_model(accelerator, policy, processor, run_dir.model_dir)
     records = run_dir.read_metrics()
-    training.plot_curves(records, {"loss": "train loss", "eval_loss": "eval loss"}, run_dir.path / "loss.png",
-                         f"SFT loss ({cfg.ckpt})")
+    plots.plot_curves(records, {"loss": "train loss", "eval_loss": "eval loss"}, run_dir.path / "loss.png",
+                      f"SFT loss ({cfg.ckpt})")
     summary = summarize(records, train_set, total_steps)
     summary.update(processes=accelerator.num_processes, backend=runtime.backend.name, replica_weight_sums=replicas,
                    encode_s=encode_s, encode_ms_per_sample=1000 * encode_s / max(len(train_samples), 1),
