@@ -7,7 +7,7 @@ answer breaks:
 
     # a base whose every caption names sizes: "size-after" ("- red square large") or "size-before" ("- large red square")
     python benchmarks/larger_shape_probe.py build OUT --captions size-after                  # ~20 min, one core
-    # one more language round on 2,000 larger_shape problems + 3,000 of the usual mix (tower frozen);
+    # one more language round on 2,000 larger_shape problems (--focus) + 3,000 of the usual mix (tower frozen);
     # --counterfactual: half the larger_shape demos swap the two options' sizes in caption, think and answer
     # (the image unchanged) and carry no caption loss, so only the caption predicts their think
     python benchmarks/larger_shape_probe.py round SRC OUT --steps 3000 --captions size-after [--counterfactual]
@@ -81,7 +81,8 @@ def counterfactual(sample):
                                                        model="counterfactual"))
 
 
-def language_round(src: str, out: str, steps: int, with_counterfactuals: bool) -> dict:
+def language_round(src: str, out: str, steps: int, with_counterfactuals: bool, focus: int = 2000, usual: int = 3000,
+                   usual_seed: int = 1000) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(src)
@@ -89,11 +90,12 @@ def language_round(src: str, out: str, steps: int, with_counterfactuals: bool) -
     for p in model.model.visual.parameters():
         p.requires_grad_(False)
     rng = random.Random("cf")
-    focus = with_oracle_demos(generate("train", 2000, seed=3000, tasks=["larger_shape"]))
-    swapped = [with_counterfactuals and rng.random() < 0.5 for _ in focus]
-    samples = [counterfactual(s) if f else s for s, f in zip(focus, swapped)]
-    samples += with_oracle_demos(generate("train", 3000, seed=1000))
-    swapped += [False] * 3000
+    extra = with_oracle_demos(generate("train", focus, seed=3000, tasks=["larger_shape"])) if focus else []
+    swapped = [with_counterfactuals and rng.random() < 0.5 for _ in extra]
+    samples = [counterfactual(s) if f else s for s, f in zip(extra, swapped)]
+    # seed 1000 is the build's own training stream (its first `usual` problems); another seed gives fresh ones
+    samples += with_oracle_demos(generate("train", usual, seed=usual_seed))
+    swapped += [False] * usual
     encoded = []
     for i in range(0, len(samples), 256):
         encoded += seeing_base.encode_demos(samples[i:i + 256], processor)
@@ -120,7 +122,7 @@ def language_round(src: str, out: str, steps: int, with_counterfactuals: bool) -
     model.eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    return {"steps": steps, "counterfactual_demos": sum(swapped), "train_s": round(time.time() - t0),
+    return {"steps": steps, "focus_problems": focus, "usual_problems": usual, "usual_seed": usual_seed, "counterfactual_demos": sum(swapped), "train_s": round(time.time() - t0),
             "eval_500": seeing_base.evaluate(model, processor, generate("test", 500, seed=0))}
 
 
@@ -179,6 +181,9 @@ def main(argv=None) -> int:
     round_.add_argument("out")
     round_.add_argument("--steps", type=int, default=3000)
     round_.add_argument("--counterfactual", action="store_true")
+    round_.add_argument("--focus", type=int, default=2000, help="new larger_shape problems in the mix (0: the usual mix only)")
+    round_.add_argument("--usual", type=int, default=3000, help="problems of every family in the mix")
+    round_.add_argument("--usual-seed", type=int, default=1000, help="1000: the build's own problems; other: fresh")
     diagnose = sub.add_parser("diagnose")
     diagnose.add_argument("ckpt")
     diagnose.add_argument("--problems", type=int, default=300)
@@ -197,7 +202,8 @@ def main(argv=None) -> int:
                                                    generate("test", 500, seed=0))}
         out = Path(args.out) / "probe.json"
     elif args.command == "round":
-        result = language_round(args.src, args.out, args.steps, args.counterfactual)
+        result = language_round(args.src, args.out, args.steps, args.counterfactual, args.focus, args.usual,
+                                args.usual_seed)
         out = Path(args.out) / "probe.json"
     else:
         result = chain(args.ckpt, args.problems, args.captions)
