@@ -49,24 +49,17 @@ def panel_data(records: list[dict], panels: dict[str, dict[str, str]], xkey: str
     return drawn
 
 
-def plot_curves(records: list[dict], series: dict[str, str], path: Path, title: str, xkey: str = "step",
-                smooth: int = 1) -> Path | None:
-    """A PNG of metric curves: series maps metric key -> label. Skips keys with no data."""
+def plot_curves(records: list[dict], series: dict[str, str], path: Path, title: str,
+                xkey: str = "step") -> Path | None:
+    """One panel of metric curves: series maps metric key -> label. Returns None when no key has data."""
+    lines = panel_data(records, {title: series}, xkey).get(title)
+    if not lines:
+        return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    drawn = 0
-    for key, label in series.items():
-        pts = [(r[xkey], r[key]) for r in records if key in r and r[key] is not None and xkey in r]
-        if not pts:
-            continue
+    for label, pts in lines.items():
         xs, ys = zip(*pts)
-        if smooth > 1 and len(ys) >= smooth:
-            ys = [sum(ys[max(0, i - smooth + 1):i + 1]) / len(ys[max(0, i - smooth + 1):i + 1]) for i in range(len(ys))]
         ax.plot(xs, ys, label=label)
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
-        return None
     ax.set_title(title)
     ax.set_xlabel(xkey)
     ax.grid(alpha=0.3)
