@@ -1,18 +1,21 @@
-"""Why larger_shape sits near its majority-answer rate on tiny-seeing: the experiments of docs/seeing-base.md.
+"""Why larger_shape sat near its majority-answer rate on tiny-seeing: the experiments of docs/seeing-base.md.
 
-larger_shape asks which of two named shapes is larger. The oracle names sizes only in that family's captions,
-and its think restates each option's size ("red square large, blue circle small, so"). This script changes
-two things synth does not ship, for its own process only, and measures where the chain caption -> think ->
-answer breaks:
+larger_shape asks which of two named shapes is larger; the oracle's think restates each option's size ("red
+square large, blue circle small, so"). Until the fifth language round shipped, synth named sizes only in that
+family's captions ("- large red square"). This script changes, for its own process only, the caption format
+and the language training, and measures where the chain caption -> think -> answer breaks. What it found is
+now the recipe: sizes after every object in every caption, and a fifth round on unseen problems.
 
-    # a base whose every caption names sizes: "size-after" ("- red square large") or "size-before" ("- large red square")
-    python benchmarks/larger_shape_probe.py build OUT --captions size-after                  # ~20 min, one core
+    # a base of the recipe's first four rounds with the captions of the early rows (--captions
+    # larger-shape-only), sizes before every object (size-before) or after it (size-after = shipped)
+    python benchmarks/larger_shape_probe.py build OUT --rounds 4 --captions size-after       # ~20 min, one core
     # one more language round on 2,000 larger_shape problems (--focus) + 3,000 of the usual mix (tower frozen);
     # --counterfactual: half the larger_shape demos swap the two options' sizes in caption, think and answer
-    # (the image unchanged) and carry no caption loss, so only the caption predicts their think
-    python benchmarks/larger_shape_probe.py round SRC OUT --steps 3000 --captions size-after [--counterfactual]
+    # (the image unchanged) and carry no caption loss, so only the caption predicts their think;
+    # --focus 0 --usual 6000 --usual-seed 4000: the fifth round of the shipped recipe (6,000 unseen problems)
+    python benchmarks/larger_shape_probe.py round SRC OUT --steps 3000 [--counterfactual]
     # the chain on the larger_shape problems among the first N test problems, and the 500-problem evaluation
-    python benchmarks/larger_shape_probe.py diagnose CKPT --captions size-after
+    python benchmarks/larger_shape_probe.py diagnose CKPT
 
 Each command prints one JSON line and writes it to OUT/probe.json (diagnose: --out). One thread, greedy, seeds
 fixed; the numbers in docs/seeing-base.md came from these steps on the 2-core CI-class VM.
@@ -45,27 +48,34 @@ from stages.common.synth.tasks import (
     unique_object,
 )
 
-SHIPPED_CAPTION = oracle.caption_for
+SHIPPED_CAPTION = oracle.caption_for  # since the fifth round shipped: every object's size, after it
 
 
 def caption_with_sizes(scene: dict, task: str, after: bool) -> str:
     """Every object's size in the caption, before ("large red square") or after ("red square large") it."""
-    if scene["kind"] == "chart":
+    if scene["kind"] == "chart" or after:
         return SHIPPED_CAPTION(scene, task)
     kinds = [(o["color"], o["shape"], o["size"]) for o in reading_order(scene["objects"])]
-    lines = []
-    for (color, shape, size), n in groups_in_order(kinds):
-        if after:
-            lines.append(f"- {counted(n, f'{color} {shape}') if n > 1 else f'{color} {shape}'} {size}")
-        else:
-            lines.append(f"- {counted(n, f'{size} {color} {shape}') if n > 1 else f'{size} {color} {shape}'}")
-    return "\n".join(lines)
+    return "\n".join(f"- {counted(n, f'{size} {color} {shape}') if n > 1 else f'{size} {color} {shape}'}"
+                     for (color, shape, size), n in groups_in_order(kinds))
+
+
+def caption_sizes_in_larger_shape_only(scene: dict, task: str) -> str:
+    """synth's caption before the fifth round: sizes named (before the object) in larger_shape captions only."""
+    if scene["kind"] == "chart" or task == "larger_shape":
+        return caption_with_sizes(scene, task, after=False)
+    kinds = [(o["color"], o["shape"]) for o in reading_order(scene["objects"])]
+    return "\n".join(f"- {counted(n, f'{color} {shape}')}" if n > 1 else f"- {color} {shape}"
+                      for (color, shape), n in groups_in_order(kinds))
 
 
 def use_captions(kind: str) -> None:
-    """Patch synth's oracle caption for this process (the experiment; synth itself is unchanged)."""
-    if kind != "shipped":
-        oracle.caption_for = lambda scene, task: caption_with_sizes(scene, task, after=kind == "size-after")
+    """Patch synth's oracle caption for this process (the experiment; synth itself is unchanged). "shipped" and
+    "size-after" are synth's own captions now; "larger-shape-only" is the format the first rows used."""
+    if kind == "size-before":
+        oracle.caption_for = lambda scene, task: caption_with_sizes(scene, task, after=False)
+    elif kind == "larger-shape-only":
+        oracle.caption_for = caption_sizes_in_larger_shape_only
 
 
 def counterfactual(sample):
@@ -159,7 +169,7 @@ def chain(ckpt: str, problems: int, captions: str) -> dict:
             response = parse_response(text)
             options = s.meta["query"]["options"]
             truth = [unique_object(s.meta["scene"], o["color"], o["shape"])["size"] for o in options]
-            caption = [size_named(response.caption or "", o, captions == "size-after") for o in options]
+            caption = [size_named(response.caption or "", o, captions in ("size-after", "shipped")) for o in options]
             think = [size_named(response.think or "", o, True) for o in options]   # the oracle's think format
             implied = [LETTERS[k] for k, size in enumerate(think) if size == "large"]
             answer = (response.answer or "").strip()
@@ -176,6 +186,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build")
     build.add_argument("out")
+    build.add_argument("--rounds", type=int, default=0,
+                       help="the recipe's first N language rounds only (0: all; the rows before round five used 4)")
     round_ = sub.add_parser("round")
     round_.add_argument("src")
     round_.add_argument("out")
@@ -189,14 +201,16 @@ def main(argv=None) -> int:
     diagnose.add_argument("--problems", type=int, default=300)
     diagnose.add_argument("--out")
     for p in (build, round_, diagnose):
-        p.add_argument("--captions", choices=("shipped", "size-before", "size-after"), default="size-after")
+        p.add_argument("--captions", choices=("shipped", "size-before", "size-after", "larger-shape-only"),
+                       default="shipped", help="shipped = size-after; larger-shape-only: synth's before round five")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     use_captions(args.captions)
     if args.command == "build":
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        seeing_base.build(args.out)
+        rounds = seeing_base.RECIPE.text_rounds[:args.rounds] if args.rounds else seeing_base.RECIPE.text_rounds
+        seeing_base.build(args.out, recipe=dataclasses.replace(seeing_base.RECIPE, text_rounds=rounds))
         model = AutoModelForImageTextToText.from_pretrained(args.out).eval()
         result = {"eval_500": seeing_base.evaluate(model, AutoProcessor.from_pretrained(args.out),
                                                    generate("test", 500, seed=0))}

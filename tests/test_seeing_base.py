@@ -3,13 +3,15 @@ builds the base and checks the issue's targets on held-out synth problems."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import pytest
 import torch
 
 from stages.common import seeing_base as sb
-from stages.common.synth import generate
+from stages.common.synth import TASKS, generate
 
 
 def scene(*objects):
@@ -105,16 +107,24 @@ def test_tiny_seeing_is_a_checkpoint_spec():
     assert tiny.build_key("tiny-seeing") != tiny.build_key("tiny")
 
 
-def test_build_end_to_end_on_a_micro_recipe(tmp_path):
+def test_build_end_to_end_on_a_micro_recipe(tmp_path, monkeypatch):
     """The whole build at toy size: both phases run, the result reloads through the Auto classes with its
-    48-px processor, and seeing.json records the recipe and the monitor."""
+    48-px processor, seeing.json records the recipe and the monitor, and a round with problem set 1 trains on
+    problems of its own (a third round on set 0 reuses the first set's)."""
     import json
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    recipe = sb.SeeingRecipe(vision_steps=3, vision_batch=4, vision_images=20, text_rounds=((3, 1e-3, 1), (2, 1e-3, 1)),
-                             text_batch=2, text_problems=8, vision_warmup=1)
+    from stages.common import synth
+
+    drawn = []
+    real_generate = synth.generate
+    monkeypatch.setattr(synth, "generate", lambda split, n, seed=0, **kw: drawn.append((split, n, seed))
+                        or real_generate(split, n, seed=seed, **kw))
+    recipe = sb.SeeingRecipe(vision_steps=3, vision_batch=4, vision_images=20, text_batch=2, text_problems=8,
+                             text_rounds=((3, 1e-3, 1), (2, 1e-3, 1, 1), (1, 1e-3, 1, 0)), vision_warmup=1)
     out = sb.build(tmp_path / "seeing", recipe=recipe, log=lambda r: None)
+    assert [d for d in drawn if d[0] == "train"] == [("train", 8, 1000), ("train", 8, 4000)]
     model = AutoModelForImageTextToText.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
     assert processor.image_processor.size["longest_edge"] == sb.IMAGE_PIXELS ** 2
@@ -122,10 +132,40 @@ def test_build_end_to_end_on_a_micro_recipe(tmp_path):
     assert enc["image_grid_thw"].tolist() == [[1, 6, 6]]
     assert all(p.requires_grad for p in model.parameters())  # frozen only while it was built
     record = json.loads((out / "seeing.json").read_text())
-    assert record["recipe"]["image_pixels"] == 48 and record["recipe"]["text_rounds"] == [[3, 1e-3, 1], [2, 1e-3, 1]]
+    assert record["recipe"]["image_pixels"] == 48
+    assert record["recipe"]["text_rounds"] == [[3, 1e-3, 1], [2, 1e-3, 1, 1], [1, 1e-3, 1, 0]]
     assert [r["phase"] for r in record["records"]][:1] == ["vision"] and record["records"][-1]["phase"] == "text"
     assert "cos_shape" in record["records"][0]
-    assert [(r["round"], r["step"]) for r in record["records"] if r["phase"] == "text"] == [(0, 0), (0, 2), (1, 0), (1, 1)]
+    text_records = [(r["round"], r["step"]) for r in record["records"] if r["phase"] == "text"]
+    assert text_records == [(0, 0), (0, 2), (1, 0), (1, 1), (2, 0)]
+
+
+def test_continuing_a_build_equals_building_the_whole_recipe(tmp_path):
+    """continue_build runs only the rounds a build lacks, and the weights are exactly the whole build's (how
+    a recipe that appends a round is reshipped without rebuilding the tower). It refuses a build of another
+    recipe."""
+    from safetensors.torch import load_file
+
+    from prism_cli.errors import PrismError
+
+    whole = sb.SeeingRecipe(vision_steps=3, vision_batch=4, vision_images=20, text_batch=2, text_problems=8,
+                            text_rounds=((3, 1e-3, 1), (2, 2e-3, 1, 1), (2, 1e-3, 1, 2)), vision_warmup=1)
+    first = dataclasses.replace(whole, text_rounds=whole.text_rounds[:1])
+    quiet = {"log": lambda r: None}
+    reference = load_file(sb.build(tmp_path / "whole", recipe=whole, **quiet) / "model.safetensors")
+    sb.build(tmp_path / "first", recipe=first, **quiet)
+    out = sb.continue_build(tmp_path / "first", tmp_path / "continued", recipe=whole, **quiet)
+    continued = load_file(out / "model.safetensors")
+    assert continued.keys() == reference.keys()
+    assert all(torch.equal(continued[k], reference[k]) for k in reference)
+    record = json.loads((out / "seeing.json").read_text())
+    assert record["recipe"] == json.loads((tmp_path / "whole" / "seeing.json").read_text())["recipe"]
+    assert [r["round"] for r in record["records"] if r["phase"] == "text"] == [0, 0, 1, 1, 2, 2]
+    other = dataclasses.replace(whole, text_batch=3)
+    with pytest.raises(PrismError, match="cannot be continued"):
+        sb.continue_build(tmp_path / "first", tmp_path / "x", recipe=other, **quiet)
+    with pytest.raises(PrismError, match="cannot be continued"):
+        sb.continue_build(tmp_path / "whole", tmp_path / "y", recipe=whole, **quiet)  # nothing left to run
 
 
 def test_shipped_base_is_this_recipes_build():
@@ -184,20 +224,20 @@ def test_tiny_seeing_meets_the_perception_targets():
     got = sb.evaluate(model, processor, test)
     assert got["caption_f1"] >= 0.85 and got["color_f1"] >= 0.9 and got["shape_f1"] >= 0.9, got
     assert got["exact_count"] >= 0.95, got
-    # Reasoning, against each family's majority-answer rate on these 20 problems a family (docs/seeing-base.md: on
-    # 500 problems four families are 16-47 points above theirs). Each margin leaves a problem or two (5 points
-    # each) of slack. larger_shape is not asserted: the base sits near its rate there (its think does not use
-    # the caption's sizes).
-    margins = {"count_color": 0.05, "count_shape": 0.1, "sides_total": 0.3, "chart_diff": 0.15}
-    for task, margin in margins.items():
+    # Reasoning, against each family's majority-answer rate on these 20 problems a family. 20 problems put
+    # about ±20 points of noise on a family, so only the two families far above their rates get a margin
+    # (on 500 problems sides_total is +64 and chart_diff +57; docs/seeing-base.md has every family on 500 and
+    # on 1,000 held-out problems); no family may sit more than a problem or two below its rate.
+    margins = {"sides_total": 0.3, "chart_diff": 0.3}
+    for task in TASKS:
         rate = majority_rate([s for s in test if s.task == task])
-        assert got["acc_by_task"][task] >= rate + margin - 1e-9, (task, rate, got)
+        assert got["acc_by_task"][task] >= rate + margins.get(task, -0.1) - 1e-9, (task, rate, got)
 
 
 # Not `slow` (CI runs those): the build is longer than the rest of CI together. Run it by hand.
 @pytest.mark.timeout(5400)
 @pytest.mark.skipif(os.environ.get("PRISM_BUILD_SEEING") != "1",
-                    reason="building tiny-seeing from scratch takes ~20-45 min on one core; PRISM_BUILD_SEEING=1 "
+                    reason="building tiny-seeing from scratch takes ~45-60 min on one core; PRISM_BUILD_SEEING=1 "
                            "runs it (not in CI)")
 def test_a_fresh_build_meets_the_perception_targets(tmp_path, capsys):
     import json

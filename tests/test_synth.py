@@ -184,6 +184,20 @@ def test_clean_oracle_demo_shape():
     assert oracle_demo(s) == t
 
 
+def test_clean_caption_names_every_object_with_its_size_after_it():
+    """Sizes in every family's caption, after the colour and shape (docs/seeing-base.md: a caption that names
+    size on every problem learns to read it); same-looking objects of one size are grouped in reading order."""
+    from stages.common.synth import caption_for
+
+    objects = [obj("red", "square", "large", 0.15, 0.15), obj("red", "square", "large", 0.5, 0.15),
+               obj("blue", "circle", "small", 0.85, 0.15), obj("red", "square", "small", 0.15, 0.85)]
+    for task in ("count_color", "larger_shape"):
+        assert caption_for({"kind": "shapes", "objects": objects}, task) == \
+            "- 2 red squares large\n- blue circle small\n- red square small"
+    chart = {"kind": "chart", "max_value": 8, "bars": [{"color": "blue", "value": 7}, {"color": "red", "value": 2}]}
+    assert caption_for(chart, "chart_diff") == "- blue bar: 7\n- red bar: 2"
+
+
 def test_noisy_rates_are_honoured():
     samples = generate("train", 600, seed=0)
     rng = random.Random(0)

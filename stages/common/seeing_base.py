@@ -258,21 +258,31 @@ def collate(items: list[dict], pad_id: int) -> dict:
             "image_grid_thw": torch.cat([e["image_grid_thw"] for e in items])}
 
 
-def pretrain_language(model, processor, recipe: SeeingRecipe, log=print) -> list[dict]:
-    """The tower frozen; everything else learns the clean oracle's demonstrations of synth problems."""
+def pretrain_language(model, processor, recipe: SeeingRecipe, log=print, first_round: int = 0) -> list[dict]:
+    """The tower frozen; everything else learns the clean oracle's demonstrations of synth problems.
+    first_round > 0 continues weights that already ran the earlier rounds: each round starts from a fresh
+    optimiser and its own data order, so that is the same computation as the whole build."""
     from .synth import generate, with_oracle_demos
 
     for p in model.model.visual.parameters():
         p.requires_grad_(False)
-    samples = with_oracle_demos(generate("train", recipe.text_problems, seed=recipe.seed + 1000))
-    encoded = []
-    for i in range(0, len(samples), 256):
-        encoded += encode_demos(samples[i:i + 256], processor)
+    problem_sets: dict[int, list[dict]] = {}
+
+    def problem_set(k: int) -> list[dict]:  # set k: its own problems (synth train seed seed + 1000 + 3000k)
+        if k not in problem_sets:
+            samples = with_oracle_demos(generate("train", recipe.text_problems, seed=recipe.seed + 1000 + 3000 * k))
+            problem_sets[k] = [encoded for i in range(0, len(samples), 256)
+                               for encoded in encode_demos(samples[i:i + 256], processor)]
+        return problem_sets[k]
+
     params = [p for p in model.parameters() if p.requires_grad]
     pad_id = processor.tokenizer.pad_token_id
     records = []
     model.train()
-    for round_index, (steps, lr, warmup) in enumerate(recipe.text_rounds):
+    for round_index, (steps, lr, warmup, *rest) in enumerate(recipe.text_rounds):
+        if round_index < first_round:
+            continue
+        encoded = problem_set(rest[0] if rest else 0)  # a round without a set index trains on set 0
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # a fresh optimiser per round
         rng = random.Random(f"seeing-text/{recipe.seed}")
         for step in range(steps):
@@ -362,7 +372,7 @@ def progress_line(record: dict) -> str:
 def build(out_dir, seed: int = 0, recipe: SeeingRecipe | None = None, log=None):
     """Build tiny-seeing into out_dir: the tiny dense model's tokenizer and initial weights (same seed), a
     processor that feeds it 48-px images, then the two pretraining phases. Writes seeing.json (the recipe
-    and every monitor record) next to the weights. About 20 minutes on one free CPU core."""
+    and every monitor record) next to the weights. About 45 minutes on one free CPU core."""
     from pathlib import Path
 
     from prism_cli import console
@@ -386,6 +396,50 @@ def build(out_dir, seed: int = 0, recipe: SeeingRecipe | None = None, log=None):
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     (out_dir / "seeing.json").write_text(json.dumps({"recipe": recipe_key(recipe), "records": records}, indent=1) + "\n")
+    return out_dir
+
+
+def continue_build(src, out_dir, recipe: SeeingRecipe | None = None, log=None):
+    """Run the language rounds src has not run yet: src is a build of a recipe equal to this one except that
+    its `text_rounds` are a prefix of this one's. Each round starts from a fresh optimiser and its own data
+    order, so this is the build's own computation (a test checks the weights are identical), in the time of
+    the new rounds only. Writes out_dir like build (src's config and tokenizer files, seeing.json with src's
+    records and the new ones)."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from prism_cli import console
+    from prism_cli.errors import PrismError
+
+    src, out_dir = Path(src), Path(out_dir)
+    recipe = recipe or RECIPE
+    key = json.loads(json.dumps(recipe_key(recipe)))
+    try:
+        done = json.loads((src / "seeing.json").read_text())
+    except (OSError, ValueError) as e:
+        raise PrismError(f"{src} is not a tiny-seeing build (no readable seeing.json: {e})") from None
+    rounds = done["recipe"].get("text_rounds", [])
+    same_otherwise = {k: v for k, v in done["recipe"].items() if k != "text_rounds"} == \
+        {k: v for k, v in key.items() if k != "text_rounds"}
+    if not same_otherwise or rounds != key["text_rounds"][:len(rounds)] or len(rounds) == len(key["text_rounds"]):
+        raise PrismError(f"{src} cannot be continued into this recipe: its recipe must equal this one except for "
+                         f"fewer language rounds, the same first ones (it has {len(rounds)} of "
+                         f"{len(key['text_rounds'])})")
+    log = log or (lambda record: console.info(progress_line(record)))
+    processor = AutoProcessor.from_pretrained(src)
+    model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
+    records = pretrain_language(model, processor, recipe, log, first_round=len(rounds))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    for f in src.iterdir():  # the configuration and tokenizer files as the build wrote them
+        if f.name not in ("model.safetensors", "seeing.json") and not f.name.startswith("."):
+            shutil.copy2(f, out_dir / f.name)
+    (out_dir / "seeing.json").write_text(json.dumps({"recipe": recipe_key(recipe),
+                                                     "records": done["records"] + records}, indent=1) + "\n")
     return out_dir
 
 
@@ -416,14 +470,15 @@ def provide(out_dir, seed: int = 0, log=None):
             shutil.copy2(f, out_dir / f.name)
         return out_dir
     if seed == 0 and shipped_recipe() is not None and not shipped_is_current():
-        console.warn("the shipped tiny-seeing was built from another recipe; building this one (about 20 min "
+        console.warn("the shipped tiny-seeing was built from another recipe; building this one (about 45 min "
                      "on a free core; `python -m stages.common.seeing_base build --ship` refreshes the shipped copy)")
     return build(out_dir, seed=seed, log=log)
 
 
 def main(argv=None) -> int:
-    """`python -m stages.common.seeing_base build --out DIR [--eval N] [--ship]`: build from scratch, report
-    how far the weights are from the shipped ones, evaluate, and (--ship) replace the shipped copy."""
+    """`python -m stages.common.seeing_base build --out DIR [--from BUILD] [--eval N] [--ship]`: build from
+    scratch (or continue BUILD), report how far the weights are from the shipped ones, evaluate, and (--ship)
+    replace the shipped copy."""
     import argparse
     import shutil
     import tempfile
@@ -438,10 +493,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="", help="where to build (default: a temporary directory)")
     parser.add_argument("--eval", type=int, default=200, help="synth test problems to evaluate on (0: none)")
     parser.add_argument("--ship", action="store_true", help="replace the shipped copy with this build")
+    parser.add_argument("--from", dest="from_dir", default="",
+                        help="continue a build of this recipe's first language rounds (see continue_build)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the build is deterministic per thread count; the shipped copy used one
     out = Path(args.out or tempfile.mkdtemp(prefix="tiny-seeing-"))
-    build(out)
+    if args.from_dir:
+        continue_build(args.from_dir, out)
+    else:
+        build(out)
     if (SHIPPED / "model.safetensors").is_file():
         new, old = load_file(out / "model.safetensors"), load_file(SHIPPED / "model.safetensors")
         diff = max(float((new[k] - old[k]).abs().max()) for k in new) if new.keys() == old.keys() else float("inf")

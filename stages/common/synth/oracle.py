@@ -23,15 +23,16 @@ from .tasks import FAMILIES, Reasoning, counted, groups_in_order
 # ---- the clean caption ----------------------------------------------------------------------------
 
 def caption_for(scene: dict, task: str) -> str:
-    """Bullet points naming every object (or bar with its value), grouped in reading order."""
+    """Bullet points naming every object with its size after it ("- red square large", "- 2 blue circles
+    small"), grouped in reading order; or every bar with its value."""
     if scene["kind"] == "chart":
         return "\n".join(f"- {b['color']} bar: {b['value']}" for b in scene["bars"])
-    # Size is only worth its tokens where the question is about size.
-    with_size = task == "larger_shape"
-    kinds = [(f"{o['size']} {o['color']}" if with_size else o["color"], o["shape"])
-             for o in reading_order(scene["objects"])]
-    return "\n".join(f"- {counted(n, f'{look} {shape}')}" if n > 1 else f"- {look} {shape}"
-                     for (look, shape), n in groups_in_order(kinds))
+    # Every family names sizes, not only larger_shape: a caption that reads size on every problem learns to
+    # (docs/seeing-base.md: both options' sizes right 22% -> 68-73% on the seeing base). After the object, so
+    # the colour-shape mention a caption is scored on stays first.
+    kinds = [(o["color"], o["shape"], o["size"]) for o in reading_order(scene["objects"])]
+    return "\n".join(f"- {counted(n, f'{color} {shape}') if n > 1 else f'{color} {shape}'} {size}"
+                     for (color, shape, size), n in groups_in_order(kinds))
 
 
 # ---- scene perturbations (what a noisy teacher mis-perceives) -------------------------------------
