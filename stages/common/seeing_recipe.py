@@ -31,6 +31,11 @@ class SeeingRecipe:
                           (3000, 1e-3, 20, 1), (3000, 1e-3, 20, 2))
     text_batch: int = 8
     text_problems: int = 6000
+    # The version of the oracle's demonstration text (synth's captions and thinks) the rounds train on: the
+    # text is built by code outside this recipe, so a change to it must bump this to invalidate the cache.
+    # tests/test_seeing_base.py pins a digest of the text to this number. 1: thinks grouped counts by
+    # shape/colour; 2: one term per caption line.
+    demo_format: int = 2
     seed: int = 0
 
 

@@ -16,8 +16,8 @@ import random
 from prism_cli.errors import PrismError, UsageError
 
 from ..data import Sample, Teacher
-from .scene import COLORS_BY_LEVEL, GRID, SHAPES_BY_LEVEL, SIZES, random_object, reading_order
-from .tasks import FAMILIES, Reasoning, counted, groups_in_order
+from .scene import COLORS_BY_LEVEL, GRID, SHAPES_BY_LEVEL, SIZES, random_object
+from .tasks import FAMILIES, Reasoning, caption_lines, counted
 
 
 # ---- the clean caption ----------------------------------------------------------------------------
@@ -30,9 +30,8 @@ def caption_for(scene: dict, task: str) -> str:
     # Every family names sizes, not only larger_shape: a caption that reads size on every problem learns to
     # (docs/seeing-base.md: both options' sizes right 22% -> 68-73% on the seeing base). After the object, so
     # the colour-shape mention a caption is scored on stays first.
-    kinds = [(o["color"], o["shape"], o["size"]) for o in reading_order(scene["objects"])]
     return "\n".join(f"- {counted(n, f'{color} {shape}') if n > 1 else f'{color} {shape}'} {size}"
-                     for (color, shape, size), n in groups_in_order(kinds))
+                     for (color, shape, size), n in caption_lines(scene))
 
 
 # ---- scene perturbations (what a noisy teacher mis-perceives) -------------------------------------
