@@ -181,24 +181,26 @@ def test_shipped_base_is_this_recipes_build():
                                                        "processor_config.json", "chat_template.jinja"}
 
 
-# A digest of the oracle demonstrations the language rounds train on, per recipe.demo_format.
-DEMO_TEXT_DIGESTS = {2: "31e479d55e626281"}
+# A digest of the questions and oracle demonstrations of the build's problem set 0, per recipe.demo_format.
+DEMO_TEXT_DIGESTS = {2: "b0b10bb7a8b26c90"}
 
 
 def test_demo_format_pins_the_oracle_text_the_rounds_train_on():
-    """Captions and thinks are written by synth, outside the recipe that keys the cache: a change to that text
-    fails here until `demo_format` is bumped, which makes the shipped build stale (and so rebuilt)."""
+    """Questions, captions and thinks are written by synth, outside the recipe that keys the cache: a change to
+    that text fails here until `demo_format` is bumped, which makes the shipped build stale (and so rebuilt).
+    All of set 0 (6,000 problems, a few seconds): a change that touches a few problems in a hundred shows."""
     import hashlib
 
     from stages.common.synth import oracle_demo
 
-    samples = generate("train", 50, seed=sb.RECIPE.seed + 1000)  # the first problems of the build's set 0
+    recipe = sb.RECIPE
+    samples = generate("train", recipe.text_problems, seed=recipe.seed + 1000)  # the build's problem set 0
     assert {s.task for s in samples} == set(TASKS)
     digest = hashlib.sha256()
     for s in samples:
         demo = oracle_demo(s)
-        digest.update(f"{demo.caption}\n{demo.think}\n{demo.answer}\n".encode())
-    assert DEMO_TEXT_DIGESTS.get(sb.RECIPE.demo_format) == digest.hexdigest()[:16], \
+        digest.update(f"{s.question}\n{demo.caption}\n{demo.think}\n{demo.answer}\n".encode())
+    assert DEMO_TEXT_DIGESTS.get(recipe.demo_format) == digest.hexdigest()[:16], \
         "synth's demonstration text changed: bump SeeingRecipe.demo_format, pin the new digest, rebuild the base"
 
 
@@ -266,3 +268,7 @@ def test_a_fresh_build_meets_the_perception_targets(tmp_path, capsys):
     got = json.loads(printed[-1])
     assert got["caption_f1"] >= 0.85 and got["color_f1"] >= 0.9 and got["shape_f1"] >= 0.9, got
     assert got["exact_count"] >= 0.95, got
+    test = generate("test", 100, seed=0)  # the problems `--eval 100` evaluates
+    for task in TASKS:
+        rate = majority_rate([s for s in test if s.task == task])
+        assert got["acc_by_task"][task] >= rate + 0.2 - 1e-9, (task, rate, got)

@@ -4,6 +4,7 @@ import dataclasses
 import io
 import json
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -155,6 +156,45 @@ def independent_answer(s: Sample) -> str:
 def test_generated_answers_match_an_independent_solver():
     for s in generate("train", 150, seed=3) + generate("test", 60, seed=3):
         assert s.answer == independent_answer(s), s.id
+
+
+CAPTION_LINE = re.compile(r"- (?:(?P<n>\d+) )?(?P<color>\w+) (?P<shape>\w+) (?P<size>small|large)")
+
+
+def counting_think_from_caption(s: Sample, caption: str) -> str:
+    """The think a counting family should write, read off the caption's text alone: one term per line."""
+    lines = []
+    for line in caption.splitlines():
+        m = CAPTION_LINE.fullmatch(line)
+        n = int(m["n"] or 1)
+        lines.append((n, m["color"], m["shape"][:-1] if n > 1 else m["shape"], m["size"]))
+    if s.task == "count_color":
+        color = re.fullmatch(r"How many (\w+) objects are there\?", s.question)[1]
+        mine = [(n, shape, size) for n, c, shape, size in lines if c == color]
+        terms = [f"{n} {shape}{'s' if n > 1 else ''} {size}" for n, shape, size in mine]
+        head = color
+    elif s.task == "count_shape":
+        plural = re.fullmatch(r"How many (\w+) are there\?", s.question)[1]
+        mine = [(n, c, size) for n, c, shape, size in lines if shape + "s" == plural]
+        terms, head = [f"{n} {c} {size}" for n, c, size in mine], plural
+    else:
+        sides = [SIDES[shape] for n, _, shape, _ in lines for _ in range(n)]
+        return f"sides: {' + '.join(map(str, sides))} = {sum(sides)}"
+    return f"{head}: {' + '.join(terms)} = {sum(t[0] for t in mine)}"
+
+
+def test_counting_thinks_take_one_term_per_caption_line():
+    """Over generated problems: each counting think is its caption's lines, one term each in the caption's
+    order, and its terms add up to the problem's answer (docs/seeing-base.md: grouped terms were miscounted)."""
+    seen = Counter()
+    for s in generate("train", 300, seed=5) + generate("test", 100, seed=5):
+        if s.task not in ("count_color", "count_shape", "sides_total"):
+            continue
+        demo = oracle_demo(s)
+        assert demo.think == counting_think_from_caption(s, demo.caption), (s.id, demo.caption, demo.think)
+        assert demo.think.endswith(f" = {s.answer}") and demo.answer == s.answer, s.id
+        seen[s.task] += 1
+    assert min(seen.values()) >= 60, seen
 
 
 def test_rendered_pixels_show_the_scene():

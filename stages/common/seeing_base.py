@@ -10,8 +10,8 @@ This builder gives it eyes in two deterministic phases, cached under $PRISM_HOME
      head to read every bar's value. A penalty holds the merged tokens' norm near the text embeddings' scale,
      so the language model is not swamped by them (the failure the feasibility study measured).
   2. language pretraining: the tower frozen, the language model learns the clean oracle's demonstrations
-     (caption, think, answer) of synth training problems, in four rounds on the same data (docs/seeing-base.md
-     has the numbers).
+     (caption, think, answer) of synth training problems, in six rounds, the last two on problems the earlier
+     ones did not see (docs/seeing-base.md has the numbers).
 
 `feature_cosines` is the collapse monitor: cosine of merged tokens for same-cell objects that differ only in
 colour or only in shape (near 1 means the tower cannot tell them apart).

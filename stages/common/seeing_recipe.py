@@ -26,7 +26,7 @@ class SeeingRecipe:
     # 0.47 -> 0.56; a fourth like the third lifted the answer-side families 4-47 points. By then the rounds had
     # passed over set 0 7.5 times and further rounds on it trade one family for another. Rounds on unseen
     # problems lift them all (benchmarks/larger_shape_probe.py): a fifth (set 1) took accuracy 0.60, a sixth
-    # (set 2) 0.67 with every family above its majority-answer rate.
+    # (set 2) 0.67 with every family above its majority-answer rate (demo_format 1; 0.81 with demo_format 2).
     text_rounds: tuple = ((1500, 3e-3, 100, 0), (1100, 2e-3, 20, 0), (1500, 1e-3, 20, 0), (1500, 1e-3, 20, 0),
                           (3000, 1e-3, 20, 1), (3000, 1e-3, 20, 2))
     text_batch: int = 8

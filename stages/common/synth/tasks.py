@@ -7,7 +7,7 @@ A family is two pure functions:
                                   question has no answer on that scene (a named object is missing)
 The think text is always `steps + joiner + answer` ("red: 2 circles large + 1 square small = 3"), which
 lets a reasoning slip change the final number while keeping the steps. The counting families' steps take
-one term per caption line, in the caption's order, so each step copies a line instead of re-reading the
+one term per caption line, in the caption's order, so each step points at a line instead of re-reading the
 image.
 """
 
@@ -85,7 +85,7 @@ def caption_lines(scene: dict) -> list[tuple[tuple[str, str, str], int]]:
 
 def solve_count_color(scene: dict, query: dict) -> Reasoning:
     # One term per caption line of that colour ("- 2 red circles large" -> "2 circles large"). Grouped by
-    # shape, the think had to gather lines the caption keeps apart, and skipped some: the six-round base
+    # shape, the think had to gather lines the caption keeps apart, and skipped some: the demo_format 1 base
     # miscounted 29 of 75 count_color problems whose caption was right (docs/seeing-base.md).
     color = query["color"]
     lines = [(shape, size, n) for (c, shape, size), n in caption_lines(scene) if c == color]
