@@ -233,6 +233,17 @@ def majority_rate(samples) -> float:
     return Counter(s.answer for s in samples).most_common(1)[0][1] / len(samples)
 
 
+def assert_meets_the_targets(got: dict, test) -> None:
+    """The issue's perception targets, and each family well above its majority-answer rate on its 20 problems of
+    `test`, by at least 4 problems (20 problems put about ±20 points of noise on a family; on 1,000 held-out
+    problems the smallest margin is count_shape's +24, docs/seeing-base.md)."""
+    assert got["caption_f1"] >= 0.85 and got["color_f1"] >= 0.9 and got["shape_f1"] >= 0.9, got
+    assert got["exact_count"] >= 0.95, got
+    for task in TASKS:
+        rate = majority_rate([s for s in test if s.task == task])
+        assert got["acc_by_task"][task] >= rate + 0.2 - 1e-9, (task, rate, got)
+
+
 def test_tiny_seeing_meets_the_perception_targets():
     """The issue's perception targets on 100 held-out problems, greedy, from the shipped base (cached like any
     tiny model)."""
@@ -244,15 +255,7 @@ def test_tiny_seeing_meets_the_perception_targets():
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
     test = generate("test", 100, seed=0)
-    got = sb.evaluate(model, processor, test)
-    assert got["caption_f1"] >= 0.85 and got["color_f1"] >= 0.9 and got["shape_f1"] >= 0.9, got
-    assert got["exact_count"] >= 0.95, got
-    # Reasoning: each family well above its majority-answer rate on these 20 problems a family, by at least 4
-    # problems (20 problems put about ±20 points of noise on a family; on 1,000 held-out problems the
-    # smallest margin is count_shape's +24, docs/seeing-base.md).
-    for task in TASKS:
-        rate = majority_rate([s for s in test if s.task == task])
-        assert got["acc_by_task"][task] >= rate + 0.2 - 1e-9, (task, rate, got)
+    assert_meets_the_targets(sb.evaluate(model, processor, test), test)
 
 
 # Not `slow` (CI runs those): the build is longer than the rest of CI together. Run it by hand.
@@ -265,10 +268,4 @@ def test_a_fresh_build_meets_the_perception_targets(tmp_path, capsys):
 
     assert sb.main(["build", "--out", str(tmp_path / "seeing"), "--eval", "100"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    got = json.loads(printed[-1])
-    assert got["caption_f1"] >= 0.85 and got["color_f1"] >= 0.9 and got["shape_f1"] >= 0.9, got
-    assert got["exact_count"] >= 0.95, got
-    test = generate("test", 100, seed=0)  # the problems `--eval 100` evaluates
-    for task in TASKS:
-        rate = majority_rate([s for s in test if s.task == task])
-        assert got["acc_by_task"][task] >= rate + 0.2 - 1e-9, (task, rate, got)
+    assert_meets_the_targets(json.loads(printed[-1]), generate("test", 100, seed=0))  # what `--eval 100` ran

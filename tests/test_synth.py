@@ -103,12 +103,14 @@ def test_hand_checked_answers():
         obj("red", "circle", x=0.2, y=0.2), obj("blue", "square", "small", 0.5, 0.2),
         obj("red", "triangle", "small", 0.8, 0.2), obj("red", "circle", x=0.2, y=0.8),
         obj("green", "hexagon", x=0.8, y=0.8)]}
-    color = FAMILIES["count_color"].solve(scene, {"color": "red"})
-    assert (color.think, color.answer) == ("red: 2 circles large + 1 triangle small = 3", "3")
-    shape = FAMILIES["count_shape"].solve(scene, {"shape": "circle"})
-    assert (shape.think, shape.answer) == ("circles: 2 red large = 2", "2")
-    sides = FAMILIES["sides_total"].solve(scene, {})
-    assert (sides.think, sides.answer) == ("sides: 0 + 0 + 4 + 3 + 6 = 13", "13")
+
+    def counting(scene):  # the red things, the circles, the sides
+        return [(r.think, r.answer) for r in (
+            FAMILIES["count_color"].solve(scene, {"color": "red"}),
+            FAMILIES["count_shape"].solve(scene, {"shape": "circle"}), FAMILIES["sides_total"].solve(scene, {}))]
+
+    assert counting(scene) == [("red: 2 circles large + 1 triangle small = 3", "3"), ("circles: 2 red large = 2", "2"),
+                               ("sides: 0 + 0 + 4 + 3 + 6 = 13", "13")]
     options = {"options": [{"color": "blue", "shape": "square"}, {"color": "green", "shape": "hexagon"}]}
     larger = FAMILIES["larger_shape"].solve(scene, options)
     assert (larger.think, larger.answer) == ("blue square small, green hexagon large, so B", "B")
@@ -120,12 +122,9 @@ def test_hand_checked_answers():
                  + scene["objects"][4:]}
     assert caption_for(two_sizes, "count_color") == ("- red circle large\n- blue square small\n- red triangle small"
                                                      "\n- red circle small\n- green hexagon large")
-    color = FAMILIES["count_color"].solve(two_sizes, {"color": "red"})
-    assert (color.think, color.answer) == ("red: 1 circle large + 1 triangle small + 1 circle small = 3", "3")
-    shape = FAMILIES["count_shape"].solve(two_sizes, {"shape": "circle"})
-    assert (shape.think, shape.answer) == ("circles: 1 red large + 1 red small = 2", "2")
-    sides = FAMILIES["sides_total"].solve(two_sizes, {})
-    assert (sides.think, sides.answer) == ("sides: 0 + 4 + 3 + 0 + 6 = 13", "13")
+    assert counting(two_sizes) == [("red: 1 circle large + 1 triangle small + 1 circle small = 3", "3"),
+                                   ("circles: 1 red large + 1 red small = 2", "2"),
+                                   ("sides: 0 + 4 + 3 + 0 + 6 = 13", "13")]
     chart = {"kind": "chart", "max_value": 8, "bars": [{"color": "red", "value": 7}, {"color": "blue", "value": 3},
                                                        {"color": "green", "value": 1}]}
     pair = FAMILIES["chart_diff"].solve(chart, {"pair": ["red", "blue"]})
