@@ -57,6 +57,16 @@ def tiny_qwen_path():
     return tiny.ensure("tiny-qwen")
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a multi-process test's rendezvous: CI runs two test workers side
+    by side (pytest-xdist), so a fixed port can collide with the other worker's launch."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_stage(config_cls, run_fn, **flags):
     """Run a stage in-process with a resolved config (what the CLI does after parsing options)."""
     from prism_cli import config

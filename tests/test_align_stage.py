@@ -61,6 +61,7 @@ def drift_gaps(policy_path, disc, disc_processor, samples, n=4) -> dict:
             "think": sum(gaps["think"]) / max(len(gaps["think"]), 1), "valid": valid / (n * len(samples))}
 
 
+@pytest.mark.learning
 def test_alignment_shrinks_the_in_run_gap_and_keeps_the_format(noisy_policy, tmp_path):
     out = run_stage(AlignConfig, align, ckpt=str(noisy_policy), data=[DATA], out=str(tmp_path / "align"),
                     steps=16, prompts_per_step=4, rollouts_per_prompt=8, max_new_tokens=96, lr=2e-5,

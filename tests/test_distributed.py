@@ -15,6 +15,7 @@ import torch
 
 from prism_cli.errors import UsageError
 from stages.common import distributed, training
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -174,12 +175,9 @@ def _run(cmd, cwd, env, ok=True):
     return proc
 
 
-_PORTS = iter(range(29700, 29800))
-
-
 def _torchrun() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(next(_PORTS))]
+            str(free_port())]
 
 
 def _records(out: Path) -> list[dict]:

@@ -148,6 +148,7 @@ def test_recipe_scripts_exist():
 @pytest.mark.skipif(os.environ.get("PRISM_SLOW") != "1",
                     reason="the README demo takes ~5 min on 2 cores; run it with "
                            "`PRISM_SLOW=1 python -m pytest tests/test_recipes.py -k tiny_sh`")
+@pytest.mark.learning
 def test_tiny_sh_end_to_end(tmp_path):
     out = tmp_path / "tiny"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)

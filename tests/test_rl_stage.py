@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_stage
+from tests.conftest import free_port, run_stage
 from stages.common import synth
 from stages.common.chat import rollout_prompt
 from stages.common.models import load_policy, load_processor
@@ -54,6 +54,7 @@ def reward_before(sft_partial, probe_prompts):
     return sampled_reward(str(sft_partial / "model"), probe_prompts)
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("algo", ["grpo", "dapo", "gspo"])
 def test_rl_raises_reward(algo, sft_partial, probe_prompts, reward_before, tmp_path):
     # 2e-4: at 1e-4, once synth's captions named sizes, gspo's paired reward moved 0.208 -> 0.209 in 12 steps
@@ -81,6 +82,64 @@ def test_rl_raises_reward(algo, sft_partial, probe_prompts, reward_before, tmp_p
         assert max(r["sampling/gen_batches"] for r in records) > 1
     else:  # without it every drawn group trains
         assert kept == drawn
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dapo", "gspo"])
+def test_one_update_lowers_the_algorithms_own_surrogate(algo, sft_partial, probe_prompts):
+    """Trajectory-free, so it holds on any machine: one small SGD step of the rl stage's update (ppo_update with
+    the algorithm's own loss, clip range and aggregation) lowers that surrogate on the same rollouts, by about
+    lr x |g|^2 (first order). The step is small enough that no sequence leaves GSPO's 3e-4 clip band, where
+    the pessimistic bound would stop counting the gains. A sign error in a loss, an aggregation that drops rows
+    or an update that steps the wrong parameters fails here whatever the CPU's kernels."""
+    import torch
+
+    from prism_cli import config
+    from stages.common import training
+    from stages.common.logprobs import build_policy_batch, response_logprobs
+    from stages.common.ppo import ppo_update
+    from stages.rl.run import ppo_settings
+
+    settings = ppo_settings(config.resolve(RLConfig, flags=dict(algo=algo, ckpt="tiny", out="unused")))
+    processor = load_processor(str(sft_partial / "model"))
+    prompts = [rollout_prompt(s) for s in probe_prompts[:4]]
+    sampler = load_policy(str(sft_partial / "model"), train=False)
+    groups = make_engine("hf", sampler, processor).generate(prompts, SamplingParams(n=4, max_new_tokens=32, seed=3))
+    completions = [c for group in groups for c in group]
+    prompt_index = [p for p in range(len(prompts)) for _ in range(4)]
+    advantages = torch.linspace(-1.5, 1.5, len(completions))
+    batch = build_policy_batch(processor, prompts, [c.token_ids for c in completions], prompt_index)
+    mask = batch["response_mask"]
+
+    runtime = training.make_runtime()
+    # 3e-5: the surrogate falls by ~1e-5 (about 100x float32's rounding of it) while the largest sequence
+    # log-ratio stays near 1e-4, inside GSPO's 3e-4 band (at 1e-5: fell 3.77e-6 against 3.85e-6 predicted)
+    lr = 3e-5
+    policy = runtime.prepare(load_policy(str(sft_partial / "model")),
+                             lambda m: torch.optim.SGD(m.parameters(), lr=lr),
+                             lambda opt: training.build_scheduler(opt, "constant", 0, 1))
+
+    def logprobs():
+        with torch.no_grad():
+            return response_logprobs(policy.model, batch, temperature=settings.temperature, shared_prefix=False)[0]
+
+    def surrogate(logp, old):
+        return float(settings.loss(logp, old, advantages, mask, clip_low=settings.clip_low,
+                                   clip_high=settings.clip_high, agg=settings.agg)[0])
+
+    old = logprobs()
+    before = surrogate(old, old)
+    stats = ppo_update(settings, runtime.accelerator, policy, processor, prompts, completions, prompt_index,
+                       advantages)
+    after_logp = logprobs()
+    after = surrogate(after_logp, old)
+    grad_norm = stats["update/grad_norm"]
+    predicted = lr * grad_norm ** 2 * min(1.0, settings.max_grad_norm / grad_norm)  # the clipped step's |g| x |step|
+    seq_ratio = ((after_logp - old) * mask).sum(1) / mask.sum(1)
+    print(f"\n{algo}: surrogate {before:.8f} -> {after:.8f} (fell {before - after:.3e}, first order predicts "
+          f"{predicted:.3e}); largest |sequence log-ratio| {seq_ratio.abs().max():.2e}")
+    assert seq_ratio.abs().max() < settings.clip_low  # inside every algorithm's clip band, GSPO's included
+    assert before - after > 0
+    assert 0.5 * predicted < before - after < 1.5 * predicted  # the step was the surrogate's own gradient
 
 
 def test_rl_kl_penalty_loads_a_reference_and_reports_kl(sft_partial, tmp_path):
@@ -153,7 +212,7 @@ def test_two_process_ddp_rl_keeps_replicas_identical(sft_partial, tmp_path):
     env.pop("RANK", None)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "29613", "-m", "prism_cli", "rl", "--algo", "grpo", "--ckpt", str(sft_partial),
+           "--main_process_port", str(free_port()), "-m", "prism_cli", "rl", "--algo", "grpo", "--ckpt", str(sft_partial),
            "--data", TRAIN, "--steps", "2", "--prompts-per-step", "4", "--rollouts-per-prompt", "4",
            "--max-new-tokens", "16", "--lr", "1e-3", "--warmup", "0", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

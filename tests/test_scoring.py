@@ -169,6 +169,7 @@ def _synthetic_pair(rng: random.Random) -> PreferencePair:
     return PreferencePair(prompt, caption, think, caption.replace(f" {a} ", f" {rng.randint(10, 99)} "), bad_think)
 
 
+@pytest.mark.learning
 def test_warmup_learns_to_rank_teacher_above_corrupted_student(processor):
     torch.manual_seed(0)
     rng = random.Random(0)

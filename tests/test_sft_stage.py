@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from stages.common import synth
+from tests.conftest import free_port
 from stages.common.chat import rollout_prompt
 from stages.common.models import load_policy, load_processor
 from stages.common.rewards import compute_score
@@ -31,6 +32,7 @@ def greedy_scores(ckpt, samples):
     return {"score": mean("score"), "acc": mean("acc"), "format": mean("format")}
 
 
+@pytest.mark.learning
 def test_sft_learns_synth(sft_tiny):
     held_out = synth.load("synth:test:48", seed=0)
     base = greedy_scores("tiny", held_out)
@@ -78,7 +80,7 @@ def _losses(path: Path):
 def test_two_process_ddp_equals_single_process(single_process_run, tmp_path):
     """Two CPU processes (gloo) at the same global batch: same losses, same weights, identical replicas."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--main_process_port", "29611", "-m", "prism_cli"]
+                "--main_process_port", str(free_port()), "-m", "prism_cli"]
     _prism(["sft", "--ckpt", "tiny", *SMALL, "--micro-batch-size", "2", "--out", "out"], tmp_path, launcher,
            {"ACCELERATE_USE_CPU": "1"})
     out = tmp_path / "out"
@@ -100,7 +102,7 @@ def test_deepspeed_zero2_single_process_equals_plain_run(single_process_run, tmp
                       "  gradient_clipping: 1.0\n  offload_optimizer_device: none\n  offload_param_device: none\n"
                       "num_machines: 1\nnum_processes: 1\nmachine_rank: 0\nmixed_precision: 'no'\nuse_cpu: false\n")
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                "--main_process_port", "29612", "-m", "prism_cli"]
+                "--main_process_port", str(free_port()), "-m", "prism_cli"]
     # micro-batch 4 of batch 8: two micro-batches per step, so DeepSpeed's accumulation boundary matters
     _prism(["sft", "--ckpt", "tiny", *SMALL, "--micro-batch-size", "4", "--out", "out"], tmp_path, launcher)
     out = tmp_path / "out"

@@ -194,6 +194,7 @@ def test_generate_from_an_image(processor, model):
     assert model.generation_config.eos_token_id == processor.tokenizer.eos_token_id
 
 
+@pytest.mark.learning
 def test_tiny_model_learns_a_fixed_answer(tiny_path, processor):
     """Trainable, not only constructible: a few dozen AdamW steps on one example and greedy decoding
     reproduces the answer."""

@@ -63,6 +63,7 @@ def manifest(path):
     return json.loads((path / "prism.json").read_text())
 
 
+@pytest.mark.learning
 @pytest.mark.slow
 def test_every_stage_completes_on_tiny_qwen(chain):
     for stage in ("curated", "sft", "align", "rl", "eval"):
@@ -166,6 +167,7 @@ def test_lmms_plugin_prompt_carries_the_system_prompt(qwen_policy):
                     "<|im_start|>assistant\n")
 
 
+@pytest.mark.learning
 @pytest.mark.slow
 def test_sft_loss_trend_matches_tiny(tmp_path, tiny_path, tiny_qwen_path):
     """The same SFT (synth oracle demonstrations, seed, lr, 12 steps) on tiny and on tiny-qwen: both losses
