@@ -50,10 +50,10 @@ _next_color = [0]
 
 
 def color() -> tuple:
-    """A new colour, unique in this module."""
+    """A new colour, different from the 39 before it (all_fixtures() starts the count again)."""
     _next_color[0] += 1
     i = _next_color[0]
-    return (40 * (i % 6) + 15, 37 * (i // 6 % 6) + 20, 200 - 9 * i)
+    return (40 * (i % 6) + 15, 37 * (i // 6 % 6) + 20, 30 + 5 * i % 200)
 
 
 def png(rgb: tuple, size=(48, 40)) -> dict:
@@ -306,6 +306,7 @@ def hallusion() -> Fixture:
 
 
 def all_fixtures() -> list[Fixture]:
+    _next_color[0] = 0
     return [mathvista(), mathverse(), mathvision(), wemath(), mmmu(), *mmmu_pro(), hallusion()]
 
 

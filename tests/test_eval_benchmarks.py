@@ -340,3 +340,16 @@ def test_cli_refuses_a_wrong_schema_copy_in_one_line(tmp_path, tiny_path):
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "no 'decoded_image'" in errors[0], done.stderr
     assert not (tmp_path / "OUT").exists()
+
+
+def test_two_snapshots_in_folders_of_the_same_name_are_not_confused(tmp_path):
+    """`datasets` caches a local folder by its name and README patterns: read as such, a second copy named like
+    the first would come back with the first one's rows. prism names the files by absolute path instead."""
+    fixture = bf.mathvista()
+    bf.write_copy(fixture, tmp_path / "a" / "MathVista", "snapshot", rows=fixture.rows[:2])
+    bf.write_copy(fixture, tmp_path / "b" / "MathVista", "snapshot", rows=fixture.rows[2:])
+    first = task_data.resolve([f"mathvista={tmp_path / 'a' / 'MathVista'}"], plans())["prism_mathvista_testmini"]
+    second = task_data.resolve([f"mathvista={tmp_path / 'b' / 'MathVista'}"], plans())["prism_mathvista_testmini"]
+    assert (first.layout, first.rows, second.rows) == ("snapshot", 2, 3)
+    assert second.override["dataset_kwargs"]["data_files"]["testmini"] == \
+        [str(tmp_path / "b" / "MathVista" / "data" / "testmini-00000-of-00001.parquet")]

@@ -191,7 +191,7 @@ def print_results(ref: str, results: dict) -> None:
     if paper:
         label = "average" if paper["complete"] else f"average ({len(paper['benchmarks'])} of the paper's {len(PAPER_TASKS)})"
         rows.append([label, "mean acc", round(100 * paper["value"], 1), round(100 * paper["stderr"], 1), paper["n"],
-                     "", "over " + ", ".join(paper["benchmarks"])])
+                     "", "" if paper["complete"] else "over " + ", ".join(paper["benchmarks"])])
     console.print_table(f"eval of {ref} (%)", ["task", "metric", "value", "stderr", "n", "scored by", "also"], rows)
 
 

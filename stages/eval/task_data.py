@@ -182,8 +182,10 @@ def open_copy(task: str, directory: Path, spec: DataSpec) -> LocalCopy:
         raise PrismError(f"{what}: a single saved Dataset, not a DatasetDict with split {spec.split!r}",
                          hint=f"save it as datasets.DatasetDict({{{spec.split!r}: ds}}).save_to_disk(DIR)")
     elif has_readme_configs(directory):
-        layout, override = "snapshot", {"dataset_path": str(directory), "dataset_name": spec.config,
-                                        "dataset_kwargs": {}}
+        # Read as lmms-eval reads a hub dataset, but with the files named by absolute path: `datasets` caches a
+        # local folder by its name and the README's relative patterns, and would serve an older copy's rows.
+        files = snapshot_files(what, directory, spec)
+        layout, override = "snapshot", files_override(what, spec.split, files)
     else:
         files = split_files(root, spec.split)
         if not files:
@@ -192,8 +194,7 @@ def open_copy(task: str, directory: Path, spec: DataSpec) -> LocalCopy:
                              f"DatasetDict, a hub snapshot or {spec.split}-*.parquet; found "
                              f"{', '.join(found) + ' (parquet)' if found else 'no dataset files'}",
                              hint=f"the hub copy is {spec.hub_id}" + (f" (config {spec.config!r})" if spec.config else ""))
-        layout, override = "parquet", {"dataset_path": "parquet", "dataset_name": None,
-                                       "dataset_kwargs": {"data_files": {spec.split: [str(f) for f in files]}}}
+        layout, override = "parquet", files_override(what, spec.split, files)
     if stored_rows(layout, override, spec.split) == 0:  # `datasets` cannot open an empty split at all
         raise PrismError(f"{what}: split {spec.split!r} of the copy is empty")
     dataset = load_split(what, task, layout, override, spec)
@@ -207,13 +208,57 @@ def stored_rows(layout: str, override: dict, split: str) -> int | None:
 
     import pyarrow.parquet as pq
 
-    if layout == "parquet":
+    if override["dataset_path"] == "parquet":
         return sum(pq.ParquetFile(f).metadata.num_rows for f in override["dataset_kwargs"]["data_files"][split])
     if layout == "saved":
         state = Path(override["dataset_path"]) / split / "state.json"
         if state.is_file():
             return None if json.loads(state.read_text()).get("_data_files") else 0
     return None
+
+
+BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+def files_override(what: str, split: str, files: list[Path]) -> dict:
+    """lmms-eval's dataset settings for a split made of these files (the `datasets` builder by extension)."""
+    builders = {BUILDERS.get(f.suffix.lower()) for f in files}
+    if len(builders) != 1 or None in builders:
+        raise PrismError(f"{what}: split {split!r} is made of {', '.join(sorted({f.suffix or f.name for f in files}))} "
+                         f"files; prism reads one of {', '.join(sorted(BUILDERS))} per split")
+    return {"dataset_path": builders.pop(), "dataset_name": None,
+            "dataset_kwargs": {"data_files": {split: [str(f) for f in files]}}}
+
+
+def snapshot_files(what: str, directory: Path, spec: DataSpec) -> list[Path]:
+    """The files the snapshot's README `configs:` list for the task's config and split."""
+    import yaml
+
+    header = yaml.safe_load((directory / "README.md").read_text(encoding="utf-8", errors="replace").split("---")[1])
+    configs = [c for c in (header or {}).get("configs") or [] if isinstance(c, dict)]
+    wanted = spec.config or "default"
+    chosen = next((c for c in configs if c.get("config_name") == wanted), None)
+    if chosen is None and spec.config is None:
+        chosen = next((c for c in configs if c.get("default")), configs[0] if len(configs) == 1 else None)
+    if chosen is None:
+        raise PrismError(f"{what}: the snapshot's README has no config {wanted!r}; it has "
+                         f"{', '.join(repr(c.get('config_name')) for c in configs)}",
+                         hint=f"the hub copy is {spec.hub_id}")
+    entries = chosen.get("data_files") or []
+    if isinstance(entries, (str, dict)):
+        entries = [entries] if isinstance(entries, str) else [{"split": k, "path": v} for k, v in entries.items()]
+    patterns = {}
+    for entry in entries:
+        split, path = ("train", entry) if isinstance(entry, str) else (entry.get("split", "train"), entry.get("path"))
+        patterns.setdefault(split, []).extend([path] if isinstance(path, str) else list(path or []))
+    if spec.split not in patterns:
+        raise PrismError(f"{what}: {spec.hub_id.split('/')[-1]} config {wanted!r} has no split {spec.split!r} "
+                         f"(the README lists {', '.join(map(repr, patterns)) or 'none'})")
+    files = sorted({f for pattern in patterns[spec.split] for f in directory.glob(pattern) if f.is_file()})
+    if not files:
+        raise PrismError(f"{what}: the README's files for split {spec.split!r} ({', '.join(patterns[spec.split])}) "
+                         "are not in the snapshot", hint="download the whole repository, or include those files")
+    return files
 
 
 def has_readme_configs(directory: Path) -> bool:
