@@ -353,3 +353,15 @@ def test_two_snapshots_in_folders_of_the_same_name_are_not_confused(tmp_path):
     assert (first.layout, first.rows, second.rows) == ("snapshot", 2, 3)
     assert second.override["dataset_kwargs"]["data_files"]["testmini"] == \
         [str(tmp_path / "b" / "MathVista" / "data" / "testmini-00000-of-00001.parquet")]
+
+
+def test_under_a_judge_the_official_task_reads_the_copy_and_its_columns_are_checked(tmp_path):
+    bf.write_copy(bf.mathvista(), tmp_path / "mv", "saved")
+    judged = tasks.plan_tasks("mathvista", judge="http://localhost:1/v1#judge")
+    copies = task_data.resolve([f"mathvista={tmp_path / 'mv'}"], judged)
+    assert set(copies) == {"mathvista_testmini_cot"} and copies["mathvista_testmini_cot"].rows == 5
+    bf.datasets.DatasetDict({"testmini": bf.dataset(bf.mathvista()).remove_columns("query")}).save_to_disk(
+        str(tmp_path / "no_query"))
+    with pytest.raises(PrismError, match="as mathvista_testmini_cot reads it: no 'query'"):
+        task_data.resolve([f"mathvista={tmp_path / 'no_query'}"], judged)
+    task_data.resolve([f"mathvista={tmp_path / 'no_query'}"], plans())  # the override does not read it
