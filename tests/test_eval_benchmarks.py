@@ -365,3 +365,17 @@ def test_under_a_judge_the_official_task_reads_the_copy_and_its_columns_are_chec
     with pytest.raises(PrismError, match="as mathvista_testmini_cot reads it: no 'query'"):
         task_data.resolve([f"mathvista={tmp_path / 'no_query'}"], judged)
     task_data.resolve([f"mathvista={tmp_path / 'no_query'}"], plans())  # the override does not read it
+
+
+def test_any_other_lmms_eval_task_reads_its_split_from_its_yaml(tmp_path):
+    from types import SimpleNamespace
+
+    (tmp_path / "t.yaml").write_text("task: my_task\ndataset_path: someone/data\ntest_split: val\n")
+    manager = SimpleNamespace(task_index={"my_task": {"yaml_path": str(tmp_path / "t.yaml")}})
+    bf.datasets.DatasetDict({"val": bf.datasets.Dataset.from_dict({"q": ["a", "b"]})}).save_to_disk(
+        str(tmp_path / "copy"))
+    copies = task_data.resolve([f"my_task={tmp_path / 'copy'}"], plans("my_task"), manager)
+    assert copies["my_task"].rows == 2 and copies["my_task"].override["dataset_kwargs"] == {"load_from_disk": True}
+    (tmp_path / "t.yaml").write_text("task: my_task\ndataset_path: someone/data\ntest_split: test\n")
+    with pytest.raises(PrismError, match="my_task reads split 'test'; the copy has 'val'"):
+        task_data.resolve([f"my_task={tmp_path / 'copy'}"], plans("my_task"), manager)
