@@ -371,7 +371,8 @@ def test_any_other_lmms_eval_task_reads_its_split_from_its_yaml(tmp_path):
     from types import SimpleNamespace
 
     (tmp_path / "t.yaml").write_text("task: my_task\ndataset_path: someone/data\ntest_split: val\n")
-    manager = SimpleNamespace(task_index={"my_task": {"yaml_path": str(tmp_path / "t.yaml")}})
+    manager = SimpleNamespace(task_index={"my_task": {"type": "task", "yaml_path": str(tmp_path / "t.yaml")},
+                                          "my_group": {"type": "group", "yaml_path": str(tmp_path / "g.yaml")}})
     bf.datasets.DatasetDict({"val": bf.datasets.Dataset.from_dict({"q": ["a", "b"]})}).save_to_disk(
         str(tmp_path / "copy"))
     copies = task_data.resolve([f"my_task={tmp_path / 'copy'}"], plans("my_task"), manager)
@@ -379,3 +380,6 @@ def test_any_other_lmms_eval_task_reads_its_split_from_its_yaml(tmp_path):
     (tmp_path / "t.yaml").write_text("task: my_task\ndataset_path: someone/data\ntest_split: test\n")
     with pytest.raises(PrismError, match="my_task reads split 'test'; the copy has 'val'"):
         task_data.resolve([f"my_task={tmp_path / 'copy'}"], plans("my_task"), manager)
+    for name in ("my_group", "no_such_task"):
+        with pytest.raises(UsageError, match=f"--task-data {name}: lmms-eval has no single task of that name"):
+            task_data.resolve([f"{name}={tmp_path / 'copy'}"], plans(name), manager)

@@ -38,8 +38,8 @@ def run(cfg: EvalConfig) -> Path | None:
     parse_judge(cfg.judge)
     plans = plan_tasks(cfg.tasks, cfg.judge, cfg.synth_backend)
     lmms_runner.require_lmms(plans)
+    local_copies = task_data.resolve(cfg.task_data, plans) if cfg.task_data else {}  # seconds: before indexing
     lmms_runner.check_known(plans)
-    local_copies = task_data.resolve(cfg.task_data, plans) if cfg.task_data else {}
     specs = [checkpoint.require_stage(checkpoint.resolve(ref), checkpoint.POLICY_STAGES) for ref in cfg.ckpt]
     outs = output_dirs(cfg.out, specs)
     synth_samples = load_synth(cfg) if any(p.name == "synth" for p in plans) else []

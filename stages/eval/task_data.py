@@ -157,7 +157,11 @@ def spec_for(task: str, task_manager=None) -> DataSpec:
     from stages.eval.lmms_runner import PACKAGE_TASK_DIR, make_task_manager
 
     manager = task_manager or make_task_manager([PACKAGE_TASK_DIR])
-    config = task_yaml(manager.task_index[task]["yaml_path"])
+    entry = manager.task_index.get(task) or {}
+    if entry.get("type") != "task" or not isinstance(entry.get("yaml_path"), str):  # unknown, a group, a tag
+        raise UsageError(f"--task-data {task}: lmms-eval has no single task of that name",
+                         hint="name one task (`lmms-eval --tasks list` lists them)")
+    config = task_yaml(entry["yaml_path"])
     return DataSpec(str(config.get("dataset_path", "")), config.get("dataset_name"),
                     str(config.get("test_split") or config.get("validation_split") or "test"))
 
