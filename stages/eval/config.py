@@ -21,6 +21,9 @@ class EvalConfig(CommonConfig):
     synth: str = opt("synth:test:200", "the synth split evaluated by the synth task (synth[:test][:N][:dK])",
                      group="Tasks")
     synth_backend: str = opt("native", "run synth natively or as a local lmms-eval task (lmms)", group="Tasks")
+    task_data: list[str] = opt(help="NAME=DIR (repeatable): read task NAME (an alias such as mathvista, or an lmms-eval "
+                                    "task name) from a local copy: a save_to_disk folder, a hub snapshot or parquet "
+                                    "files (docs/eval-offline.md)", group="Tasks", factory=list)
     limit: int = opt(0, "evaluate only the first N samples of each task (0: all)", group="Tasks")
 
     judge: str = opt("none", "none: rule-based scoring everywhere; URL#MODEL: an OpenAI-compatible judge for the "

@@ -78,22 +78,28 @@ def judge_environment(judge: str):
                 os.environ[k] = v
 
 
-def evaluate(lmm, plans: list[TaskPlan], include_paths: list[Path], limit: int, judge: str, seed: int) -> dict:
-    """Run every lmms task of `plans` with the model instance `lmm`; the raw lmms-eval results dict."""
+def evaluate(lmm, plans: list[TaskPlan], include_paths: list[Path], limit: int, judge: str, seed: int,
+             data_overrides: dict[str, dict] | None = None) -> dict:
+    """Run every lmms task of `plans` with the model instance `lmm`; the raw lmms-eval results dict.
+    `data_overrides[task]` replaces where a task reads its dataset (--task-data: dataset_path, dataset_name,
+    dataset_kwargs), given to lmms-eval as a task config on top of the task's own."""
     from lmms_eval.evaluator import simple_evaluate
 
     manager = make_task_manager([PACKAGE_TASK_DIR, *include_paths])
     names = [t for p in plans for t in p.lmms_tasks]
+    data_overrides = data_overrides or {}
+    tasks = [{"task": t, **data_overrides[t]} if t in data_overrides else t for t in names]
     with judge_environment(judge):
         try:
-            results = simple_evaluate(model=lmm, tasks=names, task_manager=manager, limit=limit or None,
+            results = simple_evaluate(model=lmm, tasks=tasks, task_manager=manager, limit=limit or None,
                                       log_samples=True, random_seed=seed, verbosity="WARNING", batch_size=1)
         except (PrismError, KeyboardInterrupt):
             raise
         except Exception as e:  # dataset download failures, judge outages: one line, traceback under --debug
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise PrismError(f"lmms-eval failed on {', '.join(names)}: {type(e).__name__}: {first}",
-                             hint="offline? the benchmark datasets come from the Hugging Face hub") from e
+                             hint="offline? the benchmark datasets come from the Hugging Face hub: "
+                                  "--task-data NAME=DIR reads a local copy (docs/eval-offline.md)") from e
     if not results:
         raise PrismError(f"lmms-eval returned no results for {', '.join(names)}")
     return results

@@ -15,6 +15,7 @@ their parent (default: each checkpoint's own default).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from prism_cli import checkpoint, console
@@ -23,10 +24,10 @@ from stages.common.models import load_policy, load_processor
 from stages.common.rollout import SamplingParams, make_engine
 from stages.common.synth import load
 from stages.common.plots import plot_eval
-from stages.eval import compare, lmms_runner, synth_native
+from stages.eval import compare, lmms_runner, synth_native, task_data
 from stages.eval.config import EvalConfig
 from stages.eval.lmms_plugin import PrismLMM
-from stages.eval.tasks import TaskPlan, parse_judge, plan_tasks
+from stages.eval.tasks import PAPER_TASKS, TaskPlan, parse_judge, plan_tasks
 
 
 
@@ -37,6 +38,7 @@ def run(cfg: EvalConfig) -> Path | None:
     parse_judge(cfg.judge)
     plans = plan_tasks(cfg.tasks, cfg.judge, cfg.synth_backend)
     lmms_runner.require_lmms(plans)
+    local_copies = task_data.resolve(cfg.task_data, plans) if cfg.task_data else {}  # seconds: before indexing
     lmms_runner.check_known(plans)
     specs = [checkpoint.require_stage(checkpoint.resolve(ref), checkpoint.POLICY_STAGES) for ref in cfg.ckpt]
     outs = output_dirs(cfg.out, specs)
@@ -46,14 +48,15 @@ def run(cfg: EvalConfig) -> Path | None:
         return None
 
     for spec, out in zip(specs, outs):
-        evaluate_checkpoint(cfg, spec, out, plans, synth_samples)
+        evaluate_checkpoint(cfg, spec, out, plans, synth_samples, local_copies)
     if len(specs) > 1:
         compare.show([str(o) for o in outs], cfg.markdown)
         return None
     return outs[0]
 
 
-def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan], synth_samples) -> Path:
+def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan], synth_samples,
+                        local_copies: dict | None = None) -> Path:
     config = dict(to_dict(cfg), ckpt=[spec.ref], out=str(out))
     checkpoint.check_output(str(out), "eval", config, cfg.overwrite, cfg.resume)
     processor = load_processor(spec)
@@ -72,7 +75,8 @@ def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan],
         samples["synth"] = records
     lmms_plans = [p for p in plans if p.backend == "lmms"]
     if lmms_plans:
-        lmms_results, lmms_samples = evaluate_with_lmms(cfg, spec, engine, lmms_plans, synth_samples, run_dir.path)
+        lmms_results, lmms_samples = evaluate_with_lmms(cfg, spec, engine, lmms_plans, synth_samples, run_dir.path,
+                                                        local_copies or {})
         results.update(lmms_results)
         samples.update(lmms_samples)
 
@@ -85,17 +89,22 @@ def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan],
     summary = {name: r["value"] for name, r in results.items()}
     if report["average"] is not None:
         summary["average"] = report["average"]
+    if report["paper_average"] is not None:
+        summary["paper_average"] = report["paper_average"]["value"]
     return run_dir.finalize(summary=summary, data={"synth": cfg.synth} if synth_samples else None)
 
 
-def evaluate_with_lmms(cfg, spec, engine, plans: list[TaskPlan], synth_samples, run_path: Path):
-    """The lmms-eval tasks with the prism model wrapped around the already loaded engine."""
+def evaluate_with_lmms(cfg, spec, engine, plans: list[TaskPlan], synth_samples, run_path: Path,
+                       local_copies: dict):
+    """The lmms-eval tasks with the prism model wrapped around the already loaded engine; tasks given
+    --task-data read their local copy."""
     include = []
     if any(p.name == "synth" for p in plans):
         include.append(synth_native.write_lmms_task(run_path / "lmms_synth", synth_samples, cfg.max_new_tokens))
     lmm = PrismLMM(pretrained=spec.ref, rollout_engine=engine, max_new_tokens=cfg.max_new_tokens,
                    batch_size=cfg.batch_size, seed=cfg.seed)
-    raw = lmms_runner.evaluate(lmm, plans, include, cfg.limit, cfg.judge, cfg.seed)
+    overrides = {task: copy.override for task, copy in local_copies.items()}
+    raw = lmms_runner.evaluate(lmm, plans, include, cfg.limit, cfg.judge, cfg.seed, overrides)
     results, samples = {}, {}
     for plan in plans:
         results[plan.name] = lmms_runner.task_result(raw, plan)
@@ -152,10 +161,25 @@ def results_report(cfg: EvalConfig, spec, engine_name: str, results: dict) -> di
         "max_new_tokens": cfg.max_new_tokens,
         "tasks": results,
         "average": sum(values) / len(values) if values else None,
+        "paper_average": paper_average(results),
     }
 
 
+def paper_average(results: dict) -> dict | None:
+    """The paper's headline number: the mean accuracy over its benchmarks (the seven of PAPER_TASKS) among
+    those evaluated, with the standard error of that mean (the benchmarks are independent samples) and the
+    rows behind it; None under two benchmarks."""
+    names = [name for name in PAPER_TASKS if name in results]
+    if len(names) < 2:
+        return None
+    k = len(names)
+    return {"value": sum(results[n]["value"] for n in names) / k,
+            "stderr": math.sqrt(sum(results[n]["stderr"] ** 2 for n in names)) / k,
+            "n": sum(results[n]["n"] for n in names), "benchmarks": names, "complete": k == len(PAPER_TASKS)}
+
+
 def print_results(ref: str, results: dict) -> None:
+    """One row per task, then the paper's average over its benchmarks (accuracy, standard error, n in %)."""
     rows = []
     for name, r in results.items():
         extra = r.get("extra", {})
@@ -163,6 +187,11 @@ def print_results(ref: str, results: dict) -> None:
                           if k in ("format", "caption_f1", "perception_errors", "reasoning_errors"))
         rows.append([name, r["metric"], round(100 * r["value"], 1), round(100 * r["stderr"], 1), r["n"], r["scorer"],
                      notes])
+    paper = paper_average(results)
+    if paper:
+        label = "average" if paper["complete"] else f"average ({len(paper['benchmarks'])} of the paper's {len(PAPER_TASKS)})"
+        rows.append([label, "mean acc", round(100 * paper["value"], 1), round(100 * paper["stderr"], 1), paper["n"],
+                     "", "" if paper["complete"] else "over " + ", ".join(paper["benchmarks"])])
     console.print_table(f"eval of {ref} (%)", ["task", "metric", "value", "stderr", "n", "scored by", "also"], rows)
 
 

@@ -241,14 +241,16 @@ for _bench in [
               "mathvision_standard_eval", False,
               "same kind of rule as the official scorer (letter / value match), math-verify for LaTeX"),
     Benchmark("wemath", {"prism_wemath_testmini": score_wemath}, ("wemath_testmini_reasoning",), "acc_score", False,
-              "per-question option-letter accuracy (the official reasoning task's acc_score); WeMath's "
-              "loose/strict four-dimensional scores are not computed"),
+              "per-question accuracy, the option letter or the option's text (the official reasoning task's "
+              "acc_score reads the letter only); WeMath's loose/strict four-dimensional scores are not computed"),
     Benchmark("mmmu", {"prism_mmmu_val": score_mmmu}, ("mmmu_val",), "mmmu_acc", False,
               "option letter (or option text) for multiple choice, normalised string/number match for open "
-              "questions; official: the same kind of rules with a looser answer extraction"),
+              "questions, any item of an answer list; official: option text only in replies over five words "
+              "(a random letter otherwise), answer lists compared as text (docs/eval-offline.md)"),
     Benchmark("mmmu_pro", {"prism_mmmu_pro_standard": score_mmmu, "prism_mmmu_pro_vision": score_mmmu_pro_vision},
               ("mmmu_pro",), "mmmu_acc", False,
-              "mean of the standard (10 options) and vision subsets, as the official group"),
+              "mean of the standard (10 options) and vision subsets, as the official group; vision: '(A)' reads "
+              "as A (official: the reply must be the bare letter)"),
     Benchmark("hallusionbench", {"prism_hallusion_bench_image": score_hallusion}, ("hallusion_bench_image",),
               "aAcc", True,
               "aAcc by a yes/no rule on <answer>; official: GPT decides yes/no/uncertain; qAcc/fAcc not reported"),
