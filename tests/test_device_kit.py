@@ -53,7 +53,7 @@ def test_a_step_cut_short_keeps_its_figures_and_is_marked(tmp_path):
     result = check.collect(parts, tmp_path, step="cli", rc=124)
     cli = result["steps"]["cli"]
     assert cli["status"] == "timed out" and cli["rc"] == 124 and cli["figures"]["sft"]["wall_s"] == 40.0
-    assert "cli: timed out (sft 40 s peak 20 GiB)" in result["summary"]
+    assert "cli: timed out (sft 40 s peak/plan 20/- GiB)" in result["summary"]
     # a step that exits 0 but never finished its part is not counted as ok
     _part(parts, "rollout", "running", {})
     assert check.collect(parts, tmp_path, step="rollout", rc=0)["steps"]["rollout"]["status"] == "failed"

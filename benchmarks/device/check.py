@@ -42,7 +42,7 @@ SIZES = {
                 cli_rl=dict(prompts=2, n=4, new=256), cli_align=dict(prompts=1, n=4, new=256),
                 rollout=["--model", "qwen3vl-2b-shape", "--prompts", "4", "--n", "8", "--max-new-tokens", "128",
                          "--reps", "2"],
-                disc=dict(lengths=[512, 1024, 2048, 4096], rollouts=2, budget=2048),
+                disc=dict(lengths=[1024, 2048, 4096], rollouts=2, budget=2048),
                 attention=dict(lengths=[2048, 8192], reps=5)),
     "cpu": dict(cli_sft=dict(samples=8, steps=1, batch=2, max_length=1024),
                 cli_rl=dict(prompts=2, n=2, new=8), cli_align=dict(prompts=1, n=2, new=8),
@@ -159,7 +159,8 @@ def summary_line(run_mode: str, machine: str, steps: dict) -> str:
                              + f" peak/plan {_fmt(v.get('peak_gib'))}/{_fmt(v.get('plan_gib'))} GiB"
                              for k, v in fig.get("gpu_check", {}).get("stages", {}).items())
         elif name == "cli":
-            head = ", ".join(f"{k} {_fmt(v.get('wall_s'), '.0f')} s peak {_fmt(v.get('peak_gib'))} GiB"
+            head = ", ".join(f"{k} {_fmt(v.get('wall_s'), '.0f')} s peak/plan {_fmt(v.get('peak_gib'))}/"
+                             f"{_fmt(v.get('plan_gib'))} GiB"
                              for k, v in fig.items() if isinstance(v, dict) and "wall_s" in v)
         elif name == "rollout":
             r = fig.get("throughput", {})
@@ -260,11 +261,12 @@ def make_random_checkpoint(folder: Path) -> dict:
     return {"params": params, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def run_prism(args: list[str], work: Path, name: str) -> tuple[dict, str]:
-    """`prism ARGS` through peak.py: (wall time, exit code, peak memory, the output's tail on failure; the
-    whole output)."""
-    peak_file = work / f"{name}.peak.json"
-    env = dict(os.environ, PRISM_DEVICE_PEAK=str(peak_file), COLUMNS="200", PYTHONPATH=str(ROOT))
+def run_prism(args: list[str], work: Path, name: str) -> dict:
+    """`prism ARGS` through peak.py, its --dry-run first in the same process: wall time (the dry run
+    included), exit code, peak memory, the plan's peak, the output's tail on failure."""
+    peak_file, plan_file = work / f"{name}.peak.json", work / f"{name}.plan.json"
+    env = dict(os.environ, PRISM_DEVICE_PEAK=str(peak_file), PRISM_DEVICE_PLAN=str(plan_file), COLUMNS="200",
+               PYTHONPATH=str(ROOT))
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("peak.py")), *args], env=env,
                           capture_output=True, text=True)
@@ -275,9 +277,14 @@ def run_prism(args: list[str], work: Path, name: str) -> tuple[dict, str]:
         key = "cuda_peak_bytes" if "cuda_peak_bytes" in peak else "maxrss_bytes"
         out["peak_gib"] = round(peak[key] / GIB, 3)
         out["peak_kind"] = key
+    if plan_file.is_file():
+        plan = json.loads(plan_file.read_text())
+        out["plan_gib"] = planned_peak_gib(plan["output"])
+        if plan["rc"] or out["plan_gib"] is None:
+            out["plan_error"] = plan["output"][-2000:]
     if proc.returncode:
         out["output_tail"] = (proc.stdout + proc.stderr)[-3000:]
-    return out, proc.stdout + proc.stderr
+    return out
 
 
 def planned_peak_gib(text: str) -> float | None:
@@ -301,7 +308,7 @@ def stage_figures(stage: str, metrics: list[dict]) -> dict:
 
 def step_cli(part: Part) -> bool:
     """The stages as a user runs them: `prism sft`, then `prism rl` and `prism align` from its checkpoint,
-    each with its --dry-run plan beside the measured peak. A failed run fails the step."""
+    each with its --dry-run plan beside the measured peak. A failed run (or a missing plan) fails the step."""
     import shutil
 
     from prism_cli.checkpoint import MANIFEST
@@ -328,20 +335,15 @@ def step_cli(part: Part) -> bool:
     ok = True
     for stage, args in runs.items():
         out = work / stage
-        plan, plan_text = run_prism([*args, "--out", str(out), "--dry-run", "--backend", "none",
-                                     "--gpu-memory", "80GiB"], work, f"{stage}-plan")
-        figs, _ = run_prism([*args, "--out", str(out)], work, stage)
-        figs["plan_gib"] = planned_peak_gib(plan_text)
-        if plan["rc"]:
-            figs["plan_error"] = plan.get("output_tail", "")
-        if figs.get("peak_gib") and figs["plan_gib"]:
+        figs = run_prism([*args, "--out", str(out)], work, stage)
+        if figs.get("peak_gib") and figs.get("plan_gib"):
             figs["plan_over_measured"] = round(figs["plan_gib"] / figs["peak_gib"], 3)
         metrics = out / "metrics.jsonl"
         if metrics.is_file():
             figs.update(stage_figures(stage, [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]))
         figs["checkpoint_complete"] = (out / MANIFEST).is_file()
         part.add(stage, figs)
-        if figs["rc"] or not figs["checkpoint_complete"]:
+        if figs["rc"] or not figs["checkpoint_complete"] or figs.get("plan_gib") is None:
             ok = False
             break   # rl and align train from sft's checkpoint
     return ok

@@ -14,7 +14,8 @@ start=$(date +%s)
 home=${REHEARSAL_HOME:-$HOME/.cache/prism-rehearsal}
 venv=$home/venv
 mkdir -p "$home"
-# The image's versions (docs/gpu-check.md; REFERENCE of the image as last listed) of what the command imports.
+# The image's versions (docs/gpu-check.md) of what the command imports; numpy stays unpinned (the image's 2.5.2
+# needs Python 3.12, and the local torch wheels are for this machine's 3.11).
 torch_pair=$(grep -E '^(torch|torchvision)==' .ci/torch-pair.txt | tr '\n' ' ')
 image="transformers==5.17.0 accelerate==1.15.0 safetensors==0.8.0 tokenizers==0.23.2 huggingface-hub==1.33.0
        typer rich pyyaml pillow numpy pyarrow"
@@ -30,7 +31,7 @@ for d in /opt/pypi-more/simple /opt/pypi/simple; do [ -d "$d" ] && indexes+=(--e
 if [ ${#uv[@]} -gt 0 ]; then
   links=(); [ -d /opt/wheels ] && links=(--find-links /opt/wheels)
   "${uv[@]}" pip install -q --python "$venv/bin/python" "${indexes[@]}" --extra-index-url https://pypi.org/simple \
-    --index-strategy first-index "${links[@]}" $torch_pair $image
+    --index-strategy unsafe-best-match "${links[@]}" $torch_pair $image
 else
   "$venv/bin/python" -m pip install -q --disable-pip-version-check $torch_pair $image
 fi

@@ -44,7 +44,7 @@ echo "kit: ${#wheels[@]} wheels installed ($(( $(date +%s) - start )) s)"
 mode=${PRISM_DEVICE_MODE:-$("$py" -c 'import torch; print("gpu" if torch.cuda.is_available() else "cpu")')}
 export PRISM_DEVICE_MODE=$mode
 if [ "$mode" = gpu ]; then
-  declare -A limit=([env]=30 [stages]=130 [cli]=170 [rollout]=60 [disc_memory]=50 [attention]=30)
+  declare -A limit=([env]=20 [stages]=120 [cli]=190 [rollout]=70 [disc_memory]=45 [attention]=25)
 else   # the rehearsal: generous limits, they only stop a hang
   declare -A limit=([env]=300 [stages]=600 [cli]=900 [rollout]=300 [disc_memory]=300 [attention]=300)
 fi
