@@ -374,7 +374,8 @@ def growth_exponent(points: list[dict]) -> float:
 def step_disc_memory(part: Part) -> bool:
     """Scoring (forward + backward) peak of the upcycled 2B-shape discriminator against response length,
     one row per group (`whole`) vs rows under the token budget (`budget`); one process, peak above the
-    state before each step (max_memory_allocated on a GPU, the resident set on a CPU)."""
+    state before each step (max_memory_allocated on a GPU, the resident set on a CPU). Long because the
+    model is built once and every (layout, length) is measured in this one process, in order."""
     import torch
 
     from benchmarks.memory_plan_check import Meter
@@ -443,7 +444,8 @@ def step_disc_memory(part: Part) -> bool:
 def step_attention(part: Part) -> bool:
     """sdpa at the 2B policy's attention shape (16 query heads, 8 kv heads, head_dim 128), forward + backward:
     causal without a mask (what a single unpadded row gets) vs an explicit mask (what padded batches and
-    packed or budgeted rows get), each sdpa kernel tried alone."""
+    packed or budgeted rows get), each sdpa kernel tried alone. Long because a kernel that cannot take a
+    case must leave its reason in the figures instead of ending the step."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel

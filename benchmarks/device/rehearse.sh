@@ -40,6 +40,7 @@ bash benchmarks/device/kit.sh
 # The device command, as the device runs it: python3 is the venv's, nothing of this repo's own venv leaks in.
 work=$home/work
 log=$home/run.out
+rm -rf "$work"
 set +e
 env -u PYTHONPATH -u VIRTUAL_ENV PATH="$venv/bin:$PATH" PYTHON="$venv/bin/python3" PRISM_DEVICE_MODE=cpu \
   PRISM_DEVICE_WORK="$work" PRISM_DEVICE_RESULTS="$work/results" PRISM_HOME="$home/prism-home" \
