@@ -47,23 +47,37 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def build(mode: str, device):
-    """Policy, processor (the tiny tokenizer, a patch-16 image processor) and the upcycled-shape discriminator."""
-    from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessor, Qwen3VLProcessor
+def shape_processor():
+    """The tiny tokenizer and chat template with a patch-16 image processor (the 2B vision tower's patch)."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
 
-    from stages.align.discriminator import Qwen3VLMoeDiscriminator, moe_config_from_dense
-    from stages.common import shapes, tiny
+    from stages.common import tiny
     from stages.common.models import load_processor
 
     tiny_processor = load_processor("tiny")
-    tok = tiny_processor.tokenizer
     image = Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2,
                                   size={"shortest_edge": 32 * 32, "longest_edge": 1024 * 1024},
                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=tiny_processor.video_processor,
-                                 chat_template=tiny.CHAT_TEMPLATE)
-    config = shapes.with_token_ids(shapes.shape_config("qwen3vl-2b-shape", **(CPU_SHAPE if mode == "cpu" else {})),
-                                   tok)
+    return Qwen3VLProcessor(image_processor=image, tokenizer=tiny_processor.tokenizer,
+                            video_processor=tiny_processor.video_processor, chat_template=tiny.CHAT_TEMPLATE)
+
+
+def shape_config(mode: str, tokenizer):
+    """qwen3vl-2b-shape (gpu) or its shrunken twin (cpu), its special-token ids moved to `tokenizer`'s."""
+    from stages.common import shapes
+
+    return shapes.with_token_ids(shapes.shape_config("qwen3vl-2b-shape", **(CPU_SHAPE if mode == "cpu" else {})),
+                                 tokenizer)
+
+
+def build(mode: str, device):
+    """Policy, processor (the tiny tokenizer, a patch-16 image processor) and the upcycled-shape discriminator."""
+    from transformers import AutoModelForImageTextToText
+
+    from stages.align.discriminator import Qwen3VLMoeDiscriminator, moe_config_from_dense
+
+    processor = shape_processor()
+    config = shape_config(mode, processor.tokenizer)
     dtype = MODES[mode]["dtype"]
     torch.manual_seed(0)
     with torch.device(device):
@@ -191,6 +205,8 @@ def main(argv=None) -> int:
             entry["mfu"] = round(flops_tokens / seconds / (args.peak_tflops * 1e12), 4)
         stages[name] = entry
         print(json.dumps({name: entry}), flush=True)
+        if args.out:   # after every stage, so a run cut short still leaves the stages it finished
+            write_json(Path(args.out), dict(result, stages=stages, partial=True))
 
     # SFT
     step, tokens = sft_step(cfg, policy, processor, device, optimizer)
@@ -264,11 +280,17 @@ def main(argv=None) -> int:
     record("align_discriminator", seconds, scored, scoring_phase.total, scored * flops_per_token(disc_shape, cfg["budget"]))
     result["stages"] = stages
     result["total_s"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(result, indent=1)
-    print(text)
+    print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_json(Path(args.out), result)
     return 0
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Whole or not at all: a reader (or a kill) never meets half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

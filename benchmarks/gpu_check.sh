@@ -6,8 +6,10 @@
 #   bash benchmarks/gpu_check.sh --mode cpu --out /tmp/gpu_check.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
-if [ -x .venv/bin/python ] && [ -z "${PYTHON_SET:-}" ] && [ "$PYTHON" = python ]; then PYTHON=.venv/bin/python; fi
+# The lent GPU image has python3 and no `python`.
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=$(command -v python || command -v python3); fi
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
 args=("$@")
 if ! printf '%s\n' "${args[@]:-}" | grep -q -- '--out'; then

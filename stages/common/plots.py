@@ -1,20 +1,28 @@
 """PNG plots a person would rather look at than metrics.jsonl: a grid of metric panels per training
-stage, and a bar chart of eval results with their standard errors. Panels with no data are left out."""
+stage, and a bar chart of eval results with their standard errors. Panels with no data are left out.
+
+A plot is a convenience, never a reason to lose a run: without matplotlib (the lent GPU image may lack it)
+each plot is skipped with one warning and the stage goes on to write its checkpoint."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from prism_cli import console
 from prism_cli.console import is_main_process
 
 
 def _pyplot():
-    import matplotlib
+    """pyplot on the Agg backend, or None (and one warning) where matplotlib cannot be imported."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        console.warn(f"no plot drawn: matplotlib is not importable ({e}); the metrics stay in metrics.jsonl")
+        return None
     return plt
 
 
@@ -56,6 +64,8 @@ def plot_curves(records: list[dict], series: dict[str, str], path: Path, title: 
     if not lines:
         return None
     plt = _pyplot()
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, pts in lines.items():
         xs, ys = zip(*pts)
@@ -77,6 +87,8 @@ def plot_panels(records: list[dict], panels: dict[str, dict[str, str]], path: Pa
     if not drawn:
         return None
     plt = _pyplot()
+    if plt is None:
+        return None
     cols = min(len(drawn), 3)
     rows = (len(drawn) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
@@ -104,6 +116,8 @@ def plot_eval(results: dict[str, dict], path: Path, title: str) -> Path | None:
     if not names:
         return None
     plt = _pyplot()
+    if plt is None:
+        return None
     values = [100 * results[n]["value"] for n in names]
     errors = [100 * (results[n].get("stderr") or 0.0) for n in names]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 3.6))
