@@ -30,7 +30,7 @@ for d in /opt/pypi-more/simple /opt/pypi/simple; do [ -d "$d" ] && indexes+=(--e
 # shellcheck disable=SC2086
 if [ ${#uv[@]} -gt 0 ]; then
   links=(); [ -d /opt/wheels ] && links=(--find-links /opt/wheels)
-  "${uv[@]}" pip install -q --python "$venv/bin/python" "${indexes[@]}" --extra-index-url https://pypi.org/simple \
+  "${uv[@]}" pip install -q --python "$venv/bin/python" "${indexes[@]}" \
     --index-strategy unsafe-best-match "${links[@]}" $torch_pair $image
 else
   "$venv/bin/python" -m pip install -q --disable-pip-version-check $torch_pair $image
