@@ -208,3 +208,33 @@ def test_split_group_advantages_equal_the_whole_group_ones():
         assert torch.equal(got_rewards["acc"], acc)
         got = split_group_slice(game_advantages(cfg, got_scores, got_rewards), layout, rank)
         assert torch.allclose(got, expected[rank * 2:rank * 2 + 2], atol=1e-6, rtol=0)
+
+
+@pytest.mark.dist
+def test_align_runs_a_group_split_over_two_ranks_under_zero2(tiny_path, tmp_path):
+    """One prompt x 4 rollouts on 2 processes (the paper's 4 x 16 on 8 GPUs, scaled down): each rank rolls out 2
+    of the group's rollouts, scores them, and normalises advantages over the gathered group of 4."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PRISM_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    sft = tmp_path / "sft"
+    proc = subprocess.run([sys.executable, "-m", "prism_cli", "sft", "--ckpt", "tiny", "--data", "synth:train:32",
+                           "--batch-size", "8", "--max-steps", "2", "--set", "eval_fraction=0", "--out", str(sft)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    align = tmp_path / "align"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29811", "-m", "prism_cli", "align", "--ckpt", str(sft), "--data", "synth:train:32",
+                           "--steps", "2", "--prompts-per-step", "1", "--rollouts-per-prompt", "4",
+                           "--max-new-tokens", "12", "--warmup-steps", "1", "--warmup-prompts", "4",
+                           "--warmup-batch", "2", "--out", str(align)],
+                          cwd=tmp_path, env=dict(env, PRISM_BACKEND="zero2"), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((align / "prism.json").read_text())["summary"]
+    assert summary["processes"] == 2 and summary["steps"] == 2
