@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from prism_cli.checkpoint import resolve
+from prism_cli.errors import UsageError
 from stages.common import memory_plan as mp
 from stages.common import plan_report
 
@@ -229,3 +230,18 @@ def test_plan_matches_a_measured_cpu_step_of_the_moe_discriminator_shape(tmp_pat
     ratio = json.loads(out.read_text())["ratio"]
     for key in ("state", "update_peak"):
         assert 0.85 <= ratio[key] <= 1.15, (key, ratio)
+
+
+def test_auto_backend_is_what_the_launch_would_detect_at_the_planned_world_size(monkeypatch):
+    for key in ("PRISM_BACKEND", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert plan_report.backend_of("auto", 1) == "none" and plan_report.backend_of("auto", 8) == "ddp"
+    monkeypatch.setenv("PRISM_BACKEND", "zero3")                    # the launch honours it first
+    assert plan_report.backend_of("auto", 8) == "zero3" and plan_report.backend_of("fsdp2", 8) == "fsdp2"
+    monkeypatch.setenv("PRISM_BACKEND", "zero4")
+    with pytest.raises(UsageError, match="PRISM_BACKEND='zero4' is not a backend"):
+        plan_report.backend_of("auto", 8)
+    monkeypatch.delenv("PRISM_BACKEND")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert plan_report.backend_of("auto", 8) == "zero2"

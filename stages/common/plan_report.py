@@ -72,18 +72,21 @@ def align_shapes(cfg, policy_spec: CkptSpec, disc_source: tuple[str, CkptSpec]):
     return policy_shape(policy_spec), disc
 
 
-def backend_of(name: str) -> str:
-    """The backend a launch uses: as given, or (auto) read from accelerate's launch environment."""
+def backend_of(name: str, world: int = 1) -> str:
+    """The backend a launch of `world` processes uses: as given, or (auto) what the launch itself would detect
+    (stages.common.distributed.detect_backend: PRISM_BACKEND, else accelerate's launch environment, else DDP
+    when there are several processes), so an unknown PRISM_BACKEND is refused here as at launch."""
     if name != "auto":
         return name
-    env = os.environ
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-        offload = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") not in ("", "none")
-        return "offload" if offload else ("zero3" if stage == "3" else "zero2")
-    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "fsdp2"
-    return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "none"
+    from stages.common.distributed import detect_backend
+
+    backend = detect_backend(dict(os.environ, WORLD_SIZE=str(world)))
+    if backend.kind == "deepspeed":
+        if backend.offload_optimizer not in ("", "none") or backend.offload_param not in ("", "none"):
+            return "offload"
+        # ZeRO-0/1 keep whole gradients: planned as DDP (over-counts ZeRO-1's sharded optimizer states)
+        return {3: "zero3", 2: "zero2"}.get(backend.zero_stage, "ddp")
+    return {"single": "none"}.get(backend.kind, backend.kind)
 
 
 def world_of(n: int) -> int:
@@ -124,7 +127,8 @@ def check_output_if_set(cfg, stage: str) -> None:
 
 
 def _common(cfg) -> dict:
-    return dict(backend=backend_of(cfg.backend), world=world_of(cfg.world_size), width=width_of(cfg.dtype),
+    world = world_of(cfg.world_size)
+    return dict(backend=backend_of(cfg.backend, world), world=world, width=width_of(cfg.dtype),
                 gpu_bytes=mp.parse_size(cfg.gpu_memory), checkpointing=cfg.gradient_checkpointing,
                 freeze_vision=cfg.freeze_vision)
 
