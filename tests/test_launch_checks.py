@@ -18,7 +18,8 @@ from stages.common.groups import group_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "recipes" / "qwen3vl-4b"
-# (stage, recipe, the hub ids the recipe names replaced offline: data paths exist only on a cluster)
+# recipe -> (stage, flags replacing what exists only on a cluster: the data paths; and the policy as its hub id,
+# which plans offline from the published config)
 RECIPES = {
     "sft": ("sft", {"data": ["synth:train:256"]}),
     "align": ("align", {"ckpt": "Qwen/Qwen3-VL-4B-Instruct", "data": ["synth:64"]}),
