@@ -245,3 +245,16 @@ def test_auto_backend_is_what_the_launch_would_detect_at_the_planned_world_size(
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     assert plan_report.backend_of("auto", 8) == "zero2"
+
+
+def test_the_align_plan_follows_the_launch_s_group_split():
+    """4 prompts x 16 rollouts on 8 GPUs: each rank holds one prompt and 8 rollouts (the hf engine's KV cache),
+    whole groups on 4 GPUs."""
+    from stages.align.config import AlignConfig
+
+    disc = dataclasses_replace(SHAPE, name="disc", experts=4, top_k=2, has_lm_head=False)
+    for world, prompts, rollouts in ((8, 1, 8), (4, 1, 16), (2, 2, 16)):
+        cfg = AlignConfig(engine="hf", backend="zero2", world_size=world, prompts_per_step=4, rollouts_per_prompt=16,
+                          max_new_tokens=6144)
+        rollout = next(p for p in plan_report.align_plan(cfg, SHAPE, disc, True).phases if p.name == "rollout")
+        assert rollout.parts["hf engine KV cache"] == mp.kv_cache_bytes(SHAPE, prompts * (2048 + rollouts * 6144), 2)

@@ -140,12 +140,11 @@ def sft_plan(cfg, policy: mp.ModelShape) -> mp.MemoryPlan:
                             image_patches=4 * IMAGE_TOKENS * cfg.micro_batch_size, **_common(cfg))
 
 
-def _rollout(cfg, engine: str, world: int, prompts: int, sleeps: bool) -> dict:
+def _rollout(cfg, engine: str, prompts_per_rank: int, rollouts_per_rank: int, sleeps: bool) -> dict:
     if engine in ("auto", "vllm"):
         return {"engine": "vllm", "fraction": VLLM_FRACTION, "sleep": sleeps, "empty_cache": VLLM_EMPTIES_CACHE}
-    per_rank = math.ceil(prompts / world)
     # the hf engine keeps one prompt KV per group and each row's own generated tokens
-    return {"engine": "hf", "tokens": per_rank * (PROMPT_TOKENS + cfg.rollouts_per_prompt * cfg.max_new_tokens)}
+    return {"engine": "hf", "tokens": prompts_per_rank * (PROMPT_TOKENS + rollouts_per_rank * cfg.max_new_tokens)}
 
 
 def rl_plan(cfg, policy: mp.ModelShape, vllm_sleeps: bool) -> mp.MemoryPlan:
@@ -154,7 +153,8 @@ def rl_plan(cfg, policy: mp.ModelShape, vllm_sleeps: bool) -> mp.MemoryPlan:
         "rl", policy=policy, micro_batch_tokens=cfg.micro_batch_tokens, logits_chunk=RL_LOGITS_CHUNK, entropy=True,
         reference=cfg.kl_coef > 0, image_patches=4 * IMAGE_TOKENS * max(1, cfg.micro_batch_tokens //
                                                                           (PROMPT_TOKENS + cfg.max_new_tokens)),
-        rollout=_rollout(cfg, cfg.engine, common["world"], cfg.prompts_per_step, vllm_sleeps), **common)
+        rollout=_rollout(cfg, cfg.engine, math.ceil(cfg.prompts_per_step / common["world"]), cfg.rollouts_per_prompt,
+                         vllm_sleeps), **common)
 
 
 def disc_scoring_tokens(prompts_per_rank: int, rollouts: int, max_new_tokens: int, row_tokens: int) -> int:
@@ -180,7 +180,7 @@ def align_plan(cfg, policy: mp.ModelShape, disc: mp.ModelShape, vllm_sleeps: boo
                                                             cfg.max_new_tokens, row),
         disc_row_tokens=row, disc_checkpointing=getattr(cfg, "disc_gradient_checkpointing", False),
         warmup_pair_tokens=pair_tokens,
-        rollout=_rollout(cfg, cfg.engine, common["world"], cfg.prompts_per_step, vllm_sleeps), **common)
+        rollout=_rollout(cfg, cfg.engine, layout.prompts_per_rank, layout.rollouts_per_rank, vllm_sleeps), **common)
 
 
 def print_plan(title: str, plan: mp.MemoryPlan) -> None:
