@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from prism_cli.checkpoint import resolve
+from prism_cli.errors import UsageError
 from stages.common import memory_plan as mp
 from stages.common import plan_report
 
@@ -86,16 +87,91 @@ def test_plan_phases_and_verdict():
                             rollout={"engine": "vllm", "fraction": 0.4, "sleep": True})
     rollout, update = plan.phases
     assert "policy grads" not in rollout.parts and "policy grads" in update.parts
-    assert rollout.parts["vLLM pool (gpu_memory_utilization)"] == int(0.4 * 80 * 2 ** 30)
-    assert not any(k.startswith("vLLM") for k in update.parts)                    # slept through the update
+    assert rollout.parts["vLLM pool (0.4 x usable memory)"] == int(0.4 * 80 * 2 ** 30)
+    assert [k for k in update.parts if k.startswith("vLLM")] == ["vLLM asleep"]   # slept through the update
     awake = mp.training_plan("rl", policy=SHAPE, backend="zero2", world=8, width=2, gpu_bytes=80 * 2 ** 30,
                              micro_batch_tokens=16384, checkpointing=True,
                              rollout={"engine": "vllm", "fraction": 0.4, "sleep": False})
-    assert awake.phases[1].total - update.total == int(0.4 * 80 * 2 ** 30)
+    assert awake.phases[1].total - update.total == int(0.4 * 80 * 2 ** 30) - mp.VLLM_ASLEEP_BYTES
     assert plan.fits and plan.verdict().startswith("fits")
     tight = mp.training_plan("sft", policy=SHAPE, backend="ddp", world=8, width=2, gpu_bytes=2 ** 30,
                              micro_batch_tokens=1024, checkpointing=False)
     assert not tight.fits and "DOES NOT FIT" in tight.verdict()
+
+
+def test_every_term_of_a_zero2_rl_plan_by_hand():
+    """SHAPE (1e9 parameters, vocab 10,000 x hidden 1,000, tied) under ZeRO-2 on 8 GPUs of 80 GiB, bf16,
+    vLLM 0.4: each phase's parts, computed by hand."""
+    import dataclasses
+
+    tied = dataclasses.replace(SHAPE, tied_embeddings=True)
+    gpu = 80 * 2 ** 30
+    plan = mp.training_plan("rl", policy=tied, backend="zero2", world=8, width=2, gpu_bytes=gpu,
+                            micro_batch_tokens=16384, checkpointing=True, entropy=True, logits_chunk=512,
+                            rollout={"engine": "vllm", "fraction": 0.4, "sleep": True, "empty_cache": True})
+    rollout, update = plan.phases
+    context, asleep, pool = int(1.2 * 2 ** 30), int(1.0 * 2 ** 30), int(0.4 * gpu)
+    states = {"policy weights": 2 * 10 ** 9, "policy fp32 master": 5 * 10 ** 8, "policy Adam m, v": 10 ** 9,
+              "policy comm/gather buffers": 2 * 10 ** 9}
+    assert rollout.parts == {"CUDA context + NCCL": context, **states, "vLLM pool (0.4 x usable memory)": pool}
+    assert update.parts == {
+        "CUDA context + NCCL": context, "vLLM asleep": asleep, **states,
+        "policy grads": 5 * 10 ** 8,                                  # fp32 shard: 4 bytes x 1e9 / 8
+        "policy bf16 grad shard": 25 * 10 ** 7,                       # 2 bytes x 1e9 / 8
+        "policy activations": mp.activation_bytes(tied, 16384, 2, True),
+        "logits chunk": 2 * 512 * 10_000 * (2 + 8),
+        "entropy buffers (logits chunk)": 2 * 512 * 10_000 * 4,       # softmax and p * z, fp32
+        "tied embedding grads (embedding + lm_head)": 2 * 10_000 * 1000 * 2}
+    assert plan.peak is rollout and rollout.total == context + 55 * 10 ** 8 + pool
+
+
+def test_without_empty_cache_the_rollout_holds_the_largest_reserve():
+    """vLLM takes its pool from the driver on wake: PyTorch's cached reserve of the update stays in the way
+    unless the cache is emptied first."""
+    kw = dict(policy=SHAPE, backend="zero2", world=8, width=2, gpu_bytes=80 * 2 ** 30, micro_batch_tokens=16384,
+              checkpointing=True, entropy=True)
+    emptied = mp.training_plan("rl", rollout={"engine": "vllm", "fraction": 0.4, "empty_cache": True}, **kw)
+    kept = mp.training_plan("rl", rollout={"engine": "vllm", "fraction": 0.4, "empty_cache": False}, **kw)
+    update = emptied.phases[1].total
+    reserve = update - mp.CUDA_CONTEXT_BYTES - mp.VLLM_ASLEEP_BYTES     # what PyTorch allocated in the update
+    assert kept.phases[0].total == mp.CUDA_CONTEXT_BYTES + reserve + int(0.4 * 80 * 2 ** 30)
+    assert kept.phases[0].total - emptied.phases[0].total == reserve - (
+        sum(v for k, v in emptied.phases[0].parts.items() if k.startswith("policy")))
+    assert any("empty_cache" in note for note in kept.notes)
+
+
+def test_the_align_plan_has_a_warmup_phase_without_policy_grads():
+    disc = dataclasses_replace(SHAPE, name="disc", experts=4, top_k=2, has_lm_head=False)
+    plan = mp.training_plan("align", policy=SHAPE, backend="zero2", world=8, width=2, gpu_bytes=80 * 2 ** 30,
+                            micro_batch_tokens=16384, checkpointing=True, entropy=True, discriminator=disc,
+                            disc_tokens=40_000, disc_row_tokens=8192, warmup_pair_tokens=14_336,
+                            rollout={"engine": "vllm", "fraction": 0.4})
+    assert [p.name for p in plan.phases] == ["warmup", "rollout", "scoring", "update"]
+    warmup, _, scoring, _ = plan.phases
+    assert "policy grads" not in warmup.parts and "discriminator grads" in warmup.parts
+    assert warmup.parts["scoring mask (one chunk)"] == 8192 * 8192 * 2           # the pair is chunked too
+    assert warmup.parts["discriminator activations (one chunk)"] == mp.activation_bytes(disc, 8192, 2, True)
+    assert scoring.total - warmup.total == 5 * 10 ** 8 + 25 * 10 ** 7            # the policy's grad shards
+
+
+def test_the_issue_figures_for_the_4b_on_8_gpus():
+    """Issue #28's terms at 4B / ZeRO-2 / 8 GPUs: bf16 grad shard +1.03 GiB, tied embedding grads +1.45 GiB,
+    the entropy's buffers +0.58 GiB (512-token chunk); model states as DeepSpeed's estimator (17.57 GiB, which
+    counts no communication bucket) plus our two buckets (1.86 GiB)."""
+    shape = plan_report.policy_shape(resolve("qwen3vl-4b-shape"))
+    assert shape.tied_embeddings
+    state = mp.training_state(shape, "zero2", 8, 2)
+    assert round(state["grads_low"] / mp.GIB, 2) == 1.03
+    assert round(mp.tied_embedding_grad_bytes(shape, 2) / mp.GIB, 2) == 1.45
+    assert round(mp.entropy_buffers_bytes(shape.vocab, 512) / mp.GIB, 2) == 0.58
+    no_buckets = sum(v for k, v in state.items() if k not in ("buffers", "cpu"))
+    assert round(no_buckets / mp.GIB, 2) == 17.57 and round(state["buffers"] / mp.GIB, 2) == 1.86
+
+
+def dataclasses_replace(shape, **changes):
+    import dataclasses
+
+    return dataclasses.replace(shape, **changes)
 
 
 def _prism(*args, env_extra=None):
@@ -106,7 +182,7 @@ def _prism(*args, env_extra=None):
 
 
 def test_dry_run_prints_the_plan_offline_for_a_published_shape():
-    proc = _prism("sft", "--ckpt", "qwen3vl-4b-shape", "--data", "synth:train:64", "--batch-size", "8",
+    proc = _prism("sft", "--ckpt", "qwen3vl-4b-shape", "--data", "synth:train:64", "--batch-size", "16",
                   "--micro-batch-size", "2", "--backend", "zero2", "--world-size", "8", "--gpu-memory", "80GiB",
                   "--set", "max_length=4096", "--set", "gradient_checkpointing=true", "--dry-run")
     assert proc.returncode == 0, proc.stderr
@@ -154,3 +230,31 @@ def test_plan_matches_a_measured_cpu_step_of_the_moe_discriminator_shape(tmp_pat
     ratio = json.loads(out.read_text())["ratio"]
     for key in ("state", "update_peak"):
         assert 0.85 <= ratio[key] <= 1.15, (key, ratio)
+
+
+def test_auto_backend_is_what_the_launch_would_detect_at_the_planned_world_size(monkeypatch):
+    for key in ("PRISM_BACKEND", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert plan_report.backend_of("auto", 1) == "none" and plan_report.backend_of("auto", 8) == "ddp"
+    monkeypatch.setenv("PRISM_BACKEND", "zero3")                    # the launch honours it first
+    assert plan_report.backend_of("auto", 8) == "zero3" and plan_report.backend_of("fsdp2", 8) == "fsdp2"
+    monkeypatch.setenv("PRISM_BACKEND", "zero4")
+    with pytest.raises(UsageError, match="PRISM_BACKEND='zero4' is not a backend"):
+        plan_report.backend_of("auto", 8)
+    monkeypatch.delenv("PRISM_BACKEND")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert plan_report.backend_of("auto", 8) == "zero2"
+
+
+def test_the_align_plan_follows_the_launch_s_group_split():
+    """4 prompts x 16 rollouts on 8 GPUs: each rank holds one prompt and 8 rollouts (the hf engine's KV cache),
+    whole groups on 4 GPUs."""
+    from stages.align.config import AlignConfig
+
+    disc = dataclasses_replace(SHAPE, name="disc", experts=4, top_k=2, has_lm_head=False)
+    for world, prompts, rollouts in ((8, 1, 8), (4, 1, 16), (2, 2, 16)):
+        cfg = AlignConfig(engine="hf", backend="zero2", world_size=world, prompts_per_step=4, rollouts_per_prompt=16,
+                          max_new_tokens=6144)
+        rollout = next(p for p in plan_report.align_plan(cfg, SHAPE, disc, True).phases if p.name == "rollout")
+        assert rollout.parts["hf engine KV cache"] == mp.kv_cache_bytes(SHAPE, prompts * (2048 + rollouts * 6144), 2)

@@ -33,6 +33,7 @@ from stages.common.chat import problem_messages, rollout_prompt
 from stages.common.data import Sample, stream_item
 from stages.common.discriminator import (aux_loss_coef, load_discriminator, load_discriminator_processor,
                                          save_discriminator, upcycle)
+from stages.common.groups import GroupLayout, group_layout
 from stages.common.formats import dropped_report, image_bytes, load_sources, source_parents
 from stages.common import plan_report
 from stages.common.models import default_device, load_policy, load_processor
@@ -53,13 +54,13 @@ def run(cfg: AlignConfig) -> Path:
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     samples, data_fp, data_parents, dropped = load_demonstrations(cfg.data)
     disc_source = discriminator_source(cfg, policy_spec)
-    if cfg.dry_run:
+    if cfg.dry_run:   # every check a launch runs, at the planned world size, then the memory plan
         return print_plan(cfg, policy_spec, disc_source, len(samples))
 
     checkpoint.check_output(cfg.out, "align", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
     accelerator = runtime.accelerator
-    check_batches(cfg, accelerator.num_processes)
+    layout = check_batches(cfg, accelerator.num_processes)
     parents = [("policy", policy_spec), ("discriminator", disc_source[1]), *data_parents]
     processor = load_processor(policy_spec)
     policy_model = load_policy(policy_spec, dtype=training.MASTER_WEIGHTS_DTYPE, attn=cfg.attn,
@@ -99,15 +100,15 @@ def run(cfg: AlignConfig) -> Path:
     with console.progress("align", total=cfg.steps) as bar:
         bar.advance(state["step"])
         for step in range(state["step"], cfg.steps):
-            batch, state["cursor"] = next_prompts(samples, state["cursor"], cfg, accelerator)
+            batch, state["cursor"] = next_prompts(samples, state["cursor"], cfg, layout, accelerator.process_index)
             with timer.phase("rollout"):
-                completions = collect_rollouts(cfg, accelerator, policy, engine, batch, step)
+                completions = collect_rollouts(cfg, layout, accelerator, policy, engine, batch, step)
             with timer.phase("score"):
                 scores, rewards = score_rollouts(cfg, disc, disc_processor, batch, completions)
             with timer.phase("disc_update"):
                 d_metrics = discriminator_update(cfg, disc, scores)
             with timer.phase("policy_update"):
-                advantages, update = policy_update(cfg, accelerator, policy, processor, batch, completions,
+                advantages, update = policy_update(cfg, layout, accelerator, policy, processor, batch, completions,
                                                    scores.detached(), rewards)
             record = {"step": step + 1, **d_metrics, **game_metrics(scores.detached(), rewards, advantages), **update,
                       **timer.pop()}
@@ -136,14 +137,15 @@ def run(cfg: AlignConfig) -> Path:
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 
-def check_batches(cfg: AlignConfig, world: int) -> None:
-    """prompts_per_step and warmup_batch are global: each process takes an equal share."""
-    if cfg.prompts_per_step % world:
-        raise UsageError(f"prompts_per_step {cfg.prompts_per_step} is not divisible by the {world} processes",
-                         hint=f"use a multiple of {world}")
+def check_batches(cfg: AlignConfig, world: int) -> GroupLayout:
+    """prompts_per_step and warmup_batch are global: each process takes an equal share. Groups are whole per
+    process, or (more processes than prompts) split over processes by rollouts (stages.common.groups). The
+    launch and --dry-run (at the planned world size) both call this."""
+    layout = group_layout(cfg.prompts_per_step, cfg.rollouts_per_prompt, world)
     if cfg.warmup_steps > 0 and cfg.warmup_batch % world:
         raise UsageError(f"warmup_batch {cfg.warmup_batch} is not divisible by the {world} processes",
                          hint=f"use a multiple of {world}")
+    return layout
 
 
 def discriminator_lr(cfg: AlignConfig):
@@ -201,12 +203,12 @@ def build_discriminator(cfg: AlignConfig, source, device):
     return disc, load_processor(spec)
 
 
-def next_prompts(samples: list[Sample], cursor: int, cfg: AlignConfig, accelerator) -> tuple[list, int]:
-    """This process's share of the next prompts_per_step (global) prompts of a seeded endless stream."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    quota = cfg.prompts_per_step // world   # check_batches: divisible
-    picked = [stream_item(samples, cursor + i, cfg.seed) for i in range(rank * quota, (rank + 1) * quota)]
-    return [(s, rollout_prompt(s)) for s in picked], cursor + quota * world
+def next_prompts(samples: list[Sample], cursor: int, cfg: AlignConfig, layout: GroupLayout,
+                 rank: int) -> tuple[list, int]:
+    """This process's share of the next prompts_per_step (global) prompts of a seeded endless stream (a split
+    group's prompt is held by each of its processes)."""
+    picked = [stream_item(samples, cursor + i, cfg.seed) for i in layout.prompt_indices(rank)]
+    return [(s, rollout_prompt(s)) for s in picked], cursor + cfg.prompts_per_step
 
 
 # --------------------------------------------------------------------------------------------- warmup
@@ -322,11 +324,13 @@ def load_pairs(path: str) -> list[PreferencePair]:
 
 # --------------------------------------------------------------------------------------------- the game
 
-def collect_rollouts(cfg: AlignConfig, accelerator, policy, engine, batch, step: int) -> list[list]:
-    """n rollouts per prompt of this process's share, from the current policy."""
+def collect_rollouts(cfg: AlignConfig, layout: GroupLayout, accelerator, policy, engine, batch,
+                     step: int) -> list[list]:
+    """This process's rollouts of its prompts (all n, or its slice of a split group), from the current policy;
+    the seed differs per process, so the slices of a split group are different samples."""
     engine.sync_weights(policy.module)
     return engine.generate([p for _, p in batch], SamplingParams(
-        n=cfg.rollouts_per_prompt, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+        n=layout.rollouts_per_rank, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed * 1_000_003 + step * 1009 + accelerator.process_index))
 
 
@@ -335,8 +339,9 @@ def score_rollouts(cfg: AlignConfig, disc, disc_processor, batch, completions) -
     verifiable reward of every rollout, {"acc", "score"} [G, n] (stages.common.rewards with the config's
     weights; reported, and used by the acc-gated / rlvr-mixed variants).
 
-    Segment order per group: [teacher caption, teacher think, caption_1..n, think_1..n]."""
-    n = cfg.rollouts_per_prompt
+    Segment order per group: [teacher caption, teacher think, caption_1..n, think_1..n] (n: this process's
+    rollouts of the group)."""
+    n = len(completions[0])
     parsed = [[parse_response(c.text) for c in group] for group in completions]
     segments = [[sample.teacher.caption, sample.teacher.think] + [p.caption or "" for p in group]
                 + [p.think or "" for p in group] for (sample, _), group in zip(batch, parsed)]
@@ -362,18 +367,47 @@ def discriminator_update(cfg: AlignConfig, disc, scores: GroupScores) -> dict:
     return {**terms.metrics("d/"), "d/grad_norm": disc.step(cfg.max_grad_norm), "d/lr": disc.lr}
 
 
-def policy_update(cfg: AlignConfig, accelerator, policy, processor, batch, completions, scores: GroupScores,
-                  rewards: dict) -> tuple[torch.Tensor, dict]:
-    """PRISM advantages from the (pre-update) discriminator scores, then the clipped policy update."""
-    advantages = game_advantages(cfg, scores, rewards)
+def policy_update(cfg: AlignConfig, layout: GroupLayout, accelerator, policy, processor, batch, completions,
+                  scores: GroupScores, rewards: dict) -> tuple[torch.Tensor, dict]:
+    """PRISM advantages from the (pre-update) discriminator scores, then the clipped policy update. A group split
+    over processes is gathered whole first: its advantages are normalised over all its rollouts."""
+    if layout.ranks_per_group > 1:
+        whole_scores, whole_rewards = gather_split_groups(accelerator, layout, scores, rewards)
+        advantages = split_group_slice(game_advantages(cfg, whole_scores, whole_rewards), layout,
+                                       accelerator.process_index)
+    else:
+        advantages = game_advantages(cfg, scores, rewards)
     settings = PPOSettings(clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.loss_agg,
                            temperature=cfg.temperature, micro_batch_tokens=cfg.micro_batch_tokens,
                            max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)
-    n = cfg.rollouts_per_prompt
+    n = len(completions[0])
     rows = [c for group in completions for c in group]
     update = ppo_update(settings, accelerator, policy, processor, [p for _, p in batch], rows,
                         [g for g in range(len(batch)) for _ in range(n)], advantages)
     return advantages, update
+
+
+def gather_split_groups(accelerator, layout: GroupLayout, scores: GroupScores,
+                        rewards: dict) -> tuple[GroupScores, dict]:
+    """Every process's [1, n/k] student scores, format flags and rewards (one slice of a group split over k
+    processes), gathered into whole groups [prompts, n], in rank order: slice r % k of group r // k."""
+    def gathered(t: torch.Tensor) -> torch.Tensor:   # [1, ...] per process -> [world, ...]
+        return accelerator.gather(t.detach().to(accelerator.device).float().contiguous()).cpu()
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return gathered(t).reshape(layout.prompts, layout.rollouts)
+
+    return (GroupScores(teacher_caption=gathered(scores.teacher_caption)[::layout.ranks_per_group],
+                        teacher_think=gathered(scores.teacher_think)[::layout.ranks_per_group],
+                        student_caption=whole(scores.student_caption), student_think=whole(scores.student_think),
+                        format_ok=whole(scores.format_ok).bool(), aux_loss=scores.aux_loss, tokens=scores.tokens),
+            {key: whole(value) for key, value in rewards.items()})
+
+
+def split_group_slice(advantages: torch.Tensor, layout: GroupLayout, rank: int) -> torch.Tensor:
+    """This process's rollouts' entries of advantages over whole groups (flat, group-major)."""
+    n = layout.rollouts_per_rank
+    return advantages[rank * n:(rank + 1) * n]
 
 
 def game_advantages(cfg: AlignConfig, scores: GroupScores, rewards: dict) -> torch.Tensor:
@@ -426,6 +460,10 @@ def summarize(records: list[dict]) -> dict:
 
 
 def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> None:
+    """--dry-run: the checks a launch runs before loading anything, at the planned world size (--world-size, or
+    the launch's WORLD_SIZE), then the resolved settings and the memory plan."""
+    plan_report.check_output_if_set(cfg, "align")
+    check_batches(cfg, plan_report.world_of(cfg.world_size))
     how, spec = disc_source
     shape, disc_shape = plan_report.align_shapes(cfg, policy_spec, disc_source)
     kind = "dense" if cfg.disc_dense else f"MoE {cfg.num_experts} experts top-{cfg.top_k}"

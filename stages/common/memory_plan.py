@@ -26,7 +26,15 @@ layer at a time. Both modes add the backward working set of the MLP's gradient b
 Logits never exist whole (chunked logprobs): one chunk of c tokens x vocab V in w, fp32 and fp32
 log-softmax, forward and backward: c V (w + 8) x 2.
 
-A phase's peak is the sum of what is resident in it; the stage's peak is the largest phase.
+Beside the model states, every phase holds the CUDA context and NCCL's buffers, and (between rollouts) what
+a sleeping vLLM engine keeps; a ZeRO-2 backward holds a bf16 gradient shard beside the fp32 one; a tied
+embedding's two full gradients (embedding and lm_head) are alive while autograd sums them; the policy
+update's entropy keeps two fp32 [chunk, vocab] buffers. vLLM's pool is gpu_memory_utilization x the card's
+usable memory, allocated from the driver on wake: PyTorch's cached reserve is given back first
+(torch.cuda.empty_cache() before the wake), or the rollout phase holds the largest other phase's reserve.
+
+A phase's peak is the sum of what is resident in it; the stage's peak is the largest phase. Where each
+number comes from (formula, DeepSpeed's estimators, a measurement): docs/memory-plan.md.
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ SHARDED_WEIGHTS = ("zero3", "fsdp2", "offload")
 # DeepSpeed defaults accelerate leaves in place: reduce_bucket_size and allgather_bucket_size, 5e8 elements each.
 DEEPSPEED_BUCKET_ELEMENTS = 500_000_000
 GIB = 2 ** 30
+# Not derived here: figures of issue #28's reading of a GPU run, to be measured (docs/memory-plan.md).
+CUDA_CONTEXT_BYTES = int(1.2 * GIB)      # CUDA context, cuBLAS workspace and NCCL communicator buffers per rank
+VLLM_ASLEEP_BYTES = int(1.0 * GIB)       # what a vLLM engine keeps on the GPU at sleep level 1 (graphs, buffers)
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class ModelShape:
     vision_layers: int = 0
     vision_intermediate: int = 0
     has_lm_head: bool = True
+    tied_embeddings: bool = False   # lm_head shares the embedding matrix [vocab, hidden]
 
     def trainable(self, freeze_vision: bool) -> int:
         return self.params - (self.vision_params if freeze_vision else 0)
@@ -87,7 +99,9 @@ def shape_of(model, name: str) -> ModelShape:
         vision_hidden=getattr(vision, "hidden_size", 0) if vision else 0,
         vision_layers=getattr(vision, "depth", 0) if vision else 0,
         vision_intermediate=getattr(vision, "intermediate_size", 0) if vision else 0,
-        has_lm_head=_find(model, ("lm_head",)) is not None)
+        has_lm_head=_find(model, ("lm_head",)) is not None,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings",
+                                                                                        False)))
 
 
 def _find(model, paths):
@@ -116,8 +130,9 @@ def training_state(shape: ModelShape, backend: str, world: int, width: int, free
         return {"weights": p * width, "grads": t * width, "master": 0, "optimizer": 2 * t * width,
                 "buffers": t * width if backend == "ddp" and world > 1 else 0, "cpu": 0}
     if backend == "zero2":
-        return {"weights": p * width, "grads": t * 4 // n, "master": t * 4 // n if width < 4 else 0,
-                "optimizer": t * 8 // n, "buffers": buckets, "cpu": 0}
+        # DeepSpeed's bf16 optimizer reduces into a gradient shard in the training dtype besides the fp32 one
+        return {"weights": p * width, "grads": t * 4 // n, "grads_low": t * width // n if width < 4 else 0,
+                "master": t * 4 // n if width < 4 else 0, "optimizer": t * 8 // n, "buffers": buckets, "cpu": 0}
     if backend == "zero3":
         return {"weights": p * width // n, "grads": t * 4 // n, "master": t * 4 // n if width < 4 else 0,
                 "optimizer": t * 8 // n, "buffers": gathered + buckets, "cpu": 0}
@@ -188,6 +203,18 @@ def activation_bytes(shape: ModelShape, tokens: int, width: int, checkpointing: 
 def logits_chunk_bytes(vocab: int, chunk_tokens: int, width: int) -> int:
     """One chunk of lm_head + log-softmax (stages.common.logprobs), forward and recomputed backward."""
     return 2 * chunk_tokens * vocab * (width + 8)
+
+
+def entropy_buffers_bytes(vocab: int, chunk_tokens: int) -> int:
+    """The entropy of one logits chunk (stages.common.logprobs._chunk_logprobs): softmax(z) and its product with
+    z, both fp32 [chunk, vocab]."""
+    return 2 * chunk_tokens * vocab * 4
+
+
+def tied_embedding_grad_bytes(shape: ModelShape, width: int) -> int:
+    """A tied embedding gets two full [vocab, hidden] gradients in one backward (the embedding's and lm_head's)
+    that autograd sums: both are alive at once, whatever the backend shards afterwards."""
+    return 2 * shape.vocab * shape.hidden * width if shape.tied_embeddings and shape.has_lm_head else 0
 
 
 def kv_cache_bytes(shape: ModelShape, tokens: int, width: int) -> int:
@@ -262,56 +289,90 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-def _state_parts(prefix: str, state: dict) -> dict[str, int]:
-    names = {"weights": "weights", "grads": "grads", "master": "fp32 master", "optimizer": "Adam m, v",
-             "buffers": "comm/gather buffers"}
-    return {f"{prefix} {names[k]}": v for k, v in state.items() if k in names and v}
+STATE_NAMES = {"weights": "weights", "grads": "grads", "grads_low": "bf16 grad shard", "master": "fp32 master",
+               "optimizer": "Adam m, v", "buffers": "comm/gather buffers"}
+GRAD_STATES = ("grads", "grads_low")   # alive from a backward to its optimizer step only
+
+
+def _state_parts(prefix: str, state: dict, grads: bool = True) -> dict[str, int]:
+    return {f"{prefix} {STATE_NAMES[k]}": v for k, v in state.items()
+            if k in STATE_NAMES and v and (grads or k not in GRAD_STATES)}
 
 
 def training_plan(stage: str, *, policy: ModelShape, backend: str, world: int, width: int, gpu_bytes: int,
                   micro_batch_tokens: int, checkpointing: bool, freeze_vision: bool = False,
-                  image_patches: int = 0, logits_chunk: int = 512, reference: bool = False,
+                  image_patches: int = 0, logits_chunk: int = 512, entropy: bool = False, reference: bool = False,
                   discriminator: ModelShape | None = None, disc_tokens: int = 0, disc_row_tokens: int = 0,
-                  disc_checkpointing: bool = True, rollout: dict | None = None) -> MemoryPlan:
-    """The plan of one stage. `rollout` describes the rollout phase: {"engine": "vllm", "fraction": 0.4,
-    "sleep": True} or {"engine": "hf", "tokens": KV tokens resident per rank}."""
+                  disc_checkpointing: bool = True, warmup_pair_tokens: int = 0,
+                  rollout: dict | None = None) -> MemoryPlan:
+    """The plan of one stage, phase by phase (warmup, rollout, scoring, update; those the stage has).
+
+    `rollout` describes the rollout phase: {"engine": "vllm", "fraction": 0.4, "sleep": True, "empty_cache": True}
+    or {"engine": "hf", "tokens": KV tokens resident per rank}. `warmup_pair_tokens` > 0: the align
+    discriminator's warmup, its pairs scored in chunks of <= disc_row_tokens.
+
+    Long because it is the list of phases with what each holds, one block per phase."""
     policy_state = training_state(policy, backend, world, width, freeze_vision)
-    resident = _state_parts("policy", policy_state)
-    cpu = policy_state["cpu"]
-    notes = []
-    if reference:
-        resident["reference weights"] = frozen_state(policy, backend, world, width)
-    if discriminator is not None:
-        disc_state = training_state(discriminator, backend, world, width)
-        resident.update(_state_parts("discriminator", disc_state))
-        cpu += disc_state["cpu"]
-    during_update = {k: v for k, v in resident.items()}
-    # Gradients exist only between a backward and its optimizer step; the rollout phase has none.
-    no_grads = {k: v for k, v in resident.items() if not k.endswith(" grads")}
-    phases = []
-    if rollout:
-        parts = dict(no_grads)
-        if rollout["engine"] == "vllm":
-            parts["vLLM pool (gpu_memory_utilization)"] = int(rollout["fraction"] * gpu_bytes)
-        else:
-            parts["hf engine KV cache"] = kv_cache_bytes(policy, rollout["tokens"], width)
-        phases.append(Phase("rollout", parts))
-        if rollout["engine"] == "vllm" and not rollout.get("sleep", True):
-            during_update["vLLM pool (awake: not slept)"] = int(rollout["fraction"] * gpu_bytes)
-            notes.append("vLLM stays awake through updates: its pool is counted in every phase")
-    if discriminator is not None and disc_tokens:
-        parts = dict(during_update)
+    disc_state = training_state(discriminator, backend, world, width) if discriminator is not None else None
+    cpu = policy_state["cpu"] + (disc_state["cpu"] if disc_state else 0)
+    vllm = rollout is not None and rollout["engine"] == "vllm"
+    sleeps = vllm and rollout.get("sleep", True)
+    pool = int(rollout["fraction"] * gpu_bytes) if vllm else 0
+
+    def resident(policy_grads: bool, disc_grads: bool) -> dict[str, int]:
+        """What stays allocated by PyTorch in a phase: model states (grads only where a backward runs)."""
+        parts = _state_parts("policy", policy_state, policy_grads)
+        if reference:
+            parts["reference weights"] = frozen_state(policy, backend, world, width)
+        if disc_state:
+            parts.update(_state_parts("discriminator", disc_state, disc_grads))
+        return parts
+
+    def disc_chunk(tokens: int) -> dict[str, int]:
         # stages.align.scoring: forward and backward one chunk of <= disc_row_tokens at a time (the chunk is
         # re-run in backward), so only one chunk's activations and its additive [rows, 1, t, t] mask are alive
-        chunk = min(disc_row_tokens or disc_tokens, disc_tokens)
-        parts["discriminator activations (one chunk)"] = activation_bytes(discriminator, chunk, width,
-                                                                          disc_checkpointing)
-        parts["scoring mask (one chunk)"] = chunk * chunk * width
-        phases.append(Phase("scoring", parts))
-    parts = dict(during_update)
-    parts["policy activations"] = activation_bytes(policy, micro_batch_tokens, width, checkpointing,
-                                                   image_patches=image_patches, train_vision=not freeze_vision)
-    parts["logits chunk"] = logits_chunk_bytes(policy.vocab, min(logits_chunk, micro_batch_tokens), width)
-    phases.append(Phase("update", parts))
+        chunk = min(disc_row_tokens or tokens, tokens)
+        return {"discriminator activations (one chunk)": activation_bytes(discriminator, chunk, width,
+                                                                          disc_checkpointing),
+                "scoring mask (one chunk)": chunk * chunk * width}
+
+    torch_phases: list[tuple[str, dict[str, int]]] = []   # (name, PyTorch's allocations)
+    if discriminator is not None and warmup_pair_tokens:
+        # the policy has not stepped yet: no policy grads; the discriminator trains on pairs, chunk by chunk
+        torch_phases.append(("warmup", {**resident(False, True), **disc_chunk(warmup_pair_tokens)}))
+    if discriminator is not None and disc_tokens:
+        torch_phases.append(("scoring", {**resident(True, True), **disc_chunk(disc_tokens)}))
+    update = resident(True, True)
+    update["policy activations"] = activation_bytes(policy, micro_batch_tokens, width, checkpointing,
+                                                    image_patches=image_patches, train_vision=not freeze_vision)
+    chunk = min(logits_chunk, micro_batch_tokens)
+    update["logits chunk"] = logits_chunk_bytes(policy.vocab, chunk, width)
+    if entropy:
+        update["entropy buffers (logits chunk)"] = entropy_buffers_bytes(policy.vocab, chunk)
+    if tied_embedding_grad_bytes(policy, width):
+        update["tied embedding grads (embedding + lm_head)"] = tied_embedding_grad_bytes(policy, width)
+    torch_phases.append(("update", update))
+
+    always = {"CUDA context + NCCL": CUDA_CONTEXT_BYTES}
+    between_rollouts = {**always, **({"vLLM asleep": VLLM_ASLEEP_BYTES} if sleeps else {})}
+    notes = []
+    if vllm and not sleeps:
+        between_rollouts["vLLM pool (awake: not slept)"] = pool
+        notes.append("vLLM stays awake through updates: its pool is counted in every phase")
+    phases = [Phase(name, {**between_rollouts, **parts}) for name, parts in torch_phases]
+    if rollout:
+        parts = dict(always)
+        if vllm and sleeps and not rollout.get("empty_cache", True):
+            # the caching allocator still holds the largest reserve of the step (vLLM cannot use it)
+            name, largest = max(((n, sum(p.values())) for n, p in torch_phases), key=lambda x: x[1])
+            parts[f"PyTorch cached reserve (peak of {name}; no empty_cache before the wake)"] = largest
+            notes.append("torch.cuda.empty_cache() does not run before vLLM wakes: PyTorch's reserve stays")
+        else:
+            parts.update(resident(False, False))
+        if vllm:
+            parts[f"vLLM pool ({rollout['fraction']:g} x usable memory)"] = pool
+        else:
+            parts["hf engine KV cache"] = kv_cache_bytes(policy, rollout["tokens"], width)
+        phases.insert(1 if phases[0].name == "warmup" else 0, Phase("rollout", parts))
     return MemoryPlan(stage=stage, backend=backend, world=world, gpu_bytes=gpu_bytes, phases=phases, cpu_bytes=cpu,
                       notes=notes)

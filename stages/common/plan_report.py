@@ -12,15 +12,18 @@ import math
 import os
 
 from prism_cli import console
+from prism_cli import checkpoint
 from prism_cli.checkpoint import CkptSpec
 from prism_cli.errors import PrismError, UsageError
 from stages.common import memory_plan as mp
 from stages.common import shapes
+from stages.common.groups import group_layout
 
 # Assumptions the plan states rather than reads from data (docs/memory-plan.md):
 PROMPT_TOKENS = 2048         # paper: max prompt 2048 (image tokens included)
 IMAGE_TOKENS = 1024          # merged vision tokens per sample (about 1 MP at patch 16, merge 2); patches = 4x
 VLLM_FRACTION = 0.4          # stages.common.rollout.vllm's gpu_memory_utilization
+VLLM_EMPTIES_CACHE = True    # stages.common.rollout.vllm empties PyTorch's cache before every wake
 SFT_LOGITS_CHUNK = 1024      # stages.sft.loss.summed_nll
 RL_LOGITS_CHUNK = 512        # stages.common.logprobs.DEFAULT_CHUNK_TOKENS
 
@@ -69,18 +72,21 @@ def align_shapes(cfg, policy_spec: CkptSpec, disc_source: tuple[str, CkptSpec]):
     return policy_shape(policy_spec), disc
 
 
-def backend_of(name: str) -> str:
-    """The backend a launch uses: as given, or (auto) read from accelerate's launch environment."""
+def backend_of(name: str, world: int = 1) -> str:
+    """The backend a launch of `world` processes uses: as given, or (auto) what the launch itself would detect
+    (stages.common.distributed.detect_backend: PRISM_BACKEND, else accelerate's launch environment, else DDP
+    when there are several processes), so an unknown PRISM_BACKEND is refused here as at launch."""
     if name != "auto":
         return name
-    env = os.environ
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-        offload = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") not in ("", "none")
-        return "offload" if offload else ("zero3" if stage == "3" else "zero2")
-    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "fsdp2"
-    return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "none"
+    from stages.common.distributed import detect_backend
+
+    backend = detect_backend(dict(os.environ, WORLD_SIZE=str(world)))
+    if backend.kind == "deepspeed":
+        if backend.offload_optimizer not in ("", "none") or backend.offload_param not in ("", "none"):
+            return "offload"
+        # ZeRO-0/1 keep whole gradients: planned as DDP (over-counts ZeRO-1's sharded optimizer states)
+        return {3: "zero3", 2: "zero2"}.get(backend.zero_stage, "ddp")
+    return {"single": "none"}.get(backend.kind, backend.kind)
 
 
 def world_of(n: int) -> int:
@@ -105,8 +111,24 @@ def check_plan_options(gpu_memory: str, backend: str, world_size: int) -> int:
     return size
 
 
+def check_output_if_set(cfg, stage: str) -> None:
+    """The launch's --out check (read-only), for a dry run that names an --out. The plan's own options are
+    compared as a launch records them (their defaults), so planning a resume does not look like a change."""
+    if not cfg.out:
+        return
+    import dataclasses
+
+    from prism_cli.config import to_dict
+
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in ("gpu_memory", "backend",
+                                                                                 "world_size")}
+    checkpoint.check_output(cfg.out, stage, to_dict(dataclasses.replace(cfg, **defaults)), cfg.overwrite,
+                            cfg.resume)
+
+
 def _common(cfg) -> dict:
-    return dict(backend=backend_of(cfg.backend), world=world_of(cfg.world_size), width=width_of(cfg.dtype),
+    world = world_of(cfg.world_size)
+    return dict(backend=backend_of(cfg.backend, world), world=world, width=width_of(cfg.dtype),
                 gpu_bytes=mp.parse_size(cfg.gpu_memory), checkpointing=cfg.gradient_checkpointing,
                 freeze_vision=cfg.freeze_vision)
 
@@ -118,27 +140,28 @@ def sft_plan(cfg, policy: mp.ModelShape) -> mp.MemoryPlan:
                             image_patches=4 * IMAGE_TOKENS * cfg.micro_batch_size, **_common(cfg))
 
 
-def _rollout(cfg, engine: str, world: int, prompts: int, sleeps: bool) -> dict:
+def _rollout(cfg, engine: str, prompts_per_rank: int, rollouts_per_rank: int, sleeps: bool) -> dict:
     if engine in ("auto", "vllm"):
-        return {"engine": "vllm", "fraction": VLLM_FRACTION, "sleep": sleeps}
-    per_rank = math.ceil(prompts / world)
+        return {"engine": "vllm", "fraction": VLLM_FRACTION, "sleep": sleeps, "empty_cache": VLLM_EMPTIES_CACHE}
     # the hf engine keeps one prompt KV per group and each row's own generated tokens
-    return {"engine": "hf", "tokens": per_rank * (PROMPT_TOKENS + cfg.rollouts_per_prompt * cfg.max_new_tokens)}
+    return {"engine": "hf", "tokens": prompts_per_rank * (PROMPT_TOKENS + rollouts_per_rank * cfg.max_new_tokens)}
 
 
 def rl_plan(cfg, policy: mp.ModelShape, vllm_sleeps: bool) -> mp.MemoryPlan:
     common = _common(cfg)
     return mp.training_plan(
-        "rl", policy=policy, micro_batch_tokens=cfg.micro_batch_tokens, logits_chunk=RL_LOGITS_CHUNK,
+        "rl", policy=policy, micro_batch_tokens=cfg.micro_batch_tokens, logits_chunk=RL_LOGITS_CHUNK, entropy=True,
         reference=cfg.kl_coef > 0, image_patches=4 * IMAGE_TOKENS * max(1, cfg.micro_batch_tokens //
                                                                           (PROMPT_TOKENS + cfg.max_new_tokens)),
-        rollout=_rollout(cfg, cfg.engine, common["world"], cfg.prompts_per_step, vllm_sleeps), **common)
+        rollout=_rollout(cfg, cfg.engine, math.ceil(cfg.prompts_per_step / common["world"]), cfg.rollouts_per_prompt,
+                         vllm_sleeps), **common)
 
 
 def disc_scoring_tokens(prompts_per_rank: int, rollouts: int, max_new_tokens: int, row_tokens: int) -> int:
     """Tokens one rank's discriminator runs in a game step: each row repeats its group's prompt and holds
-    segments up to the row budget; a response's caption and think together are at most max_new_tokens."""
-    segment_tokens = rollouts * max_new_tokens
+    segments up to the row budget; a response's caption and think together are at most max_new_tokens, and
+    the teacher's pair is scored with every group (or every slice of a split group)."""
+    segment_tokens = (rollouts + 1) * max_new_tokens
     room = max(1, row_tokens - PROMPT_TOKENS)
     rows = math.ceil(segment_tokens / room)
     return prompts_per_rank * (rows * PROMPT_TOKENS + segment_tokens)
@@ -146,22 +169,34 @@ def disc_scoring_tokens(prompts_per_rank: int, rollouts: int, max_new_tokens: in
 
 def align_plan(cfg, policy: mp.ModelShape, disc: mp.ModelShape, vllm_sleeps: bool) -> mp.MemoryPlan:
     common = _common(cfg)
-    per_rank = math.ceil(cfg.prompts_per_step / common["world"])
+    layout = group_layout(cfg.prompts_per_step, cfg.rollouts_per_prompt, common["world"])  # the launch's split
     row = getattr(cfg, "disc_row_tokens", 0) or (PROMPT_TOKENS + cfg.rollouts_per_prompt * cfg.max_new_tokens)
+    # a warmup pair: the prompt, the teacher's and the student's caption + think (each <= max_new_tokens)
+    pair_tokens = PROMPT_TOKENS + 2 * cfg.max_new_tokens if cfg.warmup_steps > 0 else 0
     return mp.training_plan(
-        "align", policy=policy, micro_batch_tokens=cfg.micro_batch_tokens, logits_chunk=RL_LOGITS_CHUNK,
+        "align", policy=policy, micro_batch_tokens=cfg.micro_batch_tokens, logits_chunk=RL_LOGITS_CHUNK, entropy=True,
         image_patches=4 * IMAGE_TOKENS * max(1, cfg.micro_batch_tokens // (PROMPT_TOKENS + cfg.max_new_tokens)),
-        discriminator=disc, disc_tokens=disc_scoring_tokens(per_rank, cfg.rollouts_per_prompt, cfg.max_new_tokens,
-                                                            row),
+        discriminator=disc, disc_tokens=disc_scoring_tokens(layout.prompts_per_rank, layout.rollouts_per_rank,
+                                                            cfg.max_new_tokens, row),
         disc_row_tokens=row, disc_checkpointing=getattr(cfg, "disc_gradient_checkpointing", False),
-        rollout=_rollout(cfg, cfg.engine, common["world"], cfg.prompts_per_step, vllm_sleeps), **common)
+        warmup_pair_tokens=pair_tokens,
+        rollout=_rollout(cfg, cfg.engine, layout.prompts_per_rank, layout.rollouts_per_rank, vllm_sleeps), **common)
 
 
 def print_plan(title: str, plan: mp.MemoryPlan) -> None:
+    """The table, phase by phase, each phase's total and the verdict; a plan that does not fit is refused
+    (one line, exit 1) after the table, as a launch would run out of memory in its peak phase."""
     console.print_table(f"{title}: memory per GPU ({plan.backend} x {plan.world})", ["phase", "what", "size"],
                         plan.rows())
     for note in plan.notes:
         console.out.print(f"note: {note}")
+    console.out.print("peak per phase: " + ", ".join(f"{p.name} {mp.gib(p.total)}" for p in plan.phases))
+    if not plan.fits:
+        peak = plan.peak
+        raise PrismError(f"the memory plan does not fit: its {peak.name} phase needs {mp.gib(peak.total)} of "
+                         f"{mp.gib(plan.gpu_bytes)} per GPU ({plan.backend} x {plan.world})",
+                         hint="more GPUs (--world-size), a sharding backend (zero3, fsdp2), smaller micro-batches, "
+                              "or --gpu-memory of a larger card")
 
 
 def parameter_summary(shape: mp.ModelShape) -> str:

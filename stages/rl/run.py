@@ -42,7 +42,7 @@ def run(cfg: RLConfig) -> Path:
     training.seed_everything(cfg.seed)
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     prompts, data_fp, data_parents, dropped = load_prompts(cfg.data, cfg.max_prompt_chars)
-    if cfg.dry_run:
+    if cfg.dry_run:   # every check a launch runs, at the planned world size, then the memory plan
         return print_plan(cfg, policy_spec, len(prompts))
 
     checkpoint.check_output(cfg.out, "rl", to_dict(cfg), cfg.overwrite, cfg.resume)
@@ -130,7 +130,8 @@ def load_prompts(specs: list[str], max_prompt_chars: int = 0) -> tuple[list[Samp
 
 
 def check_prompts_per_step(prompts_per_step: int, world: int) -> None:
-    """prompts_per_step is the global batch: each of the world processes rolls out an equal share."""
+    """prompts_per_step is the global batch: each of the world processes rolls out an equal share. The launch
+    and --dry-run (at the planned world size) both call this."""
     if prompts_per_step % world:
         raise UsageError(f"prompts_per_step {prompts_per_step} is not divisible by the {world} processes",
                          hint=f"use a multiple of {world}")
@@ -275,6 +276,10 @@ def summarize(records: list[dict]) -> dict:
 
 
 def print_plan(cfg: RLConfig, policy_spec, n_prompts: int) -> None:
+    """--dry-run: the checks a launch runs before loading anything, at the planned world size (--world-size, or
+    the launch's WORLD_SIZE), then the resolved settings and the memory plan."""
+    plan_report.check_output_if_set(cfg, "rl")
+    check_prompts_per_step(cfg.prompts_per_step, plan_report.world_of(cfg.world_size))
     shape = plan_report.policy_shape(policy_spec)
     rollouts = cfg.prompts_per_step * cfg.rollouts_per_prompt
     rows = [

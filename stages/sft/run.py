@@ -16,7 +16,7 @@ import torch
 
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
-from prism_cli.errors import PrismError
+from prism_cli.errors import PrismError, UsageError
 from prism_cli import tracking
 from stages.common import plots, training
 from stages.common.data import Sample
@@ -41,12 +41,13 @@ def run(cfg: SFTConfig) -> Path:
         raise PrismError(f"{len(train_samples)} training samples are fewer than one batch ({cfg.batch_size})",
                          hint="lower --batch-size or add data")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * steps_per_epoch))
-    if cfg.dry_run:
+    if cfg.dry_run:   # every check a launch runs, at the planned world size, then the memory plan
         return print_plan(cfg, policy_spec, mixture, len(train_samples), len(eval_samples), total_steps)
 
     checkpoint.check_output(cfg.out, "sft", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
     accelerator = runtime.accelerator
+    check_batches(cfg, accelerator.num_processes)   # before loading the model and encoding the data
     processor = load_processor(policy_spec, cfg.min_pixels, cfg.max_pixels)
     model = load_policy(policy_spec, dtype=training.MASTER_WEIGHTS_DTYPE, attn=cfg.attn, device=accelerator.device,
                         gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision)
@@ -174,11 +175,17 @@ def collate(items: list[Encoded], packed: bool, pad_id: int) -> dict:
     return pack(items) if packed else pad(items, pad_id)
 
 
-def train_loop(cfg, accelerator, policy, processor, train_set, eval_set, run_dir, start_step, total_steps):
-    rank, world = accelerator.process_index, accelerator.num_processes
+def check_batches(cfg: SFTConfig, world: int) -> None:
+    """batch_size is global: every process runs the same number of micro-batches per step. The launch and
+    --dry-run (at the planned world size) both call this."""
     if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise PrismError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size x processes "
-                         f"({cfg.micro_batch_size} x {world})")
+        raise UsageError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size x processes "
+                         f"({cfg.micro_batch_size} x {world})",
+                         hint=f"use a multiple of {cfg.micro_batch_size * world}")
+
+
+def train_loop(cfg, accelerator, policy, processor, train_set, eval_set, run_dir, start_step, total_steps):
+    rank, world = accelerator.process_index, accelerator.num_processes   # check_batches: divisible
     pad_id = processor.tokenizer.pad_token_id
     packed = use_packing(cfg, policy.module)
     model = policy.model
@@ -261,6 +268,10 @@ def summarize(records: list[dict], train_set: list[Encoded], total_steps: int) -
 
 
 def print_plan(cfg: SFTConfig, policy_spec, mixture: Mixture, n_train: int, n_eval: int, total_steps: int) -> None:
+    """--dry-run: the checks a launch runs before loading anything, at the planned world size (--world-size, or
+    the launch's WORLD_SIZE), then the resolved settings and the memory plan."""
+    plan_report.check_output_if_set(cfg, "sft")
+    check_batches(cfg, plan_report.world_of(cfg.world_size))
     shape = plan_report.policy_shape(policy_spec)
     rows = [
         ["policy", policy_spec.describe()],
