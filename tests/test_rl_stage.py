@@ -34,7 +34,7 @@ def sampled_reward(ckpt, samples, n=8) -> float:
 
 @pytest.fixture(scope="module")
 def probe_prompts():
-    return synth.load(TRAIN, seed=0)[:32]
+    return synth.load(TRAIN, seed=0)[:96]
 
 
 @pytest.fixture(scope="module")
@@ -57,24 +57,29 @@ def reward_before(sft_partial, probe_prompts):
 @pytest.mark.learning
 @pytest.mark.parametrize("algo", ["grpo", "dapo", "gspo"])
 def test_rl_raises_reward(algo, sft_partial, probe_prompts, reward_before, tmp_path):
-    # 2e-4: at 1e-4, once synth's captions named sizes, gspo's paired reward moved 0.208 -> 0.209 in 12 steps
-    # while its training reward rose 0.14 -> 0.28; at 2e-4 grpo / dapo / gspo moved +0.033 / +0.045 / +0.052.
-    lr = 2e-4
+    # The bar and the run are sized by the spread measured across seeds and CPU kernel paths (issue 37: at 12
+    # steps, lr 2e-4 and a 32-prompt probe, gspo rose +0.0195 on an AVX512 machine against a +0.02 bar; the same
+    # setting gave +0.0195 to +0.101 over 7 runs). At 16 steps, lr 4e-4, on 96 prompts x 8 samples, 9 runs (grpo /
+    # dapo / gspo, seeds 0-1 with AVX512 kernels, seed 0 with ATEN_CPU_CAPABILITY=default, whose SFT start itself
+    # differs: 0.234 vs 0.224 before RL) rose +0.050 to +0.123, mean +0.080, sd 0.022. The bar, +0.025, sits
+    # 2.5 sd under that mean; the probe's own noise on a paired difference is about 0.015, so a run that learns
+    # nothing clears it rarely. The exact check that each update follows its surrogate's gradient, on any
+    # machine, is test_one_update_lowers_the_algorithms_own_surrogate.
     out = run_stage(RLConfig, run, algo=algo, ckpt=str(sft_partial), data=[TRAIN], out=str(tmp_path / algo),
-                    steps=12, prompts_per_step=16, rollouts_per_prompt=8, max_new_tokens=96, lr=lr, warmup=1,
+                    steps=16, prompts_per_step=16, rollouts_per_prompt=8, max_new_tokens=96, lr=4e-4, warmup=1,
                     overlong_buffer=16, max_num_gen_batches=3, seed=0)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     after = sampled_reward(str(out / "model"), probe_prompts)
     curve = [round(r["reward/mean"], 3) for r in records]
-    print(f"\n{algo}: paired reward on 32 training prompts x 8: {reward_before:.3f} -> {after:.3f}; "
+    print(f"\n{algo}: paired reward on {len(probe_prompts)} training prompts x 8: {reward_before:.3f} -> {after:.3f}; "
           f"per-step training reward {curve}")
-    assert len(records) == 12
+    assert len(records) == 16
     # Paired: the same prompts and seeds before and after. The per-step curve is printed, not asserted:
     # each step draws different prompts, whose difficulty varies more than 12 steps move the mean (gspo
     # failed a last-4 > first-4 check on one trajectory while its paired reward rose 0.087 -> 0.141).
-    assert after > reward_before + 0.02
+    assert after > reward_before + 0.025
     summary = json.loads((out / "prism.json").read_text())["summary"]
-    assert summary["steps"] == 12 and (out / "reward.png").stat().st_size > 1000
+    assert summary["steps"] == 16 and (out / "reward.png").stat().st_size > 1000
     kept = [r["sampling/groups_kept"] for r in records]
     drawn = [r["sampling/groups_drawn"] for r in records]
     if algo == "dapo":  # dynamic sampling dropped groups whose accuracy was all equal, and drew more to refill
