@@ -75,7 +75,11 @@ class _OtherRankHasImages:
 
     device = torch.device("cpu")
 
+    def __init__(self):
+        self.reductions = 0
+
     def reduce(self, tensor, reduction):
+        self.reductions += 1
         return tensor + 1.0
 
 
@@ -87,14 +91,32 @@ def test_text_only_forward_runs_the_vision_tower_on_a_blank_image_when_another_r
     model = load_policy(tiny_path, dtype=training.MASTER_WEIGHTS_DTYPE)
     ids = torch.randint(10, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     plain = model(input_ids=ids).logits.detach()
-    assert distributed.vision_tower_everywhere(model, distributed.Backend("deepspeed", 2, world=2),
-                                               _OtherRankHasImages()) == 1
+    ranks = _OtherRankHasImages()
+    assert distributed.vision_tower_everywhere(model, distributed.Backend("deepspeed", 2, world=2), ranks) == 1
     out = model(input_ids=ids)
+    assert ranks.reductions == 1
     out.logits.sum().backward()
     assert torch.equal(out.logits.detach(), plain)
     vision = {n: p.grad for n, p in model.named_parameters() if n.startswith("model.visual.")}
     assert vision and all(g is not None and not g.any() for g in vision.values())
     assert any(p.grad is not None and p.grad.any() for n, p in model.named_parameters() if "layers" in n)
+
+
+def test_a_rank_with_images_joins_the_any_images_reduction_too(tiny_path):
+    """Every rank must make the same collective calls: a rank with images reduces the flag as well (it once
+    skipped it, so the ranks' collectives went out of step: gloo 'size 8 vs 4')."""
+    from stages.common import synth
+    from stages.common.chat import rollout_prompt
+    from stages.common.models import load_policy, load_processor
+
+    model, processor = load_policy(tiny_path, dtype=training.MASTER_WEIGHTS_DTYPE), load_processor(tiny_path)
+    prompt = rollout_prompt(synth.load("synth:train:1", seed=0)[0])
+    text = processor.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=prompt.images, return_tensors="pt")
+    ranks = _OtherRankHasImages()
+    distributed.vision_tower_everywhere(model, distributed.Backend("deepspeed", 2, world=2), ranks)
+    model(**inputs)
+    assert ranks.reductions == 1
 
 
 def _accumulated_grad_norm(micro_batches: int) -> float:

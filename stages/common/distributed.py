@@ -313,7 +313,8 @@ def vision_tower_everywhere(model, backend: Backend, accelerator) -> int:
                 return None
             has = kwargs.get("pixel_values") is not None
             flag = torch.tensor([1.0 if has else 0.0], device=accelerator.device)
-            pending["blank"] = not has and accelerator.reduce(flag, reduction="sum").item() > 0
+            any_images = accelerator.reduce(flag, reduction="sum").item() > 0   # on every rank, images or not
+            pending["blank"] = any_images and not has
             return None
 
         def add_blank_image(embedding, args, output, backbone=module, pending=pending):
