@@ -349,3 +349,23 @@ def test_hf_decode_keeps_stepping_while_another_rank_decodes_and_returns_the_sam
     hook.remove()
     assert own < len(forwards) == 1 + params.max_new_tokens - 1     # prefill + every decode step
     assert [[c.token_ids for c in g] for g in stepped] == [[c.token_ids for c in g] for g in alone]
+
+
+def test_replicated_weights_are_copied_to_the_cpu_on_the_main_process_only():
+    """ZeRO-2/DDP replicate the weights: a process other than the main one returns None without copying
+    the whole model to the CPU (before: every rank made a full copy, then dropped it)."""
+    class _Module(torch.nn.Linear):
+        copies = 0
+
+        def state_dict(self, *args, **kwargs):
+            _Module.copies += 1
+            return super().state_dict(*args, **kwargs)
+
+    class _Worker:
+        is_main_process = False
+
+    module = _Module(2, 2)
+    for backend in (distributed.Backend("deepspeed", 2, world=2), distributed.Backend("ddp", world=2)):
+        trained = distributed.Trained(backend, _Worker(), module, None, None, module, "m")
+        assert trained.full_state_dict() is None
+    assert _Module.copies == 0

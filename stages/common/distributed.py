@@ -199,8 +199,12 @@ class Trained:
             sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         elif kind == "deepspeed" and self.backend.zero_stage == 3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
-        else:
+        elif self.accelerator.is_main_process:
+            # replicated weights (single, DDP, ZeRO-0/1/2): the main process's copy is the model; the others
+            # copied the whole model to the CPU for nothing (a full CPU copy per GPU at 4B+)
             sd = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        else:
+            return None
         return sd if self.accelerator.is_main_process else None
 
     def save(self, directory: Path) -> None:
