@@ -222,7 +222,7 @@ def warmup(cfg, accelerator, policy, engine, disc, disc_processor, samples, run_
     n_held = int(round(cfg.warmup_holdout * len(pairs))) if len(pairs) > 1 else 0
     held, train = pairs[:n_held], pairs[n_held:]
     rank, world = accelerator.process_index, accelerator.num_processes
-    # the game's token budget, planned as the game's: every process runs the largest process's chunk count
+    # the game's token budget, and as many scoring chunks on every process as on the busiest
     budget = dict(max_row_tokens=cfg.disc_row_tokens, global_chunks=training.count_sync(accelerator))
     before = pairwise_accuracy(disc.model, disc_processor, held, layout=cfg.disc_layout, **budget) if held else None
     with console.progress("discriminator warmup", total=cfg.warmup_steps) as bar:
