@@ -5,6 +5,8 @@ ppo: two clipped policy updates (stages.common.ppo) of the tiny model on hand-ma
 responses of unequal lengths, one group text-only. Process r of w takes groups r, r + w, ...; with a
 small token budget the processes run different numbers of micro-batches (the long groups are on
 process 0, the text-only group on process 1), which is what the global micro-batch plan must absorb.
+PPO_EMPTY_RANK=r: process r gets no group at all (DAPO's dynamic sampling can leave one so) and the
+others share all four.
 Writes OUT_DIR/stats.json (per-update statistics) and OUT_DIR/weights.safetensors (main process).
 """
 
@@ -34,7 +36,7 @@ RESPONSES = [  # (group, text): groups 0 and 2 long, 1 and 3 short
 ]
 
 
-def ppo(out: Path) -> None:
+def ppo(out: Path, runtime=None) -> None:
     from safetensors.torch import save_file
 
     from stages.common import synth, tiny, training
@@ -44,7 +46,7 @@ def ppo(out: Path) -> None:
     from stages.common.ppo import PPOSettings, ppo_update
     from stages.common.rollout.base import Completion
 
-    runtime = training.make_runtime()
+    runtime = runtime or training.make_runtime()
     accelerator = runtime.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
     path = tiny.ensure("tiny")
@@ -66,14 +68,17 @@ def ppo(out: Path) -> None:
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, -1.5, 1.5, 0.8, -0.8])
 
     mine = [g for g in range(4) if g % world == rank]
+    if os.environ.get("PPO_EMPTY_RANK") and world > 1:   # DAPO left one process without a group
+        mine = [] if rank == int(os.environ["PPO_EMPTY_RANK"]) else list(range(4))
     rows = [i for i, g in enumerate(group_of) if g in mine]
     settings = PPOSettings(micro_batch_tokens=int(os.environ.get("PPO_TOKENS", "160")), clip_high=0.28,
-                           mini_batches=1, shared_prefix=os.environ.get("PPO_SHARED_PREFIX", "1") == "1")
+                           mini_batches=1, shared_prefix=os.environ.get("PPO_SHARED_PREFIX", "1") == "1",
+                           logprob_chunk_tokens=int(os.environ.get("PPO_LOGPROB_CHUNK", "512")))
     stats = []
     for _ in range(2):
         stats.append(ppo_update(settings, accelerator, policy, processor, [prompts[g] for g in mine],
                                 [completions[i] for i in rows], [mine.index(group_of[i]) for i in rows],
-                                advantages[rows]))
+                                advantages[rows], filler=(prompts[0], completions[0])))
     weights = policy.full_state_dict()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -81,10 +86,94 @@ def ppo(out: Path) -> None:
                                                     "world": world}))
         save_file({k: v.float().contiguous() for k, v in weights.items()}, str(out / "weights.safetensors"))
     accelerator.wait_for_everyone()
+
+
+# disc: per group [teacher caption, teacher think, 2 student captions, 2 student thinks]; groups 0 and 2 (process
+# 0 of 2) long, 1 and 3 short, so under a small row budget the processes score different numbers of chunks.
+LONG = "the red square sits left of two blue circles and a green triangle on a white ground; " * 2
+DISC_GROUPS = [
+    [LONG, "count the circles one by one: one, two. " * 3, LONG[:80], "two circles", LONG[40:], "one, two: 2"],
+    ["a square", "two", "shapes", "", "2", "three"],
+    [LONG[::-1], "three triangles in a row, then a star: three. " * 3, "triangles", LONG[:60], "3", "count: 3"],
+    ["stars", "4", "a star", "blue", "four", ""],
+]
+
+
+def disc(out: Path, runtime=None) -> None:
+    """Two discriminator steps of the align objective (stages.align.objective) on DISC_GROUPS, scored under the
+    token budget DISC_ROW_TOKENS (several chunks per process, unequal counts over processes), backpropagated
+    by ScoreResult.backward through the backend. Writes stats.json and weights.safetensors like ppo."""
+    from functools import partial
+
+    from safetensors.torch import save_file
+
+    from stages.align.objective import GroupScores, discriminator_objective
+    from stages.align.scoring import score_groups
+    from stages.common import synth, tiny, training
+    from stages.common.chat import rollout_prompt
+    from stages.common.discriminator import aux_loss_coef, upcycle
+    from stages.common.models import load_processor
+
+    runtime = runtime or training.make_runtime()
+    accelerator = runtime.accelerator
+    rank, world = accelerator.process_index, accelerator.num_processes
+    path = tiny.ensure("tiny")
+    processor = load_processor(path)
+    # the router aux loss is a per-process statistic (it does not split over processes); 0 keeps the maths equal
+    model = upcycle(path, seed=1, value_head_std=0.1, aux_loss_coef=float(os.environ.get("DISC_AUX", "0")))
+    model.train()
+    trained = runtime.prepare(model, lambda m: training.build_optimizer(m, 1e-3, 0.01),
+                              lambda opt: training.build_scheduler(opt, "constant", 0, 10), max_grad_norm=1.0,
+                              name="discriminator")
+    samples = synth.load("synth:train:4", seed=0)
+    prompts = [rollout_prompt(s) for s in samples]
+    mine = [g for g in range(4) if g % world == rank]
+    budget = int(os.environ.get("DISC_ROW_TOKENS", "0")) or None
+    stats = []
+    for _ in range(2):
+        result = score_groups(trained.model, processor, [prompts[g] for g in mine], [DISC_GROUPS[g] for g in mine],
+                              "shared", output_router_logits=True, max_row_tokens=budget,
+                              global_chunks=partial(training.global_max, accelerator))
+        s = torch.stack(result.scores)
+        terms = discriminator_objective(
+            GroupScores(s[:, 0], s[:, 1], s[:, 2:4], s[:, 4:6], torch.ones(len(mine), 2, dtype=torch.bool),
+                        result.aux_loss), score_reg=0.01, clip=10.0, aux_coef=aux_loss_coef(trained.module))
+        result.backward(terms.loss, trained)
+        chunks = len(result.replay.sizes) if result.replay is not None else 1
+        stats.append({"loss": training.global_sum(accelerator, float(terms.loss.detach())) / world,
+                      "grad_norm": trained.step(1.0),
+                      "chunks": [int(c) for c in accelerator.gather(torch.tensor([chunks])).tolist()]})
+    weights = trained.full_state_dict()
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "stats.json").write_text(json.dumps({"stats": stats, "backend": runtime.backend.name,
+                                                    "world": world}))
+        save_file({k: v.float().contiguous() for k, v in weights.items()}, str(out / "weights.safetensors"))
+    accelerator.wait_for_everyone()
+
+
+def regime(out: Path) -> None:
+    """disc then ppo in one process (one interpreter start and one process group for both: the suite's cost is
+    mostly starting torch and DeepSpeed), into OUT_DIR/disc and OUT_DIR/ppo."""
+    from stages.common import training
+
+    runtime = training.make_runtime()
+    disc(out / "disc", runtime)
+    ppo(out / "ppo", runtime)
+    runtime.accelerator.end_training()
+
+
+def main(mode: str, out: Path) -> None:
+    from stages.common import training
+
+    if mode == "regime":
+        return regime(out)
+    runtime = training.make_runtime()
+    {"ppo": ppo, "disc": disc}[mode](out, runtime)
     # Tear the process group down as the stages do: a rank that exits with it alive can abort in a C++
     # destructor ("terminate called without an active exception", SIGABRT; seen once under ZeRO-3).
-    accelerator.end_training()
+    runtime.accelerator.end_training()
 
 
 if __name__ == "__main__":
-    {"ppo": ppo}[sys.argv[1]](Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]))

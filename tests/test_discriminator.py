@@ -81,7 +81,7 @@ def test_upcycle_copies_dense_tensors_and_noises_experts(tiny_path, moe_disc):
 
 def test_forward_values_and_router_aux_loss(moe_disc, prompt_inputs):
     out = moe_disc(**prompt_inputs, output_router_logits=True)
-    assert out.values.shape == prompt_inputs["input_ids"].shape and out.values.dtype == torch.float32
+    assert out.token_values.shape == prompt_inputs["input_ids"].shape and out.token_values.dtype == torch.float32
     assert out.aux_loss is not None and out.aux_loss.requires_grad and out.aux_loss.item() > 0
     assert len(out.router_logits) == moe_disc.config.text_config.num_hidden_layers
     assert aux_loss_coef(moe_disc) == pytest.approx(0.01)
@@ -124,7 +124,7 @@ def test_dense_ablation_round_trips(tmp_path, processor, prompt_inputs):
     disc = upcycle("tiny", dense=True)
     assert type(disc) is Qwen3VLDiscriminator and aux_loss_coef(disc) == 0.0
     out = disc(**prompt_inputs, output_router_logits=True)
-    assert out.values.shape == prompt_inputs["input_ids"].shape and out.aux_loss is None
+    assert out.token_values.shape == prompt_inputs["input_ids"].shape and out.aux_loss is None
     save_discriminator(disc, processor, tmp_path)
     loaded = load_discriminator(tmp_path, device=torch.device("cpu"))
     assert type(loaded) is Qwen3VLDiscriminator

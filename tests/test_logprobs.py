@@ -124,6 +124,47 @@ def test_chunked_gradient_equals_full_gradient():
     assert torch.isfinite(grads[1]).all()
 
 
+def test_chunk_count_can_be_raised_to_the_global_count_without_changing_anything():
+    """ZeRO-3 gathers lm_head on every call, forward and (checkpoint) backward: a process with fewer tokens
+    calls it as often as the busiest (n_chunks), with the same values and gradients as its own count."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    calls = []
+    head.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    hidden = torch.randn(9, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (9,))
+    results = {}
+    for n_chunks in (None, 5):
+        calls.clear()
+        hidden.grad, head.weight.grad = None, None
+        logp, _ = chunked_token_logprobs(head, hidden, targets, 1.0, None, chunk_size=4, n_chunks=n_chunks)
+        (logp * torch.linspace(-1, 1, 9)).sum().backward()
+        results[n_chunks] = (logp.detach(), hidden.grad.clone(), head.weight.grad.clone(), list(calls))
+    own, raised = results[None], results[5]
+    assert len(own[3]) == 2 * 3                    # ceil(9 / 4) chunks, each recomputed once in backward
+    assert len(raised[3]) == 2 * 5
+    for a, b in zip(own[:3], raised[:3]):
+        assert torch.equal(a, b)
+
+
+def test_sft_nll_without_targets_still_calls_lm_head_as_often_as_the_other_processes(tiny_path):
+    """A micro-batch with no target token (all prompt) skipped lm_head, while another rank called it."""
+    from stages.common.models import load_policy
+    from stages.sft.data import IGNORE
+    from stages.sft.loss import summed_nll
+
+    model = load_policy(tiny_path, train=True)
+    calls = []
+    model.get_output_embeddings().register_forward_hook(lambda m, i, o: calls.append(1))
+    ids = torch.randint(10, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "targets": torch.full_like(ids, IGNORE)}
+    nll, n = summed_nll(model, batch, chunk_size=4, global_chunks=lambda local: 3)
+    nll.backward()
+    assert n == 0 and float(nll.detach()) == 0.0 and len(calls) >= 3         # 3 forward calls (+ recomputes)
+    calls.clear()
+    assert summed_nll(model, batch, chunk_size=4, global_chunks=lambda local: local)[1] == 0 and calls == [1]
+
+
 def test_model_gradient_chunked_equals_full(policy):
     model, processor = policy
     batch = build_policy_batch(processor, two_prompts(), [[21, 22, 23], [24, 25, 26, 27]], [0, 1])

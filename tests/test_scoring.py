@@ -49,7 +49,7 @@ def _single_sequence_score(disc, processor, prompt, segment):
     ids = torch.cat([enc.input_ids, seg])[None]
     mm = torch.cat([enc.mm_token_type_ids, torch.zeros_like(seg)])[None]
     out = disc(input_ids=ids, mm_token_type_ids=mm, pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw)
-    return out.values[0, -1]
+    return out.token_values[0, -1]
 
 
 def test_shared_layout_mask_blocks():

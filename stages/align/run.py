@@ -26,7 +26,7 @@ from prism_cli.errors import PrismError, UsageError
 from stages.align import advantage as prism_adv
 from stages.align.config import AlignConfig
 from stages.align.objective import GroupScores, discriminator_objective
-from stages.align.scoring import PreferencePair, pair_loss, pairwise_accuracy, score_groups
+from stages.align.scoring import PreferencePair, ScoreResult, pair_loss, pairwise_accuracy, score_groups
 from prism_cli import tracking
 from stages.common import distributed, plots, training
 from stages.common.chat import problem_messages, rollout_prompt
@@ -104,9 +104,9 @@ def run(cfg: AlignConfig) -> Path:
             with timer.phase("rollout"):
                 completions = collect_rollouts(cfg, layout, accelerator, policy, engine, batch, step)
             with timer.phase("score"):
-                scores, rewards = score_rollouts(cfg, disc, disc_processor, batch, completions)
+                scores, rewards, scored = score_rollouts(cfg, disc, disc_processor, batch, completions)
             with timer.phase("disc_update"):
-                d_metrics = discriminator_update(cfg, disc, scores)
+                d_metrics = discriminator_update(cfg, disc, scores, scored)
             with timer.phase("policy_update"):
                 advantages, update = policy_update(cfg, layout, accelerator, policy, processor, batch, completions,
                                                    scores.detached(), rewards)
@@ -224,21 +224,23 @@ def warmup(cfg, accelerator, policy, engine, disc, disc_processor, samples, run_
     n_held = int(round(cfg.warmup_holdout * len(pairs))) if len(pairs) > 1 else 0
     held, train = pairs[:n_held], pairs[n_held:]
     rank, world = accelerator.process_index, accelerator.num_processes
-    before = pairwise_accuracy(disc.model, disc_processor, held, layout=cfg.disc_layout) if held else None
+    # the game's token budget, and as many scoring chunks on every process as on the busiest
+    budget = dict(max_row_tokens=cfg.disc_row_tokens, global_chunks=training.count_sync(accelerator))
+    before = pairwise_accuracy(disc.model, disc_processor, held, layout=cfg.disc_layout, **budget) if held else None
     with console.progress("discriminator warmup", total=cfg.warmup_steps) as bar:
         for step in range(cfg.warmup_steps):
             start = (step * cfg.warmup_batch) % max(len(train), 1)
             batch = [train[(start + i) % len(train)] for i in range(cfg.warmup_batch)][rank::world]
-            loss, metrics = pair_loss(disc.model, disc_processor, batch, layout=cfg.disc_layout,
-                                      score_l2_coef=cfg.score_reg, clip=cfg.score_clip)
-            disc.backward(loss)  # mean over this process's pairs; the backend averages the processes
+            loss, metrics, scored = pair_loss(disc.model, disc_processor, batch, layout=cfg.disc_layout,
+                                              score_l2_coef=cfg.score_reg, clip=cfg.score_clip, **budget)
+            scored.backward(loss, disc)  # mean over this process's pairs; the backend averages the processes
             grad_norm = disc.step(cfg.max_grad_norm)
             record = {"phase": "warmup", "warmup_step": step + 1, "step": 0, **{f"warmup/{k}": v for k, v in
                                                                                   metrics.items()},
                       "warmup/grad_norm": grad_norm}
             run_dir.log_metrics(record)
             bar.advance(status=f"loss {metrics['loss']:.3f}")
-    after = pairwise_accuracy(disc.model, disc_processor, held, layout=cfg.disc_layout) if held else None
+    after = pairwise_accuracy(disc.model, disc_processor, held, layout=cfg.disc_layout, **budget) if held else None
     summary = {"phase": "warmup_done", "step": 0, "warmup/pairs": len(pairs), "warmup/held_out": len(held)}
     if after is not None:
         summary.update({"warmup/heldout_acc_caption_before": before["caption"],
@@ -334,10 +336,12 @@ def collect_rollouts(cfg: AlignConfig, layout: GroupLayout, accelerator, policy,
         seed=cfg.seed * 1_000_003 + step * 1009 + accelerator.process_index))
 
 
-def score_rollouts(cfg: AlignConfig, disc, disc_processor, batch, completions) -> tuple[GroupScores, dict]:
+def score_rollouts(cfg: AlignConfig, disc, disc_processor, batch, completions
+                   ) -> tuple[GroupScores, dict, ScoreResult]:
     """Parse every rollout and score teacher + rollout captions and thinks, one group per prompt; and the
     verifiable reward of every rollout, {"acc", "score"} [G, n] (stages.common.rewards with the config's
-    weights; reported, and used by the acc-gated / rlvr-mixed variants).
+    weights; reported, and used by the acc-gated / rlvr-mixed variants). The ScoreResult backpropagates
+    the discriminator's loss (its scoring chunks re-run, as many on every process).
 
     Segment order per group: [teacher caption, teacher think, caption_1..n, think_1..n] (n: this process's
     rollouts of the group)."""
@@ -346,7 +350,8 @@ def score_rollouts(cfg: AlignConfig, disc, disc_processor, batch, completions) -
     segments = [[sample.teacher.caption, sample.teacher.think] + [p.caption or "" for p in group]
                 + [p.think or "" for p in group] for (sample, _), group in zip(batch, parsed)]
     result = score_groups(disc.model, disc_processor, [p for _, p in batch], segments, cfg.disc_layout,
-                          output_router_logits=True, max_row_tokens=cfg.disc_row_tokens)
+                          output_router_logits=True, max_row_tokens=cfg.disc_row_tokens,
+                          global_chunks=training.count_sync(disc.accelerator))
     scores = torch.stack(result.scores)                        # [G, 2 + 2n], with grad to the discriminator
     verifiable = [[compute_score(c.text, sample.answer, sample.choices, acc_weight=cfg.acc_weight,
                                  format_weight=cfg.format_weight) for c in group]
@@ -356,15 +361,16 @@ def score_rollouts(cfg: AlignConfig, disc, disc_processor, batch, completions) -
     return GroupScores(teacher_caption=scores[:, 0], teacher_think=scores[:, 1],
                        student_caption=scores[:, 2:2 + n], student_think=scores[:, 2 + n:],
                        format_ok=torch.tensor([[p.format_ok for p in group] for group in parsed]),
-                       aux_loss=result.aux_loss, tokens=result.num_tokens), rewards
+                       aux_loss=result.aux_loss, tokens=result.num_tokens), rewards, result
 
 
-def discriminator_update(cfg: AlignConfig, disc, scores: GroupScores) -> dict:
+def discriminator_update(cfg: AlignConfig, disc, scores: GroupScores, scored: ScoreResult) -> dict:
     """One step of the discriminator objective (stages.align.objective) on this step's scores."""
     terms = discriminator_objective(scores, score_reg=cfg.score_reg, clip=cfg.score_clip,
                                     aux_coef=aux_loss_coef(disc.module))
-    disc.backward(terms.loss)
-    return {**terms.metrics("d/"), "d/grad_norm": disc.step(cfg.max_grad_norm), "d/lr": disc.lr}
+    scored.backward(terms.loss, disc)
+    return {**terms.metrics("d/"), "d/chunks": scored.num_chunks, "d/grad_norm": disc.step(cfg.max_grad_norm),
+            "d/lr": disc.lr}
 
 
 def policy_update(cfg: AlignConfig, layout: GroupLayout, accelerator, policy, processor, batch, completions,

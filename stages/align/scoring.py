@@ -33,8 +33,9 @@ discriminator loss applies. `warmup_step` / `pairwise_accuracy` are the Bradley-
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -115,17 +116,37 @@ def encode_segment(tokenizer, text: str | None, max_tokens: int | None = None) -
 class ScoreResult:
     """scores: one float32 tensor per prompt group (in segment order). aux_loss: the router aux loss of
     the forward (MoE with output_router_logits), unscaled. num_tokens: real tokens run through the
-    backbone; num_padded_tokens: batch rows x row length."""
+    backbone; num_padded_tokens: batch rows x row length; num_chunks: forwards this process ran for them
+    (without the repeats that match another process's count)."""
 
     scores: list[torch.Tensor]
     aux_loss: torch.Tensor | None = None
     num_tokens: int = 0
     num_padded_tokens: int = 0
     num_rows: int = 0
+    num_chunks: int = 1
+    replay: "_Replay | None" = None
 
     @property
     def flat(self) -> torch.Tensor:
         return torch.cat(self.scores) if self.scores else torch.zeros(0)
+
+    def backward(self, loss: torch.Tensor, trained=None) -> None:
+        """Backpropagate `loss` (a function of these scores and aux_loss) into the discriminator, as one
+        optimizer step's gradient. trained: a stages.common.distributed.Trained (its accumulate/backward, so
+        each backward is an accumulation micro-step of its backend); None: a plain loss.backward().
+
+        Scored in one forward (every process ran a single chunk): the loss's own backward. Scored in chunks:
+        the gradient of the loss with respect to the scores is taken first, then every chunk is re-run with
+        its graph and backpropagated with its slice of that gradient, one top-level backward per chunk
+        (gradient sync on the last only), as many as every other process runs (repeats of chunk 0 with
+        weight 0). Each parameter is thus reduced once per step under DDP/ZeRO/FSDP2, and sharded
+        parameters are gathered in lockstep."""
+        if self.replay is None:
+            with _accumulate(trained, last=True):
+                _backward(trained, loss)
+        else:
+            self.replay.backward(loss, trained)
 
 
 def _model_device_dtype(disc) -> tuple[torch.device, torch.dtype]:
@@ -139,7 +160,8 @@ def _backbone(disc):
 
 def score_groups(disc, processor, prompts: Sequence[Any], segments: Sequence[Sequence[str | None]],
                  layout: str = "shared", *, text_only: bool | None = None, output_router_logits: bool = False,
-                 max_segment_tokens: int | None = None, max_row_tokens: int | None = None) -> ScoreResult:
+                 max_segment_tokens: int | None = None, max_row_tokens: int | None = None,
+                 global_chunks: Callable[[int], int] | None = None) -> ScoreResult:
     """Score every segment of every prompt group: segments[g] are the texts scored against prompts[g].
 
     text_only: withhold images (default: the discriminator's own text_only flag; a text-only
@@ -147,7 +169,11 @@ def score_groups(disc, processor, prompts: Sequence[Any], segments: Sequence[Seq
     split over rows of at most that many tokens (each repeats the prompt; a row's mask is t x t), and rows
     run in chunks of at most that many padded tokens; with gradients, backward re-runs one chunk at a time,
     so memory is bounded by the budget however long the group is (stages.common.memory_plan).
-    Gradients flow to the discriminator's parameters unless called under torch.no_grad().
+    global_chunks(n): the number of chunks every process runs, given this process's n (the largest over the
+    processes; None: one process). A process with fewer runs repeats, so sharded parameters (FSDP2,
+    ZeRO-3) are gathered as often on every rank.
+    With gradients enabled, backpropagate with `ScoreResult.backward(loss)` (it re-runs the chunks; a plain
+    loss.backward() raises when the scores were chunked).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown scoring layout {layout!r}; use one of {', '.join(LAYOUTS)}")
@@ -162,7 +188,7 @@ def score_groups(disc, processor, prompts: Sequence[Any], segments: Sequence[Seq
     seg_ids = [[encode_segment(processor.tokenizer, s, max_segment_tokens) for s in group] for group in segments]
     if layout == "separate":
         return _score_separate(disc, processor, encoded, seg_ids, output_router_logits)
-    return _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_row_tokens)
+    return _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_row_tokens, global_chunks)
 
 
 def score_segments(disc, processor, prompt: Any, segments: Sequence[str | None], layout: str = "shared",
@@ -206,7 +232,7 @@ def _score_separate(disc, processor, encoded, seg_ids, output_router_logits) -> 
                image_grid_thw=grid.to(device) if grid is not None else None,
                output_router_logits=output_router_logits)
     last = torch.tensor(lengths, device=device) - 1
-    flat = out.values[torch.arange(len(rows), device=device), last]
+    flat = out.token_values[torch.arange(len(rows), device=device), last]
     sizes = [len(group) for group in seg_ids]
     return ScoreResult(scores=list(torch.split(flat, sizes)), aux_loss=out.aux_loss, num_tokens=sum(lengths),
                        num_padded_tokens=len(rows) * width, num_rows=len(rows))
@@ -316,45 +342,82 @@ def _shared_inputs(disc, processor, rows: list[_Row], seg_ids, prompt_pos_cache:
     return inputs, last_index
 
 
-class _ChunkedScores(torch.autograd.Function):
-    """Scores of every chunk computed without a graph; backward re-runs one chunk at a time with its slice of
-    the incoming gradient, so a step holds one chunk's activations however long the group is (the same
-    trade as activation checkpointing: one more forward per chunk). `anchor` is a scalar leaf that only
-    puts this node on the graph; the discriminator's gradients accumulate into its parameters."""
+class _ReplayOnly(torch.autograd.Function):
+    """Identity on scores that were computed without a graph. Its backward passes the gradient on only inside
+    ScoreResult.backward (which then re-runs the chunks); anywhere else it raises, so a plain loss.backward()
+    cannot silently leave the discriminator without gradients."""
 
     @staticmethod
-    def forward(ctx, anchor, run_chunk, n_chunks, weights):
-        with torch.no_grad():
-            outs = [run_chunk(i) for i in range(n_chunks)]
-        ctx.run_chunk, ctx.sizes, ctx.weights = run_chunk, [len(o[0]) for o in outs], weights
-        scores = torch.cat([o[0] for o in outs])
-        auxes = [o[1] for o in outs]
-        aux = (sum(w * a for w, a in zip(weights, auxes)) if all(a is not None for a in auxes)
-               else torch.zeros((), device=scores.device))
-        return scores, aux
+    def forward(ctx, scores, replay):
+        ctx.replay = replay
+        return scores.clone()
 
     @staticmethod
-    def backward(ctx, grad_scores, grad_aux):
-        offset = 0
-        for i, size in enumerate(ctx.sizes):
-            with torch.enable_grad():
-                scores, aux = ctx.run_chunk(i)
-                loss = (scores * grad_scores[offset:offset + size]).sum()
+    def backward(ctx, grad):
+        if not ctx.replay.active:
+            raise RuntimeError("these scores were computed in chunks without a graph: backpropagate with "
+                               "ScoreResult.backward(loss), which re-runs the chunks")
+        return grad, None
+
+
+@dataclass
+class _Replay:
+    """What ScoreResult.backward needs to re-run a chunked scoring with gradients (see there)."""
+
+    run_chunk: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]
+    sizes: list[int]            # scores per real chunk, in the order the chunks ran
+    weights: list[float]        # each real chunk's share of the aux loss
+    n_global: int               # chunks every process runs (the real ones, then repeats of chunk 0)
+    scores_leaf: torch.Tensor
+    aux_leaf: torch.Tensor | None
+    active: bool = False
+
+    def backward(self, loss: torch.Tensor, trained) -> None:
+        inputs = [self.scores_leaf] + ([self.aux_leaf] if self.aux_leaf is not None else [])
+        self.active = True
+        try:
+            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        finally:
+            self.active = False
+        grad_scores = grads[0] if grads[0] is not None else torch.zeros_like(self.scores_leaf)
+        grad_aux = grads[1] if len(grads) > 1 else None
+        offsets = [0] + torch.tensor(self.sizes).cumsum(0).tolist()
+        for i in range(self.n_global):
+            real = i < len(self.sizes)
+            c = i if real else 0
+            with _accumulate(trained, last=i == self.n_global - 1):
+                scores, aux = self.run_chunk(c)
+                surrogate = (scores * grad_scores[offsets[c]:offsets[c + 1]]).sum()
                 if aux is not None and grad_aux is not None:
-                    loss = loss + ctx.weights[i] * aux * grad_aux
-            torch.autograd.backward(loss)
-            offset += size
-        return None, None, None, None
+                    surrogate = surrogate + self.weights[c] * aux * grad_aux
+                _backward(trained, surrogate if real else surrogate * 0.0)
 
 
-def _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_row_tokens) -> ScoreResult:
+def _accumulate(trained, last: bool):
+    return trained.accumulate(last=last) if trained is not None else nullcontext()
+
+
+def _backward(trained, loss: torch.Tensor) -> None:
+    if trained is not None:
+        trained.backward(loss)
+    else:
+        loss.backward()
+
+
+def _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_row_tokens,
+                  global_chunks) -> ScoreResult:
     """Shared layout; with max_row_tokens, rows of at most that many tokens run in chunks of at most that
-    many (padded) tokens, so neither the [t, t] masks nor the activations grow with the group."""
+    many (padded) tokens, so neither the [t, t] masks nor the activations grow with the group.
+
+    Long because it holds both ways of running the chunks: one forward with its graph when every process
+    runs a single chunk, else every chunk without a graph (padded to the global count) plus the replay
+    that ScoreResult.backward runs."""
     device, _ = _model_device_dtype(disc)
     rows = _pack_rows(encoded, seg_ids, max_row_tokens)
     if not rows:
         return ScoreResult(scores=[torch.zeros(0, device=device) for _ in encoded])
     chunks = _chunk_rows(rows, max_row_tokens)
+    n_global = global_chunks(len(chunks)) if global_chunks is not None else len(chunks)
     prompt_pos_cache: dict[int, torch.Tensor] = {}
     located = []   # per chunk: (group, segment) of each score it returns
 
@@ -365,20 +428,28 @@ def _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_r
         col_idx = torch.tensor([x[1] for x in last_index], device=device)
         if len(located) <= c:
             located.append([(x[2], x[3]) for x in last_index])
-        return out.values[row_idx, col_idx], out.aux_loss
+        return out.token_values[row_idx, col_idx], out.aux_loss
 
     tokens = [sum(rows[r].length for r in chunk) for chunk in chunks]
     weights = [t / sum(tokens) for t in tokens]   # aux loss: token-weighted mean over chunks
     with_grad = torch.is_grad_enabled() and any(p.requires_grad for p in disc.parameters())
-    if len(chunks) > 1 and with_grad:
-        anchor = torch.zeros((), device=device, requires_grad=True)
-        flat, aux = _ChunkedScores.apply(anchor, run_chunk, len(chunks), weights)
-        aux = aux if output_router_logits and _is_moe(disc) else None
+    replay = None
+    if with_grad and n_global == 1:
+        outs = [run_chunk(0)]   # the graph is kept: the loss's own backward reaches the parameters
     else:
-        outs = [run_chunk(c) for c in range(len(chunks))]
-        flat = torch.cat([o[0] for o in outs])
-        auxes = [o[1] for o in outs]
-        aux = sum(w * a for w, a in zip(weights, auxes)) if all(a is not None for a in auxes) else None
+        with torch.no_grad():
+            outs = [run_chunk(c) for c in range(len(chunks))]
+            for _ in range(n_global - len(chunks)):
+                run_chunk(0)    # another process runs more chunks; sharded parameters gather in lockstep
+    flat = torch.cat([o[0] for o in outs])
+    auxes = [o[1] for o in outs]
+    aux = sum(w * a for w, a in zip(weights, auxes)) if all(a is not None for a in auxes) else None
+    if with_grad and n_global > 1:
+        leaf = flat.detach().requires_grad_()
+        aux_leaf = aux.detach().requires_grad_() if aux is not None else None
+        replay = _Replay(run_chunk, [len(o[0]) for o in outs], weights, n_global, leaf, aux_leaf)
+        flat = _ReplayOnly.apply(leaf, replay)
+        aux = _ReplayOnly.apply(aux_leaf, replay) if aux_leaf is not None else None
     # put every score back in (group, segment) order
     where = [gs for chunk in located for gs in chunk]
     order = sorted(range(len(where)), key=lambda j: where[j])
@@ -387,7 +458,8 @@ def _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_r
     widths = [max(rows[r].length for r in chunk) for chunk in chunks]
     return ScoreResult(scores=list(torch.split(flat, sizes)), aux_loss=aux,
                        num_tokens=sum(row.length for row in rows),
-                       num_padded_tokens=sum(len(c) * w for c, w in zip(chunks, widths)), num_rows=len(rows))
+                       num_padded_tokens=sum(len(c) * w for c, w in zip(chunks, widths)), num_rows=len(rows),
+                       num_chunks=len(chunks), replay=replay)
 
 
 def _is_moe(disc) -> bool:
@@ -417,10 +489,12 @@ def _pair_scores(disc, processor, pairs: Sequence[PreferencePair], layout: str, 
 
 
 def pair_loss(disc, processor, pairs: Sequence[PreferencePair], *, layout: str = "shared",
-              score_l2_coef: float = 0.0, clip: float = SCORE_CLIP, **score_kwargs) -> tuple[torch.Tensor, dict]:
+              score_l2_coef: float = 0.0, clip: float = SCORE_CLIP, **score_kwargs
+              ) -> tuple[torch.Tensor, dict, ScoreResult]:
     """The pairwise Bradley-Terry objective on (teacher, student) pairs, for the caller to backward:
     BT(caption) + BT(think) + aux_coef * router aux loss (+ score_l2_coef * mean squared score over the
-    four score sets), scores clipped to [-clip, clip]. Returns (loss, float metrics)."""
+    four score sets), scores clipped to [-clip, clip]. score_kwargs go to score_groups (max_row_tokens,
+    global_chunks). Returns (loss, float metrics, the ScoreResult whose backward(loss) backpropagates)."""
     raw, result = _pair_scores(disc, processor, pairs, layout, output_router_logits=True, **score_kwargs)
     # a pair is a group of one response; the objective is the game's (stages.align.objective)
     terms = discriminator_objective(
@@ -431,8 +505,8 @@ def pair_loss(disc, processor, pairs: Sequence[PreferencePair], *, layout: str =
         metrics = {"loss": float(loss), "bt_caption": terms.bt_caption, "bt_think": terms.bt_think,
                    "aux_loss": terms.aux_loss, "acc_caption": terms.acc_caption, "acc_think": terms.acc_think,
                    "score_teacher": float(raw[:, :2].mean()), "score_student": float(raw[:, 2:].mean()),
-                   "tokens": result.num_tokens}
-    return loss, metrics
+                   "tokens": result.num_tokens, "chunks": result.num_chunks}
+    return loss, metrics, result
 
 
 def warmup_step(disc, optimizer, pairs: Sequence[PreferencePair], processor, *, layout: str = "shared",
@@ -442,9 +516,9 @@ def warmup_step(disc, optimizer, pairs: Sequence[PreferencePair], processor, *, 
     same objective through accelerate instead."""
     disc.train()
     optimizer.zero_grad(set_to_none=True)
-    loss, metrics = pair_loss(disc, processor, pairs, layout=layout, score_l2_coef=score_l2_coef, clip=clip,
-                              **score_kwargs)
-    loss.backward()
+    loss, metrics, result = pair_loss(disc, processor, pairs, layout=layout, score_l2_coef=score_l2_coef,
+                                      clip=clip, **score_kwargs)
+    result.backward(loss)
     if max_grad_norm is not None:
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(disc.parameters(), max_grad_norm))
     optimizer.step()

@@ -55,10 +55,12 @@ _CONFIG_META_KEYS = ("model_type", "architectures", "transformers_version", "_na
 
 @dataclass
 class DiscriminatorOutput(ModelOutput):
-    """values: float32 [B, T], the value head at every token. aux_loss: the router load-balancing loss
-    (MoE with output_router_logits only; unscaled -- multiply by `aux_loss_coef(model)`)."""
+    """token_values: float32 [B, T], the value head at every token. aux_loss: the router load-balancing loss
+    (MoE with output_router_logits only; unscaled -- multiply by `aux_loss_coef(model)`). Not named
+    `values`: a field of that name shadows the mapping method ModelOutput.values(), which DDP and
+    DeepSpeed call on a model's output (DDP: "TypeError: 'Tensor' object is not callable")."""
 
-    values: torch.Tensor | None = None
+    token_values: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
 
@@ -116,7 +118,7 @@ def _value_forward(model, input_ids, attention_mask, position_ids, pixel_values,
             aux_loss_mask = attention_mask
         text = model.config.text_config
         aux_loss = load_balancing_loss_func(router_logits, text.num_experts, text.num_experts_per_tok, aux_loss_mask)
-    return DiscriminatorOutput(values=values, aux_loss=aux_loss, router_logits=router_logits)
+    return DiscriminatorOutput(token_values=values, aux_loss=aux_loss, router_logits=router_logits)
 
 
 class _ValueHeadModel:

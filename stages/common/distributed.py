@@ -199,8 +199,12 @@ class Trained:
             sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         elif kind == "deepspeed" and self.backend.zero_stage == 3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
-        else:
+        elif self.accelerator.is_main_process:
+            # replicated weights (single, DDP, ZeRO-0/1/2): the main process's copy is the model; the others
+            # copied the whole model to the CPU for nothing (a full CPU copy per GPU at 4B+)
             sd = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        else:
+            return None
         return sd if self.accelerator.is_main_process else None
 
     def save(self, directory: Path) -> None:
@@ -289,34 +293,67 @@ def deepspeed_config(backend: Backend, max_grad_norm: float | None, mixed_precis
     return cfg
 
 
-def refuse_mixed_images(model, backend: Backend, accelerator) -> int:
-    """DeepSpeed: a micro-batch without images skips the vision tower, so its parameters get no gradient on
-    that rank while another rank's do; ZeRO-2's gradient buckets then hold different parameters on
-    different ranks (measured: silently wrong gradients, or a gloo size mismatch) and ZeRO-3's gathers
-    differ. Each forward of the vision-language backbone therefore checks, with one scalar all-reduce,
-    that every rank has images or none does, and stops with one line naming backends that work.
-    Returns the number of backbones checked."""
+def vision_tower_everywhere(model, backend: Backend, accelerator) -> int:
+    """DeepSpeed: a micro-batch without images skips the vision tower, so on that rank its parameters get no
+    gradient while another rank's do; ZeRO-2's gradient buckets then hold different parameters on different
+    ranks (measured: silently wrong gradients, or a gloo size mismatch) and ZeRO-3's gathers differ.
+
+    So each forward of the vision-language backbone asks, with one scalar all-reduce, whether any rank has
+    images. If some do, a rank without runs its vision tower on a blank 2x2-patch image right after the token
+    embedding (where a rank with images runs it: ZeRO-3 gathers in the same order) and adds 0 x the result to
+    the embeddings: the same values, and a zero gradient for every vision parameter, so every rank reduces
+    and gathers the same parameters. No rank with images, or all of them: nothing changes. Forwards without
+    gradients under ZeRO-0/1/2 run no collectives and are left alone. Returns the number of backbones hooked."""
     hooked = 0
     for module in model.modules():
         # the vision-language backbone (Qwen3VLModel and kin): the module that calls its vision tower
         if not (hasattr(module, "visual") and hasattr(module, "get_image_features")):
             continue
+        pending = {"blank": False}
 
-        def check(mod, args, kwargs):
+        def check(mod, args, kwargs, pending=pending):
+            pending["blank"] = False
             if not torch.is_grad_enabled() and backend.zero_stage < 3:
-                return None   # ZeRO-0/1/2 forwards without gradients run no collectives
-            has = 1.0 if kwargs.get("pixel_values") is not None else 0.0
-            flag = torch.tensor([has], device=accelerator.device)
-            if accelerator.reduce(flag, reduction="sum").item() not in (0.0, float(backend.world)):
-                raise PrismError(f"DeepSpeed {backend.name} cannot run a step where some processes have images "
-                                 "and others only text (the vision tower's collectives would differ)",
-                                 hint="launch with recipes/accelerate/fsdp2.yaml or ddp.yaml, or give every "
-                                      "row an image")
+                return None
+            has = kwargs.get("pixel_values") is not None
+            flag = torch.tensor([1.0 if has else 0.0], device=accelerator.device)
+            any_images = accelerator.reduce(flag, reduction="sum").item() > 0   # on every rank, images or not
+            pending["blank"] = any_images and not has
             return None
 
+        def add_blank_image(embedding, args, output, backbone=module, pending=pending):
+            if not pending["blank"]:
+                return None
+            pending["blank"] = False
+            pixels, grid = blank_image(backbone.config.vision_config, output.device)
+            features = backbone.get_image_features(pixels, grid)
+            tensors = [features.pooler_output, *(getattr(features, "deepstack_features", None) or [])]
+            zero = sum(t.float().sum() for t in _flat_tensors(tensors)) * 0.0
+            return output + zero.to(output.dtype)
+
         module.register_forward_pre_hook(check, with_kwargs=True)
+        module.get_input_embeddings().register_forward_hook(add_blank_image)
         hooked += 1
     return hooked
+
+
+def blank_image(vision_config, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixel_values and image_grid_thw of the smallest image the vision tower takes: one merge window of
+    patches (spatial_merge_size^2), all zeros."""
+    merge = int(getattr(vision_config, "spatial_merge_size", 2))
+    channels = int(getattr(vision_config, "in_channels", 3))
+    temporal = int(getattr(vision_config, "temporal_patch_size", 2))
+    patch = int(vision_config.patch_size)
+    pixels = torch.zeros(merge * merge, channels * temporal * patch * patch, device=device)
+    return pixels, torch.tensor([[1, merge, merge]], device=device)
+
+
+def _flat_tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _flat_tensors(item)]
+    return []
 
 
 def prepare(backend: Backend, accelerator, model, make_optimizer, make_scheduler, *, mixed_precision: str = "no",
@@ -329,7 +366,7 @@ def prepare(backend: Backend, accelerator, model, make_optimizer, make_scheduler
         import deepspeed
 
         if backend.world > 1:
-            refuse_mixed_images(model, backend, accelerator)
+            vision_tower_everywhere(model, backend, accelerator)
         optimizer = make_optimizer(model)
         scheduler = make_scheduler(optimizer)   # the client optimizer's param groups are DeepSpeed's too
 

@@ -20,7 +20,7 @@ and under autograd each chunk is checkpointed, so backward recomputes its logits
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -183,7 +183,8 @@ def to_device(batch: dict, device) -> dict:
 # ---- logprobs -------------------------------------------------------------------------------------------
 
 def response_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_TOKENS,
-                      with_entropy: bool = False, shared_prefix: bool = False
+                      with_entropy: bool = False, shared_prefix: bool = False,
+                      global_chunks: Callable[[int], int] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob of each response token (and the entropy of its predictive distribution) under `model`.
 
@@ -192,6 +193,8 @@ def response_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: 
     shared_prefix=False runs every row as prompt + response (positions, M-RoPE with images included, computed
     by the model from the full sequence); True runs each distinct prompt once (shared_prefix_predictors):
     same values and gradients, less compute when rows share prompts (a GRPO group shares one).
+    global_chunks(n): how many vocabulary chunks every process runs given this one's n (the largest over the
+    processes; see chunked_token_logprobs). None: this process's own count.
     """
     inner = getattr(model, "module", model)
     device = next(inner.parameters()).device
@@ -212,8 +215,10 @@ def response_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: 
     banned = None
     if suppress is not None and suppress.numel():
         banned = banned_token_mask(output_vocab_size(inner), suppress.tolist(), device)
+    n_chunks = -(-h.shape[0] // chunk_size)
     logp_flat, ent_flat = chunked_token_logprobs(inner.get_output_embeddings(), h, targets, temperature, banned,
-                                                 chunk_size, with_entropy)
+                                                 chunk_size, with_entropy,
+                                                 n_chunks=global_chunks(n_chunks) if global_chunks else None)
     logp = torch.zeros(mask.shape, dtype=logp_flat.dtype, device=device).masked_scatter(mask, logp_flat)
     entropy = None
     if with_entropy:
@@ -316,24 +321,38 @@ def make_prefix_microbatches(prompt_index: Sequence[int], prompt_lengths: Sequen
 
 def chunked_token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
                            banned: torch.Tensor | None, chunk_size: int = DEFAULT_CHUNK_TOKENS,
-                           with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           with_entropy: bool = False, n_chunks: int | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logp[i] = sampling_logprobs(lm_head(hidden[i]))[targets[i]] for rows i of hidden [N, H], computed
-    chunk_size rows at a time; with autograd on, each chunk is recomputed in backward (checkpoint)."""
+    chunk_size rows at a time; with autograd on, each chunk is recomputed in backward (checkpoint).
+
+    n_chunks: run this many lm_head calls even if fewer chunks hold tokens (the count every process runs).
+    Under ZeRO-3 each lm_head call gathers its weight (forward, and again in the checkpoint's backward), so
+    processes with different response token counts must still call it equally often: the extra calls run
+    the first row again and enter the result times 0, which keeps them in the backward too."""
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
+
+    def run(h, tgt):
+        if needs_grad:
+            return checkpoint(_chunk_logprobs, lm_head, h, tgt, temperature, banned, with_entropy, use_reentrant=False)
+        return _chunk_logprobs(lm_head, h, tgt, temperature, banned, with_entropy)
+
     logps, ents = [], []
     for start in range(0, hidden.shape[0], chunk_size):
-        h, tgt = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if needs_grad:
-            lp, ent = checkpoint(_chunk_logprobs, lm_head, h, tgt, temperature, banned, with_entropy,
-                                 use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(lm_head, h, tgt, temperature, banned, with_entropy)
+        lp, ent = run(hidden[start:start + chunk_size], targets[start:start + chunk_size])
         logps.append(lp)
         ents.append(ent)
+    extra = (n_chunks or 0) - len(logps)
+    if extra > 0 and hidden.shape[0] == 0:
+        raise ValueError("no tokens to repeat: a process without response tokens cannot join the chunk count")
+    dummy = sum(run(hidden[:1], targets[:1])[0].clamp(min=-1e4).sum() for _ in range(extra)) if extra > 0 else None
     if not logps:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, (empty if with_entropy else None)
-    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+    logp = torch.cat(logps)
+    if dummy is not None:
+        logp = logp + 0.0 * dummy
+    return logp, (torch.cat(ents) if with_entropy else None)
 
 
 def _chunk_logprobs(lm_head, h, tgt, temperature, banned, with_entropy):

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from stages.common import training
-from stages.common.logprobs import (build_policy_batch, make_microbatches, make_prefix_microbatches,
+from stages.common.logprobs import (DEFAULT_CHUNK_TOKENS, build_policy_batch, make_microbatches, make_prefix_microbatches,
                                     response_logprobs, select_rows, shared_prefix_supported)
 from stages.common import losses
 from stages.common.rollout import correction
@@ -42,21 +42,32 @@ class PPOSettings:
     seed: int = 0
     shared_prefix: bool = True     # run each distinct prompt once per micro-batch (see module doc)
     tis_cap: float = 0.0           # truncated importance sampling cap (0: off; stages.common.rollout.correction)
+    logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS   # tokens per lm_head call (stages.common.logprobs)
 
 
 def ppo_update(settings: PPOSettings, accelerator, policy, processor, prompts, completions,
-               prompt_index: list[int], advantages: torch.Tensor, reference=None) -> dict:
+               prompt_index: list[int], advantages: torch.Tensor, reference=None, filler=None) -> dict:
     """Optimizer steps over this process's rollout rows; returns statistics averaged over the updates.
-    policy is a stages.common.distributed.Trained."""
+    policy is a stages.common.distributed.Trained.
+
+    filler: (prompt, completion) that a process without rows (DAPO's dynamic sampling can leave one
+    with no group while others have some) runs with loss weight 0, so it still joins every forward,
+    backward and optimizer step the others run; its tokens count nowhere."""
     rows = len(completions)
     if training.global_sum(accelerator, rows) == 0:
         return {"update/skipped": 1.0}
-    batch = build_policy_batch(processor, prompts, [c.token_ids for c in completions], prompt_index) if rows else None
-    old_logp = torch.zeros(batch["response_mask"].shape) if rows else None
+    if not rows and filler is None:
+        raise RuntimeError("a process without rollout rows needs a filler row to join the update")
+    if not rows:
+        prompts, completions, prompt_index = [filler[0]], [filler[1]], [0]
+    batch = build_policy_batch(processor, prompts, [c.token_ids for c in completions], prompt_index)
+    old_logp = torch.zeros(batch["response_mask"].shape)
     for i, c in enumerate(completions):
         old_logp[i, :len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+    if not rows:
+        advantages = torch.zeros(1)
     rollout_logp, token_weights = old_logp, None
-    if settings.tis_cap > 0 and rows:
+    if settings.tis_cap > 0:
         # PPO's old policy becomes the trainer's own logprobs; the rollout engine's mismatch is corrected per
         # token by a truncated importance weight instead of leaking into the ratio
         old_logp = _trainer_logprobs(settings, accelerator, policy.model, batch)
@@ -103,7 +114,8 @@ def _trainer_logprobs(settings: PPOSettings, accelerator, model, batch) -> torch
     micro, weights = pad_plan(micro, training.global_max(accelerator, len(micro)))
     for rows, weight in zip(micro, weights):
         logp, _ = response_logprobs(model, select_rows(batch, rows), temperature=settings.temperature,
-                                    shared_prefix=False)
+                                    shared_prefix=False, chunk_size=settings.logprob_chunk_tokens,
+                                    global_chunks=training.count_sync(accelerator))
         if weight:
             out[rows, :logp.shape[1]] = logp.float().cpu()
     return out
@@ -125,9 +137,7 @@ def _minibatch(settings: PPOSettings, accelerator, policy, reference, batch, old
                                          sub["response_lengths"].tolist(), settings.micro_batch_tokens)
     else:
         micro = make_microbatches(sub["lengths"].tolist(), settings.micro_batch_tokens)
-    if not micro:  # a process with no rows still joins the collectives, with zero weight
-        if batch is None:
-            raise RuntimeError("a process without rollout rows cannot join the update; give every process rows")
+    if not micro:  # a process with no rows in this mini-batch still joins the collectives, with zero weight
         mini = [0]
         sub = select_rows(batch, mini)
     micro, weights = pad_plan(micro, training.global_max(accelerator, len(micro)))
@@ -144,7 +154,8 @@ def _minibatch(settings: PPOSettings, accelerator, policy, reference, batch, old
             adv = adv[:, None] * token_weights[rows, :T].to(accelerator.device)
         with policy.accumulate(last=(i == len(micro) - 1)):
             logp, entropy = response_logprobs(model, mb, temperature=settings.temperature, with_entropy=True,
-                                              shared_prefix=shared)
+                                              shared_prefix=shared, chunk_size=settings.logprob_chunk_tokens,
+                                              global_chunks=training.count_sync(accelerator))
             loss, stats = settings.loss(logp, old, adv, mask, clip_low=settings.clip_low, clip_high=settings.clip_high,
                                   agg=settings.agg, normalizer=normalizer)
             if gap_vs is not None:
@@ -154,9 +165,10 @@ def _minibatch(settings: PPOSettings, accelerator, policy, reference, batch, old
                 stats["tis_weight_mean"] = float((token_weights[rows, :T] * mask.cpu()).sum()) / max(float(mask.sum()), 1.0)
             if reference is not None:
                 with torch.no_grad():
+                    ref_shared = settings.shared_prefix and shared_prefix_supported(reference)
                     ref_logp, _ = response_logprobs(reference, mb, temperature=settings.temperature,
-                                                    shared_prefix=settings.shared_prefix
-                                                    and shared_prefix_supported(reference))
+                                                    shared_prefix=ref_shared, chunk_size=settings.logprob_chunk_tokens,
+                                                    global_chunks=training.count_sync(accelerator))
                 kl = losses.kl_penalty(logp, ref_logp, settings.kl_kind, mask=mask)
                 loss = loss + settings.kl_coef * losses.aggregate(kl, mask, settings.agg, normalizer=normalizer)
                 stats["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)

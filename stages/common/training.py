@@ -160,6 +160,14 @@ def global_max(accelerator, value: int) -> int:
     return int(accelerator.reduce(t, reduction="max").item())
 
 
+def count_sync(accelerator):
+    """global_max for this run's processes as a function of one count, or None with one process: what
+    chunked code takes to run as many chunks as the busiest process (ZeRO-3 and FSDP2 gather per call)."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda value: global_max(accelerator, value)
+
+
 def loss_scale(accelerator) -> float:
     """Factor turning 'sum of token losses / global token count' into what backward should see: every
     backend averages gradients over processes (x world size undoes it). Accumulation adds no factor:

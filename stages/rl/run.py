@@ -154,6 +154,7 @@ class Rollouts:
     all_acc: list[float]
     all_fmt: list[float]
     all_lengths: list[int]
+    filler: tuple | None = None   # (prompt, completion) drawn here: the zero-weight row of a process left with no group
 
     def metrics(self) -> dict:
         mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
@@ -234,7 +235,8 @@ def collect_rollouts(cfg: RLConfig, accelerator, policy, engine, prompts: list[S
         prompt_index=[p for p in range(k) for _ in range(n)],
         rewards=torch.cat(kept["rewards"]) if k else torch.zeros(0),
         acc=torch.cat(kept["acc"]) if k else torch.zeros(0), fmt=torch.cat(kept["fmt"]) if k else torch.zeros(0),
-        all_rewards=seen["rewards"], all_acc=seen["acc"], all_fmt=seen["fmt"], all_lengths=seen["lengths"])
+        all_rewards=seen["rewards"], all_acc=seen["acc"], all_fmt=seen["fmt"], all_lengths=seen["lengths"],
+        filler=(rollout_prompts[0], completions[0][0]))
     sampling = {"sampling/gen_batches": batches, "sampling/groups_drawn": groups_total,
                 "sampling/groups_kept": groups_kept, "sampling/filled": filled / (quota * world)}
     return rollouts, cursor, sampling
@@ -256,7 +258,8 @@ def policy_update(cfg: RLConfig, accelerator, policy, reference, processor, roll
     advantage = getattr(advantage_fns, ALGORITHMS.get(cfg.algo).advantage)
     advantages = advantage(rollouts.rewards, group_ids, cfg.normalize_std)
     stats = ppo_update(ppo_settings(cfg), accelerator, policy, processor, rollouts.prompts,
-                       rollouts.completions, rollouts.prompt_index, advantages, reference=reference)
+                       rollouts.completions, rollouts.prompt_index, advantages, reference=reference,
+                       filler=rollouts.filler)
     stats["advantage/mean_abs"] = float(advantages.abs().mean()) if len(advantages) else 0.0
     return stats
 

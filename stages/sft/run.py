@@ -207,7 +207,7 @@ def train_loop(cfg, accelerator, policy, processor, train_set, eval_set, run_dir
             for i, items in enumerate(micros):
                 batch = to_device(collate(items, packed, pad_id), accelerator.device)
                 with policy.accumulate(last=(i == len(micros) - 1)):
-                    nll, _ = summed_nll(model, batch)
+                    nll, _ = summed_nll(model, batch, global_chunks=training.count_sync(accelerator))
                     policy.backward(nll * scale)
                 loss_sum += float(nll.detach())
                 tokens += sum(e.n_tokens for e in items)
@@ -245,7 +245,7 @@ def eval_loss(cfg, accelerator, model, eval_set, pad_id, packed) -> float:
     for i in range(n_batches):
         items = mine[i] if i < len(mine) else filler[0]
         batch = to_device(collate(items, packed, pad_id), accelerator.device)
-        nll, n = summed_nll(model, batch)
+        nll, n = summed_nll(model, batch, global_chunks=training.count_sync(accelerator))
         if i < len(mine):
             total += float(nll)
             count += n
