@@ -15,6 +15,7 @@ import torch
 from prism_cli import config as config_mod
 from prism_cli.errors import PrismError, UsageError
 from stages.common.groups import group_layout
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "recipes" / "qwen3vl-4b"
@@ -230,7 +231,7 @@ def test_align_runs_a_group_split_over_two_ranks_under_zero2(tiny_path, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     align = tmp_path / "align"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29811", "-m", "prism_cli", "align", "--ckpt", str(sft), "--data", "synth:train:32",
+                           str(free_port()), "-m", "prism_cli", "align", "--ckpt", str(sft), "--data", "synth:train:32",
                            "--steps", "2", "--prompts-per-step", "1", "--rollouts-per-prompt", "4",
                            "--max-new-tokens", "12", "--warmup-steps", "1", "--warmup-prompts", "4",
                            "--warmup-batch", "2", "--out", str(align)],
