@@ -28,7 +28,7 @@ from stages.common.formats import dropped_report, load_sources, source_parents
 from stages.common.models import load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.rewards import compute_score
-from stages.common.rollout import SamplingParams, make_engine
+from stages.common.rollout import SamplingParams, make_engine, probe_metrics
 from stages.rl.config import RLConfig
 
 RL_PANELS = {"reward": {"reward/mean": "reward", "acc/mean": "accuracy", "format/mean": "format"},
@@ -81,7 +81,8 @@ def run(cfg: RLConfig) -> Path:
                                                           timer)
             with timer.phase("update"):
                 update = policy_update(cfg, accelerator, policy, reference, processor, rollouts)
-            record = {"step": step + 1, **rollouts.metrics(), **sampling, **update, **timer.pop(), "lr": policy.lr}
+            record = {"step": step + 1, **rollouts.metrics(), **sampling, **probe_metrics(engine), **update,
+                      **timer.pop(), "lr": policy.lr}
             run_dir.log_metrics(record)
             tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"reward {record['reward/mean']:.3f} acc {record['acc/mean']:.3f} "
@@ -93,10 +94,11 @@ def run(cfg: RLConfig) -> Path:
     training.save_model(accelerator, policy, processor, run_dir.model_dir)
     records = run_dir.read_metrics()
     plots.plot_panels(records, RL_PANELS, run_dir.path / "reward.png", f"prism rl --algo {cfg.algo}")
+    engine.close()   # vLLM's teardown first: it destroys the process groups it made
     accelerator.end_training()
     summary = summarize(records)
-    summary.update(processes=accelerator.num_processes, backend=runtime.backend.name, replica_weight_sums=replicas,
-                   data_dropped=dropped)
+    summary.update(engine=engine.name, processes=accelerator.num_processes, backend=runtime.backend.name,
+                   replica_weight_sums=replicas, data_dropped=dropped)
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 
