@@ -50,6 +50,7 @@ class FakeLLM:
         self.model = FakeVllmModel(copy.deepcopy(FakeLLM.source))
         self.awake = {"weights": True, "kv_cache": True}
         self.calls = []
+        self.llm_engine = SimpleNamespace(reset_encoder_cache=lambda: self.calls.append(("reset_encoder_cache",)))
         FakeLLM.instances.append(self)
 
     def sleep(self, level=1):
@@ -135,9 +136,9 @@ def test_lifecycle_sleeps_after_rollouts_and_wakes_weights_alone_for_the_sync(po
         assert len(out) == 2 and all(len(g) == 3 for g in out)
         assert engine.last_probe_gap is not None and engine.last_probe_gap < 1e-5
     names = [c[0] if c[0] != "wake_up" else f"wake_up{c[1]}" for c in llm.calls]
-    assert names == ["reload_weights", "reset_prefix_cache", "generate", "generate", "sleep",
-                     "wake_up('weights',)", "reload_weights", "reset_prefix_cache", "wake_up('kv_cache',)",
-                     "generate", "generate", "sleep"]
+    assert names == ["reload_weights", "reset_prefix_cache", "reset_encoder_cache", "generate", "generate", "sleep",
+                     "wake_up('weights',)", "reload_weights", "reset_prefix_cache", "reset_encoder_cache",
+                     "wake_up('kv_cache',)", "generate", "generate", "sleep"]
 
 
 def test_per_request_seeds_reach_vllm(policy, monkeypatch):
@@ -264,8 +265,12 @@ def test_a_prompt_that_cannot_fit_is_one_clear_error(policy, monkeypatch):
     engine = _engine(policy, monkeypatch, max_model_len=64)
     engine.generate(two_prompts(), SamplingParams(n=1, max_new_tokens=4))   # the first probe, out of the way
 
+    class VLLMValidationError(Exception):     # vLLM's: not a ValueError
+        pass
+
     def too_long(prompts, params, use_tqdm=True):
-        raise ValueError("The decoder prompt (length 90) is longer than the maximum model length of 64. ...")
+        raise VLLMValidationError("This model's maximum context length is 64 tokens. However, your prompt contains "
+                                  "90 input tokens, which exceeds this limit even without any output tokens.")
 
     FakeLLM.instances[-1].generate = too_long
     with pytest.raises(PrismError, match="does not fit the vllm engine's context of 64 tokens"):

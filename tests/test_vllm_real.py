@@ -125,12 +125,14 @@ def test_sync_after_an_optimizer_step_changes_samples_and_the_probe_catches_stal
     trainer = copy.deepcopy(model).train()
     # one optimizer step that makes the engine's greedy choice at the first position less likely
     target = torch.tensor(before[0][0].token_ids[:1])
-    optimizer = torch.optim.SGD(trainer.parameters(), lr=50.0)
+    optimizer = torch.optim.Adam(trainer.parameters(), lr=1e-2)
     ids = torch.tensor([engine.probe_ids])
     logits = trainer(input_ids=ids, mm_token_type_ids=torch.zeros_like(ids), use_cache=False).logits.float()
     torch.log_softmax(logits, -1)[..., target].mean().backward()
     optimizer.step()
     trainer.eval()
+    with pytest.raises(PrismError, match="differ from the trainer"):
+        engine.check_probe(trainer)                       # no sync at all: stale, and the probe says so
     try:
         engine.sync_weights(trainer)
         after = engine.generate(image_prompts(), greedy)

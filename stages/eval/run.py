@@ -20,7 +20,7 @@ from pathlib import Path
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
 from stages.common.models import load_policy, load_processor
-from stages.common.rollout import SamplingParams, make_engine, probe_metrics
+from stages.common.rollout import SamplingParams, make_engine
 from stages.common.synth import load
 from stages.common.plots import plot_eval
 from stages.eval import compare, lmms_runner, synth_native
@@ -79,7 +79,7 @@ def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan],
     results = {p.name: results[p.name] for p in plans}  # the order asked for
     write_samples(run_dir.path / "samples", samples)
     report = results_report(cfg, spec, engine.name, results)
-    report.update(probe_metrics(engine))   # vllm: engine vs this checkpoint's logprobs of the probe
+    report["probe_gap"] = getattr(engine, "last_probe_gap", None)   # vllm: engine vs checkpoint on the probe
     (run_dir.path / compare.RESULTS).write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
     print_results(spec.ref, results)
     plot_eval(results, run_dir.path / "results.png", f"prism eval of {spec.ref}")

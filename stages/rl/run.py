@@ -81,8 +81,7 @@ def run(cfg: RLConfig) -> Path:
                                                           timer)
             with timer.phase("update"):
                 update = policy_update(cfg, accelerator, policy, reference, processor, rollouts)
-            record = {"step": step + 1, **rollouts.metrics(), **sampling, **probe_metrics(engine), **update,
-                      **timer.pop(), "lr": policy.lr}
+            record = {"step": step + 1, **rollouts.metrics(), **sampling, **update, **timer.pop(), "lr": policy.lr}
             run_dir.log_metrics(record)
             tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"reward {record['reward/mean']:.3f} acc {record['acc/mean']:.3f} "
@@ -96,9 +95,8 @@ def run(cfg: RLConfig) -> Path:
     plots.plot_panels(records, RL_PANELS, run_dir.path / "reward.png", f"prism rl --algo {cfg.algo}")
     engine.close()   # vLLM's teardown first: it destroys the process groups it made
     accelerator.end_training()
-    summary = summarize(records)
-    summary.update(engine=engine.name, processes=accelerator.num_processes, backend=runtime.backend.name,
-                   replica_weight_sums=replicas, data_dropped=dropped)
+    summary = dict(summarize(records), engine=engine.name, processes=accelerator.num_processes,
+                   backend=runtime.backend.name, replica_weight_sums=replicas, data_dropped=dropped)
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 
@@ -237,7 +235,8 @@ def collect_rollouts(cfg: RLConfig, accelerator, policy, engine, prompts: list[S
         acc=torch.cat(kept["acc"]) if k else torch.zeros(0), fmt=torch.cat(kept["fmt"]) if k else torch.zeros(0),
         all_rewards=seen["rewards"], all_acc=seen["acc"], all_fmt=seen["fmt"], all_lengths=seen["lengths"])
     sampling = {"sampling/gen_batches": batches, "sampling/groups_drawn": groups_total,
-                "sampling/groups_kept": groups_kept, "sampling/filled": filled / (quota * world)}
+                "sampling/groups_kept": groups_kept, "sampling/filled": filled / (quota * world),
+                **probe_metrics(engine)}   # vllm: this step's sync, engine vs trainer
     return rollouts, cursor, sampling
 
 

@@ -141,6 +141,14 @@ def fit_model_len(wanted: int, positions: int | None) -> int:
     return int(wanted)
 
 
+CONTEXT_ERROR_WORDS = ("maximum model length", "maximum context length", "max_model_len")
+
+
+def is_context_error(error: Exception) -> bool:
+    """vLLM refusing a request that does not fit max_model_len (prompt too long, or max_tokens above it)."""
+    return any(words in str(error) for words in CONTEXT_ERROR_WORDS)
+
+
 @contextmanager
 def rng_preserved():
     """Restore the process's global RNG states (python, numpy, torch CPU and CUDA) on exit: vLLM re-seeds them
@@ -321,8 +329,8 @@ class VLLMEngine:
                              "(vLLM would wait forever)")
         try:
             return self.llm.generate(requests, per_request, use_tqdm=False)
-        except ValueError as e:
-            if "maximum model length" not in str(e):
+        except Exception as e:   # vLLM's VLLMValidationError is no ValueError; its wording varies by check
+            if not is_context_error(e):
                 raise
             raise PrismError(f"a prompt does not fit the vllm engine's context of {self.max_model_len} tokens "
                              f"(max_new_tokens {max_new_tokens}, the model's positions included): {e}",
@@ -332,13 +340,16 @@ class VLLMEngine:
     def sync_weights(self, model) -> None:
         """Stream `model`'s current weights into vLLM through its in-place reload (every rank gathers one
         parameter at a time; vLLM's loader shards them again). Only the weights are woken for it: the KV cache
-        is allocated when generate needs it. The reload also clears vLLM's prefix, encoder and multimodal
-        caches (computed with the old weights)."""
+        is allocated when generate needs it. The prefix and encoder caches (computed with the old weights) are
+        reset."""
         self._wake(("weights",))
         unwrapped = getattr(model, "module", model)
         weights = weights_to_load(full_parameters(unwrapped))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
+        # The reload clears the worker's encoder cache but not the scheduler's record of it: an image seen before
+        # the sync would then be "cached" and missing ("Encoder cache miss"). This resets both.
+        self.llm.llm_engine.reset_encoder_cache()
         self._probe_model = unwrapped
         self.last_probe_gap = None      # the next generate measures this sync's
 
