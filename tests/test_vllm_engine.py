@@ -1,6 +1,7 @@
-"""The vllm engine's lifecycle against a fake LLM that speaks vLLM 0.33's method signatures (vLLM itself
-cannot be installed here): placement and seeds, sleep/wake around every rollout, weights woken alone for
-the sync, the probe check after each wake + sync (stale weights are caught), max_model_len from the stage."""
+"""The vllm engine against a fake LLM that speaks vLLM 0.33's method signatures, for what vLLM's CPU build
+cannot show (tests/test_vllm_real.py runs the real engine): the GPU lifecycle with sleep mode (cumem sleep/wake
+around every rollout, weights woken alone for the sync, never generating partly awake), placement and seeds
+across 8 ranks, the probe check after each wake + sync, max_model_len from the stage and its cap."""
 
 import copy
 import dataclasses
@@ -30,13 +31,17 @@ class FakeVllmModel:
 
     def load_weights(self, weights):
         state = self.hf.state_dict()
+        loaded = set()
         for name, tensor in weights:
             state[name].copy_(tensor)
+            loaded.add(name)
+        return loaded
 
 
 class FakeLLM:
     """LLM(**kwargs), generate(prompts, sampling_params, use_tqdm), sleep(level), wake_up(tags),
-    apply_model(func), reset_prefix_cache(): the calls the engine makes, with vLLM's preconditions."""
+    collective_rpc("reload_weights", kwargs), reset_prefix_cache(): the calls the engine makes, with vLLM's
+    preconditions (real vLLM hangs where this one asserts)."""
 
     instances = []
 
@@ -45,6 +50,7 @@ class FakeLLM:
         self.model = FakeVllmModel(copy.deepcopy(FakeLLM.source))
         self.awake = {"weights": True, "kv_cache": True}
         self.calls = []
+        self.llm_engine = SimpleNamespace(reset_encoder_cache=lambda: self.calls.append(("reset_encoder_cache",)))
         FakeLLM.instances.append(self)
 
     def sleep(self, level=1):
@@ -57,10 +63,11 @@ class FakeLLM:
         for t in tags:
             self.awake[t] = True
 
-    def apply_model(self, func):
+    def collective_rpc(self, method, kwargs=None):
+        assert method == "reload_weights" and kwargs["is_checkpoint_format"] is True
         assert self.awake["weights"], "weights loaded into a sleeping engine are lost"
-        self.calls.append(("apply_model",))
-        return [func(self.model)]
+        self.calls.append(("reload_weights",))
+        return [self.model.load_weights(kwargs["weights_iterator"])]
 
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache",))
@@ -78,7 +85,7 @@ class FakeLLM:
                 continue
             children = [SimpleNamespace(token_ids=(5,), text="x", finish_reason="length",
                                         logprobs=[{5: SimpleNamespace(logprob=-1.0)}]) for _ in range(params.n)]
-            outs.append(SimpleNamespace(outputs=children, seed=params.seed))
+            outs.append(SimpleNamespace(outputs=children, seed=getattr(params, "seed", None)))
         return outs
 
 
@@ -92,6 +99,7 @@ def _engine(policy, monkeypatch, world=1, rank=0, **opts):
     FakeLLM.source = model
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("RANK", str(rank))
+    opts.setdefault("sleep_mode", True)      # a GPU's platform
     return V.VLLMEngine(model, processor, model_path="unused", llm_factory=FakeLLM,
                         sampling_params_cls=FakeSamplingParams, **opts)
 
@@ -128,13 +136,15 @@ def test_lifecycle_sleeps_after_rollouts_and_wakes_weights_alone_for_the_sync(po
         assert len(out) == 2 and all(len(g) == 3 for g in out)
         assert engine.last_probe_gap is not None and engine.last_probe_gap < 1e-5
     names = [c[0] if c[0] != "wake_up" else f"wake_up{c[1]}" for c in llm.calls]
-    assert names == ["apply_model", "reset_prefix_cache", "generate", "generate", "sleep",
-                     "wake_up('weights',)", "apply_model", "reset_prefix_cache", "wake_up('kv_cache',)",
-                     "generate", "generate", "sleep"]
+    assert names == ["reload_weights", "reset_prefix_cache", "reset_encoder_cache", "generate", "generate", "sleep",
+                     "wake_up('weights',)", "reload_weights", "reset_prefix_cache", "reset_encoder_cache",
+                     "wake_up('kv_cache',)", "generate", "generate", "sleep"]
 
 
 def test_per_request_seeds_reach_vllm(policy, monkeypatch):
     engine = _engine(policy, monkeypatch, world=8, rank=3)
+    engine.check_probe(policy[0])     # the first generate's probe (no seed), out of the way
+    engine._probe_model = None
     llm = FakeLLM.instances[-1]
     seen = []
     real = llm.generate
@@ -151,7 +161,7 @@ def test_probe_catches_stale_weights(policy, monkeypatch):
         for p in trained.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     llm = FakeLLM.instances[-1]
-    llm.apply_model = lambda func: None               # a sync that silently loads nothing
+    llm.collective_rpc = lambda method, kwargs=None: None   # a sync that silently loads nothing
     engine.sync_weights(trained)
     with pytest.raises(PrismError, match="differ from the trainer"):
         engine.generate(two_prompts(), SamplingParams(n=1, max_new_tokens=4))
@@ -174,3 +184,102 @@ def test_make_engine_passes_max_model_len_from_the_stage(policy, monkeypatch):
     monkeypatch.setattr(V, "VLLMEngine", lambda m, p, **kw: got.update(kw) or "engine")
     assert make_engine("vllm", model, processor, max_new_tokens=8192, seed=4, training=True) == "engine"
     assert got["max_model_len"] == rollout.MAX_PROMPT_TOKENS + 8192 and got["seed"] == 4 and got["sleep_between"]
+
+
+def test_no_sleep_mode_off_gpu_platforms(policy, monkeypatch):
+    """vLLM raises on enable_sleep_mode where the platform lacks it (CPU): not asked for, never slept."""
+    model, _ = policy
+    kwargs = V.engine_kwargs("m", max_model_len=64, gpu_memory_utilization=0.4, max_images_per_prompt=1,
+                             dtype="auto", enforce_eager=True, seed=0, rank=0, world_size=1, sleep_mode=False)
+    assert kwargs["enable_sleep_mode"] is False
+    engine = _engine(policy, monkeypatch, sleep_mode=False, sleep_between=True)
+    llm = FakeLLM.instances[-1]
+    assert llm.kwargs["enable_sleep_mode"] is False
+    engine.sync_weights(model)
+    engine.generate(two_prompts(), SamplingParams(n=1, max_new_tokens=4))
+    assert not [c for c in llm.calls if c[0] in ("sleep", "wake_up")]
+
+
+def test_probe_right_after_a_sync_wakes_the_kv_cache_first(policy, monkeypatch):
+    """After a sync only the weights are awake; real vLLM never schedules then (it hangs), so the probe wakes
+    everything before generating."""
+    model, _ = policy
+    engine = _engine(policy, monkeypatch, sleep_between=True)
+    engine.generate(two_prompts(), SamplingParams(n=1, max_new_tokens=4))     # ends asleep
+    engine.sync_weights(model)
+    assert engine.awake == {"weights": True, "kv_cache": False}
+    assert engine.check_probe(model) < 1e-5
+    engine.awake["kv_cache"] = False          # a state the engine never reaches: refused, not hung
+    with pytest.raises(PrismError, match="kv_cache sleeps"):
+        engine._generate([], [])
+
+
+def test_engine_start_leaves_the_trainers_rng_alone(policy, monkeypatch):
+    import random
+
+    import numpy
+
+    class ReseedingLLM(FakeLLM):     # what an in-process vLLM does at start-up: seed + rank everywhere
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            random.seed(kwargs["seed"])
+            numpy.random.seed(kwargs["seed"])
+            torch.manual_seed(kwargs["seed"])
+
+    model, processor = policy
+    FakeLLM.source = model
+    torch.manual_seed(123)
+    random.seed(123)
+    numpy.random.seed(123)
+    expected = (torch.rand(3), random.random(), numpy.random.rand())
+    torch.manual_seed(123)
+    random.seed(123)
+    numpy.random.seed(123)
+    V.VLLMEngine(model, processor, model_path="unused", llm_factory=ReseedingLLM,
+                 sampling_params_cls=FakeSamplingParams, sleep_mode=True, seed=5)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert numpy.random.rand() == expected[2]
+
+
+def test_in_process_mode_is_forced_over_an_exported_one(monkeypatch, capsys):
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    V.force_in_process(env)
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING=1 is ignored" in capsys.readouterr().err
+    env = {}
+    V.force_in_process(env)
+    assert env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} and capsys.readouterr().err == ""
+
+
+def test_max_model_len_is_capped_at_the_models_positions(policy, monkeypatch):
+    model, _ = policy
+    positions = V.model_positions(model)
+    assert positions is not None
+    _engine(policy, monkeypatch, max_model_len=positions + 2048)
+    assert FakeLLM.instances[-1].kwargs["max_model_len"] == positions
+    _engine(policy, monkeypatch, max_model_len=positions - 1)
+    assert FakeLLM.instances[-1].kwargs["max_model_len"] == positions - 1
+
+
+def test_a_prompt_that_cannot_fit_is_one_clear_error(policy, monkeypatch):
+    engine = _engine(policy, monkeypatch, max_model_len=64)
+    engine.generate(two_prompts(), SamplingParams(n=1, max_new_tokens=4))   # the first probe, out of the way
+
+    class VLLMValidationError(Exception):     # vLLM's: not a ValueError
+        pass
+
+    def too_long(prompts, params, use_tqdm=True):
+        raise VLLMValidationError("This model's maximum context length is 64 tokens. However, your prompt contains "
+                                  "90 input tokens, which exceeds this limit even without any output tokens.")
+
+    FakeLLM.instances[-1].generate = too_long
+    with pytest.raises(PrismError, match="does not fit the vllm engine's context of 64 tokens"):
+        engine.generate(two_prompts(), SamplingParams(n=1, max_new_tokens=4))
+
+
+def test_a_tied_lm_head_is_sent_with_the_embedding(policy):
+    model, _ = policy
+    names = [n for n, _ in V.weights_to_load(V.full_parameters(model))]
+    assert len(names) == len(set(names))
+    if model.config.tie_word_embeddings:
+        assert "lm_head.weight" in names

@@ -40,7 +40,7 @@ from stages.common.models import default_device, load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
 from stages.common.rewards import compute_score
-from stages.common.rollout import RolloutPrompt, SamplingParams, make_engine
+from stages.common.rollout import RolloutPrompt, SamplingParams, make_engine, probe_metrics
 
 
 
@@ -111,7 +111,7 @@ def run(cfg: AlignConfig) -> Path:
                 advantages, update = policy_update(cfg, layout, accelerator, policy, processor, batch, completions,
                                                    scores.detached(), rewards)
             record = {"step": step + 1, **d_metrics, **game_metrics(scores.detached(), rewards, advantages), **update,
-                      **timer.pop()}
+                      **probe_metrics(engine), **timer.pop()}
             run_dir.log_metrics(record)
             tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"gap caption {record['gap/caption']:+.2f} think {record['gap/think']:+.2f} "
@@ -131,9 +131,11 @@ def run(cfg: AlignConfig) -> Path:
                                 "discriminator accuracy": {"d/acc_caption": "caption", "d/acc_think": "think"}},
                       run_dir.path / "drift_gap.png", "PRISM alignment: discriminator score gaps",
                       zero_line=("score gap (teacher - student)",))
+    engine.close()   # vLLM's teardown first: it destroys the process groups it made
     accelerator.end_training()
     summary = summarize(records)
-    summary.update(processes=accelerator.num_processes, backend=runtime.backend.name, data_dropped=dropped)
+    summary.update(engine=engine.name, processes=accelerator.num_processes, backend=runtime.backend.name,
+                   data_dropped=dropped)
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 

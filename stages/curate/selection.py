@@ -50,7 +50,7 @@ def count_correct(samples: list[Sample], student: str, *, k: int, temperature: f
     todo = [i for i, c in enumerate(counts) if c is None]
     if todo:
         processor = load_processor(spec)
-        rollout = make_engine(engine, load_policy(spec, train=False), processor)
+        rollout = make_engine(engine, load_policy(spec, train=False), processor, max_new_tokens=max_new_tokens)
         for start in range(0, len(todo), batch_size):
             part = todo[start:start + batch_size]
             params = SamplingParams(n=k, temperature=temperature, max_new_tokens=max_new_tokens,

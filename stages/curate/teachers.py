@@ -107,7 +107,8 @@ class HFTeacher:
         self.max_new_tokens = max_new_tokens
         self.sampling = {"temperature": temperature, "max_new_tokens": max_new_tokens}
         self.processor = load_processor(ckpt)
-        self.engine = make_engine(engine, load_policy(ckpt, train=False), self.processor)
+        self.engine = make_engine(engine, load_policy(ckpt, train=False), self.processor,
+                                  max_new_tokens=max_new_tokens)
 
     def call_batch(self, requests: list[TeacherRequest]) -> list[Reply]:
         replies: list[Reply] = []

@@ -116,7 +116,7 @@ class PrismLMM(_LmmsBase):
         if rollout_engine is None:
             processor = load_processor(pretrained)
             model = load_policy(pretrained, dtype=dtype, train=False)
-            rollout_engine = make_engine(engine, model, processor)
+            rollout_engine = make_engine(engine, model, processor, max_new_tokens=max_new_tokens, seed=seed)
         self.engine = rollout_engine
         self.pretrained = pretrained
         self.max_new_tokens = int(max_new_tokens)

@@ -63,7 +63,7 @@ def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan],
     model = load_policy(spec, dtype=cfg.dtype, train=False)
     run_dir = checkpoint.open_output(str(out), "eval", config, [("policy", spec)], overwrite=cfg.overwrite,
                                      resume=cfg.resume)
-    engine = make_engine(cfg.engine, model, processor)
+    engine = make_engine(cfg.engine, model, processor, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     console.info(f"evaluating {spec.describe()} with the {engine.name} engine -> {out}")
 
     results: dict[str, dict] = {}
@@ -83,6 +83,7 @@ def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan],
     results = {p.name: results[p.name] for p in plans}  # the order asked for
     write_samples(run_dir.path / "samples", samples)
     report = results_report(cfg, spec, engine.name, results)
+    report["probe_gap"] = getattr(engine, "last_probe_gap", None)   # vllm: engine vs checkpoint on the probe
     (run_dir.path / compare.RESULTS).write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
     print_results(spec.ref, results)
     plot_eval(results, run_dir.path / "results.png", f"prism eval of {spec.ref}")

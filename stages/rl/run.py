@@ -28,7 +28,7 @@ from stages.common.formats import dropped_report, load_sources, source_parents
 from stages.common.models import load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.rewards import compute_score
-from stages.common.rollout import SamplingParams, make_engine
+from stages.common.rollout import SamplingParams, make_engine, probe_metrics
 from stages.rl.config import RLConfig
 
 RL_PANELS = {"reward": {"reward/mean": "reward", "acc/mean": "accuracy", "format/mean": "format"},
@@ -93,10 +93,10 @@ def run(cfg: RLConfig) -> Path:
     training.save_model(accelerator, policy, processor, run_dir.model_dir)
     records = run_dir.read_metrics()
     plots.plot_panels(records, RL_PANELS, run_dir.path / "reward.png", f"prism rl --algo {cfg.algo}")
+    engine.close()   # vLLM's teardown first: it destroys the process groups it made
     accelerator.end_training()
-    summary = summarize(records)
-    summary.update(processes=accelerator.num_processes, backend=runtime.backend.name, replica_weight_sums=replicas,
-                   data_dropped=dropped)
+    summary = dict(summarize(records), engine=engine.name, processes=accelerator.num_processes,
+                   backend=runtime.backend.name, replica_weight_sums=replicas, data_dropped=dropped)
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 
@@ -238,7 +238,8 @@ def collect_rollouts(cfg: RLConfig, accelerator, policy, engine, prompts: list[S
         all_rewards=seen["rewards"], all_acc=seen["acc"], all_fmt=seen["fmt"], all_lengths=seen["lengths"],
         filler=(rollout_prompts[0], completions[0][0]))
     sampling = {"sampling/gen_batches": batches, "sampling/groups_drawn": groups_total,
-                "sampling/groups_kept": groups_kept, "sampling/filled": filled / (quota * world)}
+                "sampling/groups_kept": groups_kept, "sampling/filled": filled / (quota * world),
+                **probe_metrics(engine)}   # vllm: this step's sync, engine vs trainer
     return rollouts, cursor, sampling
 
 

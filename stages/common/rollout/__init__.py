@@ -1,6 +1,7 @@
 """Rollout engines: `make_engine("auto"|"hf"|"vllm", model, processor, **opts)`.
 
-auto picks vllm where vLLM is importable and a CUDA device exists, else hf. The interface (RolloutPrompt,
+auto picks vllm where vLLM is importable and a CUDA device exists, else hf. Asked for by name, vllm also runs
+on vLLM's CPU build (vllm-cpu: slow, for tests and CI, see docs/vllm.md). The interface (RolloutPrompt,
 SamplingParams, Completion, RolloutEngine) lives in base.py.
 """
 
@@ -14,16 +15,37 @@ from prism_cli.errors import PrismError, UsageError
 from stages.common.registry import Registry
 from stages.common.rollout.base import Completion, RolloutEngine, RolloutPrompt, SamplingParams
 
-__all__ = ["Completion", "RolloutEngine", "RolloutPrompt", "SamplingParams", "make_engine", "vllm_usable",
+__all__ = ["Completion", "RolloutEngine", "RolloutPrompt", "SamplingParams", "make_engine", "probe_metrics",
+           "vllm_usable",
            "ENGINES", "ENGINE_NAMES"]
 
 
 def vllm_usable() -> bool:
+    """vLLM is installed and has a device it runs on: a CUDA GPU, or the CPU with vLLM's CPU build."""
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available() or vllm_cpu_build()
+
+
+def vllm_preferred() -> bool:
+    """auto picks vllm only on a CUDA GPU: on a CPU its start-up (a minute) outweighs what it saves."""
     if importlib.util.find_spec("vllm") is None:
         return False
     import torch
 
     return torch.cuda.is_available()
+
+
+def vllm_cpu_build() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm-cpu")
+    except PackageNotFoundError:
+        return False
+    return True
 
 
 MAX_PROMPT_TOKENS = 2048   # paper: max prompt 2048 (image tokens included); the vllm engine's max_model_len adds it
@@ -39,8 +61,8 @@ def _hf_engine(model, processor, *, max_new_tokens=None, seed=0, training=False,
 
 
 def _vllm_engine(model, processor, *, max_new_tokens=None, seed=0, training=False, **opts) -> RolloutEngine:
-    """max_model_len = MAX_PROMPT_TOKENS + max_new_tokens, the engine seed, and (training) sleep between
-    rollouts so the updates get the GPU memory back."""
+    """max_model_len = MAX_PROMPT_TOKENS + max_new_tokens (the engine caps it at the model's positions), the
+    engine seed, and (training) sleep between rollouts so the updates get the GPU memory back."""
     from stages.common.rollout.vllm import VLLMEngine
 
     if max_new_tokens is not None:
@@ -49,7 +71,7 @@ def _vllm_engine(model, processor, *, max_new_tokens=None, seed=0, training=Fals
 
 
 def _vllm_missing() -> str:
-    return "vLLM" if importlib.util.find_spec("vllm") is None else "a CUDA GPU"
+    return "vLLM" if importlib.util.find_spec("vllm") is None else "a CUDA GPU (or vLLM's CPU build, vllm-cpu)"
 
 
 @dataclass(frozen=True)
@@ -59,12 +81,14 @@ class Engine:
     usable: Callable[[], bool]        # can it run on this machine?
     missing: Callable[[], str]        # what this machine lacks when it cannot
     hint: str = ""
+    preferred: Callable[[], bool] | None = None   # may "auto" pick it? (default: whenever usable)
 
 
 # In "auto" preference order: the first usable one wins. Adding an engine: its module, a row, a test.
 ENGINES: Registry[Engine] = Registry("rollout engine", "rollout engine")
 ENGINES.register("vllm", Engine(_vllm_engine, "vLLM and a CUDA GPU", vllm_usable, _vllm_missing,
-                                hint="pip install 'prism-vlm[gpu]' on a GPU machine, or use --set rollout_engine=hf"))
+                                hint="pip install 'prism-vlm[gpu]' on a GPU machine, or use --set rollout_engine=hf",
+                                preferred=vllm_preferred))
 ENGINES.register("hf", Engine(_hf_engine, "transformers", lambda: True, lambda: ""))
 ENGINE_NAMES = ("auto", *ENGINES.names())
 
@@ -72,7 +96,7 @@ ENGINE_NAMES = ("auto", *ENGINES.names())
 def make_engine(name: str, model, processor, **opts) -> RolloutEngine:
     """The rollout engine called `name` (or the first usable one for "auto"); opts go to its constructor."""
     if name == "auto":
-        name = next(n for n, engine in ENGINES.items() if engine.usable())
+        name = next(n for n, engine in ENGINES.items() if (engine.preferred or engine.usable)())
     elif name not in ENGINES:
         raise UsageError(f"unknown rollout engine {name!r}: registered rollout engines are auto, "
                          + ", ".join(ENGINES.names()))
@@ -81,3 +105,10 @@ def make_engine(name: str, model, processor, **opts) -> RolloutEngine:
         raise PrismError(f"rollout engine {name} needs {engine.needs}, and this machine lacks {engine.missing()}",
                          hint=engine.hint or None)
     return engine.build(model, processor, **opts)
+
+
+def probe_metrics(engine) -> dict:
+    """{"rollout/probe_gap": gap} when the engine measured one since its last weight sync (vllm's probe: engine
+    vs trainer logprobs of a fixed text), else {} (hf samples from the trainer's own weights)."""
+    gap = getattr(engine, "last_probe_gap", None)
+    return {} if gap is None else {"rollout/probe_gap": float(gap)}

@@ -1,7 +1,8 @@
 """The rollout-engine interface: prompts (messages + images) x n samples -> completions with logprobs.
 
 Every stage that samples from a policy (curate --select unsolved, hf teachers, align, rl, eval) goes
-through an engine: `hf` everywhere, `vllm` where vLLM and a GPU exist. Engines return token ids and the
+through an engine: `hf` everywhere, `vllm` where vLLM and a GPU exist (or vLLM's CPU build,
+docs/vllm.md). Engines return token ids and the
 sampled tokens' logprobs under the sampling distribution, so RL can use them as old logprobs.
 """
 
@@ -53,3 +54,6 @@ class RolloutEngine(Protocol):
 
     def wake(self) -> None:
         ...
+
+    def close(self) -> None:
+        """Release the engine before the stage tears its process groups down (vllm); no-op for hf."""

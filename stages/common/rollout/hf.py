@@ -71,6 +71,9 @@ class HFEngine:
     def wake(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
     def generate(self, prompts: list[RolloutPrompt], params: SamplingParams) -> list[list[Completion]]:
         model = getattr(self.model, "module", self.model)
         device = next(model.parameters()).device
