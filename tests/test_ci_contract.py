@@ -32,6 +32,8 @@ def test_ci_run_switches_on_the_slow_and_root_tests():
     assert "export PRISM_SLOW=1" in script
     assert "needs_root" in script and "PRISM_CI_NO_SKIP" in script
     assert "--durations=15" in script
+    # the real-vLLM leg and the GPU window's rehearsal run in every CI run, and a failure of either fails it
+    assert ".ci/vllm-tests || status=$?" in script and "benchmarks/device/rehearse.sh || status=$?" in script
 
 
 def test_ci_run_names_the_cpu_and_the_kernel_path_it_ran_with():
