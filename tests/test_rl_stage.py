@@ -61,7 +61,7 @@ def test_rl_raises_reward(algo, sft_partial, probe_prompts, reward_before, tmp_p
     # steps, lr 2e-4 and a 32-prompt probe, gspo rose +0.0195 on an AVX512 machine against a +0.02 bar; the same
     # setting gave +0.0195 to +0.101 over 7 runs). At 16 steps, lr 4e-4, on 96 prompts x 8 samples, 9 runs (grpo /
     # dapo / gspo, seeds 0-1 with AVX512 kernels, seed 0 with ATEN_CPU_CAPABILITY=default, whose SFT start itself
-    # differs: 0.234 vs 0.224 before RL) rose +0.050 to +0.123, mean +0.080, sd 0.022. The bar, +0.025, sits
+    # differs: 0.234 vs 0.224 before RL) rose +0.050 to +0.123, mean +0.078, sd 0.021. The bar, +0.025, sits
     # 2.5 sd under that mean; the probe's own noise on a paired difference is about 0.015, so a run that learns
     # nothing clears it rarely. The exact check that each update follows its surrogate's gradient, on any
     # machine, is test_one_update_lowers_the_algorithms_own_surrogate.
