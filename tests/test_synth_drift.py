@@ -130,6 +130,47 @@ def test_spec_drift_part():
     assert [s.id for s in got] == [s.id for s in load("synth:train:40")]
 
 
+def test_the_runs_seed_reaches_synths_problems_and_drift():
+    """load_sources (what sft, align and rl read --data through) draws synth with the run's seed: another seed
+    trains on other problems with another realisation of the drift; the same seed on the same ones; a spec's
+    own :seedK wins. Before this, every seed of the ablation trained on seed 0's problems and demos."""
+    from stages.common.formats import load_sources
+
+    def demos(spec, seed):
+        (src,) = load_sources([spec], seed=seed)
+        return [(s.id, s.teacher.caption, s.teacher.think, s.teacher.answer) for s in src.samples]
+
+    s0, s1 = demos("synth:train:40:drift", 0), demos("synth:train:40:drift", 1)
+    assert s0 == demos("synth:train:40:drift", 0)
+    assert not {i for i, *_ in s0} & {i for i, *_ in s1}      # other problems (ids carry the seed)
+    assert s1 == [(s.id, s.teacher.caption, s.teacher.think, s.teacher.answer)
+                  for s in load("synth:train:40:drift", seed=1)]
+    assert demos("synth:train:40:drift:seed0", 1) == s0        # a pinned spec stays reproducible
+    # the drift's realisation follows the seed too: on seed 1's problems, seed 1's habits, not seed 0's
+    habits = lambda seed: [h for s in load("synth:train:40:drift", seed=seed) for h in s.teacher.usage["drift"]]
+    assert habits(1) != habits(0)
+
+
+def test_stages_pass_their_seed_to_their_data():
+    """sft, align and rl hand cfg.seed to load_sources (the seed fix above is only as good as its callers)."""
+    import inspect
+
+    from stages.align import run as align_run
+    from stages.rl import run as rl_run
+    from stages.sft import run as sft_run
+
+    assert "load_mixture(cfg.data, cfg.seed)" in inspect.getsource(sft_run.run)
+    assert "load_sources(specs, seed=seed)" in inspect.getsource(sft_run.load_mixture)
+    assert "load_demonstrations(cfg.data, cfg.seed)" in inspect.getsource(align_run)
+    assert "seed=seed" in inspect.getsource(align_run.load_demonstrations)
+    assert "cfg.max_prompt_chars, cfg.seed)" in inspect.getsource(rl_run)
+    assert "seed=seed" in inspect.getsource(rl_run.load_prompts)
+    ids = lambda seed: {s.id for s in rl_run.load_prompts(["synth:train:12"], seed=seed)[0]}
+    assert ids(2) != ids(0)
+    assert {s.id for s in sft_run.load_mixture(["synth:train:12:drift"], 2).samples} == ids(2)
+    assert {s.id for s in align_run.load_demonstrations(["synth:train:12"], 2)[0]} == ids(2)
+
+
 def test_bad_drift_settings():
     s = load("synth:train:1")[0]
     with pytest.raises(UsageError, match="confusion_rate"):

@@ -28,9 +28,11 @@ __all__ = ["DEFAULT_DRIFT", "TASKS", "Drift", "SynthSpec", "arms", "caption_accu
 
 def load(spec: str, seed: int = 0) -> list[Sample]:
     """The problems a synth spec names, with the oracle's demonstrations, or with the drifted demonstrator's
-    (`:drift`). Here rather than in benchmark.py: drift builds on benchmark, not the other way round."""
+    (`:drift`). `seed` (the run's) draws the problems and the drift's realisation, unless the spec pins its
+    own (`:seedK`). Here rather than in benchmark.py: drift builds on benchmark, not the other way round."""
     s = parse_spec(spec)
-    samples = generate(s.split, s.n, seed=seed, tasks=s.tasks, difficulty=s.difficulty)
+    seed = s.seed if s.seed is not None else seed
+    samples = generate(s.split, s.n, seed=seed, tasks=s.tasks, difficulty=s.difficulty, first=s.first)
     if s.drift:
         samples = [dataclasses.replace(x, teacher=drifted_demo(x, DEFAULT_DRIFT, seed)) for x in samples]
     return samples
