@@ -242,7 +242,8 @@ def tables(data: dict, seeds: list[str], eval_n: int, test_first: int = 0) -> st
         for run, by_seed in sorted(data["games"].items()):
             vals = [g for g in by_seed.values() if g]
             lines.append(f"| {run} | " + " | ".join(
-                f"{sum(g[k] for g in vals if k in g) / max(1, sum(k in g for g in vals)):.3f}" for k in keys) + " |")
+                f"{sum(g[k] for g in vals if k in g) / max(1, sum(k in g for g in vals)):{'.0f' if k == 'warmup/held_out' else '.3f'}}"
+                for k in keys) + " |")
     return "\n".join(lines)
 
 
