@@ -78,11 +78,12 @@ class SynthSpec:
     difficulty: int | None = None
     tasks: tuple[str, ...] | None = None
     drift: bool = False  # demonstrations by the drifted demonstrator (synth/drift.py) instead of the oracle
+    drift_kind: str = "drift"  # drift: the default habits; drift-swap: green<->blue only (synth/drift.py DRIFTS)
     first: int = 0       # the index of the first problem (fromK): a slice that skips problems 0..K-1
     seed: int | None = None  # seedK pins the problems and the drift to seed K; None: the run's seed
 
 
-SPEC_HELP = "synth[:train|test][:N][:d1|d2|d3][:task+task...][:drift][:fromK][:seedK]"
+SPEC_HELP = "synth[:train|test][:N][:d1|d2|d3][:task+task...][:drift|:drift-swap][:fromK][:seedK]"
 
 
 def parse_spec(spec: str) -> SynthSpec:
@@ -108,8 +109,9 @@ def parse_spec(spec: str) -> SynthSpec:
             put("n", int(part), part)
         elif len(part) == 2 and part[0] == "d" and part[1] in "123":
             put("difficulty", int(part[1]), part)
-        elif part == "drift":
+        elif part in ("drift", "drift-swap"):
             put("drift", True, part)
+            found["drift_kind"] = part
         elif part.startswith("from") and part[4:].isdigit():
             put("first", int(part[4:]), part)
         elif part.startswith("seed") and part[4:].isdigit():
