@@ -1,12 +1,13 @@
-"""The ablation table of recipes/ablation-tiny.sh: every eval directory under --out-dir -> one row per
-checkpoint kind with the mean over seeds and its 95% interval, per-family accuracy, perception measures, the
-error split, paired differences (does alignment help the same seed's RL?), and the alignment game's evidence.
+"""The ablation table of recipes/ablation-tiny.sh (design: docs/miniature.md): every eval directory under
+--out-dir -> one row per checkpoint kind with the mean over seeds and its 95% t interval, per-family accuracy,
+perception measures, the error split; the comparisons fixed in the design, each as a paired bootstrap over seeds
+and problems with per-problem win/loss counts; and the alignment game's evidence.
 
-    python benchmarks/ablation_table.py --out-dir out/ablation-tiny --seeds "0 1 2" --eval-n 500 \
-        --results benchmarks/results/ablation-tiny
+    python benchmarks/ablation_table.py --out-dir out/ablation-tiny --seeds "0 1 2" --eval-n 2000 \
+        --test-first 1500 --results benchmarks/results/ablation-tiny
 
-Writes RESULTS.json (every number, per seed), RESULTS.md (the tables) and RESULTS.png (accuracy and
-perception per row, with the intervals).
+Writes RESULTS.json (every number per seed, each row's per-problem correctness, the comparisons), RESULTS.md
+(the tables) and RESULTS.png (accuracy and perception per row, with the intervals).
 """
 
 from __future__ import annotations
@@ -20,29 +21,37 @@ from pathlib import Path
 from stages.common.synth import generate
 from stages.common.synth.caption_check import mentions, scene_items
 from stages.common.protocol import parse_response
+from stages.eval.compare import paired_bootstrap, resolved, wins_losses
 from stages.eval.synth_native import summarize
 
-# The rows in the order the paper's table reads; labels as the README and the plot show them.
+# The rows in the order the table reads; labels as the README and the plot show them (docs/miniature.md).
 ROWS = {
     "base": "base (tiny-seeing)",
-    "sft_clean": "SFT on clean demos (reference)",
-    "sft": "SFT (drifted demos)",
-    "sft-grpo": "SFT -> GRPO",
-    "sft-dapo": "SFT -> DAPO",
-    "sft-gspo": "SFT -> GSPO",
+    "sft": "SFT, drifted public demos",
+    "sft-teacher": "SFT -> plain SFT on teacher demos (control)",
     "sft-prism": "SFT -> PRISM",
-    "sft-prism-grpo": "SFT -> PRISM -> GRPO",
     "sft-prism-dapo": "SFT -> PRISM -> DAPO",
-    "sft-prism-gspo": "SFT -> PRISM -> GSPO",
-    "sft-prism_dense": "SFT -> PRISM (dense disc)",
-    "sft-prism_textonly": "SFT -> PRISM (text-only disc)",
-    "sft-prism_dense-grpo": "SFT -> PRISM (dense disc) -> GRPO",
-    "sft-prism_textonly-grpo": "SFT -> PRISM (text-only disc) -> GRPO",
+    "sft-dapo-2x": "SFT -> DAPO, 2x steps (control)",
+    "mix": "SFT on the mix (public + teacher demos)",
+    "mix-teacher": "mix -> plain SFT on teacher demos (control)",
+    "mix-prism": "mix -> PRISM",
+    "mix-dapo": "mix -> DAPO",
+    "mix-prism-dapo": "mix -> PRISM -> DAPO",
+    "mix-dapo-2x": "mix -> DAPO, 2x steps (control)",
+    "mix-grpo": "mix -> GRPO",
+    "mix-prism-grpo": "mix -> PRISM -> GRPO",
+    "mix-gspo": "mix -> GSPO",
+    "mix-prism-gspo": "mix -> PRISM -> GSPO",
 }
-# Paired by seed: (with alignment, without) -- the question the paper asks of each RL algorithm.
-PAIRS = [("sft-prism", "sft"), ("sft-prism-grpo", "sft-grpo"), ("sft-prism-dapo", "sft-dapo"),
-         ("sft-prism-gspo", "sft-gspo"), ("sft-prism_dense-grpo", "sft-prism-grpo"),
-         ("sft-prism_textonly-grpo", "sft-prism-grpo"), ("sft", "sft_clean")]
+# The comparisons fixed in advance (docs/miniature.md): (id, row, reference, primary). Row minus reference,
+# paired by seed and problem.
+COMPARISONS = [("P1", "mix-prism", "mix-teacher", True), ("P2", "mix-prism-dapo", "mix-dapo-2x", True),
+               ("P3", "mix-prism", "mix", False), ("P4", "mix-prism-dapo", "mix-dapo", False),
+               ("P5", "sft-prism", "sft-teacher", False), ("P6", "sft-prism-dapo", "sft-dapo-2x", False),
+               ("P7", "mix", "sft", False), ("P8", "mix-prism-grpo", "mix-grpo", False),
+               ("P8", "mix-prism-gspo", "mix-gspo", False)]
+PAIRED_MEASURES = ("acc", "caption_f1", "green_recall")
+N_BOOT, BOOT_SEED = 10_000, 0
 MEASURES = ("acc", "caption_f1", "exact_count", "green_recall", "perception_errors", "reasoning_errors", "format")
 # Two-sided 95% Student-t quantiles by degrees of freedom (n seeds - 1).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -89,6 +98,18 @@ def score_records(records: list[dict], scenes: dict[str, dict]) -> dict:
             "acc_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())}}
 
 
+def per_problem(records: list[dict], scenes: dict[str, dict]) -> dict[str, dict]:
+    """{problem id: {acc, caption_f1, green_hits, greens}}: what the paired bootstrap resamples."""
+    out = {}
+    for r in records:
+        named = mentions(parse_response(r["response"]).caption or "")
+        greens = {k: v for k, v in scene_items(scenes[r["id"]]).items() if k[0] == "green"}
+        out[r["id"]] = {"acc": float(r["acc"]), "caption_f1": float(r.get("caption_f1") or 0.0),
+                        "green_hits": sum(min(v, named.get(k, 0)) for k, v in greens.items()),
+                        "greens": sum(greens.values())}
+    return out
+
+
 def game_evidence(run: Path) -> dict | None:
     """What the alignment game measured: held-out discriminator accuracy after warmup, and over the game the
     discriminator's pairwise accuracy, the teacher-student score gaps and the advantage spread (first and last
@@ -99,43 +120,86 @@ def game_evidence(run: Path) -> dict | None:
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     game = [r for r in records if "gap/caption" in r]
     warm = [r for r in records if r.get("phase") == "warmup_done"]
-    out = {k: v for k, v in (warm[-1] if warm else {}).items() if k.startswith("warmup/heldout")}
+    out = {k: v for k, v in (warm[-1] if warm else {}).items() if k.startswith(("warmup/heldout", "warmup/held_out"))}
     k = max(1, len(game) // 5)
     for key in ("d/acc_caption", "d/acc_think", "gap/caption", "gap/think", "advantage/std", "acc/mean"):
         vals = [r[key] for r in game if key in r and r[key] == r[key]]
         if vals:
             out[f"first {key}"] = sum(vals[:k]) / len(vals[:k])
             out[f"last {key}"] = sum(vals[-k:]) / len(vals[-k:])
-    return out
+    return out if game else None  # an RL run's metrics: not a game
 
 
-def collect(out_dir: Path, eval_n: int) -> dict:
-    scenes = {s.id: s.meta["scene"] for s in generate("test", eval_n, seed=0)}
+def collect(out_dir: Path, eval_n: int, test_first: int = 0) -> dict:
+    """Every synth evaluation under out_dir scored (rows[row][seed]), each row's per-problem scores
+    (problems[row][seed][id], for the paired comparisons), and every align run's game evidence."""
+    scenes = {s.id: s.meta["scene"] for s in generate("test", eval_n, seed=0, first=test_first)}
     per_seed: dict[str, dict[str, dict]] = {}
+    problems: dict[str, dict[str, dict]] = {}
     for results in sorted(out_dir.glob("**/results.json")):
         report = json.loads(results.read_text())
         if "synth" not in report.get("tasks", {}):
             continue
         row, seed = row_of(report["checkpoint"]["ref"])
         lines = (results.parent / "samples" / "synth.jsonl").read_text().splitlines()
-        scored = score_records([json.loads(x) for x in lines if x.strip()], scenes)
-        if scored["n"] != eval_n:
-            raise SystemExit(f"{results}: {scored['n']} problems, expected {eval_n}")
-        per_seed.setdefault(row, {})[seed] = scored
+        records = [json.loads(x) for x in lines if x.strip()]
+        if len(records) != eval_n or any(r["id"] not in scenes for r in records):
+            raise SystemExit(f"{results}: {len(records)} problems, expected {eval_n} from test problem {test_first}")
+        per_seed.setdefault(row, {})[seed] = scored = score_records(records, scenes)
+        problems.setdefault(row, {})[seed] = per_problem(records, scenes)
+        scored["acc_bits"] = "".join("1" if problems[row][seed][i]["acc"] >= 1.0 else "0" for i in scenes)
     games = {}
-    for metrics in sorted(out_dir.glob("seed*/sft-prism*/metrics.jsonl")):
-        if "-" not in metrics.parent.name.removeprefix("sft-"):  # the align runs, not the RL after them
-            games.setdefault(metrics.parent.name, {})[metrics.parent.parent.name[4:]] = game_evidence(metrics.parent)
-    return {"rows": per_seed, "games": games}
+    for metrics in sorted(out_dir.glob("seed*/*/metrics.jsonl")):
+        evidence = game_evidence(metrics.parent)
+        if evidence is not None:  # align runs only
+            games.setdefault(metrics.parent.name, {})[metrics.parent.parent.name[4:]] = evidence
+    return {"rows": per_seed, "games": games, "problems": problems}
+
+
+def compare_rows(problems: dict, row: str, ref: str, seeds: list[str], n_boot: int = N_BOOT,
+                 seed: int = BOOT_SEED) -> dict:
+    """Row minus reference on every paired measure: the paired bootstrap over seeds x problems (the base,
+    evaluated once, pairs with every seed), and per-seed win/loss counts on accuracy."""
+    def runs(name: str) -> list[dict]:
+        by_seed = problems[name]
+        return [by_seed["-"]] * len(seeds) if "-" in by_seed else [by_seed[s] for s in seeds]
+
+    ids = sorted(runs(row)[0])  # the same problems in the same order for both rows and every seed
+
+    def cells(name: str, key: str) -> list[list[float]]:
+        return [[run[i][key] for i in ids] for run in runs(name)]
+
+    out = {}
+    for measure in PAIRED_MEASURES:
+        if measure == "green_recall":  # a ratio of sums: per-problem recall weighted by its greens
+            greens = cells(row, "greens")
+            a = [[h / g if g else 0.0 for h, g in zip(hs, gs)] for hs, gs in zip(cells(row, "green_hits"), greens)]
+            b = [[h / g if g else 0.0 for h, g in zip(hs, gs)] for hs, gs in zip(cells(ref, "green_hits"), greens)]
+            out[measure] = paired_bootstrap(a, b, n_boot=n_boot, seed=seed, weights=greens)
+        else:
+            out[measure] = paired_bootstrap(cells(row, measure), cells(ref, measure), n_boot=n_boot, seed=seed)
+    a, b = cells(row, "acc"), cells(ref, "acc")
+    out["wins_losses"] = {s: list(wins_losses(x, y)) for s, x, y in zip(seeds, a, b)}
+    return out
+
+
+def comparisons(data: dict, seeds: list[str]) -> list[dict]:
+    """The design's comparisons whose rows were run, in its order."""
+    out = []
+    for cid, row, ref, primary in COMPARISONS:
+        if row in data["problems"] and ref in data["problems"]:
+            out.append({"id": cid, "row": row, "ref": ref, "primary": primary,
+                        **compare_rows(data["problems"], row, ref, seeds)})
+    return out
 
 
 def fmt(mean: float, half: float | None, scale: float = 100.0) -> str:
     return f"{scale * mean:.1f}" + (f" ± {scale * half:.1f}" if half is not None else "")
 
 
-def tables(data: dict, seeds: list[str], eval_n: int) -> str:
+def tables(data: dict, seeds: list[str], eval_n: int, test_first: int = 0) -> str:
     rows = [r for r in ROWS if r in data["rows"]]
-    lines = [f"Greedy, on the same {eval_n} synth test problems; mean over seeds {' '.join(seeds)} ± the 95% "
+    lines = [f"Greedy, on the same {eval_n} synth test problems ({test_first} to {test_first + eval_n - 1}); mean over seeds {' '.join(seeds)} ± the 95% "
              "t interval of that mean (the base is deterministic: one evaluation). Percent.", "",
              "| row | accuracy | caption F1 | exact count | green recall | perception err | reasoning err | format |",
              "|---|---|---|---|---|---|---|---|"]
@@ -149,26 +213,37 @@ def tables(data: dict, seeds: list[str], eval_n: int) -> str:
         vals = data["rows"][r].values()
         lines.append(f"| {ROWS[r]} | " + " | ".join(
             f"{100 * interval([v['acc_by_task'].get(t, 0.0) for v in vals])[0]:.1f}" for t in tasks) + " |")
-    lines += ["", "Paired by seed (row minus reference, same seed), mean ± 95% t interval, points:", "",
-              "| comparison | accuracy | caption F1 | exact count | green recall |", "|---|---|---|---|---|"]
-    for a, b in PAIRS:
-        if a in data["rows"] and b in data["rows"]:
-            common = [s for s in data["rows"][a] if s in data["rows"][b]]
-            cells = [fmt(*interval([data["rows"][a][s][m] - data["rows"][b][s][m] for s in common]))
-                     for m in ("acc", "caption_f1", "exact_count", "green_recall")]
-            lines.append(f"| {ROWS[a]} vs {ROWS[b]} | " + " | ".join(cells) + " |")
+    lines += ["", f"The comparisons fixed in advance (docs/miniature.md; P1 and P2 are primary): row minus reference, "
+              f"paired by seed and problem, points, with the 95% interval of a bootstrap over seeds and problems "
+              f"({N_BOOT} replicates, seed {BOOT_SEED}); ** the interval excludes 0. Wins / losses: problems the row "
+              "gets right and the reference wrong / the reverse, per seed.", "",
+              "| | comparison | accuracy | caption F1 | green recall | wins / losses (accuracy) |",
+              "|---|---|---|---|---|---|"]
+    for c in data.get("comparisons", []):
+        cells = []
+        for m in PAIRED_MEASURES:
+            b = c[m]
+            text = f"{100 * b['diff']:+.1f} [{100 * b['low']:+.1f}, {100 * b['high']:+.1f}]"
+            cells.append(f"**{text}**" if resolved(b) else text)
+        wl = ", ".join(f"{w}/{lo}" for w, lo in c["wins_losses"].values())
+        total = [sum(x[i] for x in c["wins_losses"].values()) for i in (0, 1)]
+        lines.append(f"| {c['id']}{' (primary)' if c['primary'] else ''} | {ROWS[c['row']]} vs {ROWS[c['ref']]} | "
+                     + " | ".join(cells) + f" | {wl} (total {total[0]}/{total[1]}) |")
     if data["games"]:
-        keys = ["warmup/heldout_acc_caption", "warmup/heldout_acc_think", "first d/acc_caption", "last d/acc_caption",
+        keys = ["warmup/held_out", "warmup/heldout_acc_caption_before", "warmup/heldout_acc_caption",
+                "warmup/heldout_acc_think_before", "warmup/heldout_acc_think", "first d/acc_caption", "last d/acc_caption",
                 "first d/acc_think", "last d/acc_think", "first gap/caption", "last gap/caption",
                 "first gap/think", "last gap/think", "last advantage/std"]
-        lines += ["", "The alignment game (mean over seeds): held-out pairwise accuracy of the warmed-up discriminator,"
+        lines += ["", "The alignment game (mean over seeds): held-out pairs and the discriminator's pairwise accuracy on"
+                  " them before and after warmup,"
                   " its pairwise accuracy and the teacher-minus-student score gaps over the first and last fifth of"
                   " the game, and the spread of the policy's advantages:", "",
                   "| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for run, by_seed in sorted(data["games"].items()):
             vals = [g for g in by_seed.values() if g]
             lines.append(f"| {run} | " + " | ".join(
-                f"{sum(g[k] for g in vals if k in g) / max(1, sum(k in g for g in vals)):.3f}" for k in keys) + " |")
+                f"{sum(g[k] for g in vals if k in g) / max(1, sum(k in g for g in vals)):{'.0f' if k == 'warmup/held_out' else '.3f'}}"
+                for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -184,8 +259,8 @@ def plot(data: dict, png: Path, eval_n: int) -> None:
                                   ("answer accuracy", "caption F1 (perception)", "green recall (green named green)",
                                    "exact object count")):
         stats = [interval([v[measure] for v in data["rows"][r].values()]) for r in rows]
-        colours = ["#999999" if r == "base" else "#bbbbbb" if r == "sft_clean" else "#4c72b0" if r.startswith("sft-prism")
-                   else "#dd8452" for r in rows]
+        colours = ["#999999" if r == "base" else "#55a868" if r.endswith(("-teacher", "-2x")) else "#4c72b0"
+                   if "prism" in r else "#dd8452" for r in rows]
         ax.barh(range(len(rows)), [100 * m for m, _ in stats], color=colours,
                 xerr=[100 * (h or 0) for _, h in stats], capsize=3)
         for i, (m, _) in enumerate(stats):
@@ -194,7 +269,8 @@ def plot(data: dict, png: Path, eval_n: int) -> None:
         ax.set_xlim(0, 100)
     axes[0].set_yticks(range(len(rows)), [ROWS[r] for r in rows], fontsize=8)
     axes[0].invert_yaxis()
-    fig.suptitle(f"PRISM in miniature: tiny-seeing on synth, {eval_n} test problems, mean and 95% interval over seeds")
+    fig.suptitle(f"PRISM in miniature: tiny-seeing on synth, {eval_n} test problems, mean and 95% interval over seeds"
+                 " (green: controls)")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
@@ -203,7 +279,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/ablation_table.py")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--eval-n", type=int, default=500)
+    parser.add_argument("--eval-n", type=int, default=2000)
+    parser.add_argument("--test-first", type=int, default=1500, help="the index of the first test problem")
     parser.add_argument("--results", required=True, help="path prefix of the .json/.md/.png written")
     parser.add_argument("--settings", default="")
     parser.add_argument("--timings", default="")
@@ -211,21 +288,27 @@ def main(argv=None) -> int:
     parser.add_argument("--load-start", default="")
     args = parser.parse_args(argv)
     seeds = args.seeds.split()
-    data = collect(Path(args.out_dir), args.eval_n)
+    data = collect(Path(args.out_dir), args.eval_n, args.test_first)
     missing = [f"{r}/seed{s}" for r in ROWS if r != "base" and r in data["rows"] for s in seeds
                if s not in data["rows"][r]]
     if missing:
         raise SystemExit(f"evaluations missing: {', '.join(missing)}")
+    data["comparisons"] = comparisons(data, seeds)
+    problems = data.pop("problems")  # in the JSON as each row's acc_bits; the rest is recomputed from samples
     machine = f"{platform.system()} {platform.machine()}, {__import__('os').cpu_count()} cores"
     prefix = Path(args.results)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{prefix}.json").write_text(json.dumps({"seeds": seeds, "eval_n": args.eval_n, "settings": args.settings,
-                                                  "machine": machine, "wall_s": args.wall, **data}, indent=1) + "\n")
-    md = ["# PRISM in miniature (recipes/ablation-tiny.sh)", "", tables(data, seeds, args.eval_n), "",
+    Path(f"{prefix}.json").write_text(json.dumps({"seeds": seeds, "eval_n": args.eval_n, "test_first": args.test_first,
+                                                  "bootstrap": {"replicates": N_BOOT, "seed": BOOT_SEED},
+                                                  "settings": args.settings, "machine": machine, "wall_s": args.wall,
+                                                  **data}, indent=1) + "\n")
+    md = ["# PRISM in miniature (recipes/ablation-tiny.sh; design: docs/miniature.md)", "",
+          tables(data, seeds, args.eval_n, args.test_first), "",
           f"Settings: {args.settings}.", "",
           f"Machine: {machine}; load average at start {args.load_start}. Wall time {args.wall} s "
           f"({args.wall // 60} min).", "", f"Stage wall times (s): {args.timings}", ""]
     Path(f"{prefix}.md").write_text("\n".join(md))
+    data["problems"] = problems
     plot(data, Path(f"{prefix}.png"), args.eval_n)
     print("\n".join(md))
     return 0

@@ -5,11 +5,14 @@
 #
 #   bash recipes/tiny.sh                  # writes out/tiny/ (about 5 min on 2 cores)
 #   OUT=/tmp/demo bash recipes/tiny.sh    # elsewhere; reruns overwrite (--overwrite)
+#   SFT_TEACHER=1 bash recipes/tiny.sh    # adds the control: plain SFT on align's teacher demos, align's steps and lr
 #
 # What it shows: SFT on drifted "public" demonstrations (synth:train:N:drift: a consistent green->blue
 # confusion, a dropped object, an off-by-one step) costs the base perception it had (caption F1, exact
-# object counts); align and RL then run on that drifted policy. recipes/ablation-tiny.sh measures the
-# whole comparison over seeds (benchmarks/results/ablation-tiny.md).
+# object counts); align and RL then run on that drifted policy. Every checkpoint is evaluated on synth test
+# problems 1,500-1,699, a slice never used to choose anything (docs/miniature.md), and the last table pairs
+# each with the base problem by problem. recipes/ablation-tiny.sh measures the whole comparison over seeds,
+# with the controls (benchmarks/results/ablation-tiny.md).
 # Step counts and learning rates are sized for the tiny model (1.3M parameters), not the paper's: align/RL
 # use 2e-5 (the paper's 1e-6 is for 4B models) and short responses (128 tokens), so DAPO's overlong buffer
 # is 16, not 4096. The paper-scale chain is recipes/qwen3vl-4b/run.sh.
@@ -23,6 +26,7 @@ cd "$ROOT"
 # ---- environment: an interpreter that imports prism, the `prism` function, offline single-thread env
 source "$ROOT/recipes/tiny-env.sh"
 
+SFT_TEACHER=${SFT_TEACHER:-0}   # 1: also run the control the paper omits (step 3b)
 START=$SECONDS
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 TIMINGS=()
@@ -51,14 +55,23 @@ step align          align --ckpt "$OUT/sft" --data "$OUT/curated" --disc-base ti
                       --steps 20 --prompts-per-step 4 --rollouts-per-prompt 8 --max-new-tokens 128 \
                       --lr 2e-5 --disc-lr 2e-5 --freeze-vision --out "$OUT/align" --overwrite
 
+# 3b. (SFT_TEACHER=1) the control: plain SFT from the same drifted policy on the same teacher demos, with
+#     align's policy steps and lr. What the game adds is what align does beyond this.
+CONTROL=()
+if [ "$SFT_TEACHER" = 1 ]; then
+  step sft-teacher  sft --ckpt "$OUT/sft" --data "$OUT/curated" --max-steps 20 --batch-size 8 --micro-batch-size 8 \
+                      --lr 2e-5 --warmup 2 --save-every 1000 --freeze-vision --out "$OUT/sft-teacher" --overwrite
+  CONTROL=(--ckpt "$OUT/sft-teacher")
+fi
+
 # 4. rl: DAPO with the verifiable reward on synth train problems
 step rl             rl --algo dapo --ckpt "$OUT/align" --data synth:train:1024 \
                       --steps 20 --prompts-per-step 8 --rollouts-per-prompt 8 --max-new-tokens 128 \
                       --overlong-buffer 16 --lr 2e-5 --warmup 2 --freeze-vision --out "$OUT/rl" --overwrite
 
-# 5. eval: every stage's checkpoint on the held-out synth test split (greedy)
-step eval           eval --ckpt tiny-seeing --ckpt "$OUT/sft" --ckpt "$OUT/align" --ckpt "$OUT/rl" \
-                      --tasks synth --synth synth:test:200 --max-new-tokens 128 --batch-size 50 \
+# 5. eval: every stage's checkpoint on 200 held-out synth test problems from 1,500 on (greedy)
+step eval           eval --ckpt tiny-seeing --ckpt "$OUT/sft" "${CONTROL[@]}" --ckpt "$OUT/align" --ckpt "$OUT/rl" \
+                      --tasks synth --synth synth:test:200:from1500 --max-new-tokens 128 --batch-size 50 \
                       --out "$OUT/eval" --overwrite
 
 # 6. export: the RL policy as a plain Hugging Face folder with a model card (reloaded and checked)
@@ -69,4 +82,6 @@ echo "==> timings ($(nproc --all) cores; load average at start $LOAD_START, now 
 printf '  %s\n' "${TIMINGS[@]}"
 printf '  %-14s %4ds\n' total $((SECONDS - START))
 echo
-prism eval --compare "$OUT/eval/eval-tiny-seeing,$OUT/eval/eval-sft,$OUT/eval/eval-align,$OUT/eval/eval-rl"
+CONTROL_EVAL=""
+[ "$SFT_TEACHER" = 1 ] && CONTROL_EVAL=",$OUT/eval/eval-sft-teacher"
+prism eval --compare "$OUT/eval/eval-tiny-seeing,$OUT/eval/eval-sft$CONTROL_EVAL,$OUT/eval/eval-align,$OUT/eval/eval-rl"

@@ -32,7 +32,7 @@ def test_interval_is_the_students_t_half_width(table):
 
 
 def test_rows_come_from_the_checkpoint_ref(table):
-    assert table.row_of("/x/out/seed2/sft-prism-grpo") == ("sft-prism-grpo", "2")
+    assert table.row_of("/x/out/seed2/mix-prism-dapo") == ("mix-prism-dapo", "2")
     assert table.row_of("tiny-seeing") == ("base", "-")
 
 
@@ -77,31 +77,54 @@ def write_eval(directory: Path, ref: str, records: list[dict]) -> None:
     (directory / "samples" / "synth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def test_collect_pairs_rows_by_seed_and_reads_the_game(table, tmp_path):
-    samples = generate("test", 4, seed=0)
+def test_collect_pairs_rows_by_seed_and_problem_and_reads_the_game(table, tmp_path):
+    samples = generate("test", 4, seed=0, first=10)   # a slice that does not start at 0, as the design's
     right = [record(s, response(s.meta["scene"].get("objects", []), s.answer), 1.0, 1.0) for s in samples]
     wrong = [dict(r, acc=0.0) for r in right]
-    for seed, sft, aligned in (("0", wrong, right), ("1", wrong, wrong)):
-        write_eval(tmp_path / f"seed{seed}" / "evals" / "eval-sft", str(tmp_path / f"seed{seed}" / "sft"), sft)
+    for seed, teacher, aligned in (("0", wrong, right), ("1", wrong, wrong)):
+        write_eval(tmp_path / f"seed{seed}" / "evals" / "eval-sft-teacher",
+                   str(tmp_path / f"seed{seed}" / "sft-teacher"), teacher)
         write_eval(tmp_path / f"seed{seed}" / "evals" / "eval-sft-prism", str(tmp_path / f"seed{seed}" / "sft-prism"),
                    aligned)
     game = tmp_path / "seed0" / "sft-prism"
     game.mkdir()
-    lines = [{"phase": "warmup_done", "step": 0, "warmup/heldout_acc_caption": 0.75}]
+    lines = [{"phase": "warmup_done", "step": 0, "warmup/heldout_acc_caption": 0.75, "warmup/held_out": 128}]
     lines += [{"step": i, "gap/caption": 1.0 - i / 10, "gap/think": 0.1, "d/acc_caption": 0.9, "d/acc_think": 0.5,
                "advantage/std": 0.3} for i in range(1, 11)]
     (game / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    (tmp_path / "seed0" / "sft-prism-grpo").mkdir()  # an RL run after align: not a game
-    (tmp_path / "seed0" / "sft-prism-grpo" / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    (tmp_path / "seed0" / "sft-prism-dapo").mkdir()  # an RL run after align: not a game
+    (tmp_path / "seed0" / "sft-prism-dapo" / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
 
-    data = table.collect(tmp_path, 4)
-    assert data["rows"]["sft"]["0"]["acc"] == 0.0 and data["rows"]["sft-prism"]["0"]["acc"] == 1.0
+    data = table.collect(tmp_path, 4, 10)
+    assert data["rows"]["sft-teacher"]["0"]["acc"] == 0.0 and data["rows"]["sft-prism"]["0"]["acc"] == 1.0
+    assert data["rows"]["sft-prism"]["0"]["acc_bits"] == "1111" and data["rows"]["sft-prism"]["1"]["acc_bits"] == "0000"
     assert set(data["games"]) == {"sft-prism"}
     g = data["games"]["sft-prism"]["0"]
-    assert g["warmup/heldout_acc_caption"] == 0.75
+    assert g["warmup/heldout_acc_caption"] == 0.75 and g["warmup/held_out"] == 128
     assert g["first gap/caption"] == pytest.approx(0.85) and g["last gap/caption"] == pytest.approx(0.05)
-    md = table.tables(data, ["0", "1"], 4)
-    paired = next(line for line in md.splitlines() if line.startswith("| SFT -> PRISM vs SFT (drifted demos)"))
-    assert paired.split("|")[2].strip() == f"50.0 ± {100 * 12.706 * math.sqrt(0.5) / math.sqrt(2):.1f}"  # +100 and 0 points: sd 0.707
+    data["comparisons"] = table.comparisons(data, ["0", "1"])
+    (p5,) = data["comparisons"]                         # the only design comparison whose rows exist here
+    assert (p5["id"], p5["row"], p5["ref"], p5["primary"]) == ("P5", "sft-prism", "sft-teacher", False)
+    assert p5["acc"]["diff"] == pytest.approx(0.5) and p5["acc"]["seeds"] == 2 and p5["acc"]["problems"] == 4
+    assert p5["acc"]["low"] == 0.0 and p5["acc"]["high"] == 1.0   # seed 0 drawn twice: +100; seed 1 twice: 0
+    assert p5["wins_losses"] == {"0": [4, 0], "1": [0, 0]}
+    md = table.tables(data, ["0", "1"], 4, 10)
+    assert "4 synth test problems (10 to 13)" in md
+    paired = next(line for line in md.splitlines() if line.startswith("| P5 |"))
+    assert "+50.0 [+0.0, +100.0]" in paired and "4/0, 0/0 (total 4/0)" in paired
+    per_seed = next(line for line in md.splitlines() if line.startswith("| SFT -> PRISM |"))
+    assert per_seed.split("|")[2].strip() == f"50.0 ± {100 * 12.706 * math.sqrt(0.5) / math.sqrt(2):.1f}"
     with pytest.raises(SystemExit, match="expected 5"):
-        table.collect(tmp_path, 5)
+        table.collect(tmp_path, 5, 10)
+    with pytest.raises(SystemExit, match="from test problem 0"):
+        table.collect(tmp_path, 4, 0)                   # the evaluations hold problems 10-13, not 0-3
+
+
+def test_green_recall_is_compared_as_a_ratio_of_sums(table):
+    problems = {r: {"0": {"p1": {"acc": 1.0, "caption_f1": 1.0, "green_hits": h1, "greens": 1},
+                          "p2": {"acc": 1.0, "caption_f1": 1.0, "green_hits": h2, "greens": 3},
+                          "p3": {"acc": 0.0, "caption_f1": 0.5, "green_hits": 0, "greens": 0}}}
+                for r, h1, h2 in (("a", 1, 3), ("b", 0, 1))}
+    got = table.compare_rows(problems, "a", "b", ["0"], n_boot=200)
+    assert got["green_recall"]["diff"] == pytest.approx(4 / 4 - 1 / 4)   # pooled: 4 of 4 greens against 1 of 4
+    assert got["acc"]["diff"] == 0.0 and got["wins_losses"] == {"0": [0, 0]}

@@ -190,3 +190,92 @@ def test_compare_refuses_non_eval_directories(tmp_path):
         compare.show([str(tmp_path)])
     with pytest.raises(PrismError, match="not a directory"):
         compare.show([str(tmp_path / "missing")])
+
+
+# ---- paired differences (prism eval --compare): hand-made per-problem results
+
+def test_paired_bootstrap_excludes_zero_when_one_row_wins_everywhere_it_differs():
+    b = [0.0] * 30 + [1.0] * 70          # the reference: wrong on the first 30 of 100 problems
+    a = [1.0] * 100                      # right everywhere
+    got = compare.paired_bootstrap(a, b, n_boot=2000, seed=0)
+    assert got["diff"] == pytest.approx(0.30) and got["seeds"] == 1 and got["problems"] == 100
+    assert 0.15 < got["low"] < 0.30 < got["high"] < 0.45 and compare.resolved(got)
+    assert compare.wins_losses(a, b) == (30, 0)
+
+
+def test_paired_bootstrap_contains_zero_when_wins_and_losses_balance():
+    a = [1.0] * 20 + [0.0] * 20 + [1.0] * 60
+    b = [0.0] * 20 + [1.0] * 20 + [1.0] * 60
+    got = compare.paired_bootstrap(a, b, n_boot=2000, seed=0)
+    assert got["diff"] == 0.0 and got["low"] < 0 < got["high"] and not compare.resolved(got)
+    assert compare.wins_losses(a, b) == (20, 20)
+    assert compare.paired_bootstrap(a, b, n_boot=2000, seed=0) == got   # seeded: the same interval again
+
+
+def test_paired_bootstrap_resamples_seeds_as_well_as_problems():
+    """Two seeds that disagree (+50 and -50 points on the same 100 problems): over problems alone each seed is
+    resolved; with the seeds resampled the interval must reach both seeds' values, across zero."""
+    plus = ([1.0] * 50 + [0.0] * 50, [0.0] * 100)
+    minus = ([0.0] * 100, [1.0] * 50 + [0.0] * 50)
+    assert compare.resolved(compare.paired_bootstrap(*plus, n_boot=1000))
+    got = compare.paired_bootstrap([plus[0], minus[0]], [plus[1], minus[1]], n_boot=4000, seed=1)
+    assert got["diff"] == 0.0 and got["seeds"] == 2
+    assert got["low"] < -0.4 and got["high"] > 0.4          # a quarter of the replicates draw one seed twice
+    assert compare.wins_losses([plus[0], minus[0]], [plus[1], minus[1]]) == (50, 50)
+
+
+def test_paired_bootstrap_weights_give_a_ratio_of_sums_and_bad_shapes_are_refused():
+    from prism_cli.errors import PrismError
+
+    recall_a, recall_b, greens = [1.0, 0.5, 0.0], [0.0, 0.5, 0.0], [1, 2, 0]   # per-problem recall, denominators
+    got = compare.paired_bootstrap(recall_a, recall_b, n_boot=200, weights=greens)
+    assert got["diff"] == pytest.approx((1 * 1 + 2 * 0.5 - 1 * 0 - 2 * 0.5) / 3)   # 2/3 - 1/3 of the greens
+    with pytest.raises(PrismError, match="one shape"):
+        compare.paired_bootstrap([1.0, 0.0], [1.0])
+    with pytest.raises(PrismError, match="sum to zero"):
+        compare.paired_bootstrap([1.0], [0.0], weights=[0])
+    with pytest.raises(PrismError, match="same problems"):
+        compare.wins_losses([1, 0], [1, 0, 1])
+
+
+def write_samples(directory, ref, scores, task="synth"):
+    write_results(directory, ref, {task: sum(scores.values()) / len(scores)})
+    (directory / "samples").mkdir()
+    (directory / "samples" / f"{task}.jsonl").write_text(
+        "".join(json.dumps({"id": k, "acc": v, "response": "x"}) + "\n" for k, v in scores.items()))
+
+
+def test_compare_pairs_rows_problem_by_problem_over_seeds(tmp_path):
+    ids = [f"p{i}" for i in range(40)]
+    ref = {i: 1.0 if n < 20 else 0.0 for n, i in enumerate(ids)}                  # right on p0-p19
+    better = {i: 1.0 if n < 30 else 0.0 for n, i in enumerate(ids)}               # also p20-p29: 10 wins
+    same = {i: 1.0 if 5 <= n < 25 else 0.0 for n, i in enumerate(ids)}           # 5 wins, 5 losses
+    for seed in ("0", "1"):
+        write_samples(tmp_path / f"s{seed}" / "sft", f"s{seed}/sft", ref)
+        write_samples(tmp_path / f"s{seed}" / "prism", f"s{seed}/prism", better)
+        write_samples(tmp_path / f"s{seed}" / "teacher", f"s{seed}/teacher", same)
+    row = lambda name: "+".join(str(tmp_path / f"s{s}" / name) for s in "01")
+    md = compare.show([row("sft"), row("prism"), row("teacher")], n_boot=2000)
+    paired = [line for line in md.splitlines() if " - s0/sft (2 seeds)" in line]
+    assert len(paired) == 2
+    cells = [c.strip() for c in paired[0].split("|")[1:-1]]
+    assert cells[1:4] == ["synth", "2 x 40", "+25.0*"] and cells[5] == "20 / 0"    # 10 wins per seed, resolved
+    cells = [c.strip() for c in paired[1].split("|")[1:-1]]
+    assert cells[3] == "+0.0" and cells[5] == "10 / 10"
+    low, high = (float(x) for x in cells[4].strip("[]").split(","))
+    assert low < 0 < high
+
+
+def test_compare_refuses_rows_that_cannot_be_paired(tmp_path):
+    from prism_cli.errors import PrismError
+
+    write_samples(tmp_path / "a", "a", {"p1": 1.0, "p2": 0.0})
+    write_samples(tmp_path / "b", "b", {"q1": 1.0, "q2": 0.0})
+    write_samples(tmp_path / "c", "c", {"p1": 1.0, "p2": 1.0})
+    with pytest.raises(PrismError, match="share no synth problems"):
+        compare.show([str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(PrismError, match="seed by seed"):
+        compare.show([str(tmp_path / "a"), f"{tmp_path / 'c'}+{tmp_path / 'a'}"])
+    (tmp_path / "c" / "samples" / "synth.jsonl").write_text('{"id": "p1"}\n')
+    with pytest.raises(PrismError, match="line 1: no problem id or no numeric 'acc' score"):
+        compare.show([str(tmp_path / "a"), str(tmp_path / "c")])

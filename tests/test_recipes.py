@@ -175,23 +175,36 @@ def test_tiny_sh_end_to_end(tmp_path):
                     reason="a micro run of the ablation takes ~3 min on 2 cores; run it with "
                            "`PRISM_SLOW=1 python -m pytest tests/test_recipes.py -k ablation`")
 def test_ablation_tiny_sh_micro_run(tmp_path):
-    """The ablation's glue at toy size, two seeds side by side: every row of every seed is evaluated, the
-    table has intervals, the game's evidence is read from each align run, and the plot is drawn."""
+    """The ablation's glue at toy size (docs/miniature.md's rows), two seeds, the chains side by side: every row
+    of every seed is evaluated on the test slice from TEST_FIRST, the table has seed intervals and the design's
+    paired comparisons with win/loss counts, the game's evidence is read from each align run, and the plot is
+    drawn. The seeds train on different problems (the run's seed reaches synth)."""
     results = tmp_path / "results"
     env = dict(os.environ, OUT=str(tmp_path / "abl"), RESULTS=str(results), PYTHON=sys.executable, SEEDS="0 1",
-               JOBS="2", EVAL_N="6", SFT_N="16", SFT_STEPS="3", ALIGN_STEPS="1", RL_STEPS="1", WARMUP_STEPS="1",
-               WARMUP_PROMPTS="16")
+               JOBS="2", EVAL_N="6", TEST_FIRST="1500", SFT_N="16", TEACHER_N="16", SFT_STEPS="3", ALIGN_STEPS="1",
+               RL_STEPS="1", WARMUP_STEPS="1", WARMUP_PROMPTS="16")
     proc = subprocess.run(["bash", str(ROOT / "recipes" / "ablation-tiny.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     data = json.loads((results / "ablation-tiny.json").read_text())
+    assert (data["eval_n"], data["test_first"]) == (6, 1500)
     rows = data["rows"]
-    assert set(rows) == {"base", "sft_clean", "sft", "sft-grpo", "sft-dapo", "sft-gspo", "sft-prism", "sft-prism-grpo",
-                         "sft-prism-dapo", "sft-prism-gspo", "sft-prism_dense", "sft-prism_textonly",
-                         "sft-prism_dense-grpo", "sft-prism_textonly-grpo"}
+    assert set(rows) == {"base", "sft", "sft-prism", "sft-teacher", "sft-prism-dapo", "sft-dapo-2x", "mix", "mix-prism",
+                         "mix-teacher", "mix-dapo", "mix-prism-dapo", "mix-dapo-2x"}
     assert list(rows["base"]) == ["-"] and all(set(v) == {"0", "1"} for r, v in rows.items() if r != "base")
-    assert all(x["n"] == 6 for v in rows.values() for x in v.values())
-    assert set(data["games"]) == {"sft-prism", "sft-prism_dense", "sft-prism_textonly"}
+    assert all(x["n"] == 6 and len(x["acc_bits"]) == 6 for v in rows.values() for x in v.values())
+    assert set(data["games"]) == {"sft-prism", "mix-prism"}
+    assert [(c["id"], c["row"], c["ref"]) for c in data["comparisons"]] == [
+        ("P1", "mix-prism", "mix-teacher"), ("P2", "mix-prism-dapo", "mix-dapo-2x"), ("P3", "mix-prism", "mix"),
+        ("P4", "mix-prism-dapo", "mix-dapo"), ("P5", "sft-prism", "sft-teacher"), ("P6", "sft-prism-dapo", "sft-dapo-2x"),
+        ("P7", "mix", "sft")]
+    assert all(c["acc"]["seeds"] == 2 and c["acc"]["problems"] == 6 for c in data["comparisons"])
     md = (results / "ablation-tiny.md").read_text()
-    assert "| SFT (drifted demos) | " in md and " ± " in md and "Paired by seed" in md
+    assert "| SFT on the mix (public + teacher demos) | " in md and " ± " in md and "| P1 (primary) |" in md
     assert (results / "ablation-tiny.png").stat().st_size > 10_000
+    abl = tmp_path / "abl"
+    steps = {json.loads((abl / f"seed{s}" / name / "prism.json").read_text())["config"]["steps"]
+             for s in "01" for name in ("mix-dapo-2x", "sft-dapo-2x")}
+    assert steps == {2}                                   # as many policy steps as align (1) + RL (1)
+    manifests = [json.loads((abl / f"seed{s}" / "sft" / "prism.json").read_text()) for s in "01"]
+    assert manifests[0]["data"] != manifests[1]["data"]   # other problems and drift per seed

@@ -328,8 +328,28 @@ def test_parse_spec_forms():
     assert as_json(samples) == as_json(generate("test", 12, seed=1, difficulty=3))
 
 
+def test_spec_slice_from_k_is_the_tail_of_a_longer_load():
+    """synth:test:N:fromK holds problems K..K+N-1, byte for byte what a load of K+N problems holds there: the
+    miniature's untouched test slice (docs/miniature.md) is problems 1,500 and up."""
+    assert parse_spec("synth:test:2000:from1500").first == 1500 and parse_spec("synth:test").first == 0
+    tail = load("synth:test:6:from9")
+    assert [s.id for s in tail] == [f"synth-test-{i:06d}" for i in range(9, 15)]
+    assert as_json(tail) == as_json(load("synth:test:15")[9:])
+    assert as_json(load("synth:test:4:from2:drift", seed=3)) == as_json(load("synth:test:6:drift", seed=3)[2:])
+
+
+def test_spec_seed_pins_the_problems_whatever_the_runs_seed():
+    assert parse_spec("synth:train:20:seed3").seed == 3 and parse_spec("synth:train:20").seed is None
+    pinned = load("synth:train:8:drift:seed3", seed=0)
+    assert as_json(pinned) == as_json(load("synth:train:8:drift", seed=3))
+    assert as_json(pinned) == as_json(load("synth:train:8:drift:seed3", seed=7))
+    assert as_json(load("synth:train:8:seed0", seed=5)) == as_json(load("synth:train:8"))
+
+
 @pytest.mark.parametrize("spec", ["synthetic", "synth:val", "synth:train:test", "synth:d4", "synth:0",
-                                  "synth:train:12:d2:d3", "synth:count_colour", "synth::", "coco:train"])
+                                  "synth:train:12:d2:d3", "synth:count_colour", "synth::", "coco:train",
+                                  "synth:test:from", "synth:test:from-1", "synth:train:seed", "synth:train:seed1:seed2",
+                                  "synth:test:from1:from2"])
 def test_bad_specs_raise_usage_error(spec):
     with pytest.raises(UsageError) as e:
         parse_spec(spec)
@@ -338,6 +358,7 @@ def test_bad_specs_raise_usage_error(spec):
 
 def test_bad_generate_args_raise_usage_error():
     for kwargs in ({"split": "val", "n": 1}, {"split": "train", "n": 1, "difficulty": 4},
+                   {"split": "train", "n": 1, "first": -1},
                    {"split": "train", "n": 1, "tasks": ["nope"]}, {"split": "train", "n": -1}):
         with pytest.raises(UsageError):
             generate(**kwargs)

@@ -15,6 +15,7 @@ from stages.common.synth import (
     drifted_demo,
     load,
     parse_spec,
+    with_oracle_demos,
 )
 from stages.common.synth.caption_check import mentions, scene_items
 from stages.common.synth.drift import confused, dropped_last
@@ -128,6 +129,76 @@ def test_spec_drift_part():
     assert all(s.teacher is not None and s.teacher.model == "oracle-drift" for s in got)
     assert Counter(h for s in got for h in s.teacher.usage["drift"])  # some habit fired
     assert [s.id for s in got] == [s.id for s in load("synth:train:40")]
+
+
+def test_two_way_swap_keeps_the_teachers_words_and_shows_only_against_the_image():
+    """:drift-swap (docs/miniature.md's "drift only in the image"): green and blue swapped both ways in half the
+    demos that show either, nothing else; its captions use the clean captions' colour words and line counts
+    (a text-only discriminator has nothing to go on), yet name the wrong colours."""
+    scene = {"kind": "shapes", "objects": [
+        {"shape": "square", "color": "green", "size": "large", "x": 0.5, "y": 0.8},
+        {"shape": "circle", "color": "blue", "size": "small", "x": 0.2, "y": 0.2},
+        {"shape": "circle", "color": "red", "size": "small", "x": 0.8, "y": 0.2}]}
+    assert [o["color"] for o in confused(scene, "green", "blue", both_ways=True)["objects"]] == ["blue", "green", "red"]
+    assert [o["color"] for o in confused(scene, "green", "blue")["objects"]] == ["blue", "blue", "red"]
+    assert parse_spec("synth:train:20:drift-swap").drift and parse_spec("synth:train:20:drift-swap").drift_kind == "drift-swap"
+    clean, swapped = with_oracle_demos(load("synth:train:400")), load("synth:train:400:drift-swap")
+    assert [s.id for s in clean] == [s.id for s in swapped]
+    assert {h for s in swapped for h in s.teacher.usage["drift"]} == {"confusion"}
+    hit = [(c, d) for c, d in zip(clean, swapped) if d.teacher.usage["drift"]]
+    shows = [c for c in clean if any(t["color"] in ("green", "blue") for t in
+                                     c.meta["scene"].get("objects", c.meta["scene"].get("bars", [])))]
+    assert 0.4 < len(hit) / len(shows) < 0.6
+    colours = lambda samples: Counter(w for s in samples for w in s.teacher.caption.split() if w in ("green", "blue"))
+    assert sum(colours(c for c, _ in hit).values()) == sum(colours(d for _, d in hit).values())
+    assert colours(clean)["green"] > 0 and colours(swapped)["green"] > 0.5 * colours(clean)["green"]  # still says green
+    for c, d in hit:
+        assert len(c.teacher.caption.splitlines()) == len(d.teacher.caption.splitlines())
+        # wrong against the image, unless the swap maps the scene onto itself (a green and a blue twin)
+        assert (caption_accuracy(d.teacher.caption, c)["f1"] < 1.0
+                or mentions(d.teacher.caption) == mentions(c.teacher.caption))
+    assert sum(caption_accuracy(d.teacher.caption, c)["f1"] < 1.0 for c, d in hit) > 0.8 * len(hit)
+
+
+def test_the_runs_seed_reaches_synths_problems_and_drift():
+    """load_sources (what sft, align and rl read --data through) draws synth with the run's seed: another seed
+    trains on other problems with another realisation of the drift; the same seed on the same ones; a spec's
+    own :seedK wins. Before this, every seed of the ablation trained on seed 0's problems and demos."""
+    from stages.common.formats import load_sources
+
+    def demos(spec, seed):
+        (src,) = load_sources([spec], seed=seed)
+        return [(s.id, s.teacher.caption, s.teacher.think, s.teacher.answer) for s in src.samples]
+
+    s0, s1 = demos("synth:train:40:drift", 0), demos("synth:train:40:drift", 1)
+    assert s0 == demos("synth:train:40:drift", 0)
+    assert not {i for i, *_ in s0} & {i for i, *_ in s1}      # other problems (ids carry the seed)
+    assert s1 == [(s.id, s.teacher.caption, s.teacher.think, s.teacher.answer)
+                  for s in load("synth:train:40:drift", seed=1)]
+    assert demos("synth:train:40:drift:seed0", 1) == s0        # a pinned spec stays reproducible
+    # the drift's realisation follows the seed too: on seed 1's problems, seed 1's habits, not seed 0's
+    habits = lambda seed: [h for s in load("synth:train:40:drift", seed=seed) for h in s.teacher.usage["drift"]]
+    assert habits(1) != habits(0)
+
+
+def test_stages_pass_their_seed_to_their_data():
+    """sft, align and rl hand cfg.seed to load_sources (the seed fix above is only as good as its callers)."""
+    import inspect
+
+    from stages.align import run as align_run
+    from stages.rl import run as rl_run
+    from stages.sft import run as sft_run
+
+    assert "load_mixture(cfg.data, cfg.seed)" in inspect.getsource(sft_run.run)
+    assert "load_sources(specs, seed=seed)" in inspect.getsource(sft_run.load_mixture)
+    assert "load_demonstrations(cfg.data, cfg.seed)" in inspect.getsource(align_run)
+    assert "seed=seed" in inspect.getsource(align_run.load_demonstrations)
+    assert "cfg.max_prompt_chars, cfg.seed)" in inspect.getsource(rl_run)
+    assert "seed=seed" in inspect.getsource(rl_run.load_prompts)
+    ids = lambda seed: {s.id for s in rl_run.load_prompts(["synth:train:12"], seed=seed)[0]}
+    assert ids(2) != ids(0)
+    assert {s.id for s in sft_run.load_mixture(["synth:train:12:drift"], 2).samples} == ids(2)
+    assert {s.id for s in align_run.load_demonstrations(["synth:train:12"], 2)[0]} == ids(2)
 
 
 def test_bad_drift_settings():

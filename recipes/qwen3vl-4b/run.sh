@@ -5,6 +5,8 @@
 #   PROBLEMS=data/problems PUBLIC_SFT=data/public-sft RL_DATA=data/rl-prompts bash recipes/qwen3vl-4b/run.sh
 #   MULTINODE=1 NNODES=4 NODE_RANK=$RANK MASTER_ADDR=... bash recipes/qwen3vl-4b/run.sh   # on every node
 #   DRY_RUN=1 bash recipes/qwen3vl-4b/run.sh     # print every stage's resolved plan, run nothing
+#   SFT_TEACHER=1 bash recipes/qwen3vl-4b/run.sh # also the control the paper omits: plain SFT on the align
+#                                                # data with align's policy steps and lr, then the same RL
 #
 # Needs: 8 x 80 GB GPUs per node (see README.md), GOOGLE_API_KEY for curation, the hub (or local
 # copies) of Qwen/Qwen3-VL-4B-Instruct and Qwen/Qwen3-VL-2B-Instruct. Not run on GPUs by us.
@@ -22,6 +24,10 @@ DISC_BASE=${DISC_BASE:-Qwen/Qwen3-VL-2B-Instruct}
 TEACHER=${TEACHER:-gemini-3-flash}
 ALGO=${ALGO:-dapo}                           # grpo | dapo | gspo (rl-$ALGO.yaml)
 MULTINODE=${MULTINODE:-0}
+SFT_TEACHER=${SFT_TEACHER:-0}
+# The control's schedule: align.yaml's policy steps, lr and decay (500 x lr 1e-6 constant, wd 0.01); 16 demos a step
+ALIGN_POLICY_STEPS=${ALIGN_POLICY_STEPS:-500}
+ALIGN_POLICY_LR=${ALIGN_POLICY_LR:-1e-6}
 DRY=()
 [ "${DRY_RUN:-0}" = 1 ] && DRY=(--dry-run)
 
@@ -54,10 +60,21 @@ t align "${LAUNCH[@]}" align --config "$HERE/align.yaml" --ckpt "$OUT/sft" --dat
   --disc-base "$DISC_BASE" --out "$OUT/align" "${DRY[@]}"
 t rl "${LAUNCH[@]}" rl --config "$HERE/rl-$ALGO.yaml" --ckpt "$OUT/align" --data "$RL_DATA" \
   --out "$OUT/rl-$ALGO" "${DRY[@]}"
+CONTROL=()
+if [ "$SFT_TEACHER" = 1 ]; then
+  # What the game adds must beat this: the SFT policy trained on align's teacher demos directly, for as many
+  # policy updates at the same lr as align, then the same RL (docs/miniature.md, the sft-teacher control).
+  t sft-teacher "${LAUNCH[@]}" sft --config "$HERE/sft.yaml" --ckpt "$OUT/sft" --data "$ALIGN_DATA" \
+    --max-steps "$ALIGN_POLICY_STEPS" --lr "$ALIGN_POLICY_LR" --schedule constant --warmup 0 --weight-decay 0.01 \
+    --batch-size 16 --out "$OUT/sft-teacher" "${DRY[@]}"
+  t rl-teacher "${LAUNCH[@]}" rl --config "$HERE/rl-$ALGO.yaml" --ckpt "$OUT/sft-teacher" --data "$RL_DATA" \
+    --out "$OUT/sft-teacher-rl-$ALGO" "${DRY[@]}"
+  CONTROL=(--ckpt "$OUT/sft-teacher" --ckpt "$OUT/sft-teacher-rl-$ALGO")
+fi
 if main_node; then
-  # The paper's row set: base, SFT, PRISM (align), PRISM+RL
+  # The paper's row set: base, SFT, PRISM (align), PRISM+RL (and the control with its RL)
   t eval "${LOCAL[@]}" eval --config "$HERE/eval.yaml" --ckpt "$BASE" --ckpt "$OUT/sft" --ckpt "$OUT/align" \
-    --ckpt "$OUT/rl-$ALGO" --out "$OUT/eval" "${DRY[@]}"
+    --ckpt "$OUT/rl-$ALGO" "${CONTROL[@]}" --out "$OUT/eval" "${DRY[@]}"
   [ "${DRY_RUN:-0}" = 1 ] || t export "${LOCAL[@]}" export --ckpt "$OUT/rl-$ALGO" \
     --eval "$OUT/eval/eval-rl-$ALGO" --out "$OUT/hf" --dtype bf16
 fi

@@ -52,7 +52,7 @@ def run(cfg: AlignConfig) -> Path:
     the warmup, resume, the game loop and the save; each step is a named function below."""
     training.seed_everything(cfg.seed)
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
-    samples, data_fp, data_parents, dropped = load_demonstrations(cfg.data)
+    samples, data_fp, data_parents, dropped = load_demonstrations(cfg.data, cfg.seed)
     disc_source = discriminator_source(cfg, policy_spec)
     if cfg.dry_run:   # every check a launch runs, at the planned world size, then the memory plan
         return print_plan(cfg, policy_spec, disc_source, len(samples))
@@ -160,11 +160,11 @@ def discriminator_lr(cfg: AlignConfig):
 
 # --------------------------------------------------------------------------------------------- inputs
 
-def load_demonstrations(specs: list[str]) -> tuple[list[Sample], dict, list, dict]:
-    """Prompts with teacher caption/think/answer (synth gets oracle demonstrations)."""
+def load_demonstrations(specs: list[str], seed: int = 0) -> tuple[list[Sample], dict, list, dict]:
+    """Prompts with teacher caption/think/answer (synth gets oracle demonstrations; the run's seed draws them)."""
     sources = load_sources(specs, keep=lambda s: s.teacher is not None and bool(s.teacher.caption.strip())
                            and bool(s.teacher.think.strip()),
-                           need="alignment needs a teacher caption and think; curate the data first")
+                           need="alignment needs a teacher caption and think; curate the data first", seed=seed)
     samples = [s for src in sources for s in src.samples]
     return samples, {src.spec: src.fingerprint for src in sources}, source_parents(sources), dropped_report(sources)
 

@@ -728,17 +728,18 @@ class Source:
     need: str = ""
 
 
-def load_sources(specs: list[str], keep=None, need: str = "", strict: bool = False) -> list[Source]:
+def load_sources(specs: list[str], keep=None, need: str = "", strict: bool = False, seed: int = 0) -> list[Source]:
     """Every --data source (mixture weights parsed), synth samples given oracle demonstrations, then
     filtered by keep(sample); malformed rows and dropped samples are counted and said on the console
-    (`dropped_report` puts them in the manifest)."""
+    (`dropped_report` puts them in the manifest). `seed` is the run's: it draws synth's problems and its
+    drift (a spec's own `:seedK` wins), so runs with different seeds train on different synth data."""
     from prism_cli import checkpoint, console
     from stages.common import synth
     from stages.common.data import fingerprint_samples
 
     sources = []
     for spec, weight in parse_mixture(specs):
-        loaded, problems = load_samples(spec, strict=strict)
+        loaded, problems = load_samples(spec, strict=strict, seed=seed)
         if problems:
             console.warn(f"--data {spec}: skipped {len(problems)} malformed row(s); first: {problems[0]}")
         loaded = synth.with_oracle_demos(loaded)

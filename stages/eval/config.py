@@ -38,10 +38,14 @@ class EvalConfig(CommonConfig):
     compare: list[str] = opt(help="print the paper-style table of these eval directories (repeatable or "
                                   "comma-separated) and exit", group="Compare", factory=list)
     markdown: str = opt("", "also write the comparison table as Markdown to this file", group="Compare")
+    bootstrap: int = opt(10_000, "bootstrap replicates of the paired differences (seeded by --seed)",
+                         group="Compare")
 
     def validate(self) -> None:
         if self.synth_backend not in SYNTH_BACKENDS:
             raise UsageError(f"--synth-backend must be native or lmms, not {self.synth_backend!r}")
+        if self.bootstrap < 1:
+            raise UsageError("--bootstrap must be >= 1")
         for name in ("limit", "max_new_tokens", "batch_size"):
             if getattr(self, name) < (0 if name == "limit" else 1):
                 raise UsageError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'limit' else '>= 1'}")

@@ -33,7 +33,7 @@ from stages.eval.tasks import PAPER_TASKS, TaskPlan, parse_judge, plan_tasks
 
 def run(cfg: EvalConfig) -> Path | None:
     if cfg.compare:
-        compare.show(cfg.compare, cfg.markdown)
+        compare.show(cfg.compare, cfg.markdown, cfg.bootstrap, cfg.seed)
         return None
     parse_judge(cfg.judge)
     plans = plan_tasks(cfg.tasks, cfg.judge, cfg.synth_backend)
@@ -50,7 +50,7 @@ def run(cfg: EvalConfig) -> Path | None:
     for spec, out in zip(specs, outs):
         evaluate_checkpoint(cfg, spec, out, plans, synth_samples, local_copies)
     if len(specs) > 1:
-        compare.show([str(o) for o in outs], cfg.markdown)
+        compare.show([str(o) for o in outs], cfg.markdown, cfg.bootstrap, cfg.seed)
         return None
     return outs[0]
 

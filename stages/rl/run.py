@@ -41,7 +41,7 @@ RL_PANELS = {"reward": {"reward/mean": "reward", "acc/mean": "accuracy", "format
 def run(cfg: RLConfig) -> Path:
     training.seed_everything(cfg.seed)
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
-    prompts, data_fp, data_parents, dropped = load_prompts(cfg.data, cfg.max_prompt_chars)
+    prompts, data_fp, data_parents, dropped = load_prompts(cfg.data, cfg.max_prompt_chars, cfg.seed)
     if cfg.dry_run:   # every check a launch runs, at the planned world size, then the memory plan
         return print_plan(cfg, policy_spec, len(prompts))
 
@@ -111,10 +111,11 @@ def load_reference(cfg: RLConfig, policy_spec, device):
 
 # --------------------------------------------------------------------------------------------- data
 
-def load_prompts(specs: list[str], max_prompt_chars: int = 0) -> tuple[list[Sample], dict, list, dict]:
+def load_prompts(specs: list[str], max_prompt_chars: int = 0, seed: int = 0) -> tuple[list[Sample], dict, list, dict]:
     """Problems with a ground-truth answer, from every --data source; questions over max_prompt_chars
     are dropped and counted (one 100 KB question would otherwise take every rollout's memory)."""
-    sources = load_sources(specs, keep=lambda s: bool(s.answer.strip()), need="RL needs a ground-truth answer")
+    sources = load_sources(specs, keep=lambda s: bool(s.answer.strip()), need="RL needs a ground-truth answer",
+                           seed=seed)
     prompts = [s for src in sources for s in src.samples]
     dropped = dropped_report(sources)
     if max_prompt_chars > 0:

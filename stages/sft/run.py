@@ -100,7 +100,7 @@ class Mixture:
 
 def load_mixture(specs: list[str], seed: int) -> Mixture:
     """Load every --data source; with weights, resample them to those proportions of the total size."""
-    sources = load_sources(specs)
+    sources = load_sources(specs, seed=seed)  # the run's seed draws synth's problems and drift
     if any(src.weight is not None for src in sources):
         total = sum(len(src.samples) for src in sources)
         weights = [src.weight if src.weight is not None else 1.0 for src in sources]

@@ -17,20 +17,22 @@ import dataclasses
 from ..data import Sample
 from .benchmark import SynthSpec, generate, parse_spec
 from .caption_check import caption_accuracy
-from .drift import DEFAULT_DRIFT, Drift, arms, drifted_demo
+from .drift import DEFAULT_DRIFT, DRIFTS, IMAGE_ONLY_DRIFT, Drift, arms, drifted_demo
 from .oracle import caption_for, oracle_demo, with_oracle_demos
 from .scene import render, scene_hash, split_of
 from .tasks import TASKS
 
-__all__ = ["DEFAULT_DRIFT", "TASKS", "Drift", "SynthSpec", "arms", "caption_accuracy", "caption_for", "drifted_demo", "generate", "load", "oracle_demo", "with_oracle_demos",
+__all__ = ["DEFAULT_DRIFT", "DRIFTS", "IMAGE_ONLY_DRIFT", "TASKS", "Drift", "SynthSpec", "arms", "caption_accuracy", "caption_for", "drifted_demo", "generate", "load", "oracle_demo", "with_oracle_demos",
            "parse_spec", "render", "scene_hash", "split_of"]
 
 
 def load(spec: str, seed: int = 0) -> list[Sample]:
     """The problems a synth spec names, with the oracle's demonstrations, or with the drifted demonstrator's
-    (`:drift`). Here rather than in benchmark.py: drift builds on benchmark, not the other way round."""
+    (`:drift`, or `:drift-swap`: green and blue swapped both ways, seen only in the image). `seed` (the run's) draws the problems and the drift's realisation, unless the spec pins its
+    own (`:seedK`). Here rather than in benchmark.py: drift builds on benchmark, not the other way round."""
     s = parse_spec(spec)
-    samples = generate(s.split, s.n, seed=seed, tasks=s.tasks, difficulty=s.difficulty)
+    seed = s.seed if s.seed is not None else seed
+    samples = generate(s.split, s.n, seed=seed, tasks=s.tasks, difficulty=s.difficulty, first=s.first)
     if s.drift:
-        samples = [dataclasses.replace(x, teacher=drifted_demo(x, DEFAULT_DRIFT, seed)) for x in samples]
+        samples = [dataclasses.replace(x, teacher=drifted_demo(x, DRIFTS[s.drift_kind], seed)) for x in samples]
     return samples

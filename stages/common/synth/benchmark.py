@@ -54,15 +54,18 @@ def make_sample(split: str, index: int, seed: int, task: str, level: int, image_
 
 
 def generate(split: str, n: int, seed: int = 0, tasks=None, difficulty: int | None = None,
-             image_size: int = DEFAULT_IMAGE_SIZE) -> list[Sample]:
-    """n samples of a split; the same arguments give byte-identical samples.
+             image_size: int = DEFAULT_IMAGE_SIZE, first: int = 0) -> list[Sample]:
+    """n samples of a split, indices first .. first+n-1; the same arguments give byte-identical samples.
 
     Tasks take turns (sample i is tasks[i % len(tasks)]); without a fixed difficulty the levels
-    1, 2, 3 take turns too, so every task meets every level.
+    1, 2, 3 take turns too, so every task meets every level. Sample i is the same whatever first and n
+    are, so first=1500 gives the problems a longer load would hold at 1500 and up.
     """
     names = check_args(split, n, tasks, difficulty)
+    if not isinstance(first, int) or first < 0:
+        raise UsageError(f"synth first index must be a non-negative integer, not {first!r}")
     samples = []
-    for i in range(n):
+    for i in range(first, first + n):
         level = difficulty or LEVELS[(i // len(names)) % len(LEVELS)]
         samples.append(make_sample(split, i, seed, names[i % len(names)], level, image_size))
     return samples
@@ -75,14 +78,18 @@ class SynthSpec:
     difficulty: int | None = None
     tasks: tuple[str, ...] | None = None
     drift: bool = False  # demonstrations by the drifted demonstrator (synth/drift.py) instead of the oracle
+    drift_kind: str = "drift"  # drift: the default habits; drift-swap: green<->blue only (synth/drift.py DRIFTS)
+    first: int = 0       # the index of the first problem (fromK): a slice that skips problems 0..K-1
+    seed: int | None = None  # seedK pins the problems and the drift to seed K; None: the run's seed
 
 
-SPEC_HELP = "synth[:train|test][:N][:d1|d2|d3][:task+task...][:drift]"
+SPEC_HELP = "synth[:train|test][:N][:d1|d2|d3][:task+task...][:drift|:drift-swap][:fromK][:seedK]"
 
 
 def parse_spec(spec: str) -> SynthSpec:
     """Parse "synth", "synth:test", "synth:train:2000", "synth:test:200:d2", "synth:test:count_color",
-    "synth:train:2000:drift"."""
+    "synth:train:2000:drift", "synth:test:2000:from1500" (problems 1500-3499), "synth:train:2000:seed3"
+    (seed 3's problems and drift whatever the run's --seed)."""
     head, *parts = str(spec).strip().split(":")
     if head != "synth":
         raise UsageError(f"{spec!r} is not a synth data spec (expected {SPEC_HELP})")
@@ -102,8 +109,13 @@ def parse_spec(spec: str) -> SynthSpec:
             put("n", int(part), part)
         elif len(part) == 2 and part[0] == "d" and part[1] in "123":
             put("difficulty", int(part[1]), part)
-        elif part == "drift":
+        elif part in ("drift", "drift-swap"):
             put("drift", True, part)
+            found["drift_kind"] = part
+        elif part.startswith("from") and part[4:].isdigit():
+            put("first", int(part[4:]), part)
+        elif part.startswith("seed") and part[4:].isdigit():
+            put("seed", int(part[4:]), part)
         elif part and all(t in FAMILIES for t in part.split("+")):
             put("tasks", tuple(part.split("+")), part)
         else:

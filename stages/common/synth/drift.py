@@ -39,6 +39,9 @@ class Drift:
     off_by_one_rate: float = 0.25   # share of numeric demos whose final number is one too many
     confuse_from: str = "green"
     confuse_to: str = "blue"
+    # both ways: it also sees `confuse_to` as `confuse_from`, so its captions keep the teacher's colour words
+    # and line counts and only the image shows the error (docs/miniature.md, "drift only in the image")
+    both_ways: bool = False
 
     def check(self) -> None:
         for name in ("confusion_rate", "drop_rate", "off_by_one_rate"):
@@ -53,6 +56,9 @@ class Drift:
 
 
 DEFAULT_DRIFT = Drift()
+# `:drift-swap`: green and blue swapped both ways in half the demos that show either; no other habit
+IMAGE_ONLY_DRIFT = Drift(confusion_rate=0.5, drop_rate=0.0, off_by_one_rate=0.0, both_ways=True)
+DRIFTS = {"drift": DEFAULT_DRIFT, "drift-swap": IMAGE_ONLY_DRIFT}
 
 
 # ---- the habits, as pure functions of a scene ---------------------------------------------------------------
@@ -62,10 +68,12 @@ def has_color(scene: dict, color: str) -> bool:
     return any(t["color"] == color for t in things)
 
 
-def confused(scene: dict, source: str, target: str) -> dict:
-    """The scene as seen by someone who takes `source` for `target`."""
+def confused(scene: dict, source: str, target: str, both_ways: bool = False) -> dict:
+    """The scene as seen by someone who takes `source` for `target` (and, both ways, `target` for `source`)."""
+    swap = {source: target, **({target: source} if both_ways else {})}
+
     def recolour(thing):
-        return {**thing, "color": target} if thing["color"] == source else thing
+        return {**thing, "color": swap[thing["color"]]} if thing["color"] in swap else thing
     if scene["kind"] == "chart":
         return with_bars(scene, [recolour(b) for b in scene["bars"]])
     return with_objects(scene, [recolour(o) for o in scene["objects"]])
@@ -101,8 +109,9 @@ def drifted_demo(sample: Sample, drift: Drift = DEFAULT_DRIFT, seed: int = 0) ->
     # Three draws every time, so one rate's setting never shifts another habit's draws.
     draw_confusion, draw_drop, draw_step = rng.random(), rng.random(), rng.random()
     perceived, applied = scene, []
-    if draw_confusion < drift.confusion_rate and has_color(scene, drift.confuse_from):
-        perceived = confused(perceived, drift.confuse_from, drift.confuse_to)
+    shows = has_color(scene, drift.confuse_from) or (drift.both_ways and has_color(scene, drift.confuse_to))
+    if draw_confusion < drift.confusion_rate and shows:
+        perceived = confused(perceived, drift.confuse_from, drift.confuse_to, drift.both_ways)
         applied.append("confusion")
     if draw_drop < drift.drop_rate and can_drop(perceived):
         perceived = dropped_last(perceived)
