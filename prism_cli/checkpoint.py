@@ -530,13 +530,22 @@ def _output_decision(path: Path, out: str, stage: str, config: dict, overwrite: 
     if holder is not None:
         raise PrismError(f"--out {out} is being written by another prism process (pid {holder.get('pid', '?')} "
                          f"on {holder.get('host', '?')})", hint="wait for it to finish, or choose another --out")
-    if not (path.is_dir() and any(p.name != LOCK for p in path.iterdir())) or overwrite:
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: --overwrite would throw the "
+                         "interrupted run's progress away", hint="pass --resume to continue it, or --overwrite alone "
+                                                                 "to start again from step 0")
+    if not (path.is_dir() and any(p.name != LOCK for p in path.iterdir())):
         return False
     complete = (path / MANIFEST).is_file()
     partial = not complete and ((path / RUN_MARKER).is_file() or (path / "state").is_dir())
+    if overwrite:
+        _check_replaceable(path, out, stage, complete, partial)
+        return False
     if complete:
-        raise PrismError(f"--out {out} already holds a complete '{_stage_of(path)}' checkpoint",
-                         hint="pass --overwrite to replace it, or choose another --out")
+        found = _stage_of(path)
+        raise PrismError(f"--out {out} already holds a complete '{found}' checkpoint",
+                         hint="pass --overwrite to replace it, or choose another --out" if found == stage
+                         else "choose another --out")
     if partial and resume:
         marker = _read_marker(path)
         if marker.get("stage") != stage:
@@ -555,10 +564,33 @@ def _output_decision(path: Path, out: str, stage: str, config: dict, overwrite: 
             console.info(f"resuming {out} with changed {', '.join(f'{k} {before.get(k)!r} -> {now.get(k)!r}' for k in changed)}")
         return True
     if partial:
+        found = _read_marker(path).get("stage")
+        if found != stage:
+            raise PrismError(f"--out {out} holds an interrupted '{found or 'unknown'}' run, not '{stage}'",
+                             hint="choose another --out")
         raise PrismError(f"--out {out} holds an interrupted run",
                          hint="pass --resume to continue it or --overwrite to start again")
     raise PrismError(f"--out {out} is a non-empty directory that is not a prism run",
-                     hint="choose an empty or new directory, or pass --overwrite")
+                     hint="choose an empty or new directory; prism never deletes files it did not write")
+
+
+def _check_replaceable(path: Path, out: str, stage: str, complete: bool, partial: bool) -> None:
+    """--overwrite deletes everything in --out, so it only ever replaces a run of this same stage (complete
+    or interrupted): never a folder of the user's own files, nor another stage's checkpoint."""
+    if complete:
+        found = _stage_of(path)
+        if found != stage:
+            raise PrismError(f"--out {out} holds a complete '{found}' checkpoint; --overwrite only replaces a "
+                             f"'{stage}' run", hint="choose another --out")
+        return
+    if partial:
+        found = _read_marker(path).get("stage")
+        if found != stage:
+            raise PrismError(f"--out {out} holds a partial '{found or 'unknown'}' run; --overwrite only replaces "
+                             f"a '{stage}' run", hint="choose another --out")
+        return
+    raise PrismError(f"--out {out} is a non-empty directory that is not a prism run; --overwrite will not "
+                     "delete it", hint="choose an empty or new directory")
 
 
 def _read_marker(path: Path) -> dict:

@@ -322,9 +322,12 @@ def test_out_is_required():
 def test_complete_dir_refused_without_overwrite(ckpt):
     before = snapshot(ckpt)
     with pytest.raises(PrismError) as e:
-        open_output(str(ckpt), "rl", CONFIG, [])
+        open_output(str(ckpt), "sft", CONFIG, [])
     assert e.value.message == f"--out {ckpt} already holds a complete 'sft' checkpoint"
     assert "--overwrite" in e.value.hint
+    with pytest.raises(PrismError) as e:  # another stage's checkpoint: --overwrite would not replace it
+        open_output(str(ckpt), "rl", CONFIG, [])
+    assert "--overwrite" not in e.value.hint
     with pytest.raises(PrismError, match="already holds a complete"):
         open_output(str(ckpt), "sft", CONFIG, [], resume=True)  # nothing to resume in a finished run
     assert snapshot(ckpt) == before

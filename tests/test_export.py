@@ -75,7 +75,7 @@ def test_bad_inputs(tmp_path, tiny_path):
         run(export_config(ckpt=str(tmp_path / "missing"), out=str(tmp_path / "a")))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(PrismError, match="not empty"):
+    with pytest.raises(PrismError, match="non-empty folder that is not a prism export"):
         run(export_config(out=str(tmp_path / "full")))
     blocker = tmp_path / "file"
     blocker.write_text("x")

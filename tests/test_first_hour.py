@@ -100,6 +100,16 @@ def test_hub_model_id_without_network_fails_in_seconds(monkeypatch):
     assert resolve("Qwen/Nope-VL").kind == "hub"  # offline mode: the cache decides later, no probe
 
 
+def _png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (9, 9, 9)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_rl_drops_overlong_prompts_and_reports_dropped_rows_in_the_manifest(tmp_path, capsys):
     from stages.common.data import sample_to_row
     from stages.common.synth import load as synth_load
@@ -111,6 +121,7 @@ def test_rl_drops_overlong_prompts_and_reports_dropped_rows_in_the_manifest(tmp_
     rows = [dict(sample_to_row(s), images=["data:image/png;base64," + base64.b64encode(s.images[0]).decode()])
             for s in synth_load("synth:train:4")]
     rows[1] = dict(rows[1], question="why? " * 20000)     # 100 KB of question
+    rows.append(dict(rows[2], id="sliver", images=["data:image/png;base64," + base64.b64encode(_png(4000, 3)).decode()]))
     lines = [json.dumps(r, default=str) for r in rows] + ["{broken", json.dumps(rows[0], default=str)]
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(lines) + "\n")
@@ -118,10 +129,11 @@ def test_rl_drops_overlong_prompts_and_reports_dropped_rows_in_the_manifest(tmp_
                                                   steps=1, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=4,
                                                   engine="hf", warmup=0, seed=0)))
     dropped = load_manifest(out)["summary"]["data_dropped"]
-    assert dropped[str(data)]["malformed"] == 2           # the broken line and the duplicate id
+    assert dropped[str(data)]["malformed"] == 3           # the broken line, the duplicate id, the 4000x3 image
+    assert any("4000x3" in e for e in dropped[str(data)]["examples"])
     assert dropped["max_prompt_chars"] == {"filtered": 1, "limit": 16000}
     err = capsys.readouterr().err
-    assert "skipped 2 malformed row(s)" in err and "dropped 1 prompt(s) longer than max_prompt_chars=16000" in err
+    assert "skipped 3 malformed row(s)" in err and "dropped 1 prompt(s) longer than max_prompt_chars=16000" in err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -203,6 +215,9 @@ def test_export_out_onto_its_own_checkpoint_is_refused(sft_with_data):
 
 def test_sft_reports_dropped_rows_in_the_manifest(tmp_path):
     import base64
+    import io
+
+    from PIL import Image
 
     from stages.common.data import sample_to_row
     from stages.common.synth import load as synth_load
@@ -213,9 +228,36 @@ def test_sft_reports_dropped_rows_in_the_manifest(tmp_path):
     rows = [dict(sample_to_row(s), images=["data:image/png;base64," + base64.b64encode(s.images[0]).decode()])
             for s in with_oracle_demos(synth_load("synth:train:4"))]
     rows.append(dict(rows[0], id="bad", images=["missing.png"]))
+    sliver = io.BytesIO()
+    Image.new("RGB", (4000, 3), (9, 9, 9)).save(sliver, format="PNG")  # aspect ratio 1333: the processor refuses it
+    rows.append(dict(rows[1], id="sliver", images=["data:image/png;base64," + base64.b64encode(sliver.getvalue()).decode()]))
     data = tmp_path / "demos.jsonl"
     data.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
     out = run(config.resolve(SFTConfig, flags=dict(ckpt="tiny", data=[str(data)], out=str(tmp_path / "sft"),
                                                    batch_size=2, micro_batch_size=2, max_steps=1, eval_fraction=0.0)))
     dropped = load_manifest(out)["summary"]["data_dropped"][str(data)]
-    assert dropped["malformed"] == 1 and "'missing.png' not found" in dropped["examples"][0]
+    assert dropped["malformed"] == 2 and "'missing.png' not found" in dropped["examples"][0]
+    assert "4000x3: an aspect ratio over 200" in dropped["examples"][1]
+
+
+def test_sft_skips_a_sample_the_processor_refuses_and_encodes_the_rest(tiny_path):
+    """A row that reached encoding with an image the processor cannot resize (here one built in memory,
+    past the load-time check) is skipped with its reason; the others in its chunk still encode."""
+    import dataclasses
+    import io
+
+    from PIL import Image
+
+    from prism_cli.checkpoint import resolve
+    from stages.common.models import load_processor
+    from stages.common.synth import load as synth_load
+    from stages.common.synth import with_oracle_demos
+    from stages.sft.run import encode_chunk
+
+    samples = with_oracle_demos(synth_load("synth:train:3"))
+    sliver = io.BytesIO()
+    Image.new("RGB", (3, 4000)).save(sliver, format="PNG")
+    samples[1] = dataclasses.replace(samples[1], images=[sliver.getvalue()])
+    out = encode_chunk(samples, load_processor(resolve("tiny")), None, 4096, True)
+    assert not isinstance(out[0], str) and not isinstance(out[2], str)
+    assert isinstance(out[1], str) and out[1].startswith("the processor refused it (") and "200" in out[1]

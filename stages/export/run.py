@@ -73,11 +73,18 @@ def check_output(out: Path, overwrite: bool) -> None:
     """--out must be new, empty, or replaced with --overwrite; its parent must be writable."""
     if out.exists() and not out.is_dir():
         raise PrismError(f"--out {out} exists and is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise PrismError(f"--out {out} is not empty", hint="pass --overwrite to replace it, or choose another --out")
-    if (out / checkpoint.MANIFEST).is_file() and overwrite:
+    if (out / checkpoint.MANIFEST).is_file():
         raise PrismError(f"--out {out} is a prism checkpoint; export will not replace one",
                          hint="choose another --out")
+    is_export = (out / model_card.LINEAGE_FILE).is_file()  # what export writes; --overwrite replaces only that
+    if out.is_dir() and any(out.iterdir()):
+        if not is_export:
+            raise PrismError(f"--out {out} is a non-empty folder that is not a prism export"
+                             + ("; --overwrite will not delete it" if overwrite else ""),
+                             hint="choose an empty or new --out; prism never deletes files it did not write")
+        if not overwrite:
+            raise PrismError(f"--out {out} already holds an export",
+                             hint="pass --overwrite to replace it, or choose another --out")
     parent = out.parent if out.parent != Path("") else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
