@@ -248,16 +248,44 @@ def lineage(spec: CkptSpec, max_depth: int = 16) -> list[dict]:
         policy = next((p for p in parents if p["role"] in ("policy", "model")), parents[0] if parents else None)
         if policy is None:
             break
-        try:
-            nxt = resolve(policy["ref"])
-            ok = nxt.fingerprint == policy["fingerprint"]
-        except PrismError:
-            chain.append({"ref": policy["ref"], "stage": policy.get("stage", "?"), "role": policy["role"],
-                          "ok": False})
+        nxt, ref = resolve_parent(policy, current.path)
+        if nxt is None:
+            chain.append({"ref": ref, "stage": policy.get("stage", "?"), "role": policy["role"], "ok": False})
             break
-        chain.append({"ref": policy["ref"], "stage": nxt.stage, "role": policy["role"], "ok": ok})
+        chain.append({"ref": ref, "stage": nxt.stage, "role": policy["role"],
+                      "ok": nxt.fingerprint == policy["fingerprint"]})
         current = nxt
     return chain
+
+
+def parent_record(role: str, spec: CkptSpec, child: Path) -> dict:
+    """A parent as the manifest stores it. A directory parent is stored resolved (absolute), and relative
+    to the child checkpoint too, so the lineage does not depend on the working directory the stage ran in,
+    and survives moving or copying a whole chain."""
+    record = {"role": role, "ref": spec.ref, "kind": spec.kind, "stage": spec.stage, "fingerprint": spec.fingerprint}
+    if spec.path is not None and spec.kind in ("prism", "hf"):
+        record["ref"] = str(_real(spec.path))
+        record["relative"] = os.path.relpath(_real(spec.path), _real(child))
+    return record
+
+
+def resolve_parent(record: dict, child: Path | None) -> tuple[CkptSpec | None, str]:
+    """(the parent's CkptSpec or None when it cannot be found, the ref it was found at). Tried in order:
+    relative to the child, the stored ref; the one whose fingerprint matches wins, else the first found."""
+    candidates = []
+    if record.get("relative") and child is not None:
+        candidates.append(os.path.normpath(Path(child) / record["relative"]))
+    candidates.append(record["ref"])
+    found = []
+    for ref in dict.fromkeys(candidates):
+        try:
+            spec = resolve(ref)
+        except PrismError:
+            continue
+        if spec.fingerprint == record.get("fingerprint"):
+            return spec, ref
+        found.append((spec, ref))
+    return found[0] if found else (None, record["ref"])
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -316,8 +344,7 @@ class Run:
         parents = []
         for item in self.parents:
             role, spec = item if isinstance(item, tuple) else ("policy", item)
-            parents.append({"role": role, "ref": spec.ref, "kind": spec.kind, "stage": spec.stage,
-                            "fingerprint": spec.fingerprint})
+            parents.append(parent_record(role, spec, self.path))
         body = {
             "format_version": FORMAT_VERSION,
             "stage": self.stage,
