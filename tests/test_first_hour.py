@@ -261,3 +261,45 @@ def test_sft_skips_a_sample_the_processor_refuses_and_encodes_the_rest(tiny_path
     out = encode_chunk(samples, load_processor(resolve("tiny")), None, 4096, True)
     assert not isinstance(out[0], str) and not isinstance(out[2], str)
     assert isinstance(out[1], str) and out[1].startswith("the processor refused it (") and "200" in out[1]
+
+
+def test_rl_that_learns_nothing_warns_and_a_slow_step_keeps_the_log_alive(tmp_path, capsys, monkeypatch):
+    """Every rollout cut at max_new_tokens and a zero gradient on every step: warned on the console and
+    recorded in the manifest. The scoring is slowed past the progress interval: lines keep coming within
+    the step, naming the phase (a cluster log, stderr not a terminal)."""
+    import time
+
+    from prism_cli import console
+    from stages.rl import run as rl_run
+    from stages.rl.config import RLConfig
+
+    score = rl_run.compute_score
+
+    def slow_score(*args, **kwargs):
+        time.sleep(0.15)   # 4 rows a step: 0.6 s of scoring, three intervals
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(rl_run, "compute_score", slow_score)
+    monkeypatch.setattr(console, "HEARTBEAT", True)
+    monkeypatch.delenv("PRISM_NO_PROGRESS", raising=False)
+    monkeypatch.setenv("PRISM_PROGRESS_EVERY", "0.2")
+    out = rl_run.run(config.resolve(RLConfig, flags=dict(algo="grpo", ckpt="tiny", data=["synth:train:4"],
+                                                         out=str(tmp_path / "rl"), steps=2, prompts_per_step=2,
+                                                         rollouts_per_prompt=2, max_new_tokens=2, engine="hf",
+                                                         warmup=0, seed=0)))
+    warnings = load_manifest(out)["summary"]["warnings"]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("every rollout of all 2 step(s) hit max_new_tokens=2")
+    assert warnings[1].startswith("grad_norm was 0.0 on all 2 step(s)")
+    err = capsys.readouterr().err
+    assert "every rollout of step 1 hit max_new_tokens=2" in err and all(w in err for w in warnings)
+    assert len([line for line in err.splitlines() if "| in score for" in line]) >= 2, err
+
+
+def test_learning_warnings_stay_quiet_on_a_run_that_learns():
+    from stages.rl.run import learning_warnings
+
+    records = [{"truncated/ratio": 1.0, "update/grad_norm": 0.0}, {"truncated/ratio": 0.5, "update/grad_norm": 0.3}]
+    assert learning_warnings(records, 128) == []
+    assert learning_warnings([], 128) == []
+    assert len(learning_warnings([{"truncated/ratio": 1.0, "update/grad_norm": 0.0}], 128)) == 2

@@ -21,6 +21,7 @@ def log_console(monkeypatch):
     monkeypatch.delenv("PRISM_PROGRESS_EVERY", raising=False)
     now = [1000.0]
     monkeypatch.setattr(console, "clock", lambda: now[0])
+    monkeypatch.setattr(console, "HEARTBEAT", False)  # a fake clock: only the lines advance() prints
     return buf, now
 
 
@@ -48,7 +49,31 @@ def test_progress_interval_can_be_set(log_console, monkeypatch):
         for _ in range(3):
             now[0] += 1.5
             bar.advance()
-    assert len(buf.getvalue().splitlines()) == 5  # start, 3 steps, end
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 4, lines  # start, 3 steps; the last step's line is not printed twice
+    assert lines[-1].startswith("rl (dapo) 3/3 (100%)")
+
+
+def test_a_long_step_prints_a_line_every_interval_naming_its_phase(monkeypatch):
+    """A job log (not a terminal) of a step slower than the interval: lines keep coming within the step."""
+    import time
+
+    from stages.common.training import StepTimer
+
+    buf = io.StringIO()
+    monkeypatch.setattr(console, "err", Console(file=buf, force_terminal=False, width=200))
+    monkeypatch.delenv("PRISM_NO_PROGRESS", raising=False)
+    monkeypatch.setenv("PRISM_PROGRESS_EVERY", "0.2")
+    timer = StepTimer()
+    with console.progress("rl (grpo)", total=1) as bar:
+        with timer.phase("rollout"):
+            time.sleep(1.5)   # a step 7.5 times the interval
+        bar.advance()
+    lines = buf.getvalue().splitlines()
+    within = [line for line in lines if line.startswith("rl (grpo) 0/1") and "| in rollout for 0:00:0" in line]
+    assert len(within) >= 3, lines
+    assert lines[-1].startswith("rl (grpo) 1/1 (100%)") and "in rollout" not in lines[-1]
+    assert timer.pop()["time/rollout"] >= 1.5
 
 
 def test_report_to_names_and_packages_are_checked(monkeypatch):

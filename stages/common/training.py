@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from prism_cli.errors import PrismError
-from prism_cli import tracking
+from prism_cli import console, tracking
 from stages.common import distributed
 
 TRAINER_STATE = "trainer_state.json"
@@ -251,7 +251,8 @@ class StepTimer:
     def phase(self, name: str):
         t0 = time.perf_counter()
         try:
-            yield
+            with console.phase(name):  # a log line printed mid-step names the phase
+                yield
         finally:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 

@@ -86,6 +86,9 @@ def run(cfg: RLConfig) -> Path:
             tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"reward {record['reward/mean']:.3f} acc {record['acc/mean']:.3f} "
                                f"fmt {record['format/mean']:.2f}")
+            if step == start_step and record["truncated/ratio"] >= 1.0:  # said at once: the run may be stopped
+                console.warn(f"every rollout of step {step + 1} hit max_new_tokens={cfg.max_new_tokens} "
+                             "without ending")
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 training.save_state(accelerator, run_dir.state_dir, {"step": step + 1, "cursor": cursor}, [policy])
 
@@ -97,6 +100,9 @@ def run(cfg: RLConfig) -> Path:
     summary = summarize(records)
     summary.update(processes=accelerator.num_processes, backend=runtime.backend.name, replica_weight_sums=replicas,
                    data_dropped=dropped)
+    summary["warnings"] = learning_warnings(records, cfg.max_new_tokens)
+    for warning in summary["warnings"]:
+        console.warn(warning)
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 
@@ -272,6 +278,22 @@ def summarize(records: list[dict]) -> dict:
     f0, f1 = first_last("format/mean")
     return {"steps": len(records), "first_reward": r0, "final_reward": r1, "first_acc": a0, "final_acc": a1,
             "first_format": f0, "final_format": f1}
+
+
+def learning_warnings(records: list[dict], max_new_tokens: int) -> list[str]:
+    """Signs that a run which exits 0 learned nothing: every rollout cut off at max_new_tokens (the rewards
+    score unfinished text), or a zero gradient on every step (every group's rewards were equal, so every
+    advantage was 0 and the policy never changed)."""
+    if not records:
+        return []
+    warnings = []
+    if all(r.get("truncated/ratio", 0.0) >= 1.0 for r in records):
+        warnings.append(f"every rollout of all {len(records)} step(s) hit max_new_tokens={max_new_tokens} without "
+                        "ending: the rewards scored cut-off responses; raise --max-new-tokens")
+    if all(r.get("update/grad_norm", 0.0) == 0.0 for r in records):
+        warnings.append(f"grad_norm was 0.0 on all {len(records)} step(s): the policy did not change (every "
+                        "group's rewards were equal, so every advantage was 0)")
+    return warnings
 
 
 def print_plan(cfg: RLConfig, policy_spec, n_prompts: int) -> None:
