@@ -234,7 +234,27 @@ def require_stage(spec: CkptSpec, allowed: tuple[str, ...], role: str = "--ckpt"
     if spec.stage not in allowed:
         want = " or ".join(f"'{s}'" for s in allowed)
         raise PrismError(f"{role} {spec.ref} is a '{spec.stage}' checkpoint; this stage needs {want}")
+    if set(allowed) & set(POLICY_STAGES) and is_discriminator_folder(spec):
+        align = spec.path.parent
+        hint = (f"use the align checkpoint's policy: {role} {align}" if (align / MANIFEST).is_file()
+                else "give a policy checkpoint")
+        raise PrismError(f"{role} {spec.ref} is a PRISM discriminator (a scorer whose language-model head was "
+                         "never trained), not a policy", hint=hint)
     return spec
+
+
+DISCRIMINATOR_KEY = "prism_discriminator"  # stages.common.discriminator.CONFIG_KEY: set in a discriminator's config
+
+
+def is_discriminator_folder(spec: CkptSpec) -> bool:
+    """A plain HF folder holding a saved (or exported) PRISM discriminator rather than a policy."""
+    if spec.kind != "hf" or spec.path is None:
+        return False
+    try:
+        config = json.loads((spec.path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and DISCRIMINATOR_KEY in config
 
 
 def lineage(spec: CkptSpec, max_depth: int = 16) -> list[dict]:

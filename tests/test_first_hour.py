@@ -201,6 +201,14 @@ def test_inspect_shows_data_lineage_and_reads_an_export(sft_with_data, tmp_path)
     assert r.exit_code == 0, r.output
     assert "exported Hugging Face folder" in r.stdout and str(sft_with_data) in r.stdout
     assert "d.jsonl" in r.stdout and "2 malformed, 1 filtered" in r.stdout
+    r = runner.invoke(app, ["inspect", "--verify", str(hf)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "verified" in r.stdout, r.output
+    weights = sorted(hf.glob("*.safetensors"))[0]
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF          # one damaged byte, same size
+    weights.write_bytes(bytes(data))
+    r = runner.invoke(app, ["inspect", "--verify", str(hf)], env={"COLUMNS": "200"})
+    assert r.exit_code == 1 and f"{weights.name}: sha256 mismatch" in r.output, r.output
 
 
 def test_export_out_onto_its_own_checkpoint_is_refused(sft_with_data):
@@ -303,3 +311,28 @@ def test_learning_warnings_stay_quiet_on_a_run_that_learns():
     assert learning_warnings(records, 128) == []
     assert learning_warnings([], 128) == []
     assert len(learning_warnings([{"truncated/ratio": 1.0, "update/grad_norm": 0.0}], 128)) == 2
+
+
+def test_training_a_policy_from_a_discriminator_is_refused(tmp_path):
+    """out/align/discriminator is a reward model with an untrained LM head: one line naming it, and the
+    hint names the align checkpoint whose policy was meant."""
+    from typer.testing import CliRunner
+
+    from prism_cli.app import app
+    from prism_cli.checkpoint import open_output
+
+    run = open_output(str(tmp_path / "align"), "align", {"seed": 0}, [])
+    (run.path / "discriminator").mkdir()
+    (run.path / "discriminator" / "config.json").write_text(json.dumps(
+        {"model_type": "qwen3_vl_moe", "prism_discriminator": {"variant": "moe", "text_only": False}}))
+    run.finalize()
+    disc = tmp_path / "align" / "discriminator"
+    for stage in ("sft", "rl", "eval"):
+        args = [stage, "--ckpt", str(disc), "--out", str(tmp_path / stage)]
+        args += {"sft": ["--data", "synth:train:4"], "rl": ["--data", "synth:train:4"], "eval": []}[stage]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and "is a PRISM discriminator" in lines[0], result.output
+        assert f"--ckpt {tmp_path / 'align'}" in lines[0]
+        assert not (tmp_path / stage).exists()

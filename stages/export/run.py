@@ -159,8 +159,11 @@ def max_weight_diff(a, b) -> float:
 
 def write_card(directory: Path, name: str, cfg: ExportConfig, lineage: list[dict], evals: list[dict],
                verification: dict) -> None:
+    # sizes and sha256 of what was written so far (weights, config, processor): `prism inspect --verify` checks them
+    files = {f.relative_to(directory).as_posix(): {"size": f.stat().st_size, "sha256": checkpoint.sha256_file(f)}
+             for f in sorted(directory.rglob("*")) if f.is_file()}
     record = {"exported_from": cfg.ckpt, "what": cfg.what, "dtype": cfg.dtype, "lineage": lineage,
-              "eval": evals, "verification": verification}
+              "eval": evals, "verification": verification, "files": files}
     (directory / model_card.LINEAGE_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
     system_prompt = model_card.trained_system_prompt(lineage) if cfg.what != "discriminator" else None
     (directory / "README.md").write_text(model_card.render(name, cfg.what, cfg.dtype, lineage, evals, verification,
