@@ -336,3 +336,25 @@ def test_training_a_policy_from_a_discriminator_is_refused(tmp_path):
         assert len(lines) == 1 and "is a PRISM discriminator" in lines[0], result.output
         assert f"--ckpt {tmp_path / 'align'}" in lines[0]
         assert not (tmp_path / stage).exists()
+
+
+def test_reused_discriminator_records_its_own_shape_and_refuses_a_different_one(tmp_path, capsys):
+    from prism_cli.errors import UsageError
+    from stages.align.config import AlignConfig
+    from stages.align.run import discriminator_source, with_reused_shape
+
+    disc = tmp_path / "disc"
+    disc.mkdir()
+    (disc / "config.json").write_text(json.dumps({
+        "model_type": "qwen3_vl_moe", "text_config": {"num_experts": 8, "num_experts_per_tok": 1},
+        "prism_discriminator": {"variant": "moe", "text_only": False}}))
+
+    def cfg(**flags):
+        return config.resolve(AlignConfig, flags=dict(ckpt="tiny", data=["synth:train:4"], disc=str(disc),
+                                                      out=str(tmp_path / "align"), **flags))
+
+    kept = with_reused_shape(cfg(), discriminator_source(cfg(), None))
+    assert (kept.num_experts, kept.top_k) == (8, 1)
+    assert "reused with its own shape (num_experts 8, top_k 1)" in capsys.readouterr().err
+    with pytest.raises(UsageError, match=r"is reused as it is \(num_experts 8\); it cannot take num_experts 6"):
+        with_reused_shape(cfg(num_experts=6), discriminator_source(cfg(), None))
