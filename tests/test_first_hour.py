@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from prism_cli import config
 from prism_cli.checkpoint import load_manifest
@@ -242,7 +243,10 @@ def test_sft_reports_dropped_rows_in_the_manifest(tmp_path):
     data = tmp_path / "demos.jsonl"
     data.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
     out = run(config.resolve(SFTConfig, flags=dict(ckpt="tiny", data=[str(data)], out=str(tmp_path / "sft"),
-                                                   batch_size=2, micro_batch_size=2, max_steps=1, eval_fraction=0.0)))
+                                                   batch_size=2, micro_batch_size=2, max_steps=1, eval_fraction=0.0,
+                                                   dtype="bf16")))
+    if not torch.cuda.is_available():  # --dtype bf16 changes nothing on a CPU: recorded as what ran
+        assert load_manifest(out)["config"]["dtype"] == "fp32"
     dropped = load_manifest(out)["summary"]["data_dropped"][str(data)]
     assert dropped["malformed"] == 2 and "'missing.png' not found" in dropped["examples"][0]
     assert "4000x3: an aspect ratio over 200" in dropped["examples"][1]
@@ -358,3 +362,14 @@ def test_reused_discriminator_records_its_own_shape_and_refuses_a_different_one(
     assert "reused with its own shape (num_experts 8, top_k 1)" in capsys.readouterr().err
     with pytest.raises(UsageError, match=r"is reused as it is \(num_experts 8\); it cannot take num_experts 6"):
         with_reused_shape(cfg(num_experts=6), discriminator_source(cfg(), None))
+
+
+def test_training_dtype_on_a_cpu_is_fp32_and_says_so(monkeypatch, capsys):
+    from stages.common import training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training.training_dtype("auto") == "auto" and training.training_dtype("fp32") == "fp32"
+    assert training.training_dtype("bf16") == "fp32"
+    assert "--dtype bf16 has no effect on a CPU: training runs in fp32" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training.training_dtype("bf16") == "bf16"

@@ -58,6 +58,7 @@ def run(cfg: AlignConfig) -> Path:
     if cfg.dry_run:
         return print_plan(cfg, policy_spec, disc_source, len(samples))
 
+    cfg.dtype = training.training_dtype(cfg.dtype)  # what runs is what the manifest records
     checkpoint.check_output(cfg.out, "align", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
     accelerator = runtime.accelerator

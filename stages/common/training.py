@@ -56,6 +56,15 @@ class Runtime:
                                    mixed_precision=self.mixed_precision, max_grad_norm=max_grad_norm, name=name)
 
 
+def training_dtype(requested: str) -> str:
+    """The compute dtype a training stage really runs in. On a CPU prism trains in fp32: --dtype bf16/fp16
+    there is said to change nothing (a warning) and recorded as fp32, not as what was asked."""
+    if torch.cuda.is_available() or requested in ("auto", "fp32", "float32"):
+        return requested
+    console.warn(f"--dtype {requested} has no effect on a CPU: training runs in fp32 (the manifest records fp32)")
+    return "fp32"
+
+
 def make_runtime(compute_dtype: str = "auto", report_to: str = "none", project_dir: str | None = None) -> Runtime:
     """The backend from the launch (stages.common.distributed.detect_backend) and an Accelerator for the
     process group and trackers. compute_dtype is the --dtype option: bf16 on GPUs by default, as autocast

@@ -45,6 +45,7 @@ def run(cfg: RLConfig) -> Path:
     if cfg.dry_run:
         return print_plan(cfg, policy_spec, len(prompts))
 
+    cfg.dtype = training.training_dtype(cfg.dtype)  # what runs is what the manifest records
     checkpoint.check_output(cfg.out, "rl", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
     accelerator = runtime.accelerator

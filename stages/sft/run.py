@@ -44,6 +44,7 @@ def run(cfg: SFTConfig) -> Path:
     if cfg.dry_run:
         return print_plan(cfg, policy_spec, mixture, len(train_samples), len(eval_samples), total_steps)
 
+    cfg.dtype = training.training_dtype(cfg.dtype)  # what runs is what the manifest records
     checkpoint.check_output(cfg.out, "sft", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
     accelerator = runtime.accelerator
