@@ -134,3 +134,29 @@ def test_only_the_main_process_writes_plots_and_never_a_half_written_one(tmp_pat
     assert plot_curves(records, {"loss": "loss"}, tmp_path / "loss.png", "sft").read_bytes()[:4] == b"\x89PNG"
     assert plot_panels(records, RL_PANELS, tmp_path / "rl.png", "rl").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "rl.png"]    # no .tmp left behind
+
+
+def test_report_to_wandb_without_a_login_is_one_line_before_anything_is_written(monkeypatch, tmp_path):
+    pytest.importorskip("wandb")
+    from typer.testing import CliRunner
+
+    from prism_cli.app import app
+
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine example.org login me password x\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    out = tmp_path / "sft"
+    for extra in (["--dry-run"], []):
+        result = CliRunner().invoke(app, ["sft", "--ckpt", "tiny", "--data", "synth:train:8", "--report-to", "wandb",
+                                          "--out", str(out), *extra])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert "--report-to wandb: no wandb login" in lines[0] and "wandb login" in lines[0]
+        assert not out.exists()
+    netrc.write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
+    assert tracking.parse("wandb") == ["wandb"]
+    netrc.write_text("")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert tracking.parse("wandb") == ["wandb"]
