@@ -373,3 +373,22 @@ def test_training_dtype_on_a_cpu_is_fp32_and_says_so(monkeypatch, capsys):
     assert "--dtype bf16 has no effect on a CPU: training runs in fp32" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert training.training_dtype("bf16") == "bf16"
+
+
+@pytest.mark.parametrize("stage", ["rl", "eval"])
+def test_vllm_engine_on_a_cpu_names_a_real_option_and_writes_nothing(stage, tmp_path):
+    from typer.testing import CliRunner
+
+    from prism_cli.app import app
+    from stages.common.rollout import ENGINES
+
+    if ENGINES.get("vllm").usable():
+        pytest.skip("vLLM runs on this machine")
+    out = tmp_path / stage
+    args = [stage, "--ckpt", "tiny", "--engine", "vllm", "--out", str(out)]
+    args += ["--data", "synth:train:4"] if stage == "rl" else ["--tasks", "synth", "--synth", "synth:test:2"]
+    result = CliRunner().invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "rollout engine vllm needs" in lines[0] and "use --engine hf" in lines[0]
+    assert not out.exists()

@@ -40,7 +40,7 @@ from stages.common.models import default_device, load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
 from stages.common.rewards import compute_score
-from stages.common.rollout import RolloutPrompt, SamplingParams, make_engine
+from stages.common.rollout import RolloutPrompt, SamplingParams, check_engine, make_engine
 
 
 
@@ -59,6 +59,7 @@ def run(cfg: AlignConfig) -> Path:
         return print_plan(cfg, policy_spec, disc_source, len(samples))
 
     cfg.dtype = training.training_dtype(cfg.dtype)  # what runs is what the manifest records
+    check_engine(cfg.engine)
     checkpoint.check_output(cfg.out, "align", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
     accelerator = runtime.accelerator

@@ -28,7 +28,7 @@ from stages.common.formats import dropped_report, load_sources, source_parents
 from stages.common.models import load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.rewards import compute_score
-from stages.common.rollout import SamplingParams, make_engine
+from stages.common.rollout import SamplingParams, check_engine, make_engine
 from stages.rl.config import RLConfig
 
 RL_PANELS = {"reward": {"reward/mean": "reward", "acc/mean": "accuracy", "format/mean": "format"},
@@ -46,6 +46,7 @@ def run(cfg: RLConfig) -> Path:
         return print_plan(cfg, policy_spec, len(prompts))
 
     cfg.dtype = training.training_dtype(cfg.dtype)  # what runs is what the manifest records
+    check_engine(cfg.engine)
     checkpoint.check_output(cfg.out, "rl", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
     accelerator = runtime.accelerator
