@@ -392,3 +392,20 @@ def test_vllm_engine_on_a_cpu_names_a_real_option_and_writes_nothing(stage, tmp_
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert "rollout engine vllm needs" in lines[0] and "use --engine hf" in lines[0]
     assert not out.exists()
+
+
+def test_an_unwritable_prism_home_is_named_as_such_not_as_out(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from prism_cli.app import app
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("PRISM_HOME", str(blocker / "home"))   # nothing can be created under a file
+    out = tmp_path / "sft"
+    result = CliRunner().invoke(app, ["sft", "--ckpt", "tiny", "--data", "synth:train:8", "--max-steps", "1",
+                                      "--batch-size", "4", "--micro-batch-size", "4", "--out", str(out)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert f"cannot build the tiny model in PRISM_HOME ({blocker / 'home'})" in lines[0]
+    assert "--out" not in lines[0] and not out.exists()
