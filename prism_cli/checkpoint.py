@@ -204,6 +204,11 @@ def resolve(ref: str, role: str = "--ckpt") -> CkptSpec:
             _quick_verify(path, manifest)
             return CkptSpec(ref=ref, kind="prism", path=path, manifest=manifest)
         if (path / RUN_MARKER).is_file() or (path / "state").is_dir():
+            holder = lock_holder(path)
+            if holder is not None:
+                raise PrismError(f"{role} {ref} is still being written by a prism run (pid {holder.get('pid', '?')} "
+                                 f"on {holder.get('host', '?')}): it is not a checkpoint until that run finishes",
+                                 hint="wait for it to finish, or use an earlier checkpoint")
             raise PrismError(f"{role} {ref} is an incomplete checkpoint (no {MANIFEST}): its run was interrupted",
                              hint=f"finish it with --resume --out {ref}")
         if (path / "config.json").is_file():

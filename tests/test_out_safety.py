@@ -215,3 +215,19 @@ def test_export_overwrite_replaces_only_an_export(tmp_path):
         check_export_out(done, overwrite=False)
     assert "--overwrite" in e.value.hint
     check_export_out(done, overwrite=True)  # an earlier export is what --overwrite replaces
+
+
+def test_a_checkpoint_still_being_written_is_in_progress_not_interrupted(tmp_path):
+    out = tmp_path / "rl"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), out=str(out))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(PrismError, match=f"is still being written by a prism run \\(pid {holder.pid}") as e:
+            resolve(str(out))
+        assert "interrupted" not in e.value.message and "--resume" not in e.value.hint
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(PrismError, match="its run was interrupted"):   # its writer died
+        resolve(str(out))
