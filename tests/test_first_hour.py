@@ -409,3 +409,43 @@ def test_an_unwritable_prism_home_is_named_as_such_not_as_out(tmp_path, monkeypa
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert f"cannot build the tiny model in PRISM_HOME ({blocker / 'home'})" in lines[0]
     assert "--out" not in lines[0] and not out.exists()
+
+
+def test_help_at_80_columns_shows_every_option_name_whole():
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from prism_cli.app import STAGES, _import, app
+
+    for stage, (config_path, _, _) in STAGES.items():
+        result = CliRunner().invoke(app, [stage, "--help"], env={"COLUMNS": "80", "TERM": "dumb"})
+        assert result.exit_code == 0, result.output
+        assert "…" not in result.output, f"prism {stage} --help cuts text at 80 columns:\n{result.output}"
+        for f in dataclasses.fields(_import(config_path)):
+            if (f.metadata or {}).get("cli", True):
+                flag = (f.metadata or {}).get("flag") or "--" + f.name.replace("_", "-")
+                shown = flag.replace("--", "--no-", 1) if f.default is True else flag
+                assert shown in result.output, f"prism {stage} --help lacks {shown}"
+
+
+def test_switches_reach_the_config(monkeypatch):
+    from typer.testing import CliRunner
+
+    from prism_cli import app as app_module
+    from prism_cli.errors import UsageError
+
+    seen = {}
+
+    def capture(cls, config_file=None, flags=None, sets=None):
+        seen.update(flags)
+        raise UsageError("captured")
+
+    monkeypatch.setattr(app_module.cfgmod, "resolve", capture)
+    for args, want in ((["export", "--no-verify"], {"verify": False}), (["sft", "--freeze-vision"], {"freeze_vision": True}),
+                       (["rl", "--no-dynamic-sampling"], {"dynamic_sampling": False}),
+                       (["rl", "--dynamic-sampling"], {"dynamic_sampling": True}),
+                       (["align", "--no-disc-grad-checkpointing"], {"disc_gradient_checkpointing": False})):
+        seen.clear()
+        CliRunner().invoke(app_module.app, args)
+        assert seen == want, (args, seen)
