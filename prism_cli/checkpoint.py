@@ -359,6 +359,7 @@ class Run:
         # state/ is removed only once the manifest is written: a Ctrl-C while hashing leaves a partial run
         # that --resume continues from its last save, not one that starts again from step 0
         drop_state = not keep_state and self.state_dir.exists()
+        share_as_umask_allows(self.path)
         files = {}
         for f in sorted(self.path.rglob("*")):
             rel = f.relative_to(self.path).as_posix()
@@ -397,6 +398,37 @@ class Run:
                 shutil.rmtree(self.path / leftover, ignore_errors=True)
         release_lock(self.path)
         return self.path
+
+
+def _umask() -> int:
+    try:  # read without setting it: os.umask() changes the process's umask for a moment (threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask_allows(root: Path) -> None:
+    """Give every file and directory under root at least the mode the user's umask gives new files.
+    Libraries save through private temp files (transformers' safetensors: mode 0600), which would leave the
+    weights unreadable to a lab group that can read everything else. Bits are only ever added."""
+    import stat
+
+    mask = _umask()
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        try:
+            mode = stat.S_IMODE(p.stat().st_mode)
+            want = mode | ((0o777 if p.is_dir() else 0o666) & ~mask)
+            if want != mode:
+                os.chmod(p, want)
+        except OSError:  # not ours to change (another owner): leave it as it is
+            continue
 
 
 # Fields a resumed run may change: how long it runs (extend a run), how often it saves, logs and

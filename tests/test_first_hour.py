@@ -185,6 +185,7 @@ def sft_with_data(tmp_path, tiny_path):
 
 
 def test_inspect_shows_data_lineage_and_reads_an_export(sft_with_data, tmp_path):
+    import os
     from typer.testing import CliRunner
 
     from prism_cli.app import app
@@ -205,6 +206,9 @@ def test_inspect_shows_data_lineage_and_reads_an_export(sft_with_data, tmp_path)
     r = runner.invoke(app, ["inspect", "--verify", str(hf)], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "verified" in r.stdout, r.output
     weights = sorted(hf.glob("*.safetensors"))[0]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert weights.stat().st_mode & 0o444 & ~umask == 0o444 & ~umask   # readable as the umask allows, not 0600
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF          # one damaged byte, same size
     weights.write_bytes(bytes(data))
@@ -245,6 +249,13 @@ def test_sft_reports_dropped_rows_in_the_manifest(tmp_path):
     out = run(config.resolve(SFTConfig, flags=dict(ckpt="tiny", data=[str(data)], out=str(tmp_path / "sft"),
                                                    batch_size=2, micro_batch_size=2, max_steps=1, eval_fraction=0.0,
                                                    dtype="bf16")))
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    readable = 0o666 & ~umask   # the weights as shareable as any file the user makes (not the 0600 temp file's)
+    assert stat.S_IMODE((out / "model" / "model.safetensors").stat().st_mode) & readable == readable
     if not torch.cuda.is_available():  # --dtype bf16 changes nothing on a CPU: recorded as what ran
         assert load_manifest(out)["config"]["dtype"] == "fp32"
     dropped = load_manifest(out)["summary"]["data_dropped"][str(data)]

@@ -231,3 +231,27 @@ def test_a_checkpoint_still_being_written_is_in_progress_not_interrupted(tmp_pat
         holder.wait()
     with pytest.raises(PrismError, match="its run was interrupted"):   # its writer died
         resolve(str(out))
+
+
+@pytest.mark.parametrize("umask, want", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_files_saved_private_get_the_mode_the_umask_gives(tmp_path, umask, want):
+    """transformers saves safetensors through a 0600 temp file: a labmate could not read the weights."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        run = open_output(str(tmp_path / "sft"), "sft", CONFIG, [])
+        run.model_dir.mkdir()
+        weights = run.model_dir / "model.safetensors"
+        weights.write_bytes(b"w")
+        os.chmod(weights, 0o600)
+        run.finalize()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(weights.stat().st_mode) == want
+    assert load_manifest_files(tmp_path / "sft") == ["model/model.safetensors"]
+
+
+def load_manifest_files(path):
+    return sorted(json.loads((path / MANIFEST).read_text())["files"])

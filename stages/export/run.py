@@ -57,6 +57,7 @@ def run(cfg: ExportConfig) -> Path:
     evals = model_card.eval_results([Path(d) for d in cfg.eval] or beside)
     verification = verify(cfg, staging, model, processor) if cfg.verify else {}
     write_card(staging, out.name, cfg, lineage, evals, verification)
+    checkpoint.share_as_umask_allows(staging)   # safetensors are saved 0600; labmates read exports too
 
     if out.exists():
         shutil.rmtree(out)
