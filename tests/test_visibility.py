@@ -77,6 +77,7 @@ def test_a_long_step_prints_a_line_every_interval_naming_its_phase(monkeypatch):
 
 
 def test_report_to_names_and_packages_are_checked(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")   # a wandb login is checked too (the test below)
     assert tracking.parse("none") == [] and tracking.parse("") == []
     assert tracking.parse("tensorboard, wandb") == ["tensorboard", "wandb"]
     with pytest.raises(UsageError, match="unknown tracker 'tensorbord'"):
