@@ -51,6 +51,7 @@ def run(cfg: ExportConfig) -> Path:
         model, processor = save_discriminator(spec, cfg, staging, device)
     else:
         model, processor = save_policy(spec, cfg, staging, device)
+        add_transformers4_fields(staging)   # before the reload check below, which then covers it
 
     lineage = model_card.lineage_records(spec)
     beside = [checkpoint.default_eval_dir(spec)] if spec.path is not None else []  # a hub model has no results
@@ -119,6 +120,30 @@ def write_hf_folder(model, processor, directory: Path, max_shard_size: str) -> N
             generation_config.save_pretrained(directory)
     except OSError as e:
         raise PrismError(f"cannot write the export to {directory}: {e.strerror or e}") from None
+
+
+def add_transformers4_fields(directory: Path) -> None:
+    """Also make the folder loadable by transformers 4.57 (the first with Qwen3-VL; the last 4.x, still
+    common), which 5.x's save does not: 4.57 reads the M-RoPE settings from `rope_scaling` and `rope_theta`
+    (5.x writes `rope_parameters`: without them Qwen3-VL raises AttributeError 'NoneType' has no 'get'),
+    and takes tokenizer `extra_special_tokens` as a mapping (5.x writes an empty list: AttributeError
+    'list' has no 'keys'). Fields are only added or an empty list made an empty mapping; 5.x reads the
+    folder as before (docs/first-hour.md, "transformers 4.57")."""
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for section in [config, *(v for v in config.values() if isinstance(v, dict))]:
+        rope = section.get("rope_parameters")
+        if isinstance(rope, dict) and "mrope_section" in rope and section.get("rope_scaling") is None:
+            section["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+            if "rope_theta" in rope and "rope_theta" not in section:
+                section["rope_theta"] = rope["rope_theta"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tokenizer_path = directory / "tokenizer_config.json"
+    if tokenizer_path.is_file():
+        tokenizer = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+        if tokenizer.get("extra_special_tokens") == []:
+            tokenizer["extra_special_tokens"] = {}
+            tokenizer_path.write_text(json.dumps(tokenizer, indent=2) + "\n", encoding="utf-8")
 
 
 def verify(cfg: ExportConfig, directory: Path, model, processor) -> dict:
