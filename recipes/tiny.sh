@@ -3,8 +3,9 @@
 # Qwen3-VL (`tiny-seeing`, perception-pretrained; shipped with the package), ending with the base / SFT /
 # PRISM-align / RL comparison table.
 #
-#   bash recipes/tiny.sh                  # writes out/tiny/ (about 5 min on 2 cores)
-#   OUT=/tmp/demo bash recipes/tiny.sh    # elsewhere; reruns overwrite (--overwrite)
+#   bash recipes/tiny.sh                  # writes out/tiny/ (12-13 min on 2 cores shared with other jobs)
+#   OUT=/tmp/demo bash recipes/tiny.sh    # elsewhere; a rerun replaces the runs it wrote (--overwrite
+#                                         # only ever replaces a prism run of the same stage, never your files)
 #
 # What it shows: SFT on drifted "public" demonstrations (synth:train:N:drift: a consistent green->blue
 # confusion, a dropped object, an off-by-one step) costs the base perception it had (caption F1, exact
@@ -68,5 +69,4 @@ echo
 echo "==> timings ($(nproc --all) cores; load average at start $LOAD_START, now $(cut -d' ' -f1-3 /proc/loadavg))"
 printf '  %s\n' "${TIMINGS[@]}"
 printf '  %-14s %4ds\n' total $((SECONDS - START))
-echo
-prism eval --compare "$OUT/eval/eval-tiny-seeing,$OUT/eval/eval-sft,$OUT/eval/eval-align,$OUT/eval/eval-rl"
+echo "  (the comparison table is the eval step's, above; again: prism eval --compare $OUT/eval/eval-tiny-seeing,...)"

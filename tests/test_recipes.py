@@ -146,7 +146,7 @@ def test_recipe_scripts_exist():
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 @pytest.mark.skipif(os.environ.get("PRISM_SLOW") != "1",
-                    reason="the README demo takes ~5 min on 2 cores; run it with "
+                    reason="the README demo takes 12-13 min on 2 cores; run it with "
                            "`PRISM_SLOW=1 python -m pytest tests/test_recipes.py -k tiny_sh`")
 def test_tiny_sh_end_to_end(tmp_path):
     out = tmp_path / "tiny"
@@ -194,3 +194,11 @@ def test_ablation_tiny_sh_micro_run(tmp_path):
     md = (results / "ablation-tiny.md").read_text()
     assert "| SFT (drifted demos) | " in md and " ± " in md and "Paired by seed" in md
     assert (results / "ablation-tiny.png").stat().st_size > 10_000
+
+
+def test_tiny_sh_prints_the_comparison_table_once():
+    """The eval step of several checkpoints prints the comparison; the recipe must not print it again."""
+    commands = [line.strip() for line in (ROOT / "recipes" / "tiny.sh").read_text().splitlines()
+                if line.strip() and not line.strip().startswith(("#", "echo", "printf"))]
+    assert not [c for c in commands if "eval --compare" in c], "the comparison table is printed twice"
+    assert any(c.startswith("step eval") and c.count("--ckpt") >= 2 for c in commands)
