@@ -460,3 +460,16 @@ def test_switches_reach_the_config(monkeypatch):
         seen.clear()
         CliRunner().invoke(app_module.app, args)
         assert seen == want, (args, seen)
+
+
+def test_deepspeed_is_told_the_accelerator_so_it_does_not_warn_after_every_stage(monkeypatch):
+    """save_pretrained imports DeepSpeed; without DS_ACCELERATOR it warns "Setting accelerator to CPU"."""
+    import os
+
+    from stages.common import training
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine: DeepSpeed finds CUDA itself")
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    training.make_runtime("auto")
+    assert os.environ.get("DS_ACCELERATOR") == "cpu"

@@ -89,7 +89,9 @@ def make_runtime(compute_dtype: str = "auto", report_to: str = "none", project_d
         kwargs["project_dir"] = project_dir
     with distributed.hidden_launch_vars():   # the Accelerator runs plain DDP; prism wraps the models
         accelerator = Accelerator(**kwargs)
-    if backend.kind == "deepspeed" and accelerator.device.type == "cpu":
+    if accelerator.device.type == "cpu":
+        # transformers' save_pretrained imports DeepSpeed when it is installed; told the accelerator, it no
+        # longer warns "Setting accelerator to CPU. If you have GPU ..." after every stage
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return Runtime(accelerator, backend, mixed)
 

@@ -47,6 +47,8 @@ def run(cfg: ExportConfig) -> Path:
     staging = out.with_name(out.name + ".exporting")
     shutil.rmtree(staging, ignore_errors=True)
     device = torch.device("cpu")  # export never needs an accelerator, and CPU memory is the larger pool
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # save_pretrained imports DeepSpeed: no accelerator warning
     if cfg.what == "discriminator":
         model, processor = save_discriminator(spec, cfg, staging, device)
     else:
