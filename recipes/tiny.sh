@@ -70,3 +70,6 @@ echo "==> timings ($(nproc --all) cores; load average at start $LOAD_START, now 
 printf '  %s\n' "${TIMINGS[@]}"
 printf '  %-14s %4ds\n' total $((SECONDS - START))
 echo "  (the comparison table is the eval step's, above; again: prism eval --compare $OUT/eval/eval-tiny-seeing,...)"
+if [ "$PY" = "$ROOT/.venv/bin/python" ]; then
+  echo "  (prism is installed in $ROOT/.venv: \`source $ROOT/.venv/bin/activate\` puts \`prism\` on your PATH)"
+fi
