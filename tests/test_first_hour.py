@@ -470,6 +470,7 @@ def test_deepspeed_is_told_the_accelerator_so_it_does_not_warn_after_every_stage
 
     if torch.cuda.is_available():
         pytest.skip("a GPU machine: DeepSpeed finds CUDA itself")
-    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "")      # recorded, so the test's own setting is undone after it
+    monkeypatch.delenv("DS_ACCELERATOR")
     training.make_runtime("auto")
     assert os.environ.get("DS_ACCELERATOR") == "cpu"
