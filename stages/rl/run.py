@@ -39,6 +39,8 @@ RL_PANELS = {"reward": {"reward/mean": "reward", "acc/mean": "accuracy", "format
 
 
 def run(cfg: RLConfig) -> Path:
+    """The stage, top to bottom. Long because it is the stage's recipe read in one place: setup, resume,
+    the step loop, the save and the learned-nothing checks; each step is a named function below."""
     training.seed_everything(cfg.seed)
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     prompts, data_fp, data_parents, dropped = load_prompts(cfg.data, cfg.max_prompt_chars)
