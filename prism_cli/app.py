@@ -160,6 +160,9 @@ def _no_emoji(text: str) -> str:
     return re.sub(r":(?=[\w+-]+:)", ":\u200b", text)
 
 
+NEGATED = "__no"  # the parameter of a --no-X switch: field X set to False
+
+
 def _make_stage_command(stage: str, config_path: str, run_path: str, description: str):
     config_cls = _import(config_path)  # every stage is built: failing to import one is a bug, not "not built"
     hints = typing.get_type_hints(config_cls)
@@ -173,7 +176,7 @@ def _make_stage_command(stage: str, config_path: str, run_path: str, description
         inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                           default=typer.Option(False, "--debug", help="Show tracebacks.", rich_help_panel="Config")),
     ]
-    cli_fields = []
+    cli_fields, negated = [], []
     for f in dataclasses.fields(config_cls):
         meta = f.metadata or {}
         if not meta.get("cli", True):
@@ -182,18 +185,28 @@ def _make_stage_command(stage: str, config_path: str, run_path: str, description
         default_text = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         tp = _cli_type(hints[f.name])
-        names = [flag] if tp is not Optional[bool] else [f"{flag}/{flag.replace('--', '--no-', 1)}"]
+        # A switch is offered in the forms that change its default (--freeze-vision; --no-verify; both for one
+        # another option decides), each its own option: a --x/--no-x pair takes two name columns in --help,
+        # which cut long names at 80 columns (a log's width). --no-x is parameter x__no, turned into x=False.
         help_text = _no_emoji(f"{meta.get('help', '')} [dim](default: {default_text!r})[/]")
-        option = typer.Option(None, *names, help=help_text,
-                              rich_help_panel=meta.get("group", "Options"), show_default=False)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp, default=option))
+        panel = meta.get("group", "Options")
+        if tp is not Optional[bool] or default_text is not True:
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp, default=typer.Option(
+                None, flag, help=help_text, rich_help_panel=panel, show_default=False)))
+        if tp is Optional[bool] and default_text is not False:   # on by default, or decided by other options
+            negated.append(f.name + NEGATED)
+            params.append(inspect.Parameter(f.name + NEGATED, inspect.Parameter.KEYWORD_ONLY, annotation=tp,
+                                            default=typer.Option(None, flag.replace("--", "--no-", 1),
+                                                                 help=help_text if default_text is True else "",
+                                                                 rich_help_panel=panel, show_default=False)))
         cli_fields.append(f.name)
 
     def command(**kwargs):
         debug = kwargs.pop("debug")
         config_file = kwargs.pop("config_file")
         sets = kwargs.pop("sets")
-        flags = {k: v for k, v in kwargs.items() if v is not None}
+        flags = {k: v for k, v in kwargs.items() if v is not None and k not in negated}
+        flags.update({k[:-len(NEGATED)]: False for k in negated if kwargs.get(k)})
 
         def go():
             cfg = cfgmod.resolve(config_cls, config_file=config_file, flags=flags, sets=sets)

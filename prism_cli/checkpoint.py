@@ -204,6 +204,11 @@ def resolve(ref: str, role: str = "--ckpt") -> CkptSpec:
             _quick_verify(path, manifest)
             return CkptSpec(ref=ref, kind="prism", path=path, manifest=manifest)
         if (path / RUN_MARKER).is_file() or (path / "state").is_dir():
+            holder = lock_holder(path)
+            if holder is not None:
+                raise PrismError(f"{role} {ref} is still being written by a prism run (pid {holder.get('pid', '?')} "
+                                 f"on {holder.get('host', '?')}): it is not a checkpoint until that run finishes",
+                                 hint="wait for it to finish, or use an earlier checkpoint")
             raise PrismError(f"{role} {ref} is an incomplete checkpoint (no {MANIFEST}): its run was interrupted",
                              hint=f"finish it with --resume --out {ref}")
         if (path / "config.json").is_file():
@@ -234,7 +239,27 @@ def require_stage(spec: CkptSpec, allowed: tuple[str, ...], role: str = "--ckpt"
     if spec.stage not in allowed:
         want = " or ".join(f"'{s}'" for s in allowed)
         raise PrismError(f"{role} {spec.ref} is a '{spec.stage}' checkpoint; this stage needs {want}")
+    if set(allowed) & set(POLICY_STAGES) and is_discriminator_folder(spec):
+        align = spec.path.parent
+        hint = (f"use the align checkpoint's policy: {role} {align}" if (align / MANIFEST).is_file()
+                else "give a policy checkpoint")
+        raise PrismError(f"{role} {spec.ref} is a PRISM discriminator (a scorer whose language-model head was "
+                         "never trained), not a policy", hint=hint)
     return spec
+
+
+DISCRIMINATOR_KEY = "prism_discriminator"  # stages.common.discriminator.CONFIG_KEY: set in a discriminator's config
+
+
+def is_discriminator_folder(spec: CkptSpec) -> bool:
+    """A plain HF folder holding a saved (or exported) PRISM discriminator rather than a policy."""
+    if spec.kind != "hf" or spec.path is None:
+        return False
+    try:
+        config = json.loads((spec.path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and DISCRIMINATOR_KEY in config
 
 
 def lineage(spec: CkptSpec, max_depth: int = 16) -> list[dict]:
@@ -248,16 +273,44 @@ def lineage(spec: CkptSpec, max_depth: int = 16) -> list[dict]:
         policy = next((p for p in parents if p["role"] in ("policy", "model")), parents[0] if parents else None)
         if policy is None:
             break
-        try:
-            nxt = resolve(policy["ref"])
-            ok = nxt.fingerprint == policy["fingerprint"]
-        except PrismError:
-            chain.append({"ref": policy["ref"], "stage": policy.get("stage", "?"), "role": policy["role"],
-                          "ok": False})
+        nxt, ref = resolve_parent(policy, current.path)
+        if nxt is None:
+            chain.append({"ref": ref, "stage": policy.get("stage", "?"), "role": policy["role"], "ok": False})
             break
-        chain.append({"ref": policy["ref"], "stage": nxt.stage, "role": policy["role"], "ok": ok})
+        chain.append({"ref": ref, "stage": nxt.stage, "role": policy["role"],
+                      "ok": nxt.fingerprint == policy["fingerprint"]})
         current = nxt
     return chain
+
+
+def parent_record(role: str, spec: CkptSpec, child: Path) -> dict:
+    """A parent as the manifest stores it. A directory parent is stored resolved (absolute), and relative
+    to the child checkpoint too, so the lineage does not depend on the working directory the stage ran in,
+    and survives moving or copying a whole chain."""
+    record = {"role": role, "ref": spec.ref, "kind": spec.kind, "stage": spec.stage, "fingerprint": spec.fingerprint}
+    if spec.path is not None and spec.kind in ("prism", "hf"):
+        record["ref"] = str(_real(spec.path))
+        record["relative"] = os.path.relpath(_real(spec.path), _real(child))
+    return record
+
+
+def resolve_parent(record: dict, child: Path | None) -> tuple[CkptSpec | None, str]:
+    """(the parent's CkptSpec or None when it cannot be found, the ref it was found at). Tried in order:
+    relative to the child, the stored ref; the one whose fingerprint matches wins, else the first found."""
+    candidates = []
+    if record.get("relative") and child is not None:
+        candidates.append(os.path.normpath(Path(child) / record["relative"]))
+    candidates.append(record["ref"])
+    found = []
+    for ref in dict.fromkeys(candidates):
+        try:
+            spec = resolve(ref)
+        except PrismError:
+            continue
+        if spec.fingerprint == record.get("fingerprint"):
+            return spec, ref
+        found.append((spec, ref))
+    return found[0] if found else (None, record["ref"])
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -306,6 +359,7 @@ class Run:
         # state/ is removed only once the manifest is written: a Ctrl-C while hashing leaves a partial run
         # that --resume continues from its last save, not one that starts again from step 0
         drop_state = not keep_state and self.state_dir.exists()
+        share_as_umask_allows(self.path)
         files = {}
         for f in sorted(self.path.rglob("*")):
             rel = f.relative_to(self.path).as_posix()
@@ -316,8 +370,7 @@ class Run:
         parents = []
         for item in self.parents:
             role, spec = item if isinstance(item, tuple) else ("policy", item)
-            parents.append({"role": role, "ref": spec.ref, "kind": spec.kind, "stage": spec.stage,
-                            "fingerprint": spec.fingerprint})
+            parents.append(parent_record(role, spec, self.path))
         body = {
             "format_version": FORMAT_VERSION,
             "stage": self.stage,
@@ -345,6 +398,37 @@ class Run:
                 shutil.rmtree(self.path / leftover, ignore_errors=True)
         release_lock(self.path)
         return self.path
+
+
+def _umask() -> int:
+    try:  # read without setting it: os.umask() changes the process's umask for a moment (threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask_allows(root: Path) -> None:
+    """Give every file and directory under root at least the mode the user's umask gives new files.
+    Libraries save through private temp files (transformers' safetensors: mode 0600), which would leave the
+    weights unreadable to a lab group that can read everything else. Bits are only ever added."""
+    import stat
+
+    mask = _umask()
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        try:
+            mode = stat.S_IMODE(p.stat().st_mode)
+            want = mode | ((0o777 if p.is_dir() else 0o666) & ~mask)
+            if want != mode:
+                os.chmod(p, want)
+        except OSError:  # not ours to change (another owner): leave it as it is
+            continue
 
 
 # Fields a resumed run may change: how long it runs (extend a run), how often it saves, logs and
@@ -530,13 +614,22 @@ def _output_decision(path: Path, out: str, stage: str, config: dict, overwrite: 
     if holder is not None:
         raise PrismError(f"--out {out} is being written by another prism process (pid {holder.get('pid', '?')} "
                          f"on {holder.get('host', '?')})", hint="wait for it to finish, or choose another --out")
-    if not (path.is_dir() and any(p.name != LOCK for p in path.iterdir())) or overwrite:
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: --overwrite would throw the "
+                         "interrupted run's progress away", hint="pass --resume to continue it, or --overwrite alone "
+                                                                 "to start again from step 0")
+    if not (path.is_dir() and any(p.name != LOCK for p in path.iterdir())):
         return False
     complete = (path / MANIFEST).is_file()
     partial = not complete and ((path / RUN_MARKER).is_file() or (path / "state").is_dir())
+    if overwrite:
+        _check_replaceable(path, out, stage, complete, partial)
+        return False
     if complete:
-        raise PrismError(f"--out {out} already holds a complete '{_stage_of(path)}' checkpoint",
-                         hint="pass --overwrite to replace it, or choose another --out")
+        found = _stage_of(path)
+        raise PrismError(f"--out {out} already holds a complete '{found}' checkpoint",
+                         hint="pass --overwrite to replace it, or choose another --out" if found == stage
+                         else "choose another --out")
     if partial and resume:
         marker = _read_marker(path)
         if marker.get("stage") != stage:
@@ -555,10 +648,33 @@ def _output_decision(path: Path, out: str, stage: str, config: dict, overwrite: 
             console.info(f"resuming {out} with changed {', '.join(f'{k} {before.get(k)!r} -> {now.get(k)!r}' for k in changed)}")
         return True
     if partial:
+        found = _read_marker(path).get("stage")
+        if found != stage:
+            raise PrismError(f"--out {out} holds an interrupted '{found or 'unknown'}' run, not '{stage}'",
+                             hint="choose another --out")
         raise PrismError(f"--out {out} holds an interrupted run",
                          hint="pass --resume to continue it or --overwrite to start again")
     raise PrismError(f"--out {out} is a non-empty directory that is not a prism run",
-                     hint="choose an empty or new directory, or pass --overwrite")
+                     hint="choose an empty or new directory; prism never deletes files it did not write")
+
+
+def _check_replaceable(path: Path, out: str, stage: str, complete: bool, partial: bool) -> None:
+    """--overwrite deletes everything in --out, so it only ever replaces a run of this same stage (complete
+    or interrupted): never a folder of the user's own files, nor another stage's checkpoint."""
+    if complete:
+        found = _stage_of(path)
+        if found != stage:
+            raise PrismError(f"--out {out} holds a complete '{found}' checkpoint; --overwrite only replaces a "
+                             f"'{stage}' run", hint="choose another --out")
+        return
+    if partial:
+        found = _read_marker(path).get("stage")
+        if found != stage:
+            raise PrismError(f"--out {out} holds a partial '{found or 'unknown'}' run; --overwrite only replaces "
+                             f"a '{stage}' run", hint="choose another --out")
+        return
+    raise PrismError(f"--out {out} is a non-empty directory that is not a prism run; --overwrite will not "
+                     "delete it", hint="choose an empty or new directory")
 
 
 def _read_marker(path: Path) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -48,6 +49,7 @@ def error_line(message: str, hint: str | None = None) -> None:
 # When stderr is not a terminal (a cluster job log), rich draws its bar only at the end; instead a plain
 # line is printed at most every PLAIN_EVERY_S seconds (and at the end). PRISM_PROGRESS_EVERY overrides it.
 PLAIN_EVERY_S = 30.0
+HEARTBEAT = True  # print within a long step too (tests that drive a fake clock turn it off)
 clock = time.monotonic  # tests replace it
 
 
@@ -56,13 +58,34 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+# The phase of a step now running ("rollout", "score", "update"; set by training.StepTimer), so a log line
+# printed in the middle of a long step says where the step is.
+_phase: list = [None, 0.0]
+
+
+@contextmanager
+def phase(name: str):
+    _phase[:] = [name, clock()]
+    try:
+        yield
+    finally:
+        _phase[:] = [None, 0.0]
+
+
 class PlainProgress:
-    """Progress as plain text lines for logs: "sft 120/600 (20%) elapsed 0:10:00 eta 0:40:00 | loss 1.23"."""
+    """Progress as plain text lines for logs: "sft 120/600 (20%) elapsed 0:10:00 eta 0:40:00 | loss 1.23".
+
+    A heartbeat thread prints the line within a long step too (a paper-scale RL step is minutes), naming the
+    phase the step is in: "rl (grpo) 0/2 (0%) elapsed 0:01:00 | in rollout for 0:00:45"."""
 
     def __init__(self, description: str, total: int | None, every_s: float):
         self.description, self.total, self.every_s = description, total, every_s
         self.done, self.status = 0, ""
         self.start = self.last = clock()
+        self.printed: tuple | None = None  # (done, status) of the last line printed
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="prism-progress", daemon=True)
 
     def line(self) -> str:
         elapsed = clock() - self.start
@@ -72,14 +95,29 @@ class PlainProgress:
         text += f" elapsed {_duration(elapsed)}"
         if self.total and self.done:
             text += f" eta {_duration(elapsed * (self.total - self.done) / self.done)}"
-        return text + (f" | {self.status}" if self.status else "")
+        name, since = _phase
+        return (text + (f" | {self.status}" if self.status else "")
+                + (f" | in {name} for {_duration(clock() - since)}" if name else ""))
 
     def tick(self, force: bool = False) -> None:
-        now = clock()
-        if force or now - self.last >= self.every_s:
-            self.last = now
-            err.print(escape(redact(self.line())), soft_wrap=True, highlight=False)
-            err.file.flush()
+        with self._lock:
+            now = clock()
+            if force or now - self.last >= self.every_s:
+                self.last = now
+                self.printed = (self.done, self.status)
+                err.print(escape(redact(self.line())), soft_wrap=True, highlight=False)
+                err.file.flush()
+
+    def finish(self) -> None:
+        """The closing line, unless the last line printed already said the same."""
+        self._stop.set()
+        if self.printed != (self.done, self.status):
+            self.tick(force=True)
+
+    def _heartbeat(self) -> None:
+        poll = max(0.05, min(self.every_s / 4, 5.0))
+        while not self._stop.wait(poll):
+            self.tick()
 
     def advance(self, n: int = 1, status: str | None = None) -> None:
         self.done += n
@@ -99,10 +137,12 @@ def progress(description: str, total: int | None, enabled: bool = True):
     if show and not err.is_terminal:
         plain = PlainProgress(redact(description), total, float(os.environ.get("PRISM_PROGRESS_EVERY") or PLAIN_EVERY_S))
         plain.tick(force=True)
+        if HEARTBEAT:
+            plain._beat.start()
         try:
             yield plain
         finally:
-            plain.tick(force=True)
+            plain.finish()
         return
     bar = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                    MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),

@@ -16,7 +16,7 @@ def show(path: str, verify: bool = False) -> None:
     from pathlib import Path
 
     if (Path(path).expanduser() / EXPORT_LINEAGE).is_file() and not (Path(path).expanduser() / checkpoint.MANIFEST).exists():
-        return show_export(Path(path).expanduser())
+        return show_export(Path(path).expanduser(), verify)
     spec = checkpoint.resolve(path, role="checkpoint")
     if spec.kind != "prism":
         raise PrismError(f"{path} is a {spec.kind} base model, not a prism checkpoint")
@@ -88,8 +88,9 @@ def data_lineage(chain: list[dict]) -> list[list]:
     return rows
 
 
-def show_export(path) -> None:
-    """An exported HF folder: where it came from (its prism_lineage.json), the data and the evals."""
+def show_export(path, verify: bool = False) -> None:
+    """An exported HF folder: where it came from (its prism_lineage.json), the data and the evals; with
+    verify, every file against the sizes and sha256 the export recorded."""
     import json
 
     try:
@@ -111,3 +112,13 @@ def show_export(path) -> None:
     for ev in record.get("eval") or []:
         console.print_table(f"eval {ev.get('dir', '')}", ["task", "value"],
                             [[k, v] for k, v in (ev.get("tasks") or {}).items()])
+    if verify:
+        files = record.get("files")
+        if not isinstance(files, dict) or not files:
+            raise PrismError(f"{path / EXPORT_LINEAGE} records no file checksums (an export by an older prism): "
+                             "cannot verify it", hint="export the checkpoint again")
+        problems = checkpoint.verify_files(path, {"files": files}, full=True)
+        if problems:
+            raise PrismError(f"{path}: {len(problems)} file(s) do not match {EXPORT_LINEAGE}: {'; '.join(problems[:5])}",
+                             hint="the folder was modified or damaged after export; export it again")
+        console.out.print(f"[green]verified[/] {len(files)} files against {EXPORT_LINEAGE}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 
 from prism_cli.errors import UsageError
 
@@ -45,7 +46,38 @@ def parse(report_to: str | None) -> list[str]:
         if importlib.util.find_spec(module) is None:
             raise UsageError(f"--report-to {name}: the {package} package is not installed, so nothing would be "
                              f"logged", hint=f"pip install {package}, or --report-to none")
+    if "wandb" in names and not wandb_logged_in():
+        raise UsageError("--report-to wandb: no wandb login on this machine (no WANDB_API_KEY, no "
+                         f"{_wandb_host()} entry in ~/.netrc), so wandb would stop the run when it starts",
+                         hint="run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline to log to files only")
     return names
+
+
+def _wandb_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+
+
+def wandb_logged_in() -> bool:
+    """What wandb.init will find without asking (it cannot ask in a job): an offline/disabled mode, an API
+    key or identity token in the environment, or a netrc entry for the wandb host. Never reads a key out."""
+    import netrc
+    from pathlib import Path
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    candidates = ([Path(os.environ["NETRC"]).expanduser()] if os.environ.get("NETRC")
+                  else [Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()])
+    for path in candidates:
+        try:
+            if netrc.netrc(str(path)).authenticators(_wandb_host()):
+                return True
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return False
 
 
 def clean_config(config: dict) -> dict:

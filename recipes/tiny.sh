@@ -3,8 +3,9 @@
 # Qwen3-VL (`tiny-seeing`, perception-pretrained; shipped with the package), ending with the base / SFT /
 # PRISM-align / RL comparison table.
 #
-#   bash recipes/tiny.sh                  # writes out/tiny/ (about 5 min on 2 cores)
-#   OUT=/tmp/demo bash recipes/tiny.sh    # elsewhere; reruns overwrite (--overwrite)
+#   bash recipes/tiny.sh                  # writes out/tiny/ (12-13 min on 2 cores shared with other jobs)
+#   OUT=/tmp/demo bash recipes/tiny.sh    # elsewhere; a rerun replaces the runs it wrote (--overwrite
+#                                         # only ever replaces a prism run of the same stage, never your files)
 #   SFT_TEACHER=1 bash recipes/tiny.sh    # adds the control: plain SFT on align's teacher demos, align's steps and lr
 #
 # What it shows: SFT on drifted "public" demonstrations (synth:train:N:drift: a consistent green->blue
@@ -81,7 +82,8 @@ echo
 echo "==> timings ($(nproc --all) cores; load average at start $LOAD_START, now $(cut -d' ' -f1-3 /proc/loadavg))"
 printf '  %s\n' "${TIMINGS[@]}"
 printf '  %-14s %4ds\n' total $((SECONDS - START))
-echo
-CONTROL_EVAL=""
-[ "$SFT_TEACHER" = 1 ] && CONTROL_EVAL=",$OUT/eval/eval-sft-teacher"
-prism eval --compare "$OUT/eval/eval-tiny-seeing,$OUT/eval/eval-sft$CONTROL_EVAL,$OUT/eval/eval-align,$OUT/eval/eval-rl"
+echo "  (the comparison table, each checkpoint paired with the base problem by problem, is the eval step's, above;"
+echo "   again: prism eval --compare $OUT/eval/eval-tiny-seeing,...)"
+if [ "$PY" = "$ROOT/.venv/bin/python" ]; then
+  echo "  (prism is installed in $ROOT/.venv: \`source $ROOT/.venv/bin/activate\` puts \`prism\` on your PATH)"
+fi

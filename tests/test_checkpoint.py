@@ -75,7 +75,7 @@ def test_manifest_contents(tmp_path):
     assert m["data"] == {"synth:train:8": "abc"}
     assert m["summary"] == {"final_loss": 1.0}
     [p] = m["parents"]
-    assert p == {"role": "data", "ref": str(parent), "kind": "prism", "stage": "curate",
+    assert p == {"role": "data", "ref": str(parent), "kind": "prism", "stage": "curate", "relative": "../parent",
                  "fingerprint": hashlib.sha256((parent / MANIFEST).read_bytes()).hexdigest()}
     # every file but the manifest and run marker, with its true size and sha256; state/ dropped by default
     on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -322,9 +322,12 @@ def test_out_is_required():
 def test_complete_dir_refused_without_overwrite(ckpt):
     before = snapshot(ckpt)
     with pytest.raises(PrismError) as e:
-        open_output(str(ckpt), "rl", CONFIG, [])
+        open_output(str(ckpt), "sft", CONFIG, [])
     assert e.value.message == f"--out {ckpt} already holds a complete 'sft' checkpoint"
     assert "--overwrite" in e.value.hint
+    with pytest.raises(PrismError) as e:  # another stage's checkpoint: --overwrite would not replace it
+        open_output(str(ckpt), "rl", CONFIG, [])
+    assert "--overwrite" not in e.value.hint
     with pytest.raises(PrismError, match="already holds a complete"):
         open_output(str(ckpt), "sft", CONFIG, [], resume=True)  # nothing to resume in a finished run
     assert snapshot(ckpt) == before
@@ -450,3 +453,21 @@ def test_secrets_never_reach_the_directory(tmp_path):
     m = json.loads(text)
     assert m["config"]["api_key"] == "<redacted>" and m["config"]["max_new_tokens"] == 64
     assert m["summary"] == {"hf_token": "<redacted>", "n": 3}
+
+
+def test_lineage_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    """cd chain && rl --ckpt sft --out rl; cd ..: the parent is still found intact (issue 33), and a
+    chain moved as a whole keeps its lineage (parents are also stored relative to the child)."""
+    chain_dir = tmp_path / "chain"
+    chain_dir.mkdir()
+    monkeypatch.chdir(chain_dir)
+    make_ckpt(Path("sft"))
+    make_ckpt(Path("rl"), stage="rl", parents=[("policy", resolve("sft"))])
+    monkeypatch.chdir(tmp_path)
+    links = checkpoint.lineage(resolve("chain/rl"))
+    assert [(link["stage"], link["ok"]) for link in links] == [("rl", True), ("sft", True)]
+    assert resolve(links[1]["ref"]).path.resolve() == (chain_dir / "sft").resolve()
+    moved = tmp_path / "elsewhere"
+    chain_dir.rename(moved)
+    links = checkpoint.lineage(resolve(str(moved / "rl")))
+    assert [(link["stage"], link["ok"]) for link in links] == [("rl", True), ("sft", True)]

@@ -127,12 +127,19 @@ def test_stage_flags_match_config_fields(stage):
     cls = getattr(importlib.import_module(module), name)
     params = {p.name: p for p in typer.main.get_command(app).commands[stage].params}
     for f in dataclasses.fields(cls):
-        assert (f.name in params) == f.metadata.get("cli", True), f.name
+        flag = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+        negative = flag.replace("--", "--no-", 1)
+        # a switch comes in the forms that change its default, each its own option (80-column --help):
+        # on by default -> --no-x only; off -> --x only; decided by other options (None) -> both
+        is_switch = isinstance(f.default, bool) or f.name == "dynamic_sampling"
+        has_positive = not (is_switch and f.default is True)
+        has_negative = is_switch and f.default is not False
+        assert (f.name in params) == (f.metadata.get("cli", True) and has_positive), f.name
+        assert (f.name + "__no" in params) == (f.metadata.get("cli", True) and has_negative), f.name
         if f.name in params:
-            flag = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
-            assert flag in params[f.name].opts
-            if isinstance(f.default, bool) or f.name == "dynamic_sampling":  # bool flags come in pairs
-                assert params[f.name].secondary_opts == [flag.replace("--", "--no-", 1)], f.name
+            assert params[f.name].opts == [flag] and not params[f.name].secondary_opts, f.name
+        if f.name + "__no" in params:
+            assert params[f.name + "__no"].opts == [negative], f.name
 
 
 def test_help_does_not_render_emoji():

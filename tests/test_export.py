@@ -58,6 +58,34 @@ def test_fp32_export_round_trip_same_logits(sft_like, tmp_path):
     assert "| sft |" in card and "fingerprint-abc" in card and "| synth |" in card.replace("| eval | synth", "| synth |")
     assert "42.0" in card and "AutoModelForImageTextToText" in card
     assert "SYSTEM_PROMPT = " in card  # an sft policy: the usage snippet prompts it as it was trained
+    run_usage_snippet(card, out, tmp_path)
+    # transformers 4.57 (the last 4.x) reads M-RoPE from rope_scaling and wants a mapping of extra special
+    # tokens; both were checked by hand to load this folder there with the same logits (docs/first-hour.md)
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    assert text["rope_scaling"]["mrope_section"] == text["rope_parameters"]["mrope_section"]
+    assert text["rope_theta"] == text["rope_parameters"]["rope_theta"]
+    assert json.loads((out / "tokenizer_config.json").read_text()).get("extra_special_tokens", {}) == {}
+    assert "transformers >= 4.57" in card
+
+
+def run_usage_snippet(card: str, folder, tmp_path) -> None:
+    """The card's usage snippet, run as a user would (on a synth image): it prints the response only."""
+    import contextlib
+    import io
+
+    from stages.common import synth
+
+    sample = synth.load("synth:test:1")[0]
+    image = tmp_path / "problem.png"
+    sample.pil_images()[0].save(image)
+    snippet = card.split("## Usage", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    snippet = (snippet.replace("PATH_OR_REPO", str(folder)).replace("problem.png", str(image))
+               .replace("max_new_tokens=512", "max_new_tokens=8"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(snippet, "usage", "exec"), {})
+    text = printed.getvalue()
+    assert "How many" not in text and "system" not in text and "user" not in text, text
 
 
 def test_bf16_export_is_sharded_and_bf16(tmp_path, tiny_path):
@@ -75,7 +103,7 @@ def test_bad_inputs(tmp_path, tiny_path):
         run(export_config(ckpt=str(tmp_path / "missing"), out=str(tmp_path / "a")))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(PrismError, match="not empty"):
+    with pytest.raises(PrismError, match="non-empty folder that is not a prism export"):
         run(export_config(out=str(tmp_path / "full")))
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -113,7 +141,7 @@ def test_model_card_usage_shows_the_trained_system_prompt():
     snippet = usage.split("```python\n", 1)[1].split("```", 1)[0]
     compile(snippet, "usage", "exec")  # the snippet is valid Python
     namespace = {}
-    exec(snippet.split("messages = [")[0].split("\n", 3)[-1], namespace)  # SYSTEM_PROMPT = ... line(s)
+    exec(next(line for line in snippet.splitlines() if line.startswith("SYSTEM_PROMPT = ")), namespace)
     assert namespace["SYSTEM_PROMPT"] == SYSTEM_PROMPT
 
     sft_without = [{"stage": "sft", "ref": "s", "system_prompt": False}, {"stage": "base", "ref": "tiny"}]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from prism_cli import config
 from prism_cli.checkpoint import load_manifest
@@ -100,6 +101,16 @@ def test_hub_model_id_without_network_fails_in_seconds(monkeypatch):
     assert resolve("Qwen/Nope-VL").kind == "hub"  # offline mode: the cache decides later, no probe
 
 
+def _png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (9, 9, 9)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_rl_drops_overlong_prompts_and_reports_dropped_rows_in_the_manifest(tmp_path, capsys):
     from stages.common.data import sample_to_row
     from stages.common.synth import load as synth_load
@@ -111,6 +122,7 @@ def test_rl_drops_overlong_prompts_and_reports_dropped_rows_in_the_manifest(tmp_
     rows = [dict(sample_to_row(s), images=["data:image/png;base64," + base64.b64encode(s.images[0]).decode()])
             for s in synth_load("synth:train:4")]
     rows[1] = dict(rows[1], question="why? " * 20000)     # 100 KB of question
+    rows.append(dict(rows[2], id="sliver", images=["data:image/png;base64," + base64.b64encode(_png(4000, 3)).decode()]))
     lines = [json.dumps(r, default=str) for r in rows] + ["{broken", json.dumps(rows[0], default=str)]
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(lines) + "\n")
@@ -118,10 +130,11 @@ def test_rl_drops_overlong_prompts_and_reports_dropped_rows_in_the_manifest(tmp_
                                                   steps=1, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=4,
                                                   engine="hf", warmup=0, seed=0)))
     dropped = load_manifest(out)["summary"]["data_dropped"]
-    assert dropped[str(data)]["malformed"] == 2           # the broken line and the duplicate id
+    assert dropped[str(data)]["malformed"] == 3           # the broken line, the duplicate id, the 4000x3 image
+    assert any("4000x3" in e for e in dropped[str(data)]["examples"])
     assert dropped["max_prompt_chars"] == {"filtered": 1, "limit": 16000}
     err = capsys.readouterr().err
-    assert "skipped 2 malformed row(s)" in err and "dropped 1 prompt(s) longer than max_prompt_chars=16000" in err
+    assert "skipped 3 malformed row(s)" in err and "dropped 1 prompt(s) longer than max_prompt_chars=16000" in err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -172,6 +185,7 @@ def sft_with_data(tmp_path, tiny_path):
 
 
 def test_inspect_shows_data_lineage_and_reads_an_export(sft_with_data, tmp_path):
+    import os
     from typer.testing import CliRunner
 
     from prism_cli.app import app
@@ -189,6 +203,17 @@ def test_inspect_shows_data_lineage_and_reads_an_export(sft_with_data, tmp_path)
     assert r.exit_code == 0, r.output
     assert "exported Hugging Face folder" in r.stdout and str(sft_with_data) in r.stdout
     assert "d.jsonl" in r.stdout and "2 malformed, 1 filtered" in r.stdout
+    r = runner.invoke(app, ["inspect", "--verify", str(hf)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "verified" in r.stdout, r.output
+    weights = sorted(hf.glob("*.safetensors"))[0]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert weights.stat().st_mode & 0o444 & ~umask == 0o444 & ~umask   # readable as the umask allows, not 0600
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF          # one damaged byte, same size
+    weights.write_bytes(bytes(data))
+    r = runner.invoke(app, ["inspect", "--verify", str(hf)], env={"COLUMNS": "200"})
+    assert r.exit_code == 1 and f"{weights.name}: sha256 mismatch" in r.output, r.output
 
 
 def test_export_out_onto_its_own_checkpoint_is_refused(sft_with_data):
@@ -203,6 +228,9 @@ def test_export_out_onto_its_own_checkpoint_is_refused(sft_with_data):
 
 def test_sft_reports_dropped_rows_in_the_manifest(tmp_path):
     import base64
+    import io
+
+    from PIL import Image
 
     from stages.common.data import sample_to_row
     from stages.common.synth import load as synth_load
@@ -213,9 +241,236 @@ def test_sft_reports_dropped_rows_in_the_manifest(tmp_path):
     rows = [dict(sample_to_row(s), images=["data:image/png;base64," + base64.b64encode(s.images[0]).decode()])
             for s in with_oracle_demos(synth_load("synth:train:4"))]
     rows.append(dict(rows[0], id="bad", images=["missing.png"]))
+    sliver = io.BytesIO()
+    Image.new("RGB", (4000, 3), (9, 9, 9)).save(sliver, format="PNG")  # aspect ratio 1333: the processor refuses it
+    rows.append(dict(rows[1], id="sliver", images=["data:image/png;base64," + base64.b64encode(sliver.getvalue()).decode()]))
     data = tmp_path / "demos.jsonl"
     data.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
     out = run(config.resolve(SFTConfig, flags=dict(ckpt="tiny", data=[str(data)], out=str(tmp_path / "sft"),
-                                                   batch_size=2, micro_batch_size=2, max_steps=1, eval_fraction=0.0)))
+                                                   batch_size=2, micro_batch_size=2, max_steps=1, eval_fraction=0.0,
+                                                   dtype="bf16")))
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    readable = 0o666 & ~umask   # the weights as shareable as any file the user makes (not the 0600 temp file's)
+    assert stat.S_IMODE((out / "model" / "model.safetensors").stat().st_mode) & readable == readable
+    if not torch.cuda.is_available():  # --dtype bf16 changes nothing on a CPU: recorded as what ran
+        assert load_manifest(out)["config"]["dtype"] == "fp32"
     dropped = load_manifest(out)["summary"]["data_dropped"][str(data)]
-    assert dropped["malformed"] == 1 and "'missing.png' not found" in dropped["examples"][0]
+    assert dropped["malformed"] == 2 and "'missing.png' not found" in dropped["examples"][0]
+    assert "4000x3: an aspect ratio over 200" in dropped["examples"][1]
+
+
+def test_sft_skips_a_sample_the_processor_refuses_and_encodes_the_rest(tiny_path):
+    """A row that reached encoding with an image the processor cannot resize (here one built in memory,
+    past the load-time check) is skipped with its reason; the others in its chunk still encode."""
+    import dataclasses
+    import io
+
+    from PIL import Image
+
+    from prism_cli.checkpoint import resolve
+    from stages.common.models import load_processor
+    from stages.common.synth import load as synth_load
+    from stages.common.synth import with_oracle_demos
+    from stages.sft.run import encode_chunk
+
+    samples = with_oracle_demos(synth_load("synth:train:3"))
+    sliver = io.BytesIO()
+    Image.new("RGB", (3, 4000)).save(sliver, format="PNG")
+    samples[1] = dataclasses.replace(samples[1], images=[sliver.getvalue()])
+    out = encode_chunk(samples, load_processor(resolve("tiny")), None, 4096, True)
+    assert not isinstance(out[0], str) and not isinstance(out[2], str)
+    assert isinstance(out[1], str) and out[1].startswith("the processor refused it (") and "200" in out[1]
+
+
+def test_rl_that_learns_nothing_warns_and_a_slow_step_keeps_the_log_alive(tmp_path, capsys, monkeypatch):
+    """Every rollout cut at max_new_tokens and a zero gradient on every step: warned on the console and
+    recorded in the manifest. The scoring is slowed past the progress interval: lines keep coming within
+    the step, naming the phase (a cluster log, stderr not a terminal)."""
+    import time
+
+    from prism_cli import console
+    from stages.rl import run as rl_run
+    from stages.rl.config import RLConfig
+
+    score = rl_run.compute_score
+
+    def slow_score(*args, **kwargs):
+        time.sleep(0.15)   # 4 rows a step: 0.6 s of scoring, three intervals
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(rl_run, "compute_score", slow_score)
+    monkeypatch.setattr(console, "HEARTBEAT", True)
+    monkeypatch.delenv("PRISM_NO_PROGRESS", raising=False)
+    monkeypatch.setenv("PRISM_PROGRESS_EVERY", "0.2")
+    out = rl_run.run(config.resolve(RLConfig, flags=dict(algo="grpo", ckpt="tiny", data=["synth:train:4"],
+                                                         out=str(tmp_path / "rl"), steps=2, prompts_per_step=2,
+                                                         rollouts_per_prompt=2, max_new_tokens=2, engine="hf",
+                                                         warmup=0, seed=0)))
+    warnings = load_manifest(out)["summary"]["warnings"]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("every rollout of all 2 step(s) hit max_new_tokens=2")
+    assert warnings[1].startswith("grad_norm was 0.0 on all 2 step(s)")
+    err = capsys.readouterr().err
+    assert "every rollout of step 1 hit max_new_tokens=2" in err and all(w in err for w in warnings)
+    assert len([line for line in err.splitlines() if "| in score for" in line]) >= 2, err
+
+
+def test_learning_warnings_stay_quiet_on_a_run_that_learns():
+    from stages.rl.run import learning_warnings
+
+    records = [{"truncated/ratio": 1.0, "update/grad_norm": 0.0}, {"truncated/ratio": 0.5, "update/grad_norm": 0.3}]
+    assert learning_warnings(records, 128) == []
+    assert learning_warnings([], 128) == []
+    assert len(learning_warnings([{"truncated/ratio": 1.0, "update/grad_norm": 0.0}], 128)) == 2
+
+
+def test_training_a_policy_from_a_discriminator_is_refused(tmp_path):
+    """out/align/discriminator is a reward model with an untrained LM head: one line naming it, and the
+    hint names the align checkpoint whose policy was meant."""
+    from typer.testing import CliRunner
+
+    from prism_cli.app import app
+    from prism_cli.checkpoint import open_output
+
+    run = open_output(str(tmp_path / "align"), "align", {"seed": 0}, [])
+    (run.path / "discriminator").mkdir()
+    (run.path / "discriminator" / "config.json").write_text(json.dumps(
+        {"model_type": "qwen3_vl_moe", "prism_discriminator": {"variant": "moe", "text_only": False}}))
+    run.finalize()
+    disc = tmp_path / "align" / "discriminator"
+    for stage in ("sft", "rl", "eval"):
+        args = [stage, "--ckpt", str(disc), "--out", str(tmp_path / stage)]
+        args += {"sft": ["--data", "synth:train:4"], "rl": ["--data", "synth:train:4"], "eval": []}[stage]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and "is a PRISM discriminator" in lines[0], result.output
+        assert f"--ckpt {tmp_path / 'align'}" in lines[0]
+        assert not (tmp_path / stage).exists()
+
+
+def test_reused_discriminator_records_its_own_shape_and_refuses_a_different_one(tmp_path, capsys):
+    from prism_cli.errors import UsageError
+    from stages.align.config import AlignConfig
+    from stages.align.run import discriminator_source, with_reused_shape
+
+    disc = tmp_path / "disc"
+    disc.mkdir()
+    (disc / "config.json").write_text(json.dumps({
+        "model_type": "qwen3_vl_moe", "text_config": {"num_experts": 8, "num_experts_per_tok": 1},
+        "prism_discriminator": {"variant": "moe", "text_only": False}}))
+
+    def cfg(**flags):
+        return config.resolve(AlignConfig, flags=dict(ckpt="tiny", data=["synth:train:4"], disc=str(disc),
+                                                      out=str(tmp_path / "align"), **flags))
+
+    kept = with_reused_shape(cfg(), discriminator_source(cfg(), None))
+    assert (kept.num_experts, kept.top_k) == (8, 1)
+    assert "reused with its own shape (num_experts 8, top_k 1)" in capsys.readouterr().err
+    with pytest.raises(UsageError, match=r"is reused as it is \(num_experts 8\); it cannot take num_experts 6"):
+        with_reused_shape(cfg(num_experts=6), discriminator_source(cfg(), None))
+
+
+def test_training_dtype_on_a_cpu_is_fp32_and_says_so(monkeypatch, capsys):
+    from stages.common import training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training.training_dtype("auto") == "auto" and training.training_dtype("fp32") == "fp32"
+    assert training.training_dtype("bf16") == "fp32"
+    assert "--dtype bf16 has no effect on a CPU: training runs in fp32" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training.training_dtype("bf16") == "bf16"
+
+
+@pytest.mark.parametrize("stage", ["rl", "eval"])
+def test_vllm_engine_on_a_cpu_names_a_real_option_and_writes_nothing(stage, tmp_path):
+    from typer.testing import CliRunner
+
+    from prism_cli.app import app
+    from stages.common.rollout import ENGINES
+
+    if ENGINES.get("vllm").usable():
+        pytest.skip("vLLM runs on this machine")
+    out = tmp_path / stage
+    args = [stage, "--ckpt", "tiny", "--engine", "vllm", "--out", str(out)]
+    args += ["--data", "synth:train:4"] if stage == "rl" else ["--tasks", "synth", "--synth", "synth:test:2"]
+    result = CliRunner().invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "rollout engine vllm needs" in lines[0] and "use --engine hf" in lines[0]
+    assert not out.exists()
+
+
+def test_an_unwritable_prism_home_is_named_as_such_not_as_out(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from prism_cli.app import app
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("PRISM_HOME", str(blocker / "home"))   # nothing can be created under a file
+    out = tmp_path / "sft"
+    result = CliRunner().invoke(app, ["sft", "--ckpt", "tiny", "--data", "synth:train:8", "--max-steps", "1",
+                                      "--batch-size", "4", "--micro-batch-size", "4", "--out", str(out)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert f"cannot build the tiny model in PRISM_HOME ({blocker / 'home'})" in lines[0]
+    assert "--out" not in lines[0] and not out.exists()
+
+
+def test_help_at_80_columns_shows_every_option_name_whole():
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from prism_cli.app import STAGES, _import, app
+
+    for stage, (config_path, _, _) in STAGES.items():
+        result = CliRunner().invoke(app, [stage, "--help"], env={"COLUMNS": "80", "TERM": "dumb"})
+        assert result.exit_code == 0, result.output
+        assert "…" not in result.output, f"prism {stage} --help cuts text at 80 columns:\n{result.output}"
+        for f in dataclasses.fields(_import(config_path)):
+            if (f.metadata or {}).get("cli", True):
+                flag = (f.metadata or {}).get("flag") or "--" + f.name.replace("_", "-")
+                shown = flag.replace("--", "--no-", 1) if f.default is True else flag
+                assert shown in result.output, f"prism {stage} --help lacks {shown}"
+
+
+def test_switches_reach_the_config(monkeypatch):
+    from typer.testing import CliRunner
+
+    from prism_cli import app as app_module
+    from prism_cli.errors import UsageError
+
+    seen = {}
+
+    def capture(cls, config_file=None, flags=None, sets=None):
+        seen.update(flags)
+        raise UsageError("captured")
+
+    monkeypatch.setattr(app_module.cfgmod, "resolve", capture)
+    for args, want in ((["export", "--no-verify"], {"verify": False}), (["sft", "--freeze-vision"], {"freeze_vision": True}),
+                       (["rl", "--no-dynamic-sampling"], {"dynamic_sampling": False}),
+                       (["rl", "--dynamic-sampling"], {"dynamic_sampling": True}),
+                       (["align", "--no-disc-grad-checkpointing"], {"disc_gradient_checkpointing": False})):
+        seen.clear()
+        CliRunner().invoke(app_module.app, args)
+        assert seen == want, (args, seen)
+
+
+def test_deepspeed_is_told_the_accelerator_so_it_does_not_warn_after_every_stage(monkeypatch):
+    """save_pretrained imports DeepSpeed; without DS_ACCELERATOR it warns "Setting accelerator to CPU"."""
+    import os
+
+    from stages.common import training
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine: DeepSpeed finds CUDA itself")
+    monkeypatch.setenv("DS_ACCELERATOR", "")      # recorded, so the test's own setting is undone after it
+    monkeypatch.delenv("DS_ACCELERATOR")
+    training.make_runtime("auto")
+    assert os.environ.get("DS_ACCELERATOR") == "cpu"

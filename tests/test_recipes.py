@@ -146,7 +146,7 @@ def test_recipe_scripts_exist():
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 @pytest.mark.skipif(os.environ.get("PRISM_SLOW") != "1",
-                    reason="the README demo takes ~5 min on 2 cores; run it with "
+                    reason="the README demo takes 12-13 min on 2 cores; run it with "
                            "`PRISM_SLOW=1 python -m pytest tests/test_recipes.py -k tiny_sh`")
 @pytest.mark.learning
 def test_tiny_sh_end_to_end(tmp_path):
@@ -208,3 +208,11 @@ def test_ablation_tiny_sh_micro_run(tmp_path):
     assert steps == {2}                                   # as many policy steps as align (1) + RL (1)
     manifests = [json.loads((abl / f"seed{s}" / "sft" / "prism.json").read_text()) for s in "01"]
     assert manifests[0]["data"] != manifests[1]["data"]   # other problems and drift per seed
+
+
+def test_tiny_sh_prints_the_comparison_table_once():
+    """The eval step of several checkpoints prints the comparison; the recipe must not print it again."""
+    commands = [line.strip() for line in (ROOT / "recipes" / "tiny.sh").read_text().splitlines()
+                if line.strip() and not line.strip().startswith(("#", "echo", "printf"))]
+    assert not [c for c in commands if "eval --compare" in c], "the comparison table is printed twice"
+    assert any(c.startswith("step eval") and c.count("--ckpt") >= 2 for c in commands)

@@ -21,6 +21,7 @@ def log_console(monkeypatch):
     monkeypatch.delenv("PRISM_PROGRESS_EVERY", raising=False)
     now = [1000.0]
     monkeypatch.setattr(console, "clock", lambda: now[0])
+    monkeypatch.setattr(console, "HEARTBEAT", False)  # a fake clock: only the lines advance() prints
     return buf, now
 
 
@@ -48,10 +49,35 @@ def test_progress_interval_can_be_set(log_console, monkeypatch):
         for _ in range(3):
             now[0] += 1.5
             bar.advance()
-    assert len(buf.getvalue().splitlines()) == 5  # start, 3 steps, end
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 4, lines  # start, 3 steps; the last step's line is not printed twice
+    assert lines[-1].startswith("rl (dapo) 3/3 (100%)")
+
+
+def test_a_long_step_prints_a_line_every_interval_naming_its_phase(monkeypatch):
+    """A job log (not a terminal) of a step slower than the interval: lines keep coming within the step."""
+    import time
+
+    from stages.common.training import StepTimer
+
+    buf = io.StringIO()
+    monkeypatch.setattr(console, "err", Console(file=buf, force_terminal=False, width=200))
+    monkeypatch.delenv("PRISM_NO_PROGRESS", raising=False)
+    monkeypatch.setenv("PRISM_PROGRESS_EVERY", "0.2")
+    timer = StepTimer()
+    with console.progress("rl (grpo)", total=1) as bar:
+        with timer.phase("rollout"):
+            time.sleep(1.5)   # a step 7.5 times the interval
+        bar.advance()
+    lines = buf.getvalue().splitlines()
+    within = [line for line in lines if line.startswith("rl (grpo) 0/1") and "| in rollout for 0:00:0" in line]
+    assert len(within) >= 3, lines
+    assert lines[-1].startswith("rl (grpo) 1/1 (100%)") and "in rollout" not in lines[-1]
+    assert timer.pop()["time/rollout"] >= 1.5
 
 
 def test_report_to_names_and_packages_are_checked(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")   # a wandb login is checked too (the test below)
     assert tracking.parse("none") == [] and tracking.parse("") == []
     assert tracking.parse("tensorboard, wandb") == ["tensorboard", "wandb"]
     with pytest.raises(UsageError, match="unknown tracker 'tensorbord'"):
@@ -109,3 +135,29 @@ def test_only_the_main_process_writes_plots_and_never_a_half_written_one(tmp_pat
     assert plot_curves(records, {"loss": "loss"}, tmp_path / "loss.png", "sft").read_bytes()[:4] == b"\x89PNG"
     assert plot_panels(records, RL_PANELS, tmp_path / "rl.png", "rl").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "rl.png"]    # no .tmp left behind
+
+
+def test_report_to_wandb_without_a_login_is_one_line_before_anything_is_written(monkeypatch, tmp_path):
+    pytest.importorskip("wandb")
+    from typer.testing import CliRunner
+
+    from prism_cli.app import app
+
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine example.org login me password x\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    out = tmp_path / "sft"
+    for extra in (["--dry-run"], []):
+        result = CliRunner().invoke(app, ["sft", "--ckpt", "tiny", "--data", "synth:train:8", "--report-to", "wandb",
+                                          "--out", str(out), *extra])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert "--report-to wandb: no wandb login" in lines[0] and "wandb login" in lines[0]
+        assert not out.exists()
+    netrc.write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
+    assert tracking.parse("wandb") == ["wandb"]
+    netrc.write_text("")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert tracking.parse("wandb") == ["wandb"]

@@ -76,7 +76,7 @@ class AlignConfig(CommonConfig):
     disc_row_tokens: int = opt(8192, "token budget of one discriminator scoring row (a group is split into rows "
                                      "of at most this many tokens, each repeating the prompt)", group="Discriminator")
     disc_gradient_checkpointing: bool = opt(True, "recompute the discriminator's activations in backward",
-                                            group="Discriminator")
+                                            group="Discriminator", flag="--disc-grad-checkpointing")
 
     save_every: int = opt(25, "save resumable state every N steps", group="Logging")
     report_to: str = opt("none", "trackers through accelerate: none, tensorboard, wandb", group="Logging")

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -40,7 +41,7 @@ from stages.common.models import default_device, load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
 from stages.common.rewards import compute_score
-from stages.common.rollout import RolloutPrompt, SamplingParams, make_engine, probe_metrics
+from stages.common.rollout import RolloutPrompt, SamplingParams, check_engine, make_engine, probe_metrics
 
 
 
@@ -54,9 +55,12 @@ def run(cfg: AlignConfig) -> Path:
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     samples, data_fp, data_parents, dropped = load_demonstrations(cfg.data, cfg.seed)
     disc_source = discriminator_source(cfg, policy_spec)
+    cfg = with_reused_shape(cfg, disc_source)
     if cfg.dry_run:   # every check a launch runs, at the planned world size, then the memory plan
         return print_plan(cfg, policy_spec, disc_source, len(samples))
 
+    cfg.dtype = training.training_dtype(cfg.dtype)  # what runs is what the manifest records
+    check_engine(cfg.engine)
     checkpoint.check_output(cfg.out, "align", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
     accelerator = runtime.accelerator
@@ -186,6 +190,42 @@ def discriminator_source(cfg: AlignConfig, policy_spec) -> tuple[str, checkpoint
     # default: the policy's base model (the root of its lineage)
     root = checkpoint.lineage(policy_spec)[-1]["ref"]
     return "upcycle", checkpoint.resolve(root, role="--disc-base")
+
+
+# AlignConfig fields that only shape a discriminator being built (upcycled); a reused one has its own.
+_SHAPE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AlignConfig)
+                   if f.name in ("num_experts", "top_k", "disc_dense", "disc_text_only")}
+
+
+def with_reused_shape(cfg: AlignConfig, source) -> AlignConfig:
+    """A reused discriminator keeps its own shape: the config (and so the manifest) records the shape
+    that runs. A shape the user asked for that differs from the reused one is refused, not ignored."""
+    how, spec = source
+    if how != "reuse":
+        return cfg
+    path = spec.path / "discriminator" if spec.kind == "prism" else spec.path
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise PrismError(f"--disc {cfg.disc}: {path / 'config.json'} is missing or not JSON") from None
+    text = config.get("text_config") or config
+    stored = config.get("prism_discriminator") or {}
+    dense = stored.get("variant", "moe" if config.get("model_type") == "qwen3_vl_moe" else "dense") == "dense"
+    actual = {"disc_dense": dense, "disc_text_only": bool(stored.get("text_only", False)),
+              "num_experts": _SHAPE_DEFAULTS["num_experts"] if dense else int(text.get("num_experts", 0)),
+              "top_k": _SHAPE_DEFAULTS["top_k"] if dense else int(text.get("num_experts_per_tok", 0))}
+    asked = {k: getattr(cfg, k) for k in actual}
+    conflicts = [k for k in actual if asked[k] != actual[k] and asked[k] != _SHAPE_DEFAULTS[k]]
+    if conflicts:
+        raise UsageError(f"--disc {cfg.disc} is reused as it is ({', '.join(f'{k} {actual[k]}' for k in conflicts)}); "
+                         f"it cannot take {', '.join(f'{k} {asked[k]}' for k in conflicts)}",
+                         hint="leave those options out to reuse it, or drop --disc to upcycle a new discriminator")
+    changed = {k: v for k, v in actual.items() if asked[k] != v}
+    if changed:
+        console.info(f"--disc {cfg.disc}: reused with its own shape ({', '.join(f'{k} {v}' for k, v in changed.items())})")
+    for k, v in changed.items():  # set directly: --disc with disc_dense is refused at resolution, rightly
+        setattr(cfg, k, v)
+    return cfg
 
 
 def build_discriminator(cfg: AlignConfig, source, device):

@@ -356,6 +356,11 @@ def image_bytes(value: Any, base_dir: Path | None = None) -> bytes:
     raise BadRow(f"an image is a {type(value).__name__}, not bytes, a path or a dict")
 
 
+# Qwen-VL image processors refuse (ValueError, mid-step) an image whose long side is over 200 times its
+# short side (smart_resize); such a row is dropped when its source is read, so it never reaches a step.
+MAX_ASPECT_RATIO = 200
+
+
 def check_image(raw: bytes, index: int = 0) -> bytes:
     """The bytes of a decodable image of a sane size, else BadRow: corrupt or truncated files and
     decompression bombs are caught when a source is read, not deep inside a training step.
@@ -372,6 +377,9 @@ def check_image(raw: bytes, index: int = 0) -> bytes:
             if limit and width * height > limit:
                 raise BadRow(f"image {index} is {width}x{height} ({width * height:,} pixels), over the "
                              f"{limit:,}-pixel limit for decompression bombs; downscale it first")
+            if min(width, height) == 0 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+                raise BadRow(f"image {index} is {width}x{height}: an aspect ratio over {MAX_ASPECT_RATIO}, which "
+                             "the vision processor refuses; crop or pad it")
             img.verify()
     except BadRow:
         raise

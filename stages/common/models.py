@@ -52,7 +52,13 @@ def as_spec(ckpt: str | CkptSpec) -> CkptSpec:
     """The resolved spec, with the tiny model built if it names one (the one place it is built)."""
     spec = ckpt if isinstance(ckpt, CkptSpec) else resolve(ckpt)
     if spec.kind == "tiny":
-        tiny.ensure(spec.ref, builder=seeing_base.provide if spec.ref == "tiny-seeing" else None)
+        try:
+            tiny.ensure(spec.ref, builder=seeing_base.provide if spec.ref == "tiny-seeing" else None)
+        except OSError as e:  # the cache is PRISM_HOME's, not --out's: say which directory cannot be written
+            home = tiny.cache_root().parent
+            raise PrismError(f"cannot build the {spec.ref} model in PRISM_HOME ({home}): "
+                             f"{e.strerror or e.__class__.__name__}",
+                             hint="set PRISM_HOME to a writable directory (default ~/.cache/prism)") from None
     return spec
 
 

@@ -258,6 +258,15 @@ def is_built(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / ".complete").is_file()
 
 
+def _share(root: Path) -> None:
+    """The mode a new file or directory gets under the umask, on everything under root (bits only added)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (p.stat().st_mode & 0o7777) | ((0o777 if p.is_dir() else 0o666) & ~mask))
+
+
 def ensure(name: str, seed: int = 0, builder=None) -> Path:
     """Path of the cached tiny model, building it on first use (atomically: build in a temp dir, rename).
     builder(out_dir, seed) replaces `build` for models trained on top of tiny (tiny-seeing: its trainer,
@@ -273,6 +282,7 @@ def ensure(name: str, seed: int = 0, builder=None) -> Path:
         else:
             builder(tmp, seed)
         (tmp / ".complete").write_text("ok\n")
+        _share(tmp)  # mkdtemp makes it 0700 and safetensors are saved 0600: a shared PRISM_HOME needs more
         try:
             os.replace(tmp, target)
         except OSError:  # another process won the race; use theirs

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from prism_cli.errors import PrismError
-from prism_cli import tracking
+from prism_cli import console, tracking
 from stages.common import distributed
 
 TRAINER_STATE = "trainer_state.json"
@@ -56,6 +56,15 @@ class Runtime:
                                    mixed_precision=self.mixed_precision, max_grad_norm=max_grad_norm, name=name)
 
 
+def training_dtype(requested: str) -> str:
+    """The compute dtype a training stage really runs in. On a CPU prism trains in fp32: --dtype bf16/fp16
+    there is said to change nothing (a warning) and recorded as fp32, not as what was asked."""
+    if torch.cuda.is_available() or requested in ("auto", "fp32", "float32"):
+        return requested
+    console.warn(f"--dtype {requested} has no effect on a CPU: training runs in fp32 (the manifest records fp32)")
+    return "fp32"
+
+
 def make_runtime(compute_dtype: str = "auto", report_to: str = "none", project_dir: str | None = None) -> Runtime:
     """The backend from the launch (stages.common.distributed.detect_backend) and an Accelerator for the
     process group and trackers. compute_dtype is the --dtype option: bf16 on GPUs by default, as autocast
@@ -80,7 +89,9 @@ def make_runtime(compute_dtype: str = "auto", report_to: str = "none", project_d
         kwargs["project_dir"] = project_dir
     with distributed.hidden_launch_vars():   # the Accelerator runs plain DDP; prism wraps the models
         accelerator = Accelerator(**kwargs)
-    if backend.kind == "deepspeed" and accelerator.device.type == "cpu":
+    if accelerator.device.type == "cpu":
+        # transformers' save_pretrained imports DeepSpeed when it is installed; told the accelerator, it no
+        # longer warns "Setting accelerator to CPU. If you have GPU ..." after every stage
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return Runtime(accelerator, backend, mixed)
 
@@ -259,7 +270,8 @@ class StepTimer:
     def phase(self, name: str):
         t0 = time.perf_counter()
         try:
-            yield
+            with console.phase(name):  # a log line printed mid-step names the phase
+                yield
         finally:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from prism_cli import checkpoint, console
 from prism_cli.config import to_dict
 from stages.common.models import load_policy, load_processor
-from stages.common.rollout import SamplingParams, make_engine
+from stages.common.rollout import SamplingParams, check_engine, make_engine
 from stages.common.synth import load
 from stages.common.plots import plot_eval
 from stages.eval import compare, lmms_runner, synth_native, task_data
@@ -46,6 +46,7 @@ def run(cfg: EvalConfig) -> Path | None:
     if cfg.dry_run:
         print_plan(plans, specs, outs)
         return None
+    check_engine(cfg.engine)  # before any --out is touched
 
     for spec, out in zip(specs, outs):
         evaluate_checkpoint(cfg, spec, out, plans, synth_samples, local_copies)

@@ -51,9 +51,12 @@ def trained_system_prompt(lineage: list[dict]) -> str | None:
 
 def usage_snippet(system_prompt: str | None) -> list[str]:
     """Python lines that prompt the exported policy the way it was trained (with its system prompt)."""
-    lines = ["```python", "from transformers import AutoModelForImageTextToText, AutoProcessor",
+    lines = ["```python", "from PIL import Image",
+             "from transformers import AutoModelForImageTextToText, AutoProcessor",
              "model = AutoModelForImageTextToText.from_pretrained(\"PATH_OR_REPO\")",
-             "processor = AutoProcessor.from_pretrained(\"PATH_OR_REPO\")"]
+             "processor = AutoProcessor.from_pretrained(\"PATH_OR_REPO\")",
+             "image = Image.open(\"problem.png\")",
+             "question = \"How many red objects are there?\""]
     if system_prompt is not None:
         lines += ["# the system prompt the policy was trained with: without it, it answers without the protocol",
                   "SYSTEM_PROMPT = " + json.dumps(system_prompt)]
@@ -65,7 +68,9 @@ def usage_snippet(system_prompt: str | None) -> list[str]:
               "]",
               "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,",
               "                                       return_dict=True, return_tensors=\"pt\")",
-              "print(processor.decode(model.generate(**inputs, max_new_tokens=512)[0]))", "```"]
+              "output = model.generate(**inputs, max_new_tokens=512)",
+              "new_tokens = output[0, inputs[\"input_ids\"].shape[-1]:]  # the response only, not the prompt",
+              "print(processor.decode(new_tokens, skip_special_tokens=True))", "```"]
     return lines
 
 
@@ -91,6 +96,12 @@ def _fmt(value) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value, default=str)
     return str(value)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def render(name: str, what: str, dtype: str, lineage: list[dict], evals: list[dict], verification: dict,
@@ -133,6 +144,12 @@ def render(name: str, what: str, dtype: str, lineage: list[dict], evals: list[di
             lines.append(f"| `{Path(e['dir']).name}` | " + " | ".join(cells) + f" | {avg} |")
         lines.append("")
         lines.append("Scored by prism's rule-based verifier unless a judge is named (see the prism README).")
+    lines += ["", "## Requirements", ""]
+    if what == "discriminator":
+        lines.append(f"- the prism toolkit (a custom value head); written with transformers {_transformers_version()}")
+    else:
+        lines.append(f"- transformers >= 4.57 (the first with Qwen3-VL); written with transformers "
+                     f"{_transformers_version()}, with the config fields 4.57 reads")
     lines += ["", "## Usage", ""]
     if what == "discriminator":
         lines += ["```python", "from stages.common.discriminator import load_discriminator",

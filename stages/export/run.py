@@ -47,16 +47,20 @@ def run(cfg: ExportConfig) -> Path:
     staging = out.with_name(out.name + ".exporting")
     shutil.rmtree(staging, ignore_errors=True)
     device = torch.device("cpu")  # export never needs an accelerator, and CPU memory is the larger pool
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # save_pretrained imports DeepSpeed: no accelerator warning
     if cfg.what == "discriminator":
         model, processor = save_discriminator(spec, cfg, staging, device)
     else:
         model, processor = save_policy(spec, cfg, staging, device)
+        add_transformers4_fields(staging)   # before the reload check below, which then covers it
 
     lineage = model_card.lineage_records(spec)
     beside = [checkpoint.default_eval_dir(spec)] if spec.path is not None else []  # a hub model has no results
     evals = model_card.eval_results([Path(d) for d in cfg.eval] or beside)
     verification = verify(cfg, staging, model, processor) if cfg.verify else {}
     write_card(staging, out.name, cfg, lineage, evals, verification)
+    checkpoint.share_as_umask_allows(staging)   # safetensors are saved 0600; labmates read exports too
 
     if out.exists():
         shutil.rmtree(out)
@@ -73,11 +77,18 @@ def check_output(out: Path, overwrite: bool) -> None:
     """--out must be new, empty, or replaced with --overwrite; its parent must be writable."""
     if out.exists() and not out.is_dir():
         raise PrismError(f"--out {out} exists and is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise PrismError(f"--out {out} is not empty", hint="pass --overwrite to replace it, or choose another --out")
-    if (out / checkpoint.MANIFEST).is_file() and overwrite:
+    if (out / checkpoint.MANIFEST).is_file():
         raise PrismError(f"--out {out} is a prism checkpoint; export will not replace one",
                          hint="choose another --out")
+    is_export = (out / model_card.LINEAGE_FILE).is_file()  # what export writes; --overwrite replaces only that
+    if out.is_dir() and any(out.iterdir()):
+        if not is_export:
+            raise PrismError(f"--out {out} is a non-empty folder that is not a prism export"
+                             + ("; --overwrite will not delete it" if overwrite else ""),
+                             hint="choose an empty or new --out; prism never deletes files it did not write")
+        if not overwrite:
+            raise PrismError(f"--out {out} already holds an export",
+                             hint="pass --overwrite to replace it, or choose another --out")
     parent = out.parent if out.parent != Path("") else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +122,30 @@ def write_hf_folder(model, processor, directory: Path, max_shard_size: str) -> N
             generation_config.save_pretrained(directory)
     except OSError as e:
         raise PrismError(f"cannot write the export to {directory}: {e.strerror or e}") from None
+
+
+def add_transformers4_fields(directory: Path) -> None:
+    """Also make the folder loadable by transformers 4.57 (the first with Qwen3-VL; the last 4.x, still
+    common), which 5.x's save does not: 4.57 reads the M-RoPE settings from `rope_scaling` and `rope_theta`
+    (5.x writes `rope_parameters`: without them Qwen3-VL raises AttributeError 'NoneType' has no 'get'),
+    and takes tokenizer `extra_special_tokens` as a mapping (5.x writes an empty list: AttributeError
+    'list' has no 'keys'). Fields are only added or an empty list made an empty mapping; 5.x reads the
+    folder as before (docs/first-hour.md, "transformers 4.57")."""
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for section in [config, *(v for v in config.values() if isinstance(v, dict))]:
+        rope = section.get("rope_parameters")
+        if isinstance(rope, dict) and "mrope_section" in rope and section.get("rope_scaling") is None:
+            section["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+            if "rope_theta" in rope and "rope_theta" not in section:
+                section["rope_theta"] = rope["rope_theta"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tokenizer_path = directory / "tokenizer_config.json"
+    if tokenizer_path.is_file():
+        tokenizer = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+        if tokenizer.get("extra_special_tokens") == []:
+            tokenizer["extra_special_tokens"] = {}
+            tokenizer_path.write_text(json.dumps(tokenizer, indent=2) + "\n", encoding="utf-8")
 
 
 def verify(cfg: ExportConfig, directory: Path, model, processor) -> dict:
@@ -152,8 +187,11 @@ def max_weight_diff(a, b) -> float:
 
 def write_card(directory: Path, name: str, cfg: ExportConfig, lineage: list[dict], evals: list[dict],
                verification: dict) -> None:
+    # sizes and sha256 of what was written so far (weights, config, processor): `prism inspect --verify` checks them
+    files = {f.relative_to(directory).as_posix(): {"size": f.stat().st_size, "sha256": checkpoint.sha256_file(f)}
+             for f in sorted(directory.rglob("*")) if f.is_file()}
     record = {"exported_from": cfg.ckpt, "what": cfg.what, "dtype": cfg.dtype, "lineage": lineage,
-              "eval": evals, "verification": verification}
+              "eval": evals, "verification": verification, "files": files}
     (directory / model_card.LINEAGE_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
     system_prompt = model_card.trained_system_prompt(lineage) if cfg.what != "discriminator" else None
     (directory / "README.md").write_text(model_card.render(name, cfg.what, cfg.dtype, lineage, evals, verification,

@@ -28,7 +28,7 @@ from stages.common.formats import dropped_report, load_sources, source_parents
 from stages.common.models import load_policy, load_processor
 from stages.common.ppo import PPOSettings, ppo_update
 from stages.common.rewards import compute_score
-from stages.common.rollout import SamplingParams, make_engine, probe_metrics
+from stages.common.rollout import SamplingParams, check_engine, make_engine, probe_metrics
 from stages.rl.config import RLConfig
 
 RL_PANELS = {"reward": {"reward/mean": "reward", "acc/mean": "accuracy", "format/mean": "format"},
@@ -39,12 +39,16 @@ RL_PANELS = {"reward": {"reward/mean": "reward", "acc/mean": "accuracy", "format
 
 
 def run(cfg: RLConfig) -> Path:
+    """The stage, top to bottom. Long because it is the stage's recipe read in one place: setup, resume,
+    the step loop, the save and the learned-nothing checks; each step is a named function below."""
     training.seed_everything(cfg.seed)
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     prompts, data_fp, data_parents, dropped = load_prompts(cfg.data, cfg.max_prompt_chars, cfg.seed)
     if cfg.dry_run:   # every check a launch runs, at the planned world size, then the memory plan
         return print_plan(cfg, policy_spec, len(prompts))
 
+    cfg.dtype = training.training_dtype(cfg.dtype)  # what runs is what the manifest records
+    check_engine(cfg.engine)
     checkpoint.check_output(cfg.out, "rl", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
     accelerator = runtime.accelerator
@@ -86,6 +90,9 @@ def run(cfg: RLConfig) -> Path:
             tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"reward {record['reward/mean']:.3f} acc {record['acc/mean']:.3f} "
                                f"fmt {record['format/mean']:.2f}")
+            if step == start_step and record["truncated/ratio"] >= 1.0:  # said at once: the run may be stopped
+                console.warn(f"every rollout of step {step + 1} hit max_new_tokens={cfg.max_new_tokens} "
+                             "without ending")
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 training.save_state(accelerator, run_dir.state_dir, {"step": step + 1, "cursor": cursor}, [policy])
 
@@ -97,6 +104,9 @@ def run(cfg: RLConfig) -> Path:
     accelerator.end_training()
     summary = dict(summarize(records), engine=engine.name, processes=accelerator.num_processes,
                    backend=runtime.backend.name, replica_weight_sums=replicas, data_dropped=dropped)
+    summary["warnings"] = learning_warnings(records, cfg.max_new_tokens)
+    for warning in summary["warnings"]:
+        console.warn(warning)
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 
@@ -278,6 +288,22 @@ def summarize(records: list[dict]) -> dict:
     f0, f1 = first_last("format/mean")
     return {"steps": len(records), "first_reward": r0, "final_reward": r1, "first_acc": a0, "final_acc": a1,
             "first_format": f0, "final_format": f1}
+
+
+def learning_warnings(records: list[dict], max_new_tokens: int) -> list[str]:
+    """Signs that a run which exits 0 learned nothing: every rollout cut off at max_new_tokens (the rewards
+    score unfinished text), or a zero gradient on every step (every group's rewards were equal, so every
+    advantage was 0 and the policy never changed)."""
+    if not records:
+        return []
+    warnings = []
+    if all(r.get("truncated/ratio", 0.0) >= 1.0 for r in records):
+        warnings.append(f"every rollout of all {len(records)} step(s) hit max_new_tokens={max_new_tokens} without "
+                        "ending: the rewards scored cut-off responses; raise --max-new-tokens")
+    if all(r.get("update/grad_norm", 0.0) == 0.0 for r in records):
+        warnings.append(f"grad_norm was 0.0 on all {len(records)} step(s): the policy did not change (every "
+                        "group's rewards were equal, so every advantage was 0)")
+    return warnings
 
 
 def print_plan(cfg: RLConfig, policy_spec, n_prompts: int) -> None:

@@ -44,6 +44,7 @@ def run(cfg: SFTConfig) -> Path:
     if cfg.dry_run:   # every check a launch runs, at the planned world size, then the memory plan
         return print_plan(cfg, policy_spec, mixture, len(train_samples), len(eval_samples), total_steps)
 
+    cfg.dtype = training.training_dtype(cfg.dtype)  # what runs is what the manifest records
     checkpoint.check_output(cfg.out, "sft", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
     accelerator = runtime.accelerator
@@ -140,7 +141,7 @@ def encode_all(samples: list[Sample], processor, model, cfg: SFTConfig, what: st
     with console.progress(what, total=len(samples)) as bar:
         for start in range(0, len(samples), ENCODE_BATCH):
             chunk = samples[start:start + ENCODE_BATCH]
-            for e in encode_batch(chunk, processor, rope_index, cfg.max_length, cfg.system_prompt):
+            for e in encode_chunk(chunk, processor, rope_index, cfg.max_length, cfg.system_prompt):
                 if isinstance(e, str):
                     skipped[e] = skipped.get(e, 0) + 1
                 else:
@@ -153,6 +154,17 @@ def encode_all(samples: list[Sample], processor, model, cfg: SFTConfig, what: st
     if samples and not encoded:
         raise PrismError(f"{what}: no sample has a training target ({', '.join(skipped)})")
     return encoded
+
+
+def encode_chunk(chunk: list[Sample], processor, rope_index, max_length: int, system_prompt: bool) -> list:
+    """encode_batch, but a sample the processor refuses (ValueError: an image it cannot resize) is skipped
+    with its reason instead of failing the whole chunk: one bad row must not cost the run."""
+    try:
+        return encode_batch(chunk, processor, rope_index, max_length, system_prompt)
+    except ValueError as e:
+        if len(chunk) == 1:
+            return [f"the processor refused it ({str(e).splitlines()[0] if str(e) else type(e).__name__})"]
+    return [one for sample in chunk for one in encode_chunk([sample], processor, rope_index, max_length, system_prompt)]
 
 
 # --------------------------------------------------------------------------------------------- training

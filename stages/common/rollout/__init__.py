@@ -87,24 +87,30 @@ class Engine:
 # In "auto" preference order: the first usable one wins. Adding an engine: its module, a row, a test.
 ENGINES: Registry[Engine] = Registry("rollout engine", "rollout engine")
 ENGINES.register("vllm", Engine(_vllm_engine, "vLLM and a CUDA GPU", vllm_usable, _vllm_missing,
-                                hint="pip install 'prism-vlm[gpu]' on a GPU machine, or use --set rollout_engine=hf",
+                                hint="pip install 'prism-vlm[gpu]' on a GPU machine, or use --engine hf",
                                 preferred=vllm_preferred))
 ENGINES.register("hf", Engine(_hf_engine, "transformers", lambda: True, lambda: ""))
 ENGINE_NAMES = ("auto", *ENGINES.names())
 
 
-def make_engine(name: str, model, processor, **opts) -> RolloutEngine:
-    """The rollout engine called `name` (or the first usable one for "auto"); opts go to its constructor."""
+def check_engine(name: str) -> str:
+    """The engine `name` stands for on this machine; refused (one line) when it cannot run here. Stages call
+    it before --out is touched or a model loaded, so a missing engine never leaves a half-written run."""
     if name == "auto":
-        name = next(n for n, engine in ENGINES.items() if (engine.preferred or engine.usable)())
-    elif name not in ENGINES:
+        return next(n for n, engine in ENGINES.items() if (engine.preferred or engine.usable)())
+    if name not in ENGINES:
         raise UsageError(f"unknown rollout engine {name!r}: registered rollout engines are auto, "
                          + ", ".join(ENGINES.names()))
     engine = ENGINES.get(name)
     if not engine.usable():
         raise PrismError(f"rollout engine {name} needs {engine.needs}, and this machine lacks {engine.missing()}",
                          hint=engine.hint or None)
-    return engine.build(model, processor, **opts)
+    return name
+
+
+def make_engine(name: str, model, processor, **opts) -> RolloutEngine:
+    """The rollout engine called `name` (or the first usable one for "auto"); opts go to its constructor."""
+    return ENGINES.get(check_engine(name)).build(model, processor, **opts)
 
 
 def probe_metrics(engine) -> dict:
