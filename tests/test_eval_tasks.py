@@ -161,6 +161,17 @@ def test_compare_table_and_markdown(tmp_path):
     assert lines[4] == "| x | 10.0 ± 0.0 (n=10) | - | - | - |"
 
 
+def test_compare_avg_is_the_papers_average_with_stderr_and_n_over_its_benchmarks():
+    """With only the paper's benchmarks as columns, avg is results.json's paper_average as the paper reports it
+    (value, standard error, rows); with another column (synth) it stays the plain mean; a missing column is -."""
+    results = {"tasks": {"mathvista": {"value": 0.5}, "mmmu": {"value": 0.25}, "synth": {"value": 0.9}},
+               "paper_average": {"value": 0.375, "stderr": 0.05, "n": 300, "benchmarks": ["mathvista", "mmmu"],
+                                 "complete": False}}
+    assert compare.average_cell(results, ["mathvista", "mmmu"]) == "37.5 ± 5.0 (n=300)"
+    assert compare.average_cell(results, ["mathvista", "mmmu", "synth"]) == 55.0
+    assert compare.average_cell(results, ["mathvista", "mathverse"]) is None
+
+
 def test_compare_shows_synth_perception_when_the_evals_have_it(tmp_path):
     write_results(tmp_path / "a", "out/base", {"synth": 0.5})
     write_results(tmp_path / "b", "out/sft", {"synth": 0.4})

@@ -88,10 +88,20 @@ def table_rows(labels: list[str], all_results: list[dict], columns: list[str]) -
             stderr = f" ± {100 * task['stderr']:.1f}" if isinstance(task.get("stderr"), (int, float)) else ""
             n = f" (n={task['n']})" if task.get("n") is not None else ""
             cells.append(f"{100 * value:.1f}{stderr}{n}")
-        avg = average(results, columns)
-        cells.append(None if avg is None else round(100 * avg, 1))
+        cells.append(average_cell(results, columns))
         rows.append(cells)
     return rows
+
+
+def average_cell(results: dict, columns: list[str]):
+    """The avg column: the paper's average over its benchmarks with its standard error and n, as the paper's
+    table reports it, when this evaluation's paper benchmarks are the table's; else the plain mean of the
+    columns (None when a column is missing)."""
+    paper = results.get("paper_average")
+    if paper and paper.get("benchmarks") == [c for c in columns if c in PAPER_TASKS] and len(paper["benchmarks"]) == len(columns):
+        return f"{100 * paper['value']:.1f} ± {100 * paper['stderr']:.1f} (n={paper['n']})"
+    avg = average(results, columns)
+    return None if avg is None else round(100 * avg, 1)
 
 
 PERCEPTION_HEADER = ["checkpoint", "caption F1", "perception errors", "reasoning errors", "format"]
