@@ -175,7 +175,8 @@ def run(args) -> dict:
         disc.zero_grad(set_to_none=True)
         result = score_groups(disc, processor, [prompt], [segments], options[layout][0],
                               max_row_tokens=options[layout][1], output_router_logits=True)
-        (result.flat.sum() + 0.01 * result.aux_loss).backward()
+        # chunked scores (the budget's rows) are backpropagated by re-running each chunk (ScoreResult.backward)
+        result.backward(result.flat.sum() + 0.01 * result.aux_loss)
         return result
 
     results = {layout: infer(layout) for layout in layouts}

@@ -52,7 +52,8 @@ def worker(args) -> dict:
         disc.zero_grad(set_to_none=True)
         result = score_groups(disc, processor, [_prompt()], [segments], "shared", output_router_logits=True,
                               max_segment_tokens=args.length, max_row_tokens=budget)
-        (torch.cat(result.scores).sum() + 0.01 * result.aux_loss).backward()
+        # chunked scores (the budget's rows) are backpropagated by re-running each chunk (ScoreResult.backward)
+        result.backward(torch.cat(result.scores).sum() + 0.01 * result.aux_loss)
         return result
 
     step()                                             # warm-up: kernels, allocator

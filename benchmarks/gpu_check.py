@@ -266,7 +266,7 @@ def main(argv=None) -> int:
         n = cfg["align_n"]
         loss = -torch.nn.functional.logsigmoid(s[0] - s[2:2 + n]).mean() - torch.nn.functional.logsigmoid(
             s[1] - s[2 + n:]).mean() + 0.01 * result.aux_loss
-        loss.backward()
+        result.backward(loss)   # re-runs the budget's chunks with their graphs (ScoreResult.backward)
         disc_optimizer.step()
         return result.num_tokens
 

@@ -410,7 +410,8 @@ def step_disc_memory(part: Part) -> bool:
                 result = score_groups(disc, processor, [prompt], [segments], "shared", output_router_logits=True,
                                       max_segment_tokens=length,
                                       max_row_tokens=None if layout == "whole" else sizes["budget"])
-                (torch.cat(result.scores).sum() + 0.01 * result.aux_loss).backward()
+                # the budget's chunks are backpropagated by re-running each one (ScoreResult.backward)
+                result.backward(torch.cat(result.scores).sum() + 0.01 * result.aux_loss)
                 return result
 
             if i == 0:
