@@ -9,6 +9,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["PRISM_NO_PROGRESS"] = "1"
+# prism's consoles are made once, at import, at the width COLUMNS gives (80 where no terminal is attached), so
+# a long tmp path (pytest-xdist's worker folders add to it) wraps a message mid-phrase; tests read messages
+# whole. A test of narrow output sets COLUMNS on its own invocation (the --help-at-80-columns test does).
+os.environ.setdefault("COLUMNS", "200")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
