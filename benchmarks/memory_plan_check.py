@@ -159,15 +159,18 @@ def run(args) -> dict:
                                      freeze_vision=not args.train_vision)
     update = plan.phases[-1]
     planned_state = update.parts["policy weights"] + update.parts["policy Adam m, v"]
+    # The meter sees tensors above the process's baseline: the CUDA context and NCCL's buffers are outside it
+    # (and absent on a CPU), so the plan's peak is compared without them.
+    planned_peak = update.total - update.parts.get(memory_plan.CONTEXT_PART, 0)
     return {
         "shape": args.shape + (" moe" if args.moe else ""), "layers": args.layers, "vocab": vocab, "params": shape.params, "tokens": args.tokens,
         "micro_batches": args.micro_batches, "chunk": args.chunk, "checkpointing": args.checkpointing, "dtype": args.dtype,
         "device": str(device), "torch": torch.__version__,
         "measured": {"state": state, "update_peak": update_peak},
-        "planned": {"state": planned_state, "update_peak": update.total, "parts": update.parts},
+        "planned": {"state": planned_state, "update_peak": planned_peak, "parts": update.parts},
         # the step's own memory (grads, activations, logits chunk) above the resident state
-        "ratio": {"state": planned_state / state, "update_peak": update.total / update_peak,
-                  "step_delta": (update.total - planned_state) / (update_peak - state)},
+        "ratio": {"state": planned_state / state, "update_peak": planned_peak / update_peak,
+                  "step_delta": (planned_peak - planned_state) / (update_peak - state)},
     }
 
 

@@ -50,6 +50,7 @@ GIB = 2 ** 30
 # Not derived here: figures of issue #28's reading of a GPU run, to be measured (docs/memory-plan.md).
 CUDA_CONTEXT_BYTES = int(1.2 * GIB)      # CUDA context, cuBLAS workspace and NCCL communicator buffers per rank
 VLLM_ASLEEP_BYTES = int(1.0 * GIB)       # what a vLLM engine keeps on the GPU at sleep level 1 (graphs, buffers)
+CONTEXT_PART = "CUDA context + NCCL"      # the plan's name for CUDA_CONTEXT_BYTES
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,7 @@ def training_plan(stage: str, *, policy: ModelShape, backend: str, world: int, w
         update["tied embedding grads (embedding + lm_head)"] = tied_embedding_grad_bytes(policy, width)
     torch_phases.append(("update", update))
 
-    always = {"CUDA context + NCCL": CUDA_CONTEXT_BYTES}
+    always = {CONTEXT_PART: CUDA_CONTEXT_BYTES}
     between_rollouts = {**always, **({"vLLM asleep": VLLM_ASLEEP_BYTES} if sleeps else {})}
     notes = []
     if vllm and not sleeps:
