@@ -18,9 +18,9 @@ import math
 import platform
 from pathlib import Path
 
-from stages.common.synth import generate
-from stages.common.synth.caption_check import mentions, scene_items
 from stages.common.protocol import parse_response
+from stages.common.world.synth import generate
+from stages.common.world.synth.caption_check import mentions, scene_items
 from stages.eval.compare import paired_bootstrap, resolved, wins_losses
 from stages.eval.synth_native import summarize
 

@@ -82,8 +82,8 @@ def make_group(tokenizer, n: int, image_size: int, seed: int, caption_tokens=(20
 
 
 def build_tiny(device):
-    from stages.align.discriminator import upcycle
-    from stages.common.models import load_processor
+    from stages.common.models.discriminator import upcycle
+    from stages.common.models.loading import load_processor
 
     return upcycle("tiny", seed=0, value_head_std=0.1).to(device), load_processor("tiny")
 
@@ -104,7 +104,7 @@ QWEN3VL_2B_VISION = dict(depth=24, hidden_size=1024, intermediate_size=4096, num
 def qwen3vl_2b_shape_config(tokenizer):
     from transformers import Qwen3VLMoeConfig
 
-    from stages.align.discriminator import CONFIG_KEY, VALUE_HEAD_GAIN
+    from stages.common.models.discriminator import CONFIG_KEY, VALUE_HEAD_GAIN
 
     ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -122,9 +122,9 @@ def build_qwen3vl_2b_shape(device):
     """A random-weight Qwen3-VL-2B-shaped MoE discriminator in bf16 (the tiny tokenizer, a patch-16 processor)."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
 
-    from stages.align.discriminator import Qwen3VLMoeDiscriminator
-    from stages.common import tiny
-    from stages.common.models import load_processor
+    from stages.common.models.discriminator import Qwen3VLMoeDiscriminator
+    from stages.common.models.loading import load_processor
+    from stages.common.world import tiny
 
     tiny_processor = load_processor("tiny")
     tok = tiny_processor.tokenizer
@@ -153,6 +153,8 @@ def _time_call(fn, device) -> float:
 
 
 def run(args) -> dict:
+    """One measurement read in order. Long because the model is built once and each layout is timed
+    and recorded in the same pass, so splitting it would only pass a dozen locals between helpers."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.model == "tiny":

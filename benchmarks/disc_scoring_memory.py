@@ -32,10 +32,11 @@ def worker(args) -> dict:
     import torch
 
     from benchmarks.memory_plan_check import Meter
-    from stages.align.discriminator import upcycle
     from stages.align.scoring import score_groups
-    from stages.common.models import load_processor
-    from tests.test_scoring import _prompt
+    from stages.common.models.discriminator import upcycle
+    from stages.common.models.loading import load_processor
+    from stages.common.data.chat import rollout_prompt
+    from stages.common.world import synth
 
     torch.set_num_threads(1)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -50,7 +51,7 @@ def worker(args) -> dict:
 
     def step():
         disc.zero_grad(set_to_none=True)
-        result = score_groups(disc, processor, [_prompt()], [segments], "shared", output_router_logits=True,
+        result = score_groups(disc, processor, [rollout_prompt(synth.load('synth:train:1')[0])], [segments], "shared", output_router_logits=True,
                               max_segment_tokens=args.length, max_row_tokens=budget)
         # chunked scores (the budget's rows) are backpropagated by re-running each chunk (ScoreResult.backward)
         result.backward(torch.cat(result.scores).sum() + 0.01 * result.aux_loss)

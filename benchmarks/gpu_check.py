@@ -5,7 +5,7 @@ upcycled MoE discriminator, each against the memory plan. Prints one JSON object
   --mode gpu (default where CUDA exists): the real 2B shape in bf16 at realistic lengths (SFT 8192-token
              micro-batch, RL 2 prompts x 4 rollouts x 1024 new tokens, align 1 prompt x 8 rollouts x 2 x 512
              segment tokens), step times, MFU against --peak-tflops, peak memory (max_memory_allocated)
-             against stages.common.memory_plan (backend none, one process).
+             against stages.common.plan.memory (backend none, one process).
   --mode cpu (CI): the same code on a shrunken shape (hidden 64, 2 layers) with tiny lengths, fp32; memory is
              the resident set, MFU is not computed.
 
@@ -51,8 +51,8 @@ def shape_processor():
     """The tiny tokenizer and chat template with a patch-16 image processor (the 2B vision tower's patch)."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
 
-    from stages.common import tiny
-    from stages.common.models import load_processor
+    from stages.common.models.loading import load_processor
+    from stages.common.world import tiny
 
     tiny_processor = load_processor("tiny")
     image = Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2,
@@ -64,8 +64,7 @@ def shape_processor():
 
 def shape_config(mode: str, tokenizer):
     """qwen3vl-2b-shape (gpu) or its shrunken twin (cpu), its special-token ids moved to `tokenizer`'s."""
-    from stages.common import shapes
-
+    from stages.common.models import shapes
     return shapes.with_token_ids(shapes.shape_config("qwen3vl-2b-shape", **(CPU_SHAPE if mode == "cpu" else {})),
                                  tokenizer)
 
@@ -74,7 +73,7 @@ def build(mode: str, device):
     """Policy, processor (the tiny tokenizer, a patch-16 image processor) and the upcycled-shape discriminator."""
     from transformers import AutoModelForImageTextToText
 
-    from stages.align.discriminator import Qwen3VLMoeDiscriminator, moe_config_from_dense
+    from stages.common.models.discriminator import Qwen3VLMoeDiscriminator, moe_config_from_dense
 
     processor = shape_processor()
     config = shape_config(mode, processor.tokenizer)
@@ -140,7 +139,7 @@ def random_prompt(processor, size: int, seed: int, words: int = 40):
 
 def sft_step(cfg, policy, processor, device, optimizer):
     """One micro-batch of sft_tokens (a prompt with an image, then text), summed NLL via chunked logprobs."""
-    from stages.common.logprobs import chunked_token_logprobs
+    from stages.common.policy_update.logprobs import chunked_token_logprobs
 
     prompt = random_prompt(processor, cfg["image"], 0)
     text = processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
@@ -163,12 +162,18 @@ def sft_step(cfg, policy, processor, device, optimizer):
     return step, ids.shape[1]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("auto", "gpu", "cpu"), default="auto")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200: 989)")
     ap.add_argument("--out", default="")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Every check in order, each recorded in the result. Long because the checks share one device and one model
+    and run as a script a person reads from top to bottom on a lent GPU."""
+    args = parse_args(argv)
     mode = args.mode if args.mode != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     if mode == "gpu" and not torch.cuda.is_available():
         raise SystemExit("--mode gpu needs a CUDA device")
@@ -181,8 +186,8 @@ def main(argv=None) -> int:
 
     result["transformers"] = transformers.__version__
     t0 = time.perf_counter()
-    from stages.common import memory_plan as mp
-    from stages.common.training import build_optimizer, build_scheduler, make_runtime
+    from stages.common.plan import memory as mp
+    from stages.common.training.runtime import build_optimizer, build_scheduler, make_runtime
 
     memory = Memory(device)
     policy, processor, disc = build(mode, device)
@@ -219,7 +224,7 @@ def main(argv=None) -> int:
     record("sft", seconds, tokens, plan.peak.total, tokens * flops_per_token(shape, tokens))
 
     # RL: hf engine rollout, then the clipped update on the rollouts
-    from stages.common.ppo import PPOSettings, ppo_update
+    from stages.common.policy_update.ppo import PPOSettings, ppo_update
     from stages.common.rollout import SamplingParams
     from stages.common.rollout.hf import HFEngine
 

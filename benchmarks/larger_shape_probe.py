@@ -36,17 +36,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.common import seeing_base
-from stages.common.data import Teacher
-from stages.common.synth import generate, oracle, with_oracle_demos
-from stages.common.synth.scene import reading_order
-from stages.common.synth.tasks import (
-    LETTERS,
-    counted,
-    groups_in_order,
-    solve_larger_shape,
-    unique_object,
-)
+from stages.common.contract.samples import Teacher
+from stages.common.models import seeing_base
+from stages.common.world.synth import generate, oracle, with_oracle_demos
+from stages.common.world.synth.scene import reading_order
+from stages.common.world.synth.tasks import LETTERS, counted, groups_in_order, solve_larger_shape, unique_object
 
 SHIPPED_CAPTION = oracle.caption_for  # since the fifth round shipped: every object's size, after it
 
@@ -142,7 +136,7 @@ def chain(ckpt: str, problems: int, captions: str) -> dict:
     the think's sizes, and is it right."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from stages.common.chat import problem_messages
+    from stages.common.data.chat import problem_messages
     from stages.common.protocol import parse_response
 
     processor = AutoProcessor.from_pretrained(ckpt)

@@ -1,4 +1,4 @@
-"""Peak memory of logprob recomputation (forward + backward): chunked (stages.common.logprobs.response_logprobs)
+"""Peak memory of logprob recomputation (forward + backward): chunked (stages.common.policy_update.logprobs.response_logprobs)
 vs full logits then log_softmax (full_logits_logprobs), 4 responses x 2,048 tokens, vocabulary 151,936.
 
 The model is a Qwen3-VL with the real vocabulary size and a small hidden size (random init, random token
@@ -65,7 +65,7 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from stages.common.logprobs import full_logits_logprobs, response_logprobs
+    from stages.common.policy_update.logprobs import full_logits_logprobs, response_logprobs
 
     model, batch = build(args)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -1,6 +1,6 @@
-"""Check stages.common.memory_plan against a measured training step (CPU or one GPU).
+"""Check stages.common.plan.memory against a measured training step (CPU or one GPU).
 
-Builds a Qwen3-VL of a published shape (stages.common.shapes) with its real width but fewer layers (and
+Builds a Qwen3-VL of a published shape (stages.common.models.shapes) with its real width but fewer layers (and
 optionally a smaller vocabulary), trains it for two steps of `--micro-batches` micro-batches of
 `--tokens` tokens each (AdamW as prism builds it, chunked logprobs as the stages use them), and compares:
   state   weights + Adam states, measured after a step with grads released
@@ -68,7 +68,7 @@ class Meter:
 def build(args, device, dtype):
     from transformers import AutoModelForImageTextToText
 
-    from stages.common.shapes import shape_config
+    from stages.common.models.shapes import shape_config
 
     overrides = {"num_hidden_layers": args.layers, "vision": {"depth": args.vision_layers,
                                                               "deepstack_visual_indexes": []}}
@@ -81,7 +81,7 @@ def build(args, device, dtype):
         overrides["vision"].update(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
     config = shape_config(args.shape, **overrides)
     if getattr(args, "moe", False):   # the discriminator's shape: every MLP upcycled to 4 experts, top-2
-        from stages.align.discriminator import moe_config_from_dense
+        from stages.common.models.discriminator import moe_config_from_dense
 
         config = moe_config_from_dense(config, 4, 2)
     vocab = config.text_config.vocab_size
@@ -101,7 +101,7 @@ def build(args, device, dtype):
 
 
 def warm_up(args, device, dtype) -> None:
-    from stages.common.training import build_optimizer
+    from stages.common.training.runtime import build_optimizer
 
     small = argparse.Namespace(**{**vars(args), "layers": 1, "vocab": 512, "checkpointing": args.checkpointing,
                                   "small": True})
@@ -116,9 +116,9 @@ def warm_up(args, device, dtype) -> None:
 
 
 def run(args) -> dict:
-    from stages.common import memory_plan
-    from stages.common.logprobs import chunked_token_logprobs
-    from stages.common.training import build_optimizer
+    from stages.common.plan import memory as memory_plan
+    from stages.common.policy_update.logprobs import chunked_token_logprobs
+    from stages.common.training.runtime import build_optimizer
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))

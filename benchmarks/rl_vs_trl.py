@@ -50,7 +50,7 @@ RESULT = H.RESULTS / "rl_vs_trl.json"
 
 def prompt_stream(steps: int):
     """The prompts prism's rl draws for steps 0..steps-1, in order (its own load_prompts/stream_item)."""
-    from stages.common.data import stream_item
+    from stages.common.contract.samples import stream_item
     from stages.rl.run import load_prompts
 
     prompts, *_ = load_prompts([DATA])
@@ -77,14 +77,16 @@ def as_parts(message: dict) -> dict:
 # ------------------------------------------------------------------------------------------ trl worker
 
 def trl_worker(a) -> dict:
+    """trl's side of the comparison. Long because every trl knob that matches prism's side is set
+    here in one place, so a reader can hold the two configurations side by side line by line."""
     torch = H.single_thread_torch()
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import GRPOConfig, GRPOTrainer
 
-    from stages.common import tiny
-    from stages.common.chat import problem_messages
+    from stages.common.data.chat import problem_messages
     from stages.common.rewards import compute_score
+    from stages.common.world import tiny
 
     model_dir = a.model_dir or str(tiny.ensure("tiny"))
     samples = prompt_stream(a.steps)
@@ -99,7 +101,7 @@ def trl_worker(a) -> dict:
     # Same prompts: what trl renders for generation is, text for text, what prism's engines render.
     from trl.data_utils import prepare_multimodal_messages
 
-    from stages.common.chat import rollout_prompt
+    from stages.common.data.chat import rollout_prompt
     from stages.common.rollout.prompts import prompt_text
 
     check_processor = AutoProcessor.from_pretrained(model_dir)
@@ -162,8 +164,8 @@ def trl_worker(a) -> dict:
 def prism_worker(a) -> dict:
     H.single_thread_torch()
     import stages.rl.run as rl_run
-    from prism_cli import config
-    from stages.common import tiny
+    from stages.common.contract import config
+    from stages.common.world import tiny
     from stages.rl.config import RLConfig
 
     stamps = H.timestamp_prism_metrics()
@@ -221,6 +223,8 @@ def summarize(steps: list[dict], side: str) -> dict:
 
 
 def main() -> None:
+    """Runs both sides and writes the result. Long because the options, the paired runs and the
+    ratios of the result file are one procedure that the README quotes step by step."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per run; the first is a warm-up")
     ap.add_argument("--model-dir", default=None, help="start both sides from this HF dir (default: tiny)")
@@ -276,7 +280,7 @@ def main() -> None:
         "note": a.note,
         "machine": H.machine(),
         "setup": {
-            "model": (a.model_dir or "prism tiny Qwen3-VL (stages.common.tiny.ensure('tiny')), untrained")
+            "model": (a.model_dir or "prism tiny Qwen3-VL (stages.common.world.tiny.ensure('tiny')), untrained")
                      + "; fp32, CPU, 1 thread",
             "work_per_step": f"{PROMPTS_PER_STEP} prompts x {ROLLOUTS} rollouts, max {MAX_NEW_TOKENS} new tokens, "
                              f"temperature {TEMPERATURE}, one optimizer step over all {PROMPTS_PER_STEP * ROLLOUTS}",

@@ -57,8 +57,8 @@ def make_prompts(count: int, size: int) -> list[RolloutPrompt]:
 
 
 def tiny_model():
-    from stages.common import tiny
-    from stages.common.models import load_policy, load_processor
+    from stages.common.models.loading import load_policy, load_processor
+    from stages.common.world import tiny
 
     path = tiny.ensure("tiny")
     return load_policy(path, train=False), load_processor(path), 64
@@ -69,8 +69,8 @@ def qwen3vl_2b_shape_model():
     tokenizer and a 16-pixel-patch image processor (448x448 -> 196 image tokens)."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from stages.common import tiny
-    from stages.common.models import load_processor, pick_attention
+    from stages.common.models.loading import load_processor, pick_attention
+    from stages.common.world import tiny
 
     processor = load_processor(tiny.ensure("tiny"))
     processor.image_processor = Qwen2VLImageProcessor(

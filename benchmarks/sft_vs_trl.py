@@ -1,6 +1,6 @@
 """SFT throughput, prism against trl's SFTTrainer: non-padding tokens per second, side by side in one run.
 
-Same model (prism's embedded tiny Qwen3-VL, stages.common.tiny.ensure("tiny"); trl loads that directory with
+Same model (prism's embedded tiny Qwen3-VL, stages.common.world.tiny.ensure("tiny"); trl loads that directory with
 AutoModelForImageTextToText/AutoProcessor), same data (synth train samples of all three difficulty levels
 with their oracle demonstrations: prism's system prompt + image + question as the prompt, the demonstration
 as the completion, loss on the completion only), same optimizer steps in the same order (trl is fed the
@@ -72,14 +72,16 @@ def as_parts(message: dict) -> dict:
 # ------------------------------------------------------------------------------------------ trl worker
 
 def trl_worker(a) -> dict:
+    """trl's side of the comparison. Long because every trl knob that matches prism's side is set
+    here in one place, so a reader can hold the two configurations side by side line by line."""
     torch = H.single_thread_torch()
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTConfig, SFTTrainer
 
-    from stages.common import tiny
-    from stages.common.chat import sft_messages
+    from stages.common.data.chat import sft_messages
+    from stages.common.world import tiny
     from stages.sft.data import encode_sample
 
     model_dir = str(tiny.ensure("tiny"))
@@ -150,8 +152,8 @@ def trl_worker(a) -> dict:
 
 def prism_worker(a) -> dict:
     H.single_thread_torch()
-    from prism_cli import config
-    from stages.common import tiny
+    from stages.common.contract import config
+    from stages.common.world import tiny
     from stages.sft.config import SFTConfig
     from stages.sft.run import run
 
@@ -196,6 +198,8 @@ def summarize_run(res: dict, warmup: int) -> dict:
 
 
 def main() -> None:
+    """Runs both sides and writes the result. Long because the options, the paired runs and the
+    ratios of the result file are one procedure that the README quotes step by step."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run (incl. warm-up)")
     ap.add_argument("--warmup", type=int, default=3, help="first steps of every run left out of the medians")
@@ -276,7 +280,7 @@ def main() -> None:
         "note": a.note,
         "machine": H.machine(),
         "setup": {
-            "model": "prism tiny Qwen3-VL (stages.common.tiny.ensure('tiny')), random weights, fp32, CPU, 1 thread",
+            "model": "prism tiny Qwen3-VL (stages.common.world.tiny.ensure('tiny')), random weights, fp32, CPU, 1 thread",
             "data": f"{data_spec(a.samples)} (difficulty levels 1-3, all task families) + oracle demonstrations; "
                     "prompt = prism system prompt + image + question, completion = demonstration",
             "batch": f"{BATCH} samples per optimizer step, no gradient accumulation",

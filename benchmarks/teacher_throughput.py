@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--latency", type=float, default=0.05)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "teacher_throughput.json"))
     a = p.parse_args()
-    from stages.common.synth import load
+    from stages.common.world.synth import load
 
     samples = load(f"synth:train:{a.n + a.concurrency}")
     load_before = os.getloadavg()

@@ -194,8 +194,7 @@ def trl_step_timer(profile: TrlProfile | None = None):
 def timestamp_prism_metrics() -> list[float]:
     """Record perf_counter at every metrics.jsonl append of a prism run in this process (the file
     itself is untouched): consecutive differences are end-to-end step times."""
-    from prism_cli import checkpoint
-
+    from stages.common.contract import checkpoint
     stamps: list[float] = []
     original = checkpoint.Run.log_metrics
 

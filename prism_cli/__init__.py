@@ -1,3 +1,3 @@
 """prism: PRISM post-training for vision-language models (SFT -> pre-alignment -> RLVR)."""
 
-__version__ = "0.1.0"
+from stages.common.contract import __version__  # noqa: F401  (prism --version; pyproject.toml holds the same)

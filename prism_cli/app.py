@@ -30,10 +30,10 @@ except ImportError:  # pragma: no cover
     from click.exceptions import NoArgsIsHelpError
     from click.exceptions import UsageError as ClickUsageError
 
-from prism_cli import __version__, console
-from prism_cli import config as cfgmod
-from prism_cli.errors import PrismError
 from prism_cli.inspect import show
+from stages.common.contract import __version__, console
+from stages.common.contract import config as cfgmod
+from stages.common.contract.errors import PrismError
 
 # stage -> (config class, run function, one-line description)
 STAGES = {

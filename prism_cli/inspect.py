@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from prism_cli import checkpoint, console
-from prism_cli.errors import PrismError
+from stages.common.contract import checkpoint, console
+from stages.common.contract.errors import PrismError
 
 EXPORT_LINEAGE = "prism_lineage.json"  # what `prism export` writes beside the HF files
 

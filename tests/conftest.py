@@ -40,24 +40,21 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session")
 def tiny_path():
-    from stages.common import tiny
-
+    from stages.common.world import tiny
     return tiny.ensure("tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_moe_path():
-    from stages.common import tiny
-
+    from stages.common.world import tiny
     return tiny.ensure("tiny-moe")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen_path():
     """The real-interface tiny Qwen3-VL (real tokenizer, stock template); needs the Qwen2 vocabulary that
-    .ci/setup-venv installs (stages.common.qwen_vocab)."""
-    from stages.common import tiny
-
+    .ci/setup-venv installs (stages.common.world.qwen_vocab)."""
+    from stages.common.world import tiny
     return tiny.ensure("tiny-qwen")
 
 
@@ -73,8 +70,7 @@ def free_port() -> int:
 
 def run_stage(config_cls, run_fn, **flags):
     """Run a stage in-process with a resolved config (what the CLI does after parsing options)."""
-    from prism_cli import config
-
+    from stages.common.contract import config
     return run_fn(config.resolve(config_cls, flags=flags))
 
 

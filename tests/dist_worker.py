@@ -1,7 +1,7 @@
 """One piece of training on fixed inputs, run alone or by torchrun under any backend (PRISM_BACKEND), for
 tests/test_distributed.py: `python tests/dist_worker.py ppo OUT_DIR`.
 
-ppo: two clipped policy updates (stages.common.ppo) of the tiny model on hand-made rollouts: 4 groups of 2
+ppo: two clipped policy updates (stages.common.policy_update.ppo) of the tiny model on hand-made rollouts: 4 groups of 2
 responses of unequal lengths, one group text-only. Process r of w takes groups r, r + w, ...; with a
 small token budget the processes run different numbers of micro-batches (the long groups are on
 process 0, the text-only group on process 1), which is what the global micro-batch plan must absorb.
@@ -39,12 +39,13 @@ RESPONSES = [  # (group, text): groups 0 and 2 long, 1 and 3 short
 def ppo(out: Path, runtime=None) -> None:
     from safetensors.torch import save_file
 
-    from stages.common import synth, tiny, training
-    from stages.common.chat import rollout_prompt
-    from stages.common.data import Sample
-    from stages.common.models import load_policy, load_processor
-    from stages.common.ppo import PPOSettings, ppo_update
+    from stages.common.contract.samples import Sample
+    from stages.common.data.chat import rollout_prompt
+    from stages.common.models.loading import load_policy, load_processor
+    from stages.common.policy_update.ppo import PPOSettings, ppo_update
     from stages.common.rollout.base import Completion
+    from stages.common.training import runtime as training
+    from stages.common.world import synth, tiny
 
     runtime = runtime or training.make_runtime()
     accelerator = runtime.accelerator
@@ -109,10 +110,11 @@ def disc(out: Path, runtime=None) -> None:
 
     from stages.align.objective import GroupScores, discriminator_objective
     from stages.align.scoring import score_groups
-    from stages.common import synth, tiny, training
-    from stages.common.chat import rollout_prompt
-    from stages.common.discriminator import aux_loss_coef, upcycle
-    from stages.common.models import load_processor
+    from stages.common.data.chat import rollout_prompt
+    from stages.common.models.discriminator import aux_loss_coef, upcycle
+    from stages.common.models.loading import load_processor
+    from stages.common.training import runtime as training
+    from stages.common.world import synth, tiny
 
     runtime = runtime or training.make_runtime()
     accelerator = runtime.accelerator
@@ -155,8 +157,7 @@ def disc(out: Path, runtime=None) -> None:
 def regime(out: Path) -> None:
     """disc then ppo in one process (one interpreter start and one process group for both: the suite's cost is
     mostly starting torch and DeepSpeed), into OUT_DIR/disc and OUT_DIR/ppo."""
-    from stages.common import training
-
+    from stages.common.training import runtime as training
     runtime = training.make_runtime()
     disc(out / "disc", runtime)
     ppo(out / "ppo", runtime)
@@ -164,8 +165,7 @@ def regime(out: Path) -> None:
 
 
 def main(mode: str, out: Path) -> None:
-    from stages.common import training
-
+    from stages.common.training import runtime as training
     if mode == "regime":
         return regime(out)
     runtime = training.make_runtime()

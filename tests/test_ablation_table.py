@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.common.synth import generate
+from stages.common.world.synth import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,20 +7,20 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_stage
 from stages.align.config import AlignConfig
-from stages.align.discriminator import load_discriminator, load_discriminator_processor
 from stages.align.run import run as align
 from stages.align.scoring import score_groups
-from stages.common import synth
-from stages.common.chat import rollout_prompt
-from stages.common.models import load_policy, load_processor
+from stages.common.data.chat import rollout_prompt
+from stages.common.models.discriminator import load_discriminator, load_discriminator_processor
+from stages.common.models.loading import load_policy, load_processor
 from stages.common.protocol import parse_response
 from stages.common.rollout import SamplingParams, make_engine
+from stages.common.world import synth
 from stages.curate.config import CurateConfig
 from stages.curate.run import run as curate
 from stages.sft.config import SFTConfig
 from stages.sft.run import run as sft
+from tests.conftest import run_stage
 
 DATA = "synth:train:256"
 

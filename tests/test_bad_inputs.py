@@ -20,11 +20,10 @@ import pytest
 from typer.testing import CliRunner
 
 from prism_cli.app import app
-from prism_cli.checkpoint import MANIFEST, open_output, resolve
-from stages.common.data import sample_to_row, write_shards
-from stages.common.synth import load as synth_load
-from stages.common.synth import with_oracle_demos
-
+from stages.common.contract.checkpoint import MANIFEST, open_output, resolve
+from stages.common.contract.samples import sample_to_row, write_shards
+from stages.common.world.synth import load as synth_load
+from stages.common.world.synth import with_oracle_demos
 
 # ------------------------------------------------------------------------------------------- inputs
 
@@ -291,7 +290,7 @@ def test_huge_image_is_refused_without_decoding(inputs):
     """The size comes from the header: refusing a 20000x20000 PNG must not allocate its pixels."""
     import tracemalloc
 
-    from stages.common.formats import load_samples
+    from stages.common.data.formats import load_samples
 
     tracemalloc.start()
     try:
@@ -306,7 +305,7 @@ def test_huge_image_is_refused_without_decoding(inputs):
 
 def test_broken_rows_among_good_ones_are_skipped_and_counted(inputs, tmp_path):
     """One corrupt image in an otherwise good source: skipped and reported (--strict makes it fatal)."""
-    from stages.common.formats import load_samples
+    from stages.common.data.formats import load_samples
 
     mixed = _write_parquet(tmp_path / "mixed.parquet", [_sample_row(id="good"),
                                                         _sample_row(id="bad", images=[b"GIF89a-but-not-really"])])

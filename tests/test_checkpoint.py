@@ -1,4 +1,4 @@
-"""The checkpoint-directory contract (prism_cli.checkpoint, docs/design.md).
+"""The checkpoint-directory contract (stages.common.contract.checkpoint, docs/design.md).
 
 Manifest written last and atomically, with sizes + sha256, parents with fingerprints, resolved config and
 versions; refusal of incomplete, corrupt and wrong-stage inputs; overwrite/resume rules; main process only;
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from prism_cli import checkpoint
-from prism_cli.checkpoint import MANIFEST, RUN_MARKER, open_output, resolve
-from prism_cli.errors import PrismError, UsageError
+from stages.common.contract import checkpoint
+from stages.common.contract.checkpoint import MANIFEST, RUN_MARKER, open_output, resolve
+from stages.common.contract.errors import PrismError, UsageError
 
 CONFIG = {"ckpt": "tiny", "data": ["synth:train:8"], "lr": 1e-5, "seed": 0, "out": "", "resume": False,
           "overwrite": False, "dry_run": False, "max_new_tokens": 64}
@@ -96,8 +96,7 @@ def test_keep_state_keeps_and_hashes_state(tmp_path):
 
 
 def test_tiny_parent_fingerprint(tmp_path):
-    from stages.common import tiny
-
+    from stages.common.world import tiny
     out = make_ckpt(tmp_path / "run", parents=[resolve("tiny")])
     [p] = checkpoint.load_manifest(out)["parents"]
     assert p["role"] == "policy" and p["kind"] == "tiny" and p["stage"] == "base"

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from prism_cli import __version__, checkpoint, console
 from prism_cli.app import STAGES, app
-from prism_cli.checkpoint import MANIFEST, open_output
-from prism_cli.config import resolve, to_dict
+from stages.common.contract import __version__, checkpoint, console
+from stages.common.contract.checkpoint import MANIFEST, open_output
+from stages.common.contract.config import resolve, to_dict
 from stages.sft.config import SFTConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Config resolution (prism_cli.config): defaults < YAML < flags < --set, checked against the dataclass.
+"""Config resolution (stages.common.contract.config): defaults < YAML < flags < --set, checked against the dataclass.
 
 Python level on SFTConfig (and every stage's Config for the per-field checks); the same order through
 the CLI is in test_cli.py.
@@ -12,10 +12,10 @@ import typing
 
 import pytest
 
-from prism_cli import config as cfgmod
-from prism_cli.config import resolve, to_dict
-from prism_cli.errors import UsageError
 from stages.align.config import AlignConfig
+from stages.common.contract import config as cfgmod
+from stages.common.contract.config import resolve, to_dict
+from stages.common.contract.errors import UsageError
 from stages.curate.config import CurateConfig
 from stages.eval.config import EvalConfig
 from stages.export.config import ExportConfig

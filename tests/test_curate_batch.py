@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from prism_cli.checkpoint import load_manifest
-from prism_cli.config import resolve as resolve_config
-from prism_cli.errors import PrismError, UsageError
-from stages.common.data import read_shards
-from stages.common.synth import load as synth_load
+from stages.common.contract.checkpoint import load_manifest
+from stages.common.contract.config import resolve as resolve_config
+from stages.common.contract.errors import PrismError, UsageError
+from stages.common.contract.samples import read_shards
+from stages.common.world.synth import load as synth_load
 from stages.curate import pricing
 from stages.curate.batch import JOB_LOG, JobLog, Shard, plan_shards, rest_request
 from stages.curate.config import CurateConfig
@@ -311,7 +311,7 @@ def test_identical_problems_under_two_ids_are_both_answered(tmp_path, key):
     """Same question and image under two ids: one request sent, its answer replayed for the twin."""
     import dataclasses
 
-    from stages.common.data import write_shards
+    from stages.common.contract.samples import write_shards
 
     samples = synth_load("synth:train:4")
     twin = dataclasses.replace(samples[1], id="twin-of-1")

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from prism_cli.checkpoint import load_manifest
-from prism_cli.config import resolve as resolve_config
-from prism_cli.errors import PrismError
-from stages.common.data import read_shards
-from stages.common.synth import load as synth_load
+from stages.common.contract.checkpoint import load_manifest
+from stages.common.contract.config import resolve as resolve_config
+from stages.common.contract.errors import PrismError
+from stages.common.contract.samples import read_shards
+from stages.common.world.synth import load as synth_load
 from stages.curate.config import CurateConfig
 from stages.curate.run import run
 from tests.fakes import oracle_responder

@@ -8,18 +8,26 @@ import random
 
 import pytest
 
-from prism_cli.checkpoint import load_manifest
-from prism_cli.config import resolve as resolve_config
-from prism_cli.errors import PrismError, UsageError
-from stages.common.data import Sample, read_shards
+from stages.common.contract.checkpoint import load_manifest
+from stages.common.contract.config import resolve as resolve_config
+from stages.common.contract.errors import PrismError, UsageError
+from stages.common.contract.samples import Sample, read_shards
 from stages.common.protocol import format_response
-from stages.common.synth import load as synth_load
+from stages.common.world.synth import load as synth_load
 from stages.curate import pricing
 from stages.curate.cache import JsonlCache, cache_key
 from stages.curate.config import CurateConfig
 from stages.curate.gate import judge
-from stages.curate.resilience import (Fatal, RateLimiter, RetriesExhausted, RetryPolicy, Transient,
-                                      call_with_retry, parse_retry_after, transport_failure)
+from stages.curate.resilience import (
+    Fatal,
+    RateLimiter,
+    RetriesExhausted,
+    RetryPolicy,
+    Transient,
+    call_with_retry,
+    parse_retry_after,
+    transport_failure,
+)
 from stages.curate.run import run
 from stages.curate.teachers import Reply, parse_teacher
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from prism_cli.errors import PrismError
-from stages.common import formats
-from stages.common.formats import READERS, dropped_report, load_samples, load_sources
+from stages.common.contract.errors import PrismError
+from stages.common.data import formats
+from stages.common.data.formats import READERS, dropped_report, load_samples, load_sources
 
 
 def _png(color=(10, 200, 30), mode="RGB", size=(12, 10)) -> bytes:
@@ -213,7 +213,7 @@ def _encode(img, fmt="PNG", **kw) -> bytes:
 
 
 def _decoded(raw: bytes):
-    from stages.common.data import Sample
+    from stages.common.contract.samples import Sample
 
     [img] = Sample(id="x", images=[raw], question="q").pil_images()
     assert img.mode == "RGB"

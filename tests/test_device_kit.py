@@ -133,7 +133,7 @@ def test_a_missing_plotting_library_costs_a_warning_not_the_checkpoint(tmp_path,
     """Without matplotlib a stage still writes its checkpoint (manifest included); the plot is skipped with
     one warning line."""
     from prism_cli.app import app
-    from prism_cli.checkpoint import MANIFEST
+    from stages.common.contract.checkpoint import MANIFEST
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
@@ -148,8 +148,7 @@ def test_a_missing_plotting_library_costs_a_warning_not_the_checkpoint(tmp_path,
 
 
 def test_plots_without_matplotlib_return_none(tmp_path, monkeypatch):
-    from stages.common import plots
-
+    from stages.common.contract import plots
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     records = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
     assert plots.plot_curves(records, {"loss": "loss"}, tmp_path / "a.png", "t") is None

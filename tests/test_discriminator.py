@@ -7,12 +7,20 @@ import pytest
 import torch
 from PIL import Image
 
-from prism_cli.errors import PrismError
-from stages.align.discriminator import (CONFIG_KEY, Qwen3VLDiscriminator, Qwen3VLMoeDiscriminator, aux_loss_coef,
-                                        is_text_only, load_discriminator, load_discriminator_processor,
-                                        save_discriminator, upcycle)
 from stages.align.scoring import encode_prompt
-from stages.common.models import load_processor
+from stages.common.contract.errors import PrismError
+from stages.common.models.discriminator import (
+    CONFIG_KEY,
+    Qwen3VLDiscriminator,
+    Qwen3VLMoeDiscriminator,
+    aux_loss_coef,
+    is_text_only,
+    load_discriminator,
+    load_discriminator_processor,
+    save_discriminator,
+    upcycle,
+)
+from stages.common.models.loading import load_processor
 from stages.common.rollout.base import RolloutPrompt
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from prism_cli.errors import UsageError
-from stages.common import distributed, training
+from stages.common.contract.errors import UsageError
+from stages.common.training import distributed
+from stages.common.training import runtime as training
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +63,8 @@ def test_decay_groups_use_the_real_shape_of_partitioned_parameters():
 
 
 def test_banned_token_mask_uses_the_declared_vocabulary_when_the_weight_is_a_placeholder(tiny_path):
-    from stages.common.logprobs import output_vocab_size
-    from stages.common.models import load_policy
+    from stages.common.models.loading import load_policy
+    from stages.common.policy_update.logprobs import output_vocab_size
 
     model = load_policy(tiny_path, train=False)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -87,7 +88,7 @@ class _OtherRankHasImages:
 def test_text_only_forward_runs_the_vision_tower_on_a_blank_image_when_another_rank_has_images(tiny_path):
     """DeepSpeed cannot reduce a step where the vision tower has gradients on some ranks only (it refused
     such steps before): a text-only rank now gives every vision parameter a zero gradient, values unchanged."""
-    from stages.common.models import load_policy
+    from stages.common.models.loading import load_policy
 
     model = load_policy(tiny_path, dtype=training.MASTER_WEIGHTS_DTYPE)
     ids = torch.randint(10, 200, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -106,9 +107,9 @@ def test_text_only_forward_runs_the_vision_tower_on_a_blank_image_when_another_r
 def test_a_rank_with_images_joins_the_any_images_reduction_too(tiny_path):
     """Every rank must make the same collective calls: a rank with images reduces the flag as well (it once
     skipped it, so the ranks' collectives went out of step: gloo 'size 8 vs 4')."""
-    from stages.common import synth
-    from stages.common.chat import rollout_prompt
-    from stages.common.models import load_policy, load_processor
+    from stages.common.data.chat import rollout_prompt
+    from stages.common.models.loading import load_policy, load_processor
+    from stages.common.world import synth
 
     model, processor = load_policy(tiny_path, dtype=training.MASTER_WEIGHTS_DTYPE), load_processor(tiny_path)
     prompt = rollout_prompt(synth.load("synth:train:1", seed=0)[0])
@@ -146,7 +147,7 @@ def test_grad_norm_and_clipping_mean_the_same_at_any_accumulation():
 def test_trained_models_keep_fp32_master_weights_so_small_steps_move_them(tiny_path):
     """10 AdamW steps at lr 1e-6 with bf16 compute: loaded as bf16 (before) only ~2% of the weights changed;
     fp32 master weights move essentially all of them (embeddings aside: only the rows used get a gradient)."""
-    from stages.common.models import load_policy
+    from stages.common.models.loading import load_policy
 
     model = load_policy(tiny_path, dtype=training.MASTER_WEIGHTS_DTYPE)
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -178,7 +179,7 @@ def test_global_batches_must_divide_over_the_processes():
 
 
 def test_ppo_micro_batch_plan_is_padded_to_the_global_count_with_zero_weight():
-    from stages.common.ppo import pad_plan
+    from stages.common.policy_update.ppo import pad_plan
 
     assert pad_plan([[0, 1], [2]], 4) == ([[0, 1], [2], [0], [0]], [1.0, 1.0, 0.0, 0.0])
     assert pad_plan([[0]], 1) == ([[0]], [1.0])
@@ -326,10 +327,10 @@ def test_align_and_rl_run_with_two_ranks_under_zero2(tmp_path):
 def test_hf_decode_keeps_stepping_while_another_rank_decodes_and_returns_the_same_samples(tiny_path):
     """Under sharded parameters every decode step is a collective: a rank whose rows are done keeps running
     forwards until lockstep says no rank decodes. Its own samples must not change."""
-    from stages.common import synth
-    from stages.common.chat import rollout_prompt
-    from stages.common.models import load_policy, load_processor
+    from stages.common.data.chat import rollout_prompt
+    from stages.common.models.loading import load_policy, load_processor
     from stages.common.rollout import SamplingParams, make_engine
+    from stages.common.world import synth
 
     model, processor = load_policy(tiny_path, train=False), load_processor(tiny_path)
     prompts = [rollout_prompt(s) for s in synth.load("synth:train:2", seed=0)]

@@ -19,8 +19,8 @@ import pytest
 
 pytest.importorskip("lmms_eval")
 
-from prism_cli.config import resolve  # noqa: E402
-from prism_cli.errors import PrismError, UsageError  # noqa: E402
+from stages.common.contract.config import resolve  # noqa: E402
+from stages.common.contract.errors import PrismError, UsageError  # noqa: E402
 from stages.common.rollout import SamplingParams, make_engine  # noqa: E402
 from stages.eval import run as eval_run  # noqa: E402
 from stages.eval import task_data, tasks  # noqa: E402

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("lmms_eval")
 
-from prism_cli.config import resolve  # noqa: E402
-from stages.common.synth import load  # noqa: E402
+from stages.common.contract.config import resolve  # noqa: E402
+from stages.common.world.synth import load  # noqa: E402
 from stages.eval.config import EvalConfig  # noqa: E402
 from stages.eval.run import run  # noqa: E402
 from stages.eval.synth_native import write_lmms_task  # noqa: E402

@@ -5,10 +5,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from prism_cli import checkpoint
 from prism_cli.app import app
-from prism_cli.config import resolve
-from prism_cli.errors import PrismError, UsageError
+from stages.common.contract import checkpoint
+from stages.common.contract.config import resolve
+from stages.common.contract.errors import PrismError, UsageError
 from stages.eval import lmms_runner
 from stages.eval.config import EvalConfig
 from stages.eval.run import run

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from prism_cli.errors import UsageError
+from stages.common.contract.errors import UsageError
 from stages.eval import compare, tasks
 from stages.eval.lmms_tasks import utils as task_utils
 
@@ -125,7 +125,7 @@ def test_options_in_text():
 
 
 def test_synth_scoring_separates_perception_from_reasoning():
-    from stages.common.synth import load, oracle_demo
+    from stages.common.world.synth import load, oracle_demo
     from stages.eval import synth_native
 
     sample = load("synth:test:1")[0]
@@ -195,7 +195,7 @@ def test_compare_labels_are_short_but_distinct():
 
 
 def test_compare_refuses_non_eval_directories(tmp_path):
-    from prism_cli.errors import PrismError
+    from stages.common.contract.errors import PrismError
 
     with pytest.raises(PrismError, match="no results.json"):
         compare.show([str(tmp_path)])
@@ -236,7 +236,7 @@ def test_paired_bootstrap_resamples_seeds_as_well_as_problems():
 
 
 def test_paired_bootstrap_weights_give_a_ratio_of_sums_and_bad_shapes_are_refused():
-    from prism_cli.errors import PrismError
+    from stages.common.contract.errors import PrismError
 
     recall_a, recall_b, greens = [1.0, 0.5, 0.0], [0.0, 0.5, 0.0], [1, 2, 0]   # per-problem recall, denominators
     got = compare.paired_bootstrap(recall_a, recall_b, n_boot=200, weights=greens)
@@ -278,7 +278,7 @@ def test_compare_pairs_rows_problem_by_problem_over_seeds(tmp_path):
 
 
 def test_compare_refuses_rows_that_cannot_be_paired(tmp_path):
-    from prism_cli.errors import PrismError
+    from stages.common.contract.errors import PrismError
 
     write_samples(tmp_path / "a", "a", {"p1": 1.0, "p2": 0.0})
     write_samples(tmp_path / "b", "b", {"q1": 1.0, "q2": 0.0})

@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from prism_cli import checkpoint
-from prism_cli.config import resolve
-from prism_cli.errors import PrismError, UsageError
+from stages.common.contract import checkpoint
+from stages.common.contract.config import resolve
+from stages.common.contract.errors import PrismError, UsageError
 from stages.export.config import ExportConfig
 from stages.export.run import probe_inputs, run
 
@@ -41,7 +41,7 @@ def test_fp32_export_round_trip_same_logits(sft_like, tmp_path):
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from stages.common.models import load_policy
+    from stages.common.models.loading import load_policy
 
     original = load_policy(str(sft_like), dtype="fp32", device=torch.device("cpu"), train=False)
     reloaded = AutoModelForImageTextToText.from_pretrained(out).eval()
@@ -73,8 +73,7 @@ def run_usage_snippet(card: str, folder, tmp_path) -> None:
     import contextlib
     import io
 
-    from stages.common import synth
-
+    from stages.common.world import synth
     sample = synth.load("synth:test:1")[0]
     image = tmp_path / "problem.png"
     sample.pil_images()[0].save(image)

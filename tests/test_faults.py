@@ -34,7 +34,7 @@ import pytest
 from typer.testing import CliRunner
 
 from prism_cli.app import app
-from prism_cli.checkpoint import MANIFEST, RUN_MARKER, load_manifest, verify_files
+from stages.common.contract.checkpoint import MANIFEST, RUN_MARKER, load_manifest, verify_files
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 20240611  # picks the kill points; change it to explore others
@@ -243,7 +243,7 @@ def test_kill_before_first_save_leaves_no_duplicate_metrics(tmp_path):
 def test_curate_oracle_sigkill_then_resume_matches_uninterrupted(tmp_path):
     """The oracle teacher is free and not cached, so a resumed oracle curate asks it again: the kill points
     are random delays after the run opened its directory (state/ appears), while it asks the teacher."""
-    from stages.common.data import read_shards
+    from stages.common.contract.samples import read_shards
 
     rng = random.Random(f"{SEED}-curate")
     n = 1500
@@ -409,9 +409,9 @@ def _oracle_responder(samples, server):
     """Answers each synth problem as its oracle would, recognised by question text and image hashes."""
     import hashlib
 
-    from stages.common.chat import question_text
+    from stages.common.data.chat import question_text
     from stages.common.protocol import format_response
-    from stages.common.synth import oracle_demo
+    from stages.common.world.synth import oracle_demo
 
     def key(text, images):
         return text, tuple(hashlib.sha256(b).hexdigest() for b in images)
@@ -425,7 +425,7 @@ def _oracle_responder(samples, server):
 
 
 def test_api_key_is_in_no_file_log_manifest_or_cache(tmp_path, monkeypatch):
-    from stages.common.synth import load as synth_load
+    from stages.common.world.synth import load as synth_load
 
     server = _fake_gemini_module()
     spec = "synth:train:16"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prism_cli import config
-from prism_cli.checkpoint import load_manifest
-from prism_cli.errors import PrismError, UsageError
-from prism_cli.redact import redact
+from stages.common.contract import config
+from stages.common.contract.checkpoint import load_manifest
+from stages.common.contract.errors import PrismError, UsageError
+from stages.common.contract.redact import redact
 
 
 def test_redact_userinfo_and_query_tokens():
@@ -23,7 +23,7 @@ def test_redact_userinfo_and_query_tokens():
 
 def test_teacher_url_credentials_never_reach_the_checkpoint_or_the_console(tmp_path, capsys):
     from stages.common.protocol import format_response
-    from stages.common.synth import load as synth_load
+    from stages.common.world.synth import load as synth_load
     from stages.curate.config import CurateConfig
     from stages.curate.run import run
     from tests.fakes.openai_server import FakeOpenAI
@@ -75,7 +75,7 @@ def test_curate_student_that_is_a_curate_checkpoint_says_so(tmp_path):
 def test_truncated_safetensors_in_a_plain_hf_folder_names_the_file(tmp_path, tiny_path):
     import shutil
 
-    from stages.common.models import load_policy
+    from stages.common.models.loading import load_policy
 
     folder = tmp_path / "hf-model"
     shutil.copytree(tiny_path, folder)
@@ -90,7 +90,7 @@ def test_truncated_safetensors_in_a_plain_hf_folder_names_the_file(tmp_path, tin
 
 
 def test_hub_model_id_without_network_fails_in_seconds(monkeypatch):
-    from prism_cli.checkpoint import resolve
+    from stages.common.contract.checkpoint import resolve
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # refused at once, as a machine without network
@@ -112,12 +112,12 @@ def _png(width: int, height: int) -> bytes:
 
 
 def test_rl_drops_overlong_prompts_and_reports_dropped_rows_in_the_manifest(tmp_path, capsys):
-    from stages.common.data import sample_to_row
-    from stages.common.synth import load as synth_load
+    import base64
+
+    from stages.common.contract.samples import sample_to_row
+    from stages.common.world.synth import load as synth_load
     from stages.rl.config import RLConfig
     from stages.rl.run import run
-
-    import base64
 
     rows = [dict(sample_to_row(s), images=["data:image/png;base64," + base64.b64encode(s.images[0]).decode()])
             for s in synth_load("synth:train:4")]
@@ -175,8 +175,7 @@ def sft_with_data(tmp_path, tiny_path):
     """A finished sft checkpoint (the tiny model as its model/) that dropped rows of its data."""
     import shutil
 
-    from prism_cli import checkpoint
-
+    from stages.common.contract import checkpoint
     run_dir = checkpoint.open_output(str(tmp_path / "runs" / "sft"), "sft", {"lr": 1e-5, "data": ["d.jsonl"]},
                                      [("policy", checkpoint.resolve("tiny"))])
     shutil.copytree(tiny_path, run_dir.model_dir, ignore=shutil.ignore_patterns(".complete"))
@@ -186,6 +185,7 @@ def sft_with_data(tmp_path, tiny_path):
 
 def test_inspect_shows_data_lineage_and_reads_an_export(sft_with_data, tmp_path):
     import os
+
     from typer.testing import CliRunner
 
     from prism_cli.app import app
@@ -232,9 +232,9 @@ def test_sft_reports_dropped_rows_in_the_manifest(tmp_path):
 
     from PIL import Image
 
-    from stages.common.data import sample_to_row
-    from stages.common.synth import load as synth_load
-    from stages.common.synth import with_oracle_demos
+    from stages.common.contract.samples import sample_to_row
+    from stages.common.world.synth import load as synth_load
+    from stages.common.world.synth import with_oracle_demos
     from stages.sft.config import SFTConfig
     from stages.sft.run import run
 
@@ -271,10 +271,10 @@ def test_sft_skips_a_sample_the_processor_refuses_and_encodes_the_rest(tiny_path
 
     from PIL import Image
 
-    from prism_cli.checkpoint import resolve
-    from stages.common.models import load_processor
-    from stages.common.synth import load as synth_load
-    from stages.common.synth import with_oracle_demos
+    from stages.common.contract.checkpoint import resolve
+    from stages.common.models.loading import load_processor
+    from stages.common.world.synth import load as synth_load
+    from stages.common.world.synth import with_oracle_demos
     from stages.sft.run import encode_chunk
 
     samples = with_oracle_demos(synth_load("synth:train:3"))
@@ -292,7 +292,7 @@ def test_rl_that_learns_nothing_warns_and_a_slow_step_keeps_the_log_alive(tmp_pa
     the step, naming the phase (a cluster log, stderr not a terminal)."""
     import time
 
-    from prism_cli import console
+    from stages.common.contract import console
     from stages.rl import run as rl_run
     from stages.rl.config import RLConfig
 
@@ -334,7 +334,7 @@ def test_training_a_policy_from_a_discriminator_is_refused(tmp_path):
     from typer.testing import CliRunner
 
     from prism_cli.app import app
-    from prism_cli.checkpoint import open_output
+    from stages.common.contract.checkpoint import open_output
 
     run = open_output(str(tmp_path / "align"), "align", {"seed": 0}, [])
     (run.path / "discriminator").mkdir()
@@ -354,9 +354,9 @@ def test_training_a_policy_from_a_discriminator_is_refused(tmp_path):
 
 
 def test_reused_discriminator_records_its_own_shape_and_refuses_a_different_one(tmp_path, capsys):
-    from prism_cli.errors import UsageError
     from stages.align.config import AlignConfig
     from stages.align.run import discriminator_source, with_reused_shape
+    from stages.common.contract.errors import UsageError
 
     disc = tmp_path / "disc"
     disc.mkdir()
@@ -376,8 +376,7 @@ def test_reused_discriminator_records_its_own_shape_and_refuses_a_different_one(
 
 
 def test_training_dtype_on_a_cpu_is_fp32_and_says_so(monkeypatch, capsys):
-    from stages.common import training
-
+    from stages.common.training import runtime as training
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert training.training_dtype("auto") == "auto" and training.training_dtype("fp32") == "fp32"
     assert training.training_dtype("bf16") == "fp32"
@@ -444,7 +443,7 @@ def test_switches_reach_the_config(monkeypatch):
     from typer.testing import CliRunner
 
     from prism_cli import app as app_module
-    from prism_cli.errors import UsageError
+    from stages.common.contract.errors import UsageError
 
     seen = {}
 
@@ -466,8 +465,7 @@ def test_deepspeed_is_told_the_accelerator_so_it_does_not_warn_after_every_stage
     """save_pretrained imports DeepSpeed; without DS_ACCELERATOR it warns "Setting accelerator to CPU"."""
     import os
 
-    from stages.common import training
-
+    from stages.common.training import runtime as training
     if torch.cuda.is_available():
         pytest.skip("a GPU machine: DeepSpeed finds CUDA itself")
     monkeypatch.setenv("DS_ACCELERATOR", "")      # recorded, so the test's own setting is undone after it

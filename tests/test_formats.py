@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prism_cli.errors import PrismError, UsageError
-from stages.common.data import Sample, Teacher, sample_to_row, write_shards
-from stages.common.formats import load_samples, parse_mixture
-from stages.common.synth import load as synth_load
+from stages.common.contract.errors import PrismError, UsageError
+from stages.common.contract.samples import Sample, Teacher, sample_to_row, write_shards
+from stages.common.data.formats import load_samples, parse_mixture
+from stages.common.world.synth import load as synth_load
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_hf_datasets_folder(tmp_path, synth):
 
 
 def test_prism_checkpoint_dir(tmp_path, synth):
-    from prism_cli.checkpoint import open_output
+    from stages.common.contract.checkpoint import open_output
 
     run = open_output(str(tmp_path / "cur"), "curate", {}, [])
     write_shards(synth, run.path / "data")

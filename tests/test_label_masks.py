@@ -10,10 +10,10 @@ import io
 import pytest
 from PIL import Image
 
-from stages.common import synth, tiny
-from stages.common.chat import demonstration_text, sft_messages
-from stages.common.data import Sample
-from stages.common.models import load_processor
+from stages.common.contract.samples import Sample
+from stages.common.data.chat import demonstration_text, sft_messages
+from stages.common.models.loading import load_processor
+from stages.common.world import synth, tiny
 from stages.sft import targets
 from stages.sft.data import encode_sample
 
@@ -162,8 +162,8 @@ def test_token_mask_and_expansion_on_hand_made_inputs():
 
 def test_a_run_with_no_locatable_target_fails_loudly(processor):
     """Every sample refused: encoding stops the run with the reason, and the reasons are counted."""
-    from prism_cli.config import resolve
-    from prism_cli.errors import PrismError
+    from stages.common.contract.config import resolve
+    from stages.common.contract.errors import PrismError
     from stages.sft.config import SFTConfig
     from stages.sft.run import encode_all
 

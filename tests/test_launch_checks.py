@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from prism_cli import config as config_mod
-from prism_cli.errors import PrismError, UsageError
-from stages.common.groups import group_layout
+from stages.common.contract import config as config_mod
+from stages.common.contract.errors import PrismError, UsageError
+from stages.common.training.groups import group_layout
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

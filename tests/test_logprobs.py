@@ -5,9 +5,17 @@ import random
 import pytest
 import torch
 
-from stages.common.logprobs import (build_policy_batch, chunked_token_logprobs, full_logits_logprobs,
-                                    make_microbatches, make_prefix_microbatches, response_logprobs,
-                                    sampling_logprobs, select_rows, shared_prefix_supported)
+from stages.common.policy_update.logprobs import (
+    build_policy_batch,
+    chunked_token_logprobs,
+    full_logits_logprobs,
+    make_microbatches,
+    make_prefix_microbatches,
+    response_logprobs,
+    sampling_logprobs,
+    select_rows,
+    shared_prefix_supported,
+)
 from stages.common.rollout import RolloutPrompt, SamplingParams
 from stages.common.rollout.hf import HFEngine
 from tests.test_rollout import shape_image, two_prompts, with_logit_bias
@@ -15,7 +23,7 @@ from tests.test_rollout import shape_image, two_prompts, with_logit_bias
 
 @pytest.fixture(scope="module")
 def policy(tiny_path):
-    from stages.common.models import load_policy, load_processor
+    from stages.common.models.loading import load_policy, load_processor
 
     return load_policy(tiny_path, train=False), load_processor(tiny_path)
 
@@ -149,7 +157,7 @@ def test_chunk_count_can_be_raised_to_the_global_count_without_changing_anything
 
 def test_sft_nll_without_targets_still_calls_lm_head_as_often_as_the_other_processes(tiny_path):
     """A micro-batch with no target token (all prompt) skipped lm_head, while another rank called it."""
-    from stages.common.models import load_policy
+    from stages.common.models.loading import load_policy
     from stages.sft.data import IGNORE
     from stages.sft.loss import summed_nll
 
@@ -211,7 +219,7 @@ def test_shared_prefix_equals_full_rows_values_and_gradients(tiny_path):
     """Each distinct prompt run once, responses on its KV cache: the same logprobs, entropies and parameter
     gradients (vision tower included) as running every row as prompt + response. Rows of the three prompts
     (two image sizes, one text-only) interleaved, one prompt unused in the sub-batch."""
-    from stages.common.models import load_policy, load_processor
+    from stages.common.models.loading import load_policy, load_processor
 
     model, processor = load_policy(tiny_path, train=True), load_processor(tiny_path)
     responses = [[11, 12, 13, 14], [15, 16], [17, 18, 19, 20, 21, 22], [23], [24, 25, 26], [27, 28]]

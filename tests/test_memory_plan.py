@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from prism_cli.checkpoint import resolve
-from prism_cli.errors import UsageError
-from stages.common import memory_plan as mp
-from stages.common import plan_report
+from stages.align import plan as align_plan
+from stages.common.contract.checkpoint import resolve
+from stages.common.contract.errors import UsageError
+from stages.common.plan import memory as mp
+from stages.common.plan import report as plan_report
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 10 ** 9
@@ -256,5 +257,5 @@ def test_the_align_plan_follows_the_launch_s_group_split():
     for world, prompts, rollouts in ((8, 1, 8), (4, 1, 16), (2, 2, 16)):
         cfg = AlignConfig(engine="hf", backend="zero2", world_size=world, prompts_per_step=4, rollouts_per_prompt=16,
                           max_new_tokens=6144)
-        rollout = next(p for p in plan_report.align_plan(cfg, SHAPE, disc, True).phases if p.name == "rollout")
+        rollout = next(p for p in align_plan.memory_plan(cfg, SHAPE, disc, True).phases if p.name == "rollout")
         assert rollout.parts["hf engine KV cache"] == mp.kv_cache_bytes(SHAPE, prompts * (2048 + rollouts * 6144), 2)

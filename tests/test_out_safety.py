@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from prism_cli import checkpoint
-from prism_cli.checkpoint import LOCK, MANIFEST, open_output, resolve
-from prism_cli.errors import PrismError
+from stages.common.contract import checkpoint
+from stages.common.contract.checkpoint import LOCK, MANIFEST, open_output, resolve
+from stages.common.contract.errors import PrismError
 from tests.test_checkpoint import CONFIG, make_ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_same_out_from_an_unrelated_parent_is_fine(parent, tmp_path):
 HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from prism_cli.checkpoint import open_output
+from stages.common.contract.checkpoint import open_output
 run = open_output({out!r}, "sft", {{"seed": 0}}, [])
 print("locked", flush=True)
 time.sleep(60)
@@ -166,7 +166,7 @@ def test_overwrite_refuses_a_run_of_another_stage(tmp_path, complete):
 
 
 def test_resume_with_overwrite_is_refused_before_anything_is_lost(tmp_path):
-    from prism_cli.errors import UsageError
+    from stages.common.contract.errors import UsageError
     from tests.test_checkpoint import snapshot
 
     out = tmp_path / "run"

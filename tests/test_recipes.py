@@ -111,8 +111,8 @@ def test_paper_yaml_keys_are_config_fields():
     """Every key of every paper YAML is a field of its stage's config (the dry runs check values too)."""
     import yaml
 
-    from prism_cli.config import field_names
     from stages.align.config import AlignConfig
+    from stages.common.contract.config import field_names
     from stages.curate.config import CurateConfig
     from stages.eval.config import EvalConfig
     from stages.rl.config import RLConfig

@@ -8,14 +8,14 @@ import torch
 from typer.testing import CliRunner
 
 from prism_cli.app import app
-from prism_cli.errors import UsageError
-from stages.common import advantages, losses
-from stages.common.algorithms import ALGORITHMS, Algorithm
-from stages.common.registry import Registry
+from stages.common.contract.errors import UsageError
+from stages.common.contract.registry import Registry
+from stages.common.policy_update import advantages, losses
 from stages.common.rollout import ENGINES, make_engine
 from stages.curate.teachers import TEACHERS, parse_teacher
 from stages.eval import lmms_runner
 from stages.eval.tasks import BENCHMARKS, SCORERS, plan_tasks, task_names
+from stages.rl.algorithms import ALGORITHMS, Algorithm
 from stages.rl.config import RLConfig
 from stages.rl.run import ppo_settings
 

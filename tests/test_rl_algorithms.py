@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from stages.rl.advantages import dynamic_sampling_keep, group_normalized_advantages, overlong_penalty
-from stages.rl.losses import aggregate, aggregation_normalizer, gspo_loss, kl_penalty, ppo_clip_loss
+from stages.common.policy_update.advantages import dynamic_sampling_keep, group_normalized_advantages, overlong_penalty
+from stages.common.policy_update.losses import aggregate, aggregation_normalizer, gspo_loss, kl_penalty, ppo_clip_loss
 
 NAN = float("nan")
 

@@ -10,14 +10,14 @@ import json
 
 import pytest
 
-from tests.conftest import free_port, run_stage
-from stages.common import synth
-from stages.common.chat import rollout_prompt
-from stages.common.models import load_policy, load_processor
+from stages.common.data.chat import rollout_prompt
+from stages.common.models.loading import load_policy, load_processor
 from stages.common.rewards import compute_score
 from stages.common.rollout import SamplingParams, make_engine
+from stages.common.world import synth
 from stages.rl.config import RLConfig
 from stages.rl.run import run
+from tests.conftest import free_port, run_stage
 
 TRAIN = "synth:train:256"
 
@@ -98,10 +98,10 @@ def test_one_update_lowers_the_algorithms_own_surrogate(algo, sft_partial, probe
     or an update that steps the wrong parameters fails here whatever the CPU's kernels."""
     import torch
 
-    from prism_cli import config
-    from stages.common import training
-    from stages.common.logprobs import build_policy_batch, response_logprobs
-    from stages.common.ppo import ppo_update
+    from stages.common.contract import config
+    from stages.common.policy_update.logprobs import build_policy_batch, response_logprobs
+    from stages.common.policy_update.ppo import ppo_update
+    from stages.common.training import runtime as training
     from stages.rl.run import ppo_settings
 
     settings = ppo_settings(config.resolve(RLConfig, flags=dict(algo=algo, ckpt="tiny", out="unused")))
@@ -161,8 +161,7 @@ def test_rl_kl_penalty_loads_a_reference_and_reports_kl(sft_partial, tmp_path):
 
 
 def test_rl_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
-    from prism_cli import config
-
+    from stages.common.contract import config
     cfg = config.resolve(RLConfig, flags=dict(algo="gspo", ckpt="tiny", out=str(tmp_path / "x"), dry_run=True))
     assert run(cfg) is None
     text = capsys.readouterr().out
@@ -177,8 +176,8 @@ def test_ppo_update_same_weights_with_and_without_shared_prefix(sft_partial, pro
     near-zero gradients to +-lr)."""
     import torch
 
-    from stages.common import training
-    from stages.common.ppo import PPOSettings, ppo_update
+    from stages.common.policy_update.ppo import PPOSettings, ppo_update
+    from stages.common.training import runtime as training
 
     processor = load_processor(str(sft_partial / "model"))
     prompts = [rollout_prompt(s) for s in probe_prompts[:3]]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from prism_cli.errors import PrismError, UsageError
+from stages.common.contract.errors import PrismError, UsageError
 from stages.common.rollout import RolloutPrompt, SamplingParams, make_engine
 from stages.common.rollout import vllm as vllm_engine
 from stages.common.rollout.hf import HFEngine, cut_after_stop, truncate_top_k_top_p
@@ -16,7 +16,7 @@ from stages.common.rollout.prompts import vision_token_ids
 
 @pytest.fixture(scope="module")
 def policy(tiny_path):
-    from stages.common.models import load_policy, load_processor
+    from stages.common.models.loading import load_policy, load_processor
 
     return load_policy(tiny_path, train=False), load_processor(tiny_path)
 

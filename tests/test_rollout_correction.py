@@ -34,7 +34,7 @@ def test_truncated_weights():
 
 def test_weighted_advantages_scale_the_clipped_surrogate():
     """[B, T] advantages = A x w give the PPO-clip loss of each token scaled by w (w >= 0)."""
-    from stages.rl.losses import ppo_clip_loss
+    from stages.common.policy_update.losses import ppo_clip_loss
 
     logp = torch.tensor([[-0.9, -1.1, -0.4]])
     old = torch.tensor([[-1.0, -1.0, -0.5]])

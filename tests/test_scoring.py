@@ -7,10 +7,19 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.align.discriminator import upcycle
-from stages.align.scoring import (PreferencePair, clip_scores, encode_prompt, encode_segment, pairwise_accuracy,
-                                  score_groups, score_segments, shared_layout_mask, warmup_step)
-from stages.common.models import load_processor
+from stages.align.scoring import (
+    PreferencePair,
+    clip_scores,
+    encode_prompt,
+    encode_segment,
+    pairwise_accuracy,
+    score_groups,
+    score_segments,
+    shared_layout_mask,
+    warmup_step,
+)
+from stages.common.models.discriminator import upcycle
+from stages.common.models.loading import load_processor
 from stages.common.rollout.base import RolloutPrompt
 
 SEGMENTS = ["- three red circles on the left\n- one blue square at the top",

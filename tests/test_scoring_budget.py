@@ -4,9 +4,9 @@ forward over the whole group, and a backward that re-runs chunk by chunk."""
 import pytest
 import torch
 
-from stages.align.discriminator import upcycle
 from stages.align.scoring import _chunk_rows, _Row, score_groups
-from stages.common.models import load_processor
+from stages.common.models.discriminator import upcycle
+from stages.common.models.loading import load_processor
 from tests.test_scoring import SEGMENTS, _prompt
 
 
@@ -82,7 +82,7 @@ def test_budget_backward_reruns_one_chunk_at_a_time(disc, processor):
 
 
 class _Micro:
-    """What ScoreResult.backward needs of a trained model (stages.common.distributed.Trained), recording
+    """What ScoreResult.backward needs of a trained model (stages.common.training.distributed.Trained), recording
     each backward and whether it was the accumulation boundary."""
 
     def __init__(self):

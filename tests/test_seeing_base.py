@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from stages.common import seeing_base as sb
-from stages.common.synth import TASKS, generate
+from stages.common.models import seeing_base as sb
+from stages.common.world.synth import TASKS, generate
 
 
 def scene(*objects):
@@ -34,7 +34,7 @@ def test_merged_token_i_sees_grid_cell_i(tiny_path):
     merged tokens, and merge group i holds exactly the patches of scene cell i (row-major)."""
     from transformers import AutoProcessor
 
-    from stages.common.synth.scene import render
+    from stages.common.world.synth.scene import render
 
     ip = AutoProcessor.from_pretrained(tiny_path).image_processor
     ip.size = {"shortest_edge": 32 * 32, "longest_edge": sb.IMAGE_PIXELS ** 2}
@@ -101,9 +101,8 @@ def test_collate_pads_without_labels():
 
 
 def test_tiny_seeing_is_a_checkpoint_spec():
-    from prism_cli.checkpoint import resolve
-    from stages.common import tiny
-
+    from stages.common.contract.checkpoint import resolve
+    from stages.common.world import tiny
     assert resolve("tiny-seeing").kind == "tiny"
     assert tiny.build_key("tiny-seeing") != tiny.build_key("tiny")
 
@@ -116,8 +115,7 @@ def test_build_end_to_end_on_a_micro_recipe(tmp_path, monkeypatch):
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from stages.common import synth
-
+    from stages.common.world import synth
     drawn = []
     real_generate = synth.generate
     monkeypatch.setattr(synth, "generate", lambda split, n, seed=0, **kw: drawn.append((split, n, seed))
@@ -147,7 +145,7 @@ def test_continuing_a_build_equals_building_the_whole_recipe(tmp_path):
     recipe."""
     from safetensors.torch import load_file
 
-    from prism_cli.errors import PrismError
+    from stages.common.contract.errors import PrismError
 
     whole = sb.SeeingRecipe(vision_steps=3, vision_batch=4, vision_images=20, text_batch=2, text_problems=8,
                             text_rounds=((3, 1e-3, 1), (2, 2e-3, 1, 1), (2, 1e-3, 1, 2)), vision_warmup=1)
@@ -173,7 +171,7 @@ def test_shipped_base_is_this_recipes_build():
     """The weights in the package are the build of the recipe in the code (change the recipe, reship)."""
     import json
 
-    assert sb.shipped_is_current(), "the recipe changed: `python -m stages.common.seeing_base build --ship`"
+    assert sb.shipped_is_current(), "the recipe changed: `python -m stages.common.models.seeing_base build --ship`"
     record = json.loads((sb.SHIPPED / "seeing.json").read_text())
     vision = [r for r in record["records"] if r["phase"] == "vision"]
     assert vision[-1]["probe_color"] > 0.95 and vision[-1]["probe_shape"] > 0.95  # the tower sees every cell
@@ -192,7 +190,7 @@ def test_demo_format_pins_the_oracle_text_the_rounds_train_on():
     All of set 0 (6,000 problems, a few seconds): a change that touches a few problems in a hundred shows."""
     import hashlib
 
-    from stages.common.synth import oracle_demo
+    from stages.common.world.synth import oracle_demo
 
     recipe = sb.RECIPE
     samples = generate("train", recipe.text_problems, seed=recipe.seed + 1000)  # the build's problem set 0
@@ -251,7 +249,7 @@ def test_tiny_seeing_meets_the_perception_targets():
     tiny model)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from stages.common.models import as_spec
+    from stages.common.models.loading import as_spec
 
     path = as_spec("tiny-seeing").model_path
     model = AutoModelForImageTextToText.from_pretrained(path).eval()

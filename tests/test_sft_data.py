@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.common import synth
-from stages.common.chat import demonstration_text
-from stages.common.data import Sample
-from stages.common.models import load_policy, load_processor
+from stages.common.contract.samples import Sample
+from stages.common.data.chat import demonstration_text
+from stages.common.models.loading import load_policy, load_processor
+from stages.common.world import synth
 from stages.sft.data import IGNORE, encode_sample, pack, pad, rope_index_of, step_indices, truncate
 from stages.sft.loss import summed_nll
 

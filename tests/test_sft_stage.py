@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages.common import synth
-from tests.conftest import free_port
-from stages.common.chat import rollout_prompt
-from stages.common.models import load_policy, load_processor
+from stages.common.data.chat import rollout_prompt
+from stages.common.models.loading import load_policy, load_processor
 from stages.common.rewards import compute_score
 from stages.common.rollout import SamplingParams, make_engine
+from stages.common.world import synth
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--data", "synth:train:64", "--batch-size", "8", "--max-steps", "4", "--lr", "1e-3",

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from stages.common.policy_update.logprobs import banned_token_mask, sampling_logprobs
 from stages.common.rollout import SamplingParams
 from stages.common.rollout import shared_prefix as sp
 from stages.common.rollout.hf import HFEngine, inverse_cdf_sample, sample_tokens
-from stages.common.logprobs import banned_token_mask, sampling_logprobs
 from tests.test_rollout import policy, two_prompts, with_logit_bias  # noqa: F401  (module fixture)
 
 

@@ -10,12 +10,22 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from prism_cli.errors import PrismError, UsageError
-from stages.common.data import Sample
-from stages.common.synth import (TASKS, caption_accuracy, caption_for, generate, load, oracle_demo, parse_spec, render,
-                                 scene_hash, split_of)
-from stages.common.synth.scene import COLORS, SIDES
-from stages.common.synth.tasks import FAMILIES
+from stages.common.contract.errors import PrismError, UsageError
+from stages.common.contract.samples import Sample
+from stages.common.world.synth import (
+    TASKS,
+    caption_accuracy,
+    caption_for,
+    generate,
+    load,
+    oracle_demo,
+    parse_spec,
+    render,
+    scene_hash,
+    split_of,
+)
+from stages.common.world.synth.scene import COLORS, SIDES
+from stages.common.world.synth.tasks import FAMILIES
 
 
 def response_text(t) -> str:
@@ -237,7 +247,7 @@ def test_clean_oracle_demo_shape():
 def test_clean_caption_names_every_object_with_its_size_after_it():
     """Sizes in every family's caption, after the colour and shape (docs/seeing-base.md: a caption that names
     size on every problem learns to read it); same-looking objects of one size are grouped in reading order."""
-    from stages.common.synth import caption_for
+    from stages.common.world.synth import caption_for
 
     objects = [obj("red", "square", "large", 0.15, 0.15), obj("red", "square", "large", 0.5, 0.15),
                obj("blue", "circle", "small", 0.85, 0.15), obj("red", "square", "small", 0.15, 0.85)]
@@ -370,7 +380,7 @@ def test_tasks_cover_the_advertised_families():
 
 
 def test_samples_survive_the_parquet_row_form():
-    from stages.common.data import row_to_sample, sample_to_row
+    from stages.common.contract.samples import row_to_sample, sample_to_row
 
     for s in generate("train", 10, seed=8):
         s.teacher = oracle_demo(s, caption_error_rate=0.5, reasoning_slip_rate=0.5)

@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from prism_cli.errors import UsageError
-from stages.common.synth import (
+from stages.common.contract.errors import UsageError
+from stages.common.world.synth import (
     DEFAULT_DRIFT,
     Drift,
     arms,
@@ -17,9 +17,9 @@ from stages.common.synth import (
     parse_spec,
     with_oracle_demos,
 )
-from stages.common.synth.caption_check import mentions, scene_items
-from stages.common.synth.drift import confused, dropped_last
-from stages.common.synth.tasks import FAMILIES
+from stages.common.world.synth.caption_check import mentions, scene_items
+from stages.common.world.synth.drift import confused, dropped_last
+from stages.common.world.synth.tasks import FAMILIES
 
 N = 600
 
@@ -164,7 +164,7 @@ def test_the_runs_seed_reaches_synths_problems_and_drift():
     """load_sources (what sft, align and rl read --data through) draws synth with the run's seed: another seed
     trains on other problems with another realisation of the drift; the same seed on the same ones; a spec's
     own :seedK wins. Before this, every seed of the ablation trained on seed 0's problems and demos."""
-    from stages.common.formats import load_sources
+    from stages.common.data.formats import load_sources
 
     def demos(spec, seed):
         (src,) = load_sources([spec], seed=seed)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.common import tiny
+from stages.common.world import tiny
 
 BUILT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "processor_config.json", "chat_template.jinja")
@@ -100,8 +100,12 @@ def test_build_key_and_unknown_name():
 # ------------------------------------------------------------------------------- reload through HF Auto*
 
 def test_reloads_as_real_qwen3vl(tiny_path, processor, model):
-    from transformers import (AutoModelForImageTextToText, Qwen2VLImageProcessor, Qwen3VLForConditionalGeneration,
-                              Qwen3VLProcessor)
+    from transformers import (
+        AutoModelForImageTextToText,
+        Qwen2VLImageProcessor,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+    )
 
     assert isinstance(processor, Qwen3VLProcessor)  # not a bare tokenizer (that happens without torchvision)
     assert isinstance(processor.image_processor, Qwen2VLImageProcessor)
@@ -116,7 +120,7 @@ def test_reloads_as_real_qwen3vl(tiny_path, processor, model):
 
 
 def test_loads_through_prism_models(tiny_path):
-    from stages.common.models import load_policy, load_processor
+    from stages.common.models.loading import load_policy, load_processor
 
     proc = load_processor("tiny")
     assert type(proc).__name__ == "Qwen3VLProcessor" and proc.tokenizer.pad_token_id is not None

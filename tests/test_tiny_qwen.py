@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from prism_cli.errors import PrismError
-from stages.common import qwen_vocab, tiny
-from stages.common.models import check_tokenizer_matches_model, load_processor
+from stages.common.contract.errors import PrismError
+from stages.common.models.loading import check_tokenizer_matches_model, load_processor
+from stages.common.world import qwen_vocab, tiny
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_model_has_the_real_interfaces(tiny_qwen_path, processor):
 
 
 def test_tied_embeddings_after_reload(tiny_qwen_path):
-    from stages.common.models import load_policy
+    from stages.common.models.loading import load_policy
 
     model = load_policy("tiny-qwen", train=False)
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight

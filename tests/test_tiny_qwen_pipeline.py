@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from stages.align.config import AlignConfig
-from stages.align.discriminator import load_discriminator, load_discriminator_processor
 from stages.align.run import run as align
 from stages.align.scoring import END_TOKEN, encode_segment, score_groups
-from stages.common import synth
-from stages.common.chat import rollout_prompt
-from stages.common.logprobs import build_policy_batch, response_logprobs
-from stages.common.models import load_policy, load_processor
+from stages.common.data.chat import rollout_prompt
+from stages.common.models.discriminator import load_discriminator, load_discriminator_processor
+from stages.common.models.loading import load_policy, load_processor
+from stages.common.policy_update.logprobs import build_policy_batch, response_logprobs
 from stages.common.protocol import SYSTEM_PROMPT, format_response, parse_response
 from stages.common.rewards import compute_score
 from stages.common.rollout import SamplingParams
 from stages.common.rollout.hf import HFEngine, StopStringChecker, cut_after_stop
+from stages.common.world import synth
 from stages.curate.config import CurateConfig
 from stages.curate.run import run as curate
 from stages.eval.config import EvalConfig

@@ -1,10 +1,10 @@
-"""Shared training pieces (stages.common.training)."""
+"""Shared training pieces (stages.common.training.runtime)."""
 
 import copy
 
 import torch
 
-from stages.common import training
+from stages.common.training import runtime as training
 
 
 def test_optimizer_is_fused_adamw_with_the_usual_decay_groups_and_same_update_as_the_loop():

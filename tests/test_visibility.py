@@ -8,9 +8,8 @@ import io
 import pytest
 from rich.console import Console
 
-from prism_cli import console
-from prism_cli.errors import UsageError
-from prism_cli import tracking
+from stages.common.contract import console, tracking
+from stages.common.contract.errors import UsageError
 
 
 @pytest.fixture()
@@ -58,7 +57,7 @@ def test_a_long_step_prints_a_line_every_interval_naming_its_phase(monkeypatch):
     """A job log (not a terminal) of a step slower than the interval: lines keep coming within the step."""
     import time
 
-    from stages.common.training import StepTimer
+    from stages.common.training.runtime import StepTimer
 
     buf = io.StringIO()
     monkeypatch.setattr(console, "err", Console(file=buf, force_terminal=False, width=200))
@@ -88,7 +87,7 @@ def test_report_to_names_and_packages_are_checked(monkeypatch):
 
 
 def test_report_to_is_checked_when_the_config_is_resolved():
-    from prism_cli import config
+    from stages.common.contract import config
     from stages.rl.config import RLConfig
 
     with pytest.raises(UsageError, match="unknown tracker 'tb'"):
@@ -103,7 +102,7 @@ def test_clean_config_and_numeric_metrics():
 
 
 def test_rl_plot_has_kl_entropy_length_and_clip_panels(tmp_path):
-    from stages.common.plots import panel_data, plot_eval, plot_panels
+    from stages.common.contract.plots import panel_data, plot_eval, plot_panels
     from stages.rl.run import RL_PANELS
 
     records = [{"step": s, "reward/mean": 0.1 * s, "acc/mean": 0.2, "format/mean": 1.0, "update/kl": 0.01 * s,
@@ -121,7 +120,7 @@ def test_rl_plot_has_kl_entropy_length_and_clip_panels(tmp_path):
 def test_only_the_main_process_writes_plots_and_never_a_half_written_one(tmp_path, monkeypatch):
     """Every rank reaches a stage's plotting line; a rank > 0 rewriting the PNG while rank 0 hashed the run
     directory left a manifest that no longer matched drift_gap.png (a CI failure under torchrun)."""
-    from stages.common.plots import plot_curves, plot_eval, plot_panels
+    from stages.common.contract.plots import plot_curves, plot_eval, plot_panels
     from stages.rl.run import RL_PANELS
 
     records = [{"step": s, "reward/mean": 0.1 * s, "loss": 1.0 / s} for s in range(1, 4)]

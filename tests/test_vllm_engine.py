@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prism_cli.errors import PrismError
+from stages.common.contract.errors import PrismError
 from stages.common.rollout import SamplingParams, make_engine
 from stages.common.rollout import vllm as V
 from tests.test_rollout import two_prompts
@@ -18,7 +18,7 @@ from tests.test_rollout import two_prompts
 
 @pytest.fixture(scope="module")
 def policy(tiny_path):
-    from stages.common.models import load_policy, load_processor
+    from stages.common.models.loading import load_policy, load_processor
 
     return load_policy("tiny", train=False), load_processor("tiny")
 

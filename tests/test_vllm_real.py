@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prism_cli.errors import PrismError
+from stages.common.contract.errors import PrismError
 from stages.common.rollout import RolloutPrompt, SamplingParams
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
@@ -41,7 +41,7 @@ ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}     # GiB of KV cache per engine (p
 @pytest.fixture(scope="module")
 def real(tiny_qwen_path):
     """(engine, trainer model, processor, rng_kept): one real engine for the in-process tests."""
-    from stages.common.models import load_policy, load_processor
+    from stages.common.models.loading import load_policy, load_processor
     from stages.common.rollout.vllm import VLLMEngine
 
     for key, value in ENGINE_ENV.items():
@@ -93,7 +93,7 @@ def test_generate_with_images_n_samples_seeds_and_stop_strings(real):
 
 
 def test_sampled_logprobs_equal_the_trainers_with_images(real):
-    from stages.common.logprobs import build_policy_batch, response_logprobs
+    from stages.common.policy_update.logprobs import build_policy_batch, response_logprobs
 
     engine, model, processor, _ = real
     prompts, n = image_prompts(), 2

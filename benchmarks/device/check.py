@@ -311,7 +311,7 @@ def step_cli(part: Part) -> bool:
     each with its --dry-run plan beside the measured peak. A failed run (or a missing plan) fails the step."""
     import shutil
 
-    from prism_cli.checkpoint import MANIFEST
+    from stages.common.contract.checkpoint import MANIFEST
 
     sizes = SIZES[mode()]
     work = Path(os.environ.get("PRISM_DEVICE_WORK", "/tmp/prism-device")) / "cli"
@@ -379,8 +379,8 @@ def step_disc_memory(part: Part) -> bool:
     import torch
 
     from benchmarks.memory_plan_check import Meter
-    from stages.align.discriminator import Qwen3VLMoeDiscriminator, moe_config_from_dense
     from stages.align.scoring import score_groups
+    from stages.common.models.discriminator import Qwen3VLMoeDiscriminator, moe_config_from_dense
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu_check

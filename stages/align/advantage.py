@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 # GN is the GRPO group normalisation (same conventions), shared rather than duplicated
-from stages.common.advantages import GroupIds, group_index, group_normalized_advantages
+from stages.common.policy_update.advantages import GroupIds, group_index, group_normalized_advantages
 
 _GN_EPS = 1e-6
 

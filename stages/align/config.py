@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prism_cli.config import CommonConfig, opt
-from prism_cli.errors import UsageError
-from stages.common.plan_report import check_plan_options
+from stages.common.contract.config import CommonConfig, opt
+from stages.common.contract.errors import UsageError
+from stages.common.plan.report import check_plan_options
 
 ADVANTAGE_MODES = ("prism", "acc-gated", "rlvr-mixed")
 

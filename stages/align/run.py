@@ -21,28 +21,33 @@ from pathlib import Path
 
 import torch
 
-from prism_cli import checkpoint, console
-from prism_cli.config import to_dict
-from prism_cli.errors import PrismError, UsageError
 from stages.align import advantage as prism_adv
+from stages.align import plan
 from stages.align.config import AlignConfig
 from stages.align.objective import GroupScores, discriminator_objective
 from stages.align.scoring import PreferencePair, ScoreResult, pair_loss, pairwise_accuracy, score_groups
-from prism_cli import tracking
-from stages.common import distributed, plots, training
-from stages.common.chat import problem_messages, rollout_prompt
-from stages.common.data import Sample, stream_item
-from stages.common.discriminator import (aux_loss_coef, load_discriminator, load_discriminator_processor,
-                                         save_discriminator, upcycle)
-from stages.common.groups import GroupLayout, group_layout
-from stages.common.formats import dropped_report, image_bytes, load_sources, source_parents
-from stages.common import plan_report
-from stages.common.models import default_device, load_policy, load_processor
-from stages.common.ppo import PPOSettings, ppo_update
+from stages.common.contract import checkpoint, console, plots, tracking
+from stages.common.contract.config import to_dict
+from stages.common.contract.errors import PrismError, UsageError
+from stages.common.contract.samples import Sample, stream_item
+from stages.common.data.chat import problem_messages, rollout_prompt
+from stages.common.data.formats import dropped_report, image_bytes, load_sources, source_parents
+from stages.common.models.discriminator import (
+    aux_loss_coef,
+    load_discriminator,
+    load_discriminator_processor,
+    save_discriminator,
+    upcycle,
+)
+from stages.common.models.loading import default_device, load_policy, load_processor
+from stages.common.plan import report as plan_report
+from stages.common.policy_update.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
 from stages.common.rewards import compute_score
 from stages.common.rollout import RolloutPrompt, SamplingParams, check_engine, make_engine, probe_metrics
-
+from stages.common.training import distributed
+from stages.common.training import runtime as training
+from stages.common.training.groups import GroupLayout, group_layout
 
 
 def run(cfg: AlignConfig) -> Path:
@@ -145,7 +150,7 @@ def run(cfg: AlignConfig) -> Path:
 
 def check_batches(cfg: AlignConfig, world: int) -> GroupLayout:
     """prompts_per_step and warmup_batch are global: each process takes an equal share. Groups are whole per
-    process, or (more processes than prompts) split over processes by rollouts (stages.common.groups). The
+    process, or (more processes than prompts) split over processes by rollouts (stages.common.training.groups). The
     launch and --dry-run (at the planned world size) both call this."""
     layout = group_layout(cfg.prompts_per_step, cfg.rollouts_per_prompt, world)
     if cfg.warmup_steps > 0 and cfg.warmup_batch % world:
@@ -531,5 +536,5 @@ def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> No
         ["output", cfg.out or "(--out not set)"],
     ]
     console.print_table("prism align --dry-run", ["", "plan"], rows)
-    plan_report.print_plan("prism align", plan_report.align_plan(cfg, shape, disc_shape, vllm_sleeps=True))
+    plan_report.print_plan("prism align", plan.memory_plan(cfg, shape, disc_shape, vllm_sleeps=True))
     return None

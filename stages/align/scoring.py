@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from stages.align.objective import GroupScores, discriminator_objective
-from stages.common.discriminator import aux_loss_coef, is_text_only
+from stages.common.models.discriminator import aux_loss_coef, is_text_only
 
 LAYOUTS = ("shared", "separate")
 SCORE_CLIP = 10.0
@@ -133,7 +133,7 @@ class ScoreResult:
 
     def backward(self, loss: torch.Tensor, trained=None) -> None:
         """Backpropagate `loss` (a function of these scores and aux_loss) into the discriminator, as one
-        optimizer step's gradient. trained: a stages.common.distributed.Trained (its accumulate/backward, so
+        optimizer step's gradient. trained: a stages.common.training.distributed.Trained (its accumulate/backward, so
         each backward is an accumulation micro-step of its backend); None: a plain loss.backward().
 
         Scored in one forward (every process ran a single chunk): the loss's own backward. Scored in chunks:
@@ -168,7 +168,7 @@ def score_groups(disc, processor, prompts: Sequence[Any], segments: Sequence[Seq
     discriminator cannot be given images). max_row_tokens (shared layout): the token budget. A group is
     split over rows of at most that many tokens (each repeats the prompt; a row's mask is t x t), and rows
     run in chunks of at most that many padded tokens; with gradients, backward re-runs one chunk at a time,
-    so memory is bounded by the budget however long the group is (stages.common.memory_plan).
+    so memory is bounded by the budget however long the group is (stages.common.plan.memory).
     global_chunks(n): the number of chunks every process runs, given this process's n (the largest over the
     processes; None: one process). A process with fewer runs repeats, so sharded parameters (FSDP2,
     ZeRO-3) are gathered as often on every rank.

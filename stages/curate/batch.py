@@ -26,13 +26,20 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prism_cli import console
-from prism_cli.errors import PrismError
+from stages.common.contract import console
+from stages.common.contract.errors import PrismError
 from stages.curate import pricing
 from stages.curate.cache import JsonlCache
 from stages.curate.collect import Collector, Outcome, Tally, teacher_failure
-from stages.curate.resilience import (RETRYABLE_STATUS, Fatal, RetriesExhausted, RetryPolicy, Transient,
-                                      call_with_retry, transport_failure)
+from stages.curate.resilience import (
+    RETRYABLE_STATUS,
+    Fatal,
+    RetriesExhausted,
+    RetryPolicy,
+    Transient,
+    call_with_retry,
+    transport_failure,
+)
 from stages.curate.teachers import Reply
 
 JOB_LOG = "batch_jobs.jsonl"

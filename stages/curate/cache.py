@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from prism_cli.errors import PrismError
+from stages.common.contract.errors import PrismError
 
 
 def cache_key(**parts: Any) -> str:

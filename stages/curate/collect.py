@@ -16,15 +16,22 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from prism_cli.errors import PrismError
-from stages.common.chat import question_text
-from stages.common.data import Sample
+from stages.common.contract.errors import PrismError
+from stages.common.contract.samples import Sample
+from stages.common.data.chat import question_text
 from stages.common.protocol import SYSTEM_PROMPT
 from stages.curate import pricing
 from stages.curate.cache import JsonlCache, cache_key
 from stages.curate.gate import RETRY_REASONS, Verdict, judge
-from stages.curate.resilience import (Fatal, RateLimiter, RetriesExhausted, RetryPolicy, Stopped, Transient,
-                                      call_with_retry)
+from stages.curate.resilience import (
+    Fatal,
+    RateLimiter,
+    RetriesExhausted,
+    RetryPolicy,
+    Stopped,
+    Transient,
+    call_with_retry,
+)
 from stages.curate.teacher_api import Reply, TeacherRequest
 
 # this many 400s before the first good answer means the requests are wrong, not the samples

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stages.common.data import Sample
+from stages.common.contract.samples import Sample
 from stages.common.protocol import parse_response
 from stages.common.rewards import compute_score
 from stages.curate.teacher_api import Reply

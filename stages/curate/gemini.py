@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 
-from prism_cli.errors import PrismError, UsageError
+from stages.common.contract.errors import PrismError, UsageError
 from stages.curate.resilience import RETRYABLE_STATUS, Fatal, Transient, parse_retry_after, transport_failure
 from stages.curate.teacher_api import Reply, TeacherRequest, TeacherSpec, as_supported_image
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import base64
 import os
 
-from prism_cli.errors import UsageError
-
+from stages.common.contract.errors import UsageError
 from stages.curate.resilience import RETRYABLE_STATUS, Fatal, Transient, parse_retry_after, transport_failure
 from stages.curate.teacher_api import Reply, TeacherRequest, TeacherSpec, as_supported_image
 

@@ -8,13 +8,13 @@ import dataclasses
 import errno
 from pathlib import Path
 
-from prism_cli import console
-from prism_cli.checkpoint import open_output, require_stage, resolve
-from prism_cli.config import to_dict
-from prism_cli.errors import PrismError, UsageError
-from stages.common.chat import question_text
-from stages.common.data import Sample, Teacher, fingerprint_samples, write_shards
-from stages.common.formats import load_samples
+from stages.common.contract import console
+from stages.common.contract.checkpoint import open_output, require_stage, resolve
+from stages.common.contract.config import to_dict
+from stages.common.contract.errors import PrismError, UsageError
+from stages.common.contract.samples import Sample, Teacher, fingerprint_samples, write_shards
+from stages.common.data.chat import question_text
+from stages.common.data.formats import load_samples
 from stages.common.protocol import SYSTEM_PROMPT
 from stages.curate import pricing
 from stages.curate.cache import JsonlCache

@@ -9,10 +9,10 @@ to state/ as it is computed, so a resumed run does not roll the student again.
 
 from __future__ import annotations
 
-from prism_cli.checkpoint import resolve
-from stages.common.chat import rollout_prompt
-from stages.common.data import Sample
-from stages.common.models import load_policy, load_processor
+from stages.common.contract.checkpoint import resolve
+from stages.common.contract.samples import Sample
+from stages.common.data.chat import rollout_prompt
+from stages.common.models.loading import load_policy, load_processor
 from stages.common.rewards import compute_score
 from stages.common.rollout import SamplingParams, make_engine
 from stages.curate.cache import JsonlCache, cache_key

@@ -17,13 +17,13 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from prism_cli.errors import UsageError
-from stages.common.chat import rollout_prompt
-from stages.common.models import load_policy, load_processor
+from stages.common.contract.errors import UsageError
+from stages.common.contract.registry import Registry
+from stages.common.data.chat import rollout_prompt
+from stages.common.models.loading import load_policy, load_processor
 from stages.common.protocol import format_response
-from stages.common.registry import Registry
 from stages.common.rollout import SamplingParams, make_engine
-from stages.common.synth import oracle_demo
+from stages.common.world.synth import oracle_demo
 from stages.curate import gemini, openai_compat
 from stages.curate.teacher_api import FINISH, Reply, TeacherRequest, TeacherSpec  # noqa: F401 (re-exported)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prism_cli import console
-from prism_cli.errors import PrismError
+from stages.common.contract import console
+from stages.common.contract.errors import PrismError
 from stages.eval.tasks import PAPER_TASKS, split_names
 
 RESULTS = "results.json"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prism_cli.config import CommonConfig, opt
-from prism_cli.errors import UsageError
+from stages.common.contract.config import CommonConfig, opt
+from stages.common.contract.errors import UsageError
 from stages.eval.tasks import task_names
 
 SYNTH_BACKENDS = ("native", "lmms")

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from itertools import groupby
 
-from prism_cli.errors import PrismError, UsageError
-from stages.common.models import load_policy, load_processor
+from stages.common.contract.errors import PrismError, UsageError
+from stages.common.models.loading import load_policy, load_processor
 from stages.common.protocol import SYSTEM_PROMPT, parse_response
 from stages.common.rollout import RolloutPrompt, SamplingParams, make_engine
 

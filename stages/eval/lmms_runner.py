@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from prism_cli.errors import PrismError, UsageError
+from stages.common.contract.errors import PrismError, UsageError
 from stages.eval.tasks import TaskPlan, parse_judge, task_names
 
 INSTALL_HINT = "install the eval extra: pip install lmms-eval==0.7.3 (README: Evaluation)"

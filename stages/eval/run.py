@@ -18,17 +18,16 @@ import json
 import math
 from pathlib import Path
 
-from prism_cli import checkpoint, console
-from prism_cli.config import to_dict
-from stages.common.models import load_policy, load_processor
+from stages.common.contract import checkpoint, console
+from stages.common.contract.config import to_dict
+from stages.common.contract.plots import plot_eval
+from stages.common.models.loading import load_policy, load_processor
 from stages.common.rollout import SamplingParams, check_engine, make_engine
-from stages.common.synth import load
-from stages.common.plots import plot_eval
+from stages.common.world.synth import load
 from stages.eval import compare, lmms_runner, synth_native, task_data
 from stages.eval.config import EvalConfig
 from stages.eval.lmms_plugin import PrismLMM
 from stages.eval.tasks import PAPER_TASKS, TaskPlan, parse_judge, plan_tasks
-
 
 
 def run(cfg: EvalConfig) -> Path | None:

@@ -11,11 +11,11 @@ import json
 import math
 from pathlib import Path
 
-from prism_cli import console
-from stages.common.chat import rollout_prompt
-from stages.common.data import Sample
+from stages.common.contract import console
+from stages.common.contract.samples import Sample
+from stages.common.data.chat import rollout_prompt
 from stages.common.protocol import parse_response
-from stages.common.synth import caption_accuracy
+from stages.common.world.synth import caption_accuracy
 from stages.eval.tasks import rule_score
 
 SYNTH_TASK = "prism_synth"

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prism_cli.errors import PrismError, UsageError
+from stages.common.contract.errors import PrismError, UsageError
 from stages.eval.tasks import ALIASES, TaskPlan
 
 # How a column is stored, as `datasets` features say it.

@@ -17,9 +17,9 @@ import ast
 import re
 from dataclasses import dataclass
 
-from prism_cli.errors import UsageError
+from stages.common.contract.errors import UsageError
+from stages.common.contract.registry import Registry
 from stages.common.protocol import parse_response
-from stages.common.registry import Registry
 from stages.common.rewards import compute_score
 
 LMMS_TASK_DIR_NAME = "lmms_tasks"

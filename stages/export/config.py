@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prism_cli.config import CommonConfig, opt
-from prism_cli.errors import UsageError
+from stages.common.contract.config import CommonConfig, opt
+from stages.common.contract.errors import UsageError
 
 WHATS = ("policy", "discriminator")
 DTYPES = ("bf16", "fp16", "fp32")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prism_cli import checkpoint
-from prism_cli.errors import PrismError
+from stages.common.contract import checkpoint
+from stages.common.contract.errors import PrismError
 
 # Hyperparameters worth a line in the card, when a stage's config has them.
 KEY_HYPERPARAMETERS = ("algo", "lr", "epochs", "steps", "max_steps", "batch_size", "prompts_per_step",
@@ -152,7 +152,7 @@ def render(name: str, what: str, dtype: str, lineage: list[dict], evals: list[di
                      f"{_transformers_version()}, with the config fields 4.57 reads")
     lines += ["", "## Usage", ""]
     if what == "discriminator":
-        lines += ["```python", "from stages.common.discriminator import load_discriminator",
+        lines += ["```python", "from stages.common.models.discriminator import load_discriminator",
                   "disc = load_discriminator(\"PATH_OR_REPO\")  # needs the prism toolkit: a custom value head", "```"]
     else:
         lines += usage_snippet(system_prompt) + ["",

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from prism_cli import checkpoint, console
-from prism_cli.errors import PrismError
-from stages.common import synth
-from stages.common.chat import problem_messages
-from stages.common.discriminator import load_discriminator, load_discriminator_processor
-from stages.common.models import load_policy, load_processor
+from stages.common.contract import checkpoint, console
+from stages.common.contract.errors import PrismError
+from stages.common.data.chat import problem_messages
+from stages.common.models.discriminator import load_discriminator, load_discriminator_processor
+from stages.common.models.loading import load_policy, load_processor
+from stages.common.world import synth
 from stages.export import model_card
 from stages.export.config import ExportConfig
 

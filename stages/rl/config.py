@@ -1,14 +1,15 @@
 """RLConfig: `prism rl --algo grpo|dapo|gspo`. Defaults follow the paper's RLVR stage (docs/method.md);
-knobs left as None take the chosen algorithm's default (stages.common.algorithms)."""
+knobs left as None take the chosen algorithm's default (stages.rl.algorithms)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prism_cli.config import CommonConfig, opt
-from prism_cli.errors import UsageError
-from stages.common.algorithms import ALGORITHMS
-from stages.common.plan_report import check_plan_options
+from stages.common.contract.config import CommonConfig, opt
+from stages.common.contract.errors import UsageError
+from stages.common.plan.report import check_plan_options
+from stages.rl.algorithms import ALGORITHMS
+
 
 @dataclass
 class RLConfig(CommonConfig):

@@ -13,22 +13,24 @@ from pathlib import Path
 
 import torch
 
-from prism_cli import checkpoint, console
-from prism_cli.config import to_dict
-from prism_cli.errors import PrismError, UsageError
-from stages.common import advantages as advantage_fns
-from prism_cli import tracking
-from stages.common import distributed, losses, plots, training
-from stages.common.advantages import dynamic_sampling_keep, overlong_penalty
-from stages.common.algorithms import ALGORITHMS
-from stages.common.chat import rollout_prompt
-from stages.common.data import Sample, stream_item
-from stages.common import plan_report
-from stages.common.formats import dropped_report, load_sources, source_parents
-from stages.common.models import load_policy, load_processor
-from stages.common.ppo import PPOSettings, ppo_update
+from stages.common.contract import checkpoint, console, plots, tracking
+from stages.common.contract.config import to_dict
+from stages.common.contract.errors import PrismError, UsageError
+from stages.common.contract.samples import Sample, stream_item
+from stages.common.data.chat import rollout_prompt
+from stages.common.data.formats import dropped_report, load_sources, source_parents
+from stages.common.models.loading import load_policy, load_processor
+from stages.common.plan import report as plan_report
+from stages.common.policy_update import advantages as advantage_fns
+from stages.common.policy_update import losses
+from stages.common.policy_update.advantages import dynamic_sampling_keep, overlong_penalty
+from stages.common.policy_update.ppo import PPOSettings, ppo_update
 from stages.common.rewards import compute_score
 from stages.common.rollout import SamplingParams, check_engine, make_engine, probe_metrics
+from stages.common.training import distributed
+from stages.common.training import runtime as training
+from stages.rl import plan
+from stages.rl.algorithms import ALGORITHMS
 from stages.rl.config import RLConfig
 
 RL_PANELS = {"reward": {"reward/mean": "reward", "acc/mean": "accuracy", "format/mean": "format"},
@@ -328,5 +330,5 @@ def print_plan(cfg: RLConfig, policy_spec, n_prompts: int) -> None:
         ["output", cfg.out or "(--out not set)"],
     ]
     console.print_table(f"prism rl --algo {cfg.algo} --dry-run", ["", "plan"], rows)
-    plan_report.print_plan(f"prism rl --algo {cfg.algo}", plan_report.rl_plan(cfg, shape, vllm_sleeps=True))
+    plan_report.print_plan(f"prism rl --algo {cfg.algo}", plan.memory_plan(cfg, shape, vllm_sleeps=True))
     return None

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.common.chat import sft_messages
-from stages.common.data import Sample
+from stages.common.contract.samples import Sample
+from stages.common.data.chat import sft_messages
 from stages.sft import targets
 
 IGNORE = -100

@@ -2,14 +2,14 @@
 
 The logits over a 151,936-entry vocabulary for an 8K-token response would take 5 GB in fp32, so the
 model is run for its last hidden states only (logits_to_keep=1) and the NLL is computed chunk by chunk
-by stages.common.logprobs (the same function RL uses for its logprobs).
+by stages.common.policy_update.logprobs (the same function RL uses for its logprobs).
 """
 
 from __future__ import annotations
 
 import torch
 
-from stages.common.logprobs import chunked_token_logprobs
+from stages.common.policy_update.logprobs import chunked_token_logprobs
 from stages.sft.data import IGNORE
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw")

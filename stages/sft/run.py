@@ -14,16 +14,16 @@ from pathlib import Path
 
 import torch
 
-from prism_cli import checkpoint, console
-from prism_cli.config import to_dict
-from prism_cli.errors import PrismError, UsageError
-from prism_cli import tracking
-from stages.common import plots, training
-from stages.common.data import Sample
-from stages.common import plan_report
-from stages.common.formats import dropped_report, load_sources, source_parents
-from stages.common.logprobs import to_device
-from stages.common.models import load_policy, load_processor
+from stages.common.contract import checkpoint, console, plots, tracking
+from stages.common.contract.config import to_dict
+from stages.common.contract.errors import PrismError, UsageError
+from stages.common.contract.samples import Sample
+from stages.common.data.formats import dropped_report, load_sources, source_parents
+from stages.common.models.loading import load_policy, load_processor
+from stages.common.plan import report as plan_report
+from stages.common.policy_update.logprobs import to_device
+from stages.common.training import runtime as training
+from stages.sft import plan
 from stages.sft.config import SFTConfig
 from stages.sft.data import Encoded, encode_batch, pack, pad, rope_index_of, split_holdout, step_indices
 from stages.sft.loss import summed_nll
@@ -296,5 +296,5 @@ def print_plan(cfg: SFTConfig, policy_spec, mixture: Mixture, n_train: int, n_ev
         ["output", cfg.out or "(--out not set)"],
     ]
     console.print_table("prism sft --dry-run", ["", "plan"], rows)
-    plan_report.print_plan("prism sft", plan_report.sft_plan(cfg, shape))
+    plan_report.print_plan("prism sft", plan.memory_plan(cfg, shape))
     return None

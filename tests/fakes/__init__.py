@@ -6,10 +6,9 @@ import hashlib
 def oracle_responder(samples, wrong_ids=()):
     """A responder that answers each synth sample as its oracle would (wrong on purpose for wrong_ids):
     it recognises the sample by its question text and image hash, as a real teacher would see them."""
-    from stages.common.chat import question_text
+    from stages.common.data.chat import question_text
     from stages.common.protocol import format_response
-    from stages.common.synth import oracle_demo
-
+    from stages.common.world.synth import oracle_demo
     from tests.fakes.gemini_server import request_images, request_text
 
     table = {}

@@ -11,8 +11,8 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
-from prism_cli.errors import PrismError, UsageError
-from stages.common.registry import Registry
+from stages.common.contract.errors import PrismError, UsageError
+from stages.common.contract.registry import Registry
 from stages.common.rollout.base import Completion, RolloutEngine, RolloutPrompt, SamplingParams
 
 __all__ = ["Completion", "RolloutEngine", "RolloutPrompt", "SamplingParams", "make_engine", "probe_metrics",

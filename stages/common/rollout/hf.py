@@ -11,7 +11,7 @@ How a call runs (per chunk of unique prompts):
    batch (cache rows included) once enough of them have finished. Sampling is one inverse-CDF draw per
    row, located block by block (no full-vocabulary cumsum, no torch.multinomial).
 
-Logprob convention (what `Completion.logprobs` holds, `stages.common.logprobs.sampling_logprobs`, which
+Logprob convention (what `Completion.logprobs` holds, `stages.common.policy_update.logprobs.sampling_logprobs`, which
 `response_logprobs` recomputes with the same `temperature`): for each sampled token, log_softmax(logits / temperature) with the
 vision special tokens masked to -inf, over the full vocabulary -- i.e. temperature-scaled, vision tokens
 removed, BEFORE top-k/top-p truncation. With top_k=0 and top_p=1 (the RL setting) this is exactly the
@@ -34,8 +34,14 @@ import torch
 from stages.common.rollout import shared_prefix
 from stages.common.rollout.base import Completion, RolloutPrompt, SamplingParams
 from stages.common.rollout.kv_cache import preallocate_cache
-from stages.common.rollout.prompts import (banned_token_mask, encode_prompts, prompt_positions, stop_token_ids,
-                                          tokenizer_of, vision_token_ids)
+from stages.common.rollout.prompts import (
+    banned_token_mask,
+    encode_prompts,
+    prompt_positions,
+    stop_token_ids,
+    tokenizer_of,
+    vision_token_ids,
+)
 
 # Drop finished rows from the decode batch once this fraction of it has finished: index-selecting the
 # cache costs one copy, so doing it every step would cost more than the rows it saves.

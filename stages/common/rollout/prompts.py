@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from prism_cli.errors import PrismError
+from stages.common.contract.errors import PrismError
 from stages.common.rollout.base import RolloutPrompt
 
 # Tokens that only the processor may place (image/video placeholders and their brackets). A sampled one

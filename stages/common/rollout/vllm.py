@@ -49,8 +49,8 @@ from contextlib import contextmanager
 
 import torch
 
-from prism_cli import console
-from prism_cli.errors import PrismError
+from stages.common.contract import console
+from stages.common.contract.errors import PrismError
 from stages.common.rollout.base import Completion, RolloutPrompt, SamplingParams
 from stages.common.rollout.prompts import prompt_text, vision_token_ids
 

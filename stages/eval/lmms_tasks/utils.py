@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import re
 
-from stages.common.chat import question_text
-from stages.common.data import Sample
+from stages.common.contract.samples import Sample
+from stages.common.data.chat import question_text
 from stages.eval import tasks
 from stages.eval.synth_native import score_synth
 
