@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stages.common.contract.config import CommonConfig, opt
+from stages.common.contract.config import CommonConfig, HardwareConfig, opt
 from stages.common.contract.errors import UsageError
 from stages.common.plan.report import check_plan_options
 
@@ -12,7 +12,7 @@ ADVANTAGE_MODES = ("prism", "acc-gated", "rlvr-mixed")
 
 
 @dataclass
-class AlignConfig(CommonConfig):
+class AlignConfig(HardwareConfig, CommonConfig):
     ckpt: str = opt("", "policy to align: an sft checkpoint (or any policy spec)", group="Model")
     data: list[str] = opt(help="prompts with teacher demonstrations (repeatable): a curate dir, parquet, synth",
                           group="Data", factory=list)
@@ -65,14 +65,6 @@ class AlignConfig(CommonConfig):
     micro_batch_tokens: int = opt(16384, "token budget of a policy micro-batch", group="Game", cli=False)
     engine: str = opt("auto", "rollout engine: auto, hf, vllm", group="Game")
 
-    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp32", group="Hardware")
-    attn: str = opt("auto", "policy attention: auto, sdpa, flash_attention_2", group="Hardware")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward", group="Hardware")
-    freeze_vision: bool = opt(False, "keep the policy's vision tower frozen", group="Hardware")
-    gpu_memory: str = opt("80GiB", "--dry-run: memory of one GPU, for the plan's verdict", group="Hardware")
-    backend: str = opt("auto", "--dry-run plan backend: auto (from the accelerate launch), none, ddp, zero2, zero3, "
-                               "fsdp2, offload", group="Hardware")
-    world_size: int = opt(0, "--dry-run plan: number of GPUs (0: the launch's WORLD_SIZE)", group="Hardware")
     disc_row_tokens: int = opt(8192, "token budget of one discriminator scoring row (a group is split into rows "
                                      "of at most this many tokens, each repeating the prompt)", group="Discriminator")
     disc_gradient_checkpointing: bool = opt(True, "recompute the discriminator's activations in backward",
