@@ -35,6 +35,9 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
+    def __iter__(self):
+        return iter(self._entries)
+
     def items(self):
         return self._entries.items()
 
