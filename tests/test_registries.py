@@ -151,3 +151,15 @@ def test_trackers_are_a_table(monkeypatch):
     acc = Accelerator()
     tracking.start(acc, "rl", {"lr": 1.0}, "fake", "outdir")
     assert acc.seen == ("prism-rl", {"fake": {"dir": "outdir", "stage": "rl"}})
+
+
+def test_rules_about_variants_read_their_rows(monkeypatch):
+    """tis_cap asks the algorithm's row whether its ratio is per token; --batch asks the teacher's row whether it has
+    a batch API; a teacher's name is what its parse wrote (no name checks outside the tables)."""
+    with pytest.raises(UsageError, match="gspo's ratio is per sequence") as e:
+        RLConfig(algo="gspo", ckpt="tiny", tis_cap=2.0).validate()
+    assert e.value.hint == "use grpo or dapo"
+    RLConfig(algo="grpo", ckpt="tiny", tis_cap=2.0).validate()
+    assert [n for n, k in TEACHERS.items() if k.batch_api] == ["gemini"]
+    assert [parse_teacher(t).name for t in ("hf:out/sft", "gemini-3-flash", "oracle-noisy", "openai:http://h/v1#m")] \
+        == ["hf:out/sft", "gemini-3-flash", "oracle-noisy", "openai:m"]

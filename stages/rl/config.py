@@ -104,7 +104,8 @@ class RLConfig(HardwareConfig, CommonConfig):
             raise UsageError(f"unknown kl_kind {self.kl_kind!r}", hint="use k1 or k3")
         if self.tis_cap < 0:
             raise UsageError("tis_cap must be >= 0 (0: off)")
-        if self.tis_cap and self.algo == "gspo":
-            raise UsageError("tis_cap weights tokens; gspo's ratio is per sequence", hint="use grpo or dapo")
+        if self.tis_cap and not ALGORITHMS.get(self.algo).token_ratio:
+            raise UsageError(f"tis_cap weights tokens; {self.algo}'s ratio is per sequence",
+                             hint="use " + " or ".join(n for n, a in ALGORITHMS.items() if a.token_ratio))
         if self.prompts_per_step * self.rollouts_per_prompt % self.mini_batches:
             raise UsageError("prompts_per_step x rollouts_per_prompt must be divisible by mini_batches")
