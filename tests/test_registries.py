@@ -163,3 +163,14 @@ def test_rules_about_variants_read_their_rows(monkeypatch):
     assert [n for n, k in TEACHERS.items() if k.batch_api] == ["gemini"]
     assert [parse_teacher(t).name for t in ("hf:out/sft", "gemini-3-flash", "oracle-noisy", "openai:http://h/v1#m")] \
         == ["hf:out/sft", "gemini-3-flash", "oracle-noisy", "openai:m"]
+
+
+def test_first_attribute_takes_the_first_path_that_exists():
+    from types import SimpleNamespace as NS
+
+    from stages.common.models.parts import first_attribute
+    inner, top = object(), object()
+    model = NS(model=NS(visual=inner, layers=None), visual=top)
+    assert first_attribute(model, ("model.visual", "visual")) is inner
+    assert first_attribute(model, ("model.layers", "visual")) is top        # a None on the way counts as absent
+    assert first_attribute(model, ("model.language_model.layers", "lm_head")) is None
