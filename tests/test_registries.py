@@ -174,3 +174,11 @@ def test_first_attribute_takes_the_first_path_that_exists():
     assert first_attribute(model, ("model.visual", "visual")) is inner
     assert first_attribute(model, ("model.layers", "visual")) is top        # a None on the way counts as absent
     assert first_attribute(model, ("model.language_model.layers", "lm_head")) is None
+
+
+def test_the_paper_average_is_the_rows_marked_paper():
+    """A benchmark added to the table is not silently counted in the paper's headline average."""
+    from stages.eval.tasks import PAPER_TASKS, Benchmark
+
+    assert PAPER_TASKS == ("mathvista", "mathverse", "mathvision", "wemath", "mmmu", "mmmu_pro", "hallusionbench")
+    assert not Benchmark("x", {}, (), "acc", False, "note").paper

@@ -13,8 +13,8 @@ function, one READERS row and its test (docs/first-hour.md lists them all):
     hf_folder/                  a Hugging Face datasets folder (datasets.save_to_disk)
     snapshot/data/...           a hub snapshot folder
 
-Specs that are not paths (rows made with by_name): synth[:train:N...] (the built-in benchmark), owner/name[:split] (a hub
-dataset, from the local hub cache), a glob (data/*.parquet), DIR#name or dataset_info.json#name (a
+Specs that are not paths (rows made with by_name): synth[:train:N...] (the built-in benchmark), owner/name[:split]
+(a hub dataset, from the local hub cache), a glob (data/*.parquet), DIR#name or dataset_info.json#name (a
 LLaMA-Factory dataset_info.json entry with its column mapping).
 
 A malformed row never stops a load by default: it is skipped and reported by position ("data.json
