@@ -1,4 +1,5 @@
-"""The variant tables (RL algorithms, teachers, benchmark tasks, rollout engines): an unknown name is one error
+"""The variant tables (RL algorithms, teachers, benchmark tasks, rollout engines, align advantage modes, trackers;
+rewards in tests/test_reward_table.py, data formats in tests/test_data_formats.py): an unknown name is one error
 line that lists the registered names (non-zero exit), and a registered row is what the stage uses."""
 
 from __future__ import annotations

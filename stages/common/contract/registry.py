@@ -1,5 +1,6 @@
-"""One table per kind of variant (RL algorithms, teachers, benchmark tasks, rollout engines): a name maps to
-what the variant is, and an unknown name fails with one line that lists the registered ones."""
+"""One table per kind of variant (RL algorithms, teachers, benchmark tasks, rollout engines, data formats, rewards,
+align advantage modes, trackers; docs/design.md lists them): a name maps to what the variant is, and an unknown
+name fails with one line that lists the registered ones."""
 
 from __future__ import annotations
 
