@@ -129,8 +129,8 @@ def build_mix(n_prompts: int, seed: int = 0):
 
 
 def _clear_caches() -> None:
-    rewards._prepare_target.cache_clear()
-    rewards._prepare_choices.cache_clear()
+    rewards.prepare_target.cache_clear()
+    rewards.prepare_choices.cache_clear()
     try:
         from math_verify import parser
 

@@ -54,6 +54,7 @@ FLOOR_EXCEPTIONS = {
 DYNAMIC_OK = {
     "prism_cli.app": "loads the stage its dispatch table (STAGES) names; the graph reads the table's strings",
     "benchmarks.device.check": "checks which optional packages the device machine has",
+    "stages.common.rewards.table": "imports the user's own verifier named by --reward module:function",
 }
 # What benchmarks may take from tests/: the local fakes that speak a real service's protocol.
 SHARED_FAKES = "tests.fakes"

@@ -291,3 +291,22 @@ def test_field_types_are_ones_the_resolver_knows():
             if typing.get_origin(inner) is list:
                 inner = typing.get_args(inner)[0]
             assert inner in known, f"{cls.__name__}.{name}: {tp}"
+
+
+def test_every_training_stage_offers_the_same_hardware_section():
+    """One definition (HardwareConfig): sft, rl and align have the same hardware keys, defaults, help and panel
+    (the copies had drifted: only sft's help offered fp16)."""
+    import dataclasses
+
+    from stages.align.config import AlignConfig
+    from stages.common.contract.config import HardwareConfig
+    from stages.rl.config import RLConfig
+    from stages.sft.config import SFTConfig
+
+    section = {f.name: (f.default, dict(f.metadata)) for f in dataclasses.fields(HardwareConfig)}
+    assert {"dtype", "attn", "gradient_checkpointing", "freeze_vision", "gpu_memory", "backend", "world_size"} \
+        == set(section)
+    assert "fp16" in section["dtype"][1]["help"]
+    for cls in (SFTConfig, RLConfig, AlignConfig):
+        fields = {f.name: (f.default, dict(f.metadata)) for f in dataclasses.fields(cls)}
+        assert {k: fields[k] for k in section} == section, cls.__name__

@@ -45,6 +45,25 @@ def test_registry_is_one_table_with_a_reader_per_format():
     assert all(callable(r.detect) and callable(r.read) and r.describe for r in READERS.values())
 
 
+def test_every_source_kind_is_a_row_and_a_new_row_is_read(tmp_path, monkeypatch):
+    """Specs that are not paths (synth, DIR#name, globs, hub ids) are rows too, after the file rows; a row added
+    to the table is all load_samples needs."""
+    from stages.common.data import formats
+
+    names = READERS.names()
+    assert names[-4:] == ["synth", "llamafactory entry", "glob", "hub dataset"]
+    assert READERS.get("synth").detect("synth:train:4") and not READERS.get("synth").detect(str(tmp_path))
+    (tmp_path / "synth:train:4").mkdir()   # a path that exists is read as a path, never as a named spec
+    assert not READERS.get("synth").detect(str(tmp_path / "synth:train:4"))
+    row = formats.on_path(lambda p: p.suffix == ".qa", lambda p: ([formats.sample_from_record(
+        {"question": q, "answer": a}, default_id=q) for q, a in (line.split("=") for line in p.read_text().split())],
+        []), "*.qa")
+    monkeypatch.setitem(READERS._entries, "qa", row)
+    (tmp_path / "x.qa").write_text("1+1=2 2+2=4")
+    samples, problems = load_samples(str(tmp_path / "x.qa"))
+    assert [(s.question, s.answer) for s in samples] == [("1+1", "2"), ("2+2", "4")] and problems == []
+
+
 def test_hf_imagefolder_loads_its_images(tmp_path):
     folder = tmp_path / "imagefolder"
     folder.mkdir()

@@ -169,7 +169,7 @@ def test_math_verify_fallback(pred, truth, expected):
 
 def test_math_verify_is_only_called_when_cheap_rules_cannot_decide(monkeypatch):
     calls = []
-    monkeypatch.setattr(rewards, "_math_verify_equal", lambda *a: calls.append(a) or False)
+    monkeypatch.setattr(rewards, "math_verify_equal", lambda *a: calls.append(a) or False)
     cheap = [("C", "B", OPTIONS), ("7", "8", None), ("red", "blue", None), ("\\frac{1}{2}", "\\frac{1}{3}", None),
              ("2, 3", "2, 4", None), ("x", "5", None), ("5 or 6", "5", None), ("2, 3", "2", None),
              ("\\sqrt{2}", "\\sqrt{3}", None), ("It is 5", "5", None)]
@@ -259,7 +259,7 @@ def adversarial_answers():
 
 def test_fuzz_never_raises_and_stays_fast(monkeypatch):
     # cheap rules only here: math-verify is slow by design and has its own fuzz below
-    monkeypatch.setattr(rewards, "_math_verify_equal", lambda *a: False)
+    monkeypatch.setattr(rewards, "math_verify_equal", lambda *a: False)
     rng = random.Random(20240601)
     alphabet = list("0123456789.,-+*/^()[]{}\\$% abcxyzABCDE=<>_\n\t") + ["\\frac", "\\sqrt", "\\boxed", "\\text",
                                                                           "\\left", "\\right", "<answer>", "π", "°"]

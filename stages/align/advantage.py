@@ -98,6 +98,21 @@ def rlvr_mixed_advantages(adv, rlvr_scores, group_ids: GroupIds) -> torch.Tensor
     return adv + group_normalized_advantages(rewards, group_ids, eps=_GN_EPS).to(adv.device)
 
 
+# The advantage modes `prism align --advantage-mode` offers (the ADVANTAGE_MODES table in stages/align/config.py names
+# them): (the PRISM advantages [N], the verifiable rewards {"acc", "score"} [N], group ids) -> the advantages used.
+
+def discriminator_only(adv, rewards: dict, group_ids: GroupIds) -> torch.Tensor:
+    return adv
+
+
+def gated_by_accuracy(adv, rewards: dict, group_ids: GroupIds) -> torch.Tensor:
+    return acc_gated_advantages(adv, rewards["acc"])
+
+
+def mixed_with_rlvr(adv, rewards: dict, group_ids: GroupIds) -> torch.Tensor:
+    return rlvr_mixed_advantages(adv, rewards["score"], group_ids)
+
+
 def bradley_terry_loss(teacher_scores: torch.Tensor, student_scores: torch.Tensor,
                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """Discriminator pairwise loss: mean over pairs of -log sigmoid(s_teacher - s_student).

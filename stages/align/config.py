@@ -4,15 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stages.common.contract.config import CommonConfig, opt
+from stages.common.contract.config import CommonConfig, HardwareConfig, opt
 from stages.common.contract.errors import UsageError
+from stages.common.contract.registry import Registry
 from stages.common.plan.report import check_plan_options
 
-ADVANTAGE_MODES = ("prism", "acc-gated", "rlvr-mixed")
+
+@dataclass(frozen=True)
+class AdvantageMode:
+    about: str
+    adjust: str   # in stages.align.advantage: (prism advantages, {"acc", "score"}, group ids) -> advantages
+                  # (named, not held, so this table imports no torch: the CLI reads it to build its options)
+
+
+ADVANTAGE_MODES: Registry[AdvantageMode] = Registry("advantage mode", "--advantage-mode")
+ADVANTAGE_MODES.register("prism", AdvantageMode("the discriminator's advantages (the paper)", "discriminator_only"))
+ADVANTAGE_MODES.register("acc-gated", AdvantageMode("a wrong answer's advantage is never positive",
+                                                    "gated_by_accuracy"))
+ADVANTAGE_MODES.register("rlvr-mixed", AdvantageMode("plus the group-normalised verifiable reward",
+                                                     "mixed_with_rlvr"))
 
 
 @dataclass
-class AlignConfig(CommonConfig):
+class AlignConfig(HardwareConfig, CommonConfig):
     ckpt: str = opt("", "policy to align: an sft checkpoint (or any policy spec)", group="Model")
     data: list[str] = opt(help="prompts with teacher demonstrations (repeatable): a curate dir, parquet, synth",
                           group="Data", factory=list)
@@ -54,7 +68,7 @@ class AlignConfig(CommonConfig):
     weight_decay: float = opt(0.01, "AdamW weight decay (policy and discriminator)", group="Game")
     alpha: float = opt(0.5, "weight of perception (caption) vs reasoning (think) in the advantage", group="Game")
     format_penalty: float = opt(1.5, "advantage penalty of a format-invalid response", group="Game")
-    advantage_mode: str = opt("prism", "prism, acc-gated or rlvr-mixed", group="Game")
+    advantage_mode: str = opt("prism", f"one of {', '.join(ADVANTAGE_MODES.names())}", group="Game")
     acc_weight: float = opt(0.8, "rlvr-mixed: verifiable reward = acc_weight * acc + format_weight * format",
                             group="Game", cli=False)
     format_weight: float = opt(0.2, "see acc_weight", group="Game", cli=False)
@@ -65,14 +79,6 @@ class AlignConfig(CommonConfig):
     micro_batch_tokens: int = opt(16384, "token budget of a policy micro-batch", group="Game", cli=False)
     engine: str = opt("auto", "rollout engine: auto, hf, vllm", group="Game")
 
-    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp32", group="Hardware")
-    attn: str = opt("auto", "policy attention: auto, sdpa, flash_attention_2", group="Hardware")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward", group="Hardware")
-    freeze_vision: bool = opt(False, "keep the policy's vision tower frozen", group="Hardware")
-    gpu_memory: str = opt("80GiB", "--dry-run: memory of one GPU, for the plan's verdict", group="Hardware")
-    backend: str = opt("auto", "--dry-run plan backend: auto (from the accelerate launch), none, ddp, zero2, zero3, "
-                               "fsdp2, offload", group="Hardware")
-    world_size: int = opt(0, "--dry-run plan: number of GPUs (0: the launch's WORLD_SIZE)", group="Hardware")
     disc_row_tokens: int = opt(8192, "token budget of one discriminator scoring row (a group is split into rows "
                                      "of at most this many tokens, each repeating the prompt)", group="Discriminator")
     disc_gradient_checkpointing: bool = opt(True, "recompute the discriminator's activations in backward",
@@ -90,8 +96,7 @@ class AlignConfig(CommonConfig):
             raise UsageError("--ckpt is required", hint="the SFT checkpoint to align, e.g. --ckpt out/sft")
         if not self.data:
             raise UsageError("--data is required", hint="curated prompts with teacher demonstrations")
-        if self.advantage_mode not in ADVANTAGE_MODES:
-            raise UsageError(f"unknown advantage_mode {self.advantage_mode!r}", hint=", ".join(ADVANTAGE_MODES))
+        ADVANTAGE_MODES.get(self.advantage_mode)  # an unknown name fails here, listing the registered ones
         if self.disc_layout not in ("shared", "separate"):
             raise UsageError(f"unknown disc_layout {self.disc_layout!r}", hint="shared or separate")
         if not 1 <= self.top_k <= self.num_experts:

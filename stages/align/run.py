@@ -23,7 +23,7 @@ import torch
 
 from stages.align import advantage as prism_adv
 from stages.align import plan
-from stages.align.config import AlignConfig
+from stages.align.config import ADVANTAGE_MODES, AlignConfig
 from stages.align.objective import GroupScores, discriminator_objective
 from stages.align.scoring import PreferencePair, ScoreResult, pair_loss, pairwise_accuracy, score_groups
 from stages.common.contract import checkpoint, console, plots, tracking
@@ -470,11 +470,8 @@ def game_advantages(cfg: AlignConfig, scores: GroupScores, rewards: dict) -> tor
     fmt = scores.format_ok.flatten()
     groups = torch.arange(scores.format_ok.shape[0]).repeat_interleave(scores.format_ok.shape[1])
     adv = prism_adv.prism_advantages(caption, think, fmt, groups, alpha=cfg.alpha, format_penalty=cfg.format_penalty)
-    if cfg.advantage_mode == "acc-gated":
-        adv = prism_adv.acc_gated_advantages(adv, rewards["acc"].flatten())
-    elif cfg.advantage_mode == "rlvr-mixed":
-        adv = prism_adv.rlvr_mixed_advantages(adv, rewards["score"].flatten(), groups)
-    return adv
+    adjust = getattr(prism_adv, ADVANTAGE_MODES.get(cfg.advantage_mode).adjust)
+    return adjust(adv, {key: value.flatten() for key, value in rewards.items()}, groups)
 
 
 def game_metrics(scores: GroupScores, rewards: dict, advantages: torch.Tensor) -> dict:

@@ -20,7 +20,7 @@ def parse(text: str) -> TeacherSpec | None:
     if not sep or not url.startswith(("http://", "https://")) or not model:
         raise UsageError(f"--teacher {text!r}: expected openai:URL#MODEL, e.g. "
                          "openai:http://localhost:8000/v1#Qwen/Qwen3-VL-235B-A22B-Instruct")
-    return TeacherSpec("openai", model, url.rstrip("/"))
+    return TeacherSpec("openai", model, url.rstrip("/"), prefix="openai:")
 
 
 def build(spec: TeacherSpec, cfg) -> "OpenAITeacher":

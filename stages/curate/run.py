@@ -30,8 +30,9 @@ STUDENT_CACHE = "student_cache.jsonl"
 
 def run(cfg: CurateConfig) -> Path | None:
     spec = parse_teacher(cfg.teacher)
-    if cfg.batch and spec.kind != "gemini":
-        raise UsageError(f"--batch needs a Gemini teacher, not {cfg.teacher!r}")
+    if cfg.batch and not teacher_kind(spec).batch_api:
+        raise UsageError(f"--batch needs a teacher with a batch API ("
+                         f"{', '.join(k.syntax for k in TEACHERS.values() if k.batch_api)}), not {cfg.teacher!r}")
     if teacher_kind(spec).check_credentials and not cfg.dry_run:
         teacher_kind(spec).check_credentials()  # a missing key is one clear line before any work
 

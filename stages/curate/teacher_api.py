@@ -42,14 +42,14 @@ class Reply:
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    kind: str      # gemini | openai | hf | oracle
+    kind: str      # a row of stages.curate.teachers.TEACHERS: gemini | openai | hf | oracle
     model: str     # model id / checkpoint / "oracle" | "oracle-noisy"
     url: str = ""  # openai only
+    prefix: str = ""   # what the teacher's name puts before the model ("hf:"), as its parse wrote it
 
     @property
     def name(self) -> str:
-        return {"gemini": self.model, "openai": f"openai:{self.model}", "hf": f"hf:{self.model}"}.get(
-            self.kind, self.model)
+        return self.prefix + self.model
 
 
 def mime_type(data: bytes) -> str:

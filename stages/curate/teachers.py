@@ -38,6 +38,7 @@ class TeacherKind:
     remote: bool = False                          # calls a server: the plan shows calls, retries and cost
     priced: bool = False                          # stages.curate.pricing knows its per-token prices
     check_credentials: Callable[[], object] | None = None   # before any work (not under --dry-run)
+    batch_api: bool = False                       # answers through a provider batch API (--batch)
 
 
 def parse_teacher(text: str) -> TeacherSpec:
@@ -145,7 +146,7 @@ def parse_hf(text: str) -> TeacherSpec | None:
         return None
     if not text[3:]:
         raise UsageError("--teacher hf: needs a checkpoint, e.g. hf:out/sft or hf:Qwen/Qwen3-VL-8B-Instruct")
-    return TeacherSpec("hf", text[3:])
+    return TeacherSpec("hf", text[3:], prefix="hf:")
 
 
 def build_hf(spec: TeacherSpec, cfg) -> HFTeacher:
@@ -158,4 +159,4 @@ TEACHERS.register("oracle", TeacherKind("oracle, oracle-noisy", parse_oracle, bu
 TEACHERS.register("openai", TeacherKind("openai:URL#MODEL", openai_compat.parse, openai_compat.build, remote=True))
 TEACHERS.register("hf", TeacherKind("hf:CKPT", parse_hf, build_hf))
 TEACHERS.register("gemini", TeacherKind("gemini-* (or gemini:ID)", gemini.parse, gemini.build, remote=True,
-                                        priced=True, check_credentials=gemini.api_key))
+                                        priced=True, check_credentials=gemini.api_key, batch_api=True))

@@ -18,11 +18,11 @@ loads, prompts and scores exactly as it would from the hub.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from stages.common.contract.errors import PrismError, UsageError
-from stages.eval.tasks import ALIASES, TaskPlan
+from stages.eval.tasks import ALIASES, BENCHMARKS, DataSpec, TaskPlan
 
 # How a column is stored, as `datasets` features say it.
 KINDS = {
@@ -32,61 +32,10 @@ KINDS = {
     "scalar": "a single value",
     "any": "present",
 }
-_MMMU_IMAGES = {f"image_{i}": "image" for i in range(1, 8)}
 
-
-@dataclass(frozen=True)
-class DataSpec:
-    """The dataset one lmms-eval task reads: where lmms-eval fetches it and the columns its code reads."""
-
-    hub_id: str
-    config: str | None
-    split: str
-    columns: dict = field(default_factory=dict)  # column -> kind (KINDS)
-
-
-def _spec(hub_id, config, split_name, **columns) -> DataSpec:
-    """Columns as keywords; `__` stands for a space (WeMath's "knowledge concept"), `split_` for `split`."""
-    return DataSpec(hub_id, config, split_name,
-                    {k.rstrip("_").replace("__", " "): v for k, v in columns.items()})
-
-
-_MATHVISTA = dict(question="text", decoded_image="image", choices="list", question_type="text", answer="text",
-                  unit="text")
-_MATHVERSE = dict(question="text", image="image", answer="text", question_type="text", query_wo="text")
-_MATHVISION = dict(question="text", decoded_image="image", options="list", answer="text")
-_WEMATH = dict(question="text", option="text", answer="text", image_path="image")
-_MMMU = dict(id="text", question="text", options="text", answer="text", **_MMMU_IMAGES)
-_HALLUSION = dict(question="text", image="image", gt_answer="scalar")
-
-# Every task of the seven benchmarks, the prism_* overrides and the official tasks the paper ran (--judge),
-# with the columns its own code reads (stages/eval/lmms_tasks/utils.py and lmms-eval's task utils).
-SPECS: dict[str, DataSpec] = {
-    "prism_mathvista_testmini": _spec("AI4Math/MathVista", None, "testmini", **_MATHVISTA),
-    "mathvista_testmini_cot": _spec("AI4Math/MathVista", None, "testmini", **_MATHVISTA, pid="text", query="text",
-                                    answer_type="text", precision="scalar", metadata="any"),
-    "prism_mathverse_testmini": _spec("CaraJ/MathVerse-lmmseval", "testmini", "testmini", **_MATHVERSE),
-    "mathverse_testmini": _spec("CaraJ/MathVerse-lmmseval", "testmini", "testmini", **_MATHVERSE,
-                                query_cot="text", problem_version="text", question_for_eval="text",
-                                sample_index="any", problem_index="any", metadata="any"),
-    "prism_mathvision_testmini": _spec("MathLLMs/MathVision", None, "testmini", **_MATHVISION),
-    "mathvision_testmini": _spec("MathLLMs/MathVision", None, "testmini", **_MATHVISION),
-    "prism_wemath_testmini": _spec("We-Math/We-Math", None, "testmini", **_WEMATH),
-    "wemath_testmini_reasoning": _spec("We-Math/We-Math", None, "testmini", **_WEMATH, ID="any", split_="any",
-                                       knowledge__concept="any", key="any", question__number="any",
-                                       knowledge__concept__description="any"),
-    "prism_mmmu_val": _spec("lmms-lab-encoder/MMMU", None, "validation", **_MMMU, question_type="text"),
-    "mmmu_val": _spec("lmms-lab-encoder/MMMU", None, "validation", **_MMMU, question_type="text"),
-    "prism_mmmu_pro_standard": _spec("MMMU/MMMU_Pro", "standard (10 options)", "test", **_MMMU),
-    "mmmu_pro_standard": _spec("MMMU/MMMU_Pro", "standard (10 options)", "test", **_MMMU, subject="text"),
-    "prism_mmmu_pro_vision": _spec("MMMU/MMMU_Pro", "vision", "test", image="image", options="text", answer="text"),
-    "mmmu_pro_vision": _spec("MMMU/MMMU_Pro", "vision", "test", id="text", image="image", options="text",
-                             answer="text", subject="text"),
-    "prism_hallusion_bench_image": _spec("lmms-lab-encoder/HallusionBench", None, "image", **_HALLUSION),
-    "hallusion_bench_image": _spec("lmms-lab-encoder/HallusionBench", None, "image", **_HALLUSION,
-                                   gt_answer_details="text", category="text", subcategory="text", set_id="any",
-                                   figure_id="any", question_id="any"),
-}
+# Every task of the benchmarks, the prism_* overrides and the official tasks the paper ran (--judge), with the
+# columns its own code reads: each Benchmark row of stages.eval.tasks says it for its own tasks.
+SPECS: dict[str, DataSpec] = {task: spec for bench in BENCHMARKS.values() for task, spec in bench.data.items()}
 
 
 @dataclass

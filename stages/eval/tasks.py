@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ast
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stages.common.contract.errors import UsageError
 from stages.common.contract.registry import Registry
@@ -26,6 +26,23 @@ LMMS_TASK_DIR_NAME = "lmms_tasks"
 
 
 @dataclass(frozen=True)
+class DataSpec:
+    """The dataset one lmms-eval task reads: where lmms-eval fetches it and the columns its code reads
+    (stages.eval.task_data checks a local --task-data copy against it)."""
+
+    hub_id: str
+    config: str | None
+    split: str
+    columns: dict = field(default_factory=dict)  # column -> kind (stages.eval.task_data.KINDS)
+
+
+def data_spec(hub_id, config, split_name, **columns) -> DataSpec:
+    """Columns as keywords; `__` stands for a space (WeMath's "knowledge concept"), `split_` for `split`."""
+    return DataSpec(hub_id, config, split_name,
+                    {k.rstrip("_").replace("__", " "): v for k, v in columns.items()})
+
+
+@dataclass(frozen=True)
 class Benchmark:
     alias: str
     scorers: dict                     # prism_* task shipped in lmms_tasks/ (rule-scored) -> its scorer
@@ -33,6 +50,8 @@ class Benchmark:
     official_metric: str              # the official task's headline metric (judge mode)
     needs_judge: bool                 # the official scorer is an LLM judge
     note: str                         # how rule scoring differs from the official number
+    data: dict = field(default_factory=dict)   # task (prism_* and official) -> the DataSpec it reads
+    paper: bool = False                # one of the paper's benchmarks: counted in its headline average
 
     @property
     def override_tasks(self) -> tuple[str, ...]:
@@ -226,37 +245,89 @@ def score_hallusion(doc: dict, response: str) -> dict:
     return {"acc": float(pred == truth), "format": float(parsed.format_ok), "pred": pred}
 
 
-# The benchmarks --tasks knows by a short name, in the paper's order. Adding one: a row here (with its
-# scorer above), its prism_* YAML in lmms_tasks/, a test (docs/extending.md).
+# The columns each benchmark's tasks read (stages/eval/lmms_tasks/utils.py and lmms-eval's task utils).
+_MMMU_IMAGES = {f"image_{i}": "image" for i in range(1, 8)}
+_MATHVISTA = dict(question="text", decoded_image="image", choices="list", question_type="text", answer="text",
+                  unit="text")
+_MATHVERSE = dict(question="text", image="image", answer="text", question_type="text", query_wo="text")
+_MATHVISION = dict(question="text", decoded_image="image", options="list", answer="text")
+_WEMATH = dict(question="text", option="text", answer="text", image_path="image")
+_MMMU = dict(id="text", question="text", options="text", answer="text", **_MMMU_IMAGES)
+_HALLUSION = dict(question="text", image="image", gt_answer="scalar")
+
+# The benchmarks --tasks knows by a short name, the paper's seven first (paper=True: its headline average). Adding
+# one: a row here (with its scorer above and the data its tasks read), its prism_* YAML in lmms_tasks/, a test
+# (docs/extending.md). A new row is not in the paper's average unless it says paper=True.
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark task", "--tasks")
 for _bench in [
     Benchmark("mathvista", {"prism_mathvista_testmini": score_mathvista}, ("mathvista_testmini_cot",),
               "llm_as_judge_eval", True,
               "answer from <answer>; option letter or option text for multiple choice; numbers compared at the "
-              "question's precision; official: GPT answer extraction then exact match"),
+              "question's precision; official: GPT answer extraction then exact match",
+              paper=True,
+              data={"prism_mathvista_testmini": data_spec("AI4Math/MathVista", None, "testmini", **_MATHVISTA),
+                    "mathvista_testmini_cot": data_spec("AI4Math/MathVista", None, "testmini", **_MATHVISTA,
+                                                        pid="text", query="text", answer_type="text",
+                                                        precision="scalar", metadata="any")}),
     Benchmark("mathverse", {"prism_mathverse_testmini": score_mathverse}, ("mathverse_testmini",),
               "gpt_eval_score", True,
-              "answer from <answer> matched by rules + math-verify; official: GPT extraction and GPT judgement"),
+              "answer from <answer> matched by rules + math-verify; official: GPT extraction and GPT judgement",
+              paper=True,
+              data={"prism_mathverse_testmini": data_spec("CaraJ/MathVerse-lmmseval", "testmini", "testmini",
+                                                          **_MATHVERSE),
+                    "mathverse_testmini": data_spec("CaraJ/MathVerse-lmmseval", "testmini", "testmini", **_MATHVERSE,
+                                                    query_cot="text", problem_version="text",
+                                                    question_for_eval="text", sample_index="any",
+                                                    problem_index="any", metadata="any")}),
     Benchmark("mathvision", {"prism_mathvision_testmini": score_mathvision}, ("mathvision_testmini",),
               "mathvision_standard_eval", False,
-              "same kind of rule as the official scorer (letter / value match), math-verify for LaTeX"),
+              "same kind of rule as the official scorer (letter / value match), math-verify for LaTeX",
+              paper=True,
+              data={"prism_mathvision_testmini": data_spec("MathLLMs/MathVision", None, "testmini", **_MATHVISION),
+                    "mathvision_testmini": data_spec("MathLLMs/MathVision", None, "testmini", **_MATHVISION)}),
     Benchmark("wemath", {"prism_wemath_testmini": score_wemath}, ("wemath_testmini_reasoning",), "acc_score", False,
               "per-question accuracy, the option letter or the option's text (the official reasoning task's "
-              "acc_score reads the letter only); WeMath's loose/strict four-dimensional scores are not computed"),
+              "acc_score reads the letter only); WeMath's loose/strict four-dimensional scores are not computed",
+              paper=True,
+              data={"prism_wemath_testmini": data_spec("We-Math/We-Math", None, "testmini", **_WEMATH),
+                    "wemath_testmini_reasoning": data_spec("We-Math/We-Math", None, "testmini", **_WEMATH, ID="any",
+                                                           split_="any", knowledge__concept="any", key="any",
+                                                           question__number="any",
+                                                           knowledge__concept__description="any")}),
     Benchmark("mmmu", {"prism_mmmu_val": score_mmmu}, ("mmmu_val",), "mmmu_acc", False,
               "option letter (or option text) for multiple choice, normalised string/number match for open "
               "questions, any item of an answer list; official: option text only in replies over five words "
-              "(a random letter otherwise), answer lists compared as text (docs/eval-offline.md)"),
+              "(a random letter otherwise), answer lists compared as text (docs/eval-offline.md)",
+              paper=True,
+              data={"prism_mmmu_val": data_spec("lmms-lab-encoder/MMMU", None, "validation", **_MMMU,
+                                                question_type="text"),
+                    "mmmu_val": data_spec("lmms-lab-encoder/MMMU", None, "validation", **_MMMU,
+                                          question_type="text")}),
     Benchmark("mmmu_pro", {"prism_mmmu_pro_standard": score_mmmu, "prism_mmmu_pro_vision": score_mmmu_pro_vision},
               ("mmmu_pro",), "mmmu_acc", False,
               "mean of the standard (10 options) and vision subsets, as the official group; vision: '(A)' reads "
-              "as A (official: the reply must be the bare letter)"),
+              "as A (official: the reply must be the bare letter)",
+              paper=True,
+              data={"prism_mmmu_pro_standard": data_spec("MMMU/MMMU_Pro", "standard (10 options)", "test", **_MMMU),
+                    "mmmu_pro_standard": data_spec("MMMU/MMMU_Pro", "standard (10 options)", "test", **_MMMU,
+                                                   subject="text"),
+                    "prism_mmmu_pro_vision": data_spec("MMMU/MMMU_Pro", "vision", "test", image="image",
+                                                       options="text", answer="text"),
+                    "mmmu_pro_vision": data_spec("MMMU/MMMU_Pro", "vision", "test", id="text", image="image",
+                                                 options="text", answer="text", subject="text")}),
     Benchmark("hallusionbench", {"prism_hallusion_bench_image": score_hallusion}, ("hallusion_bench_image",),
               "aAcc", True,
-              "aAcc by a yes/no rule on <answer>; official: GPT decides yes/no/uncertain; qAcc/fAcc not reported"),
+              "aAcc by a yes/no rule on <answer>; official: GPT decides yes/no/uncertain; qAcc/fAcc not reported",
+              paper=True,
+              data={"prism_hallusion_bench_image": data_spec("lmms-lab-encoder/HallusionBench", None, "image",
+                                                             **_HALLUSION),
+                    "hallusion_bench_image": data_spec("lmms-lab-encoder/HallusionBench", None, "image", **_HALLUSION,
+                                                       gt_answer_details="text", category="text",
+                                                       subcategory="text", set_id="any", figure_id="any",
+                                                       question_id="any")}),
 ]:
     BENCHMARKS.register(_bench.alias, _bench)
-PAPER_TASKS = tuple(BENCHMARKS.names())
+PAPER_TASKS = tuple(name for name, bench in BENCHMARKS.items() if bench.paper)
 SCORERS = {task: scorer for bench in BENCHMARKS.values() for task, scorer in bench.scorers.items()}
 
 

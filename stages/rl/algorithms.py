@@ -24,6 +24,7 @@ class Algorithm:
     loss_agg: str
     dynamic_sampling: bool    # drop groups whose accuracy is all equal (DAPO)
     overlong_buffer: int      # DAPO's soft length penalty window in tokens (0: off)
+    token_ratio: bool = True  # the importance ratio is per token (--tis-cap weights tokens); GSPO's is per sequence
 
     def default(self, knob: str):
         return getattr(self, knob)
@@ -39,4 +40,5 @@ ALGORITHMS.register("dapo", Algorithm(
     clip_low=0.2, clip_high=0.28, loss_agg="token-mean", dynamic_sampling=True, overlong_buffer=4096))
 ALGORITHMS.register("gspo", Algorithm(
     "sequence-level importance ratio", "gspo_loss", "group_normalized_advantages",
-    clip_low=3e-4, clip_high=4e-4, loss_agg="seq-mean-token-mean", dynamic_sampling=False, overlong_buffer=0))
+    clip_low=3e-4, clip_high=4e-4, loss_agg="seq-mean-token-mean", dynamic_sampling=False, overlong_buffer=0,
+    token_ratio=False))

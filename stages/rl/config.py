@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stages.common.contract.config import CommonConfig, opt
+from stages.common.contract.config import CommonConfig, HardwareConfig, opt
 from stages.common.contract.errors import UsageError
 from stages.common.plan.report import check_plan_options
 from stages.rl.algorithms import ALGORITHMS
 
 
 @dataclass
-class RLConfig(CommonConfig):
+class RLConfig(HardwareConfig, CommonConfig):
     algo: str = opt("dapo", f"one of {', '.join(ALGORITHMS.names())}", group="Algorithm")
     ckpt: str = opt("", "policy to train: an sft/align/rl checkpoint, an HF dir or hub id, or tiny", group="Model")
     data: list[str] = opt(help="prompts with ground-truth answers (repeatable): synth, a curate dir, parquet...",
@@ -52,17 +52,13 @@ class RLConfig(CommonConfig):
     overlong_penalty: float = opt(1.0, "DAPO overlong penalty factor", group="Algorithm")
     tis_cap: float = opt(0.0, "truncated importance sampling: weight each token by min(pi_trainer / pi_rollout, "
                               "cap) to correct the rollout engine's mismatch (0: off; e.g. 2)", group="Algorithm")
-    acc_weight: float = opt(0.8, "reward = acc_weight * acc + format_weight * format", group="Algorithm")
+    reward: str = opt("protocol", "the reward: protocol (acc_weight * acc + format_weight * format), or your own "
+                                  "verifier as module:function, fn(response, sample) -> float | dict (on PYTHONPATH; "
+                                  "docs/extending.md)", group="Algorithm")
+    acc_weight: float = opt(0.8, "--reward protocol: reward = acc_weight * acc + format_weight * format",
+                            group="Algorithm")
     format_weight: float = opt(0.2, "see acc_weight", group="Algorithm")
 
-    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp32", group="Hardware")
-    attn: str = opt("auto", "auto, sdpa, flash_attention_2, eager", group="Hardware")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward", group="Hardware")
-    freeze_vision: bool = opt(False, "keep the vision tower frozen", group="Hardware")
-    gpu_memory: str = opt("80GiB", "--dry-run: memory of one GPU, for the plan's verdict", group="Hardware")
-    backend: str = opt("auto", "--dry-run plan backend: auto (from the accelerate launch), none, ddp, zero2, zero3, "
-                               "fsdp2, offload", group="Hardware")
-    world_size: int = opt(0, "--dry-run plan: number of GPUs (0: the launch's WORLD_SIZE)", group="Hardware")
 
     save_every: int = opt(10, "save resumable state every N steps", group="Logging")
     report_to: str = opt("none", "trackers through accelerate: none, tensorboard, wandb", group="Logging")
@@ -82,6 +78,9 @@ class RLConfig(CommonConfig):
     def validate(self) -> None:
         check_plan_options(self.gpu_memory, self.backend, self.world_size)
         ALGORITHMS.get(self.algo)  # an unknown name fails here, listing the registered ones
+        from stages.common.rewards.table import load_reward  # imports the user's module: only once asked for
+
+        load_reward(self.reward)   # an unknown name, a missing module or function fails here, before any output
         if not self.ckpt:
             raise UsageError("--ckpt is required", hint="e.g. --ckpt out/sft or --ckpt tiny")
         if self.rollouts_per_prompt < 1 or self.prompts_per_step < 1 or self.steps < 1:
@@ -105,7 +104,8 @@ class RLConfig(CommonConfig):
             raise UsageError(f"unknown kl_kind {self.kl_kind!r}", hint="use k1 or k3")
         if self.tis_cap < 0:
             raise UsageError("tis_cap must be >= 0 (0: off)")
-        if self.tis_cap and self.algo == "gspo":
-            raise UsageError("tis_cap weights tokens; gspo's ratio is per sequence", hint="use grpo or dapo")
+        if self.tis_cap and not ALGORITHMS.get(self.algo).token_ratio:
+            raise UsageError(f"tis_cap weights tokens; {self.algo}'s ratio is per sequence",
+                             hint="use " + " or ".join(n for n, a in ALGORITHMS.items() if a.token_ratio))
         if self.prompts_per_step * self.rollouts_per_prompt % self.mini_batches:
             raise UsageError("prompts_per_step x rollouts_per_prompt must be divisible by mini_batches")

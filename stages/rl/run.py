@@ -25,7 +25,7 @@ from stages.common.policy_update import advantages as advantage_fns
 from stages.common.policy_update import losses
 from stages.common.policy_update.advantages import dynamic_sampling_keep, overlong_penalty
 from stages.common.policy_update.ppo import PPOSettings, ppo_update
-from stages.common.rewards import compute_score
+from stages.common.rewards.table import load_reward, probe
 from stages.common.rollout import SamplingParams, check_engine, make_engine, probe_metrics
 from stages.common.training import distributed
 from stages.common.training import runtime as training
@@ -46,6 +46,7 @@ def run(cfg: RLConfig) -> Path:
     training.seed_everything(cfg.seed)
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     prompts, data_fp, data_parents, dropped = load_prompts(cfg.data, cfg.max_prompt_chars, cfg.seed)
+    probe(load_reward(cfg.reward, cfg.acc_weight, cfg.format_weight), prompts[0])  # a broken --reward fails here
     if cfg.dry_run:   # every check a launch runs, at the planned world size, then the memory plan
         return print_plan(cfg, policy_spec, len(prompts))
 
@@ -105,7 +106,7 @@ def run(cfg: RLConfig) -> Path:
     engine.close()   # vLLM's teardown first: it destroys the process groups it made
     accelerator.end_training()
     summary = dict(summarize(records), engine=engine.name, processes=accelerator.num_processes,
-                   backend=runtime.backend.name, replica_weight_sums=replicas, data_dropped=dropped)
+                   backend=runtime.backend.name, replica_weight_sums=replicas, data_dropped=dropped, reward=cfg.reward)
     summary["warnings"] = learning_warnings(records, cfg.max_new_tokens)
     for warning in summary["warnings"]:
         console.warn(warning)
@@ -180,10 +181,10 @@ class Rollouts:
 def score_rows(cfg: RLConfig, samples: list[Sample], completions_by_prompt: list[list]) -> tuple:
     rewards, acc, fmt, lengths = [], [], [], []
     buffer = min(cfg.resolved("overlong_buffer"), cfg.max_new_tokens)
+    reward = load_reward(cfg.reward, cfg.acc_weight, cfg.format_weight)
     for sample, completions in zip(samples, completions_by_prompt):
         for c in completions:
-            s = compute_score(c.text, sample.answer, sample.choices, acc_weight=cfg.acc_weight,
-                              format_weight=cfg.format_weight)
+            s = reward(c.text, sample)
             rewards.append(s["score"])
             acc.append(s["acc"])
             fmt.append(s["format"])

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stages.common.contract.config import CommonConfig, opt
+from stages.common.contract.config import CommonConfig, HardwareConfig, opt
 from stages.common.contract.errors import UsageError
 from stages.common.plan.report import check_plan_options
 
 
 @dataclass
-class SFTConfig(CommonConfig):
+class SFTConfig(HardwareConfig, CommonConfig):
     ckpt: str = opt("tiny", "policy to fine-tune: tiny, an HF dir or hub id, or a prism checkpoint", group="Model")
     data: list[str] = opt(help="training data (repeatable), optionally weighted: out/curated, a.parquet:0.9, "
                                "synth:0.1", group="Data", factory=lambda: ["synth"])
@@ -32,15 +32,6 @@ class SFTConfig(CommonConfig):
     packing: str | bool = opt("auto", "auto: pack a micro-batch into one padding-free row with flash-attention-2 "
                                 "(varlen), else pad length-grouped micro-batches; on; off", group="Training")
 
-    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32", group="Hardware")
-    attn: str = opt("auto", "attention: auto (flash_attention_2 on GPU if installed, else sdpa), sdpa, eager",
-                    group="Hardware")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward (saves memory)", group="Hardware")
-    freeze_vision: bool = opt(False, "keep the vision tower frozen", group="Hardware")
-    gpu_memory: str = opt("80GiB", "--dry-run: memory of one GPU, for the plan's verdict", group="Hardware")
-    backend: str = opt("auto", "--dry-run plan backend: auto (from the accelerate launch), none, ddp, zero2, zero3, "
-                               "fsdp2, offload", group="Hardware")
-    world_size: int = opt(0, "--dry-run plan: number of GPUs (0: the launch's WORLD_SIZE)", group="Hardware")
 
     log_every: int = opt(1, "log metrics every N steps", group="Logging")
     eval_every: int = opt(50, "eval loss every N steps (and at the end)", group="Logging")

@@ -41,6 +41,25 @@ class CommonConfig:
     dry_run: bool = opt(False, "validate the config, print the resolved plan, run nothing", group="Output")
 
 
+@dataclasses.dataclass
+class HardwareConfig:
+    """The hardware section every training stage offers, defined once so the stages cannot drift apart:
+    the same keys, flags, choices and help in sft, rl and align. Stage configs inherit it after CommonConfig
+    (`class RLConfig(HardwareConfig, CommonConfig)`); the plan options are checked by each stage's validate
+    (stages.common.plan.report.check_plan_options, a floor above this one)."""
+
+    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32", group="Hardware")
+    attn: str = opt("auto", "the policy's attention: auto (flash_attention_2 on GPU if installed, else sdpa), sdpa, "
+                            "flash_attention_2, eager", group="Hardware")
+    gradient_checkpointing: bool = opt(False, "recompute the policy's activations in backward (saves memory)",
+                                       group="Hardware")
+    freeze_vision: bool = opt(False, "keep the policy's vision tower frozen", group="Hardware")
+    gpu_memory: str = opt("80GiB", "--dry-run: memory of one GPU, for the plan's verdict", group="Hardware")
+    backend: str = opt("auto", "--dry-run plan backend: auto (from the accelerate launch), none, ddp, zero2, zero3, "
+                               "fsdp2, offload", group="Hardware")
+    world_size: int = opt(0, "--dry-run plan: number of GPUs (0: the launch's WORLD_SIZE)", group="Hardware")
+
+
 def field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 

@@ -1,5 +1,6 @@
-"""One table per kind of variant (RL algorithms, teachers, benchmark tasks, rollout engines): a name maps to
-what the variant is, and an unknown name fails with one line that lists the registered ones."""
+"""One table per kind of variant (RL algorithms, teachers, benchmark tasks, rollout engines, data formats, rewards,
+align advantage modes, trackers; docs/design.md lists them): a name maps to what the variant is, and an unknown
+name fails with one line that lists the registered ones."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+    def __iter__(self):
+        return iter(self._entries)
 
     def items(self):
         return self._entries.items()

@@ -14,25 +14,41 @@ import json
 import math
 import os
 
+from dataclasses import dataclass
+from typing import Callable
+
 from stages.common.contract.errors import UsageError
+from stages.common.contract.registry import Registry
 
-# accelerate's tracker name -> (import name, pip package)
-TRACKERS = {
-    "tensorboard": ("tensorboard", "tensorboard"),
-    "wandb": ("wandb", "wandb"),
-    "mlflow": ("mlflow", "mlflow"),
-    "comet_ml": ("comet_ml", "comet-ml"),
-    "aim": ("aim", "aim"),
-    "clearml": ("clearml", "clearml"),
-    "dvclive": ("dvclive", "dvclive"),
-    "swanlab": ("swanlab", "swanlab"),
-    "trackio": ("trackio", "trackio"),
-}
+@dataclass(frozen=True)
+class Tracker:
+    module: str                                   # what must import for it to log anything
+    package: str                                  # what to pip install
+    ready: Callable[[], str | None] = lambda: None  # a reason it would fail when it starts, or None
+    init_kwargs: Callable[[str, str], dict] = lambda out, stage: {}   # accelerate's per-tracker init arguments
+    ready_hint: str = ""                          # what to do when ready() gives a reason
 
+
+def _wandb_ready() -> str | None:
+    if wandb_logged_in():
+        return None
+    return (f"no wandb login on this machine (no WANDB_API_KEY, no {_wandb_host()} entry in ~/.netrc), so wandb "
+            "would stop the run when it starts")
+
+
+# accelerate's tracker names, one row each
+TRACKERS: Registry[Tracker] = Registry("tracker", "--report-to")
+TRACKERS.register("tensorboard", Tracker("tensorboard", "tensorboard"))
+TRACKERS.register("wandb", Tracker("wandb", "wandb", _wandb_ready,
+                                   lambda out, stage: {"dir": str(out), "name": f"prism-{stage}"},
+                                   "run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline to log to files only"))
+for _name, _package in (("mlflow", "mlflow"), ("comet_ml", "comet-ml"), ("aim", "aim"), ("clearml", "clearml"),
+                        ("dvclive", "dvclive"), ("swanlab", "swanlab"), ("trackio", "trackio")):
+    TRACKERS.register(_name, Tracker(_name, _package))
 
 def parse(report_to: str | None) -> list[str]:
-    """The tracker names in a --report-to value ("none" -> []); unknown names and trackers whose package
-    is not installed are a UsageError naming them."""
+    """The tracker names in a --report-to value ("none" -> []); unknown names, trackers whose package
+    is not installed and trackers that would fail when they start are a UsageError naming them."""
     names = [n.strip().lower() for n in str(report_to or "none").split(",") if n.strip()]
     if names in ([], ["none"]):
         return []
@@ -41,15 +57,16 @@ def parse(report_to: str | None) -> list[str]:
     for name in names:
         if name not in TRACKERS:
             raise UsageError(f"--report-to: unknown tracker {name!r}",
-                             hint=f"use none or a comma list of {', '.join(TRACKERS)}")
-        module, package = TRACKERS[name]
-        if importlib.util.find_spec(module) is None:
-            raise UsageError(f"--report-to {name}: the {package} package is not installed, so nothing would be "
-                             f"logged", hint=f"pip install {package}, or --report-to none")
-    if "wandb" in names and not wandb_logged_in():
-        raise UsageError("--report-to wandb: no wandb login on this machine (no WANDB_API_KEY, no "
-                         f"{_wandb_host()} entry in ~/.netrc), so wandb would stop the run when it starts",
-                         hint="run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline to log to files only")
+                             hint=f"use none or a comma list of {', '.join(TRACKERS.names())}")
+        tracker = TRACKERS.get(name)
+        if importlib.util.find_spec(tracker.module) is None:
+            raise UsageError(f"--report-to {name}: the {tracker.package} package is not installed, so nothing would "
+                             f"be logged", hint=f"pip install {tracker.package}, or --report-to none")
+    for name in names:
+        tracker = TRACKERS.get(name)
+        why = tracker.ready()
+        if why:
+            raise UsageError(f"--report-to {name}: {why}", hint=tracker.ready_hint or None)
     return names
 
 
@@ -108,7 +125,7 @@ def start(accelerator, stage: str, config: dict, report_to: str, out: str) -> No
     names = parse(report_to)
     if not names:
         return
-    init_kwargs = {"wandb": {"dir": str(out), "name": f"prism-{stage}"}} if "wandb" in names else {}
+    init_kwargs = {name: kwargs for name in names if (kwargs := TRACKERS.get(name).init_kwargs(out, stage))}
     accelerator.init_trackers(f"prism-{stage}", config=clean_config(config), init_kwargs=init_kwargs)
 
 

@@ -1,8 +1,8 @@
 """Readers for every accepted source format, all returning Samples; `load_samples(spec)` picks one.
 
-Paths go through READERS (bottom of this module), one entry per format: detect(path) -> bool,
-read(path) -> (samples, problems); the first that detects a path reads it. Adding a format is a reader
-function, one READERS entry and its test (docs/first-hour.md lists them all):
+Every kind of source goes through READERS (bottom of this module), one row per kind: detect(spec) -> bool,
+read(spec, seed) -> (samples, problems); the first that detects a spec reads it. Adding a format is a reader
+function, one READERS row and its test (docs/first-hour.md lists them all):
 
     out/curated                 a prism checkpoint directory (its data/ shards)
     data.parquet, data.jsonl    rows in the sample schema (stages/common/contract/samples.py), or any table with
@@ -13,8 +13,8 @@ function, one READERS entry and its test (docs/first-hour.md lists them all):
     hf_folder/                  a Hugging Face datasets folder (datasets.save_to_disk)
     snapshot/data/...           a hub snapshot folder
 
-Specs that are not paths: synth[:train:N...] (the built-in benchmark), owner/name[:split] (a hub
-dataset, from the local hub cache), a glob (data/*.parquet), DIR#name or dataset_info.json#name (a
+Specs that are not paths (rows made with by_name): synth[:train:N...] (the built-in benchmark), owner/name[:split]
+(a hub dataset, from the local hub cache), a glob (data/*.parquet), DIR#name or dataset_info.json#name (a
 LLaMA-Factory dataset_info.json entry with its column mapping).
 
 A malformed row never stops a load by default: it is skipped and reported by position ("data.json
@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable
 
 from stages.common.contract import hub
 from stages.common.contract.errors import PrismError, UsageError
+from stages.common.contract.registry import Registry
 from stages.common.contract.samples import Sample, Teacher, read_shards
 
 IMAGE_TOKEN = "<image>"
@@ -50,12 +51,30 @@ class BadRow(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Reader:
-    """One accepted format: detect(path) says whether a file or directory is in it; read(path) returns
-    (samples, problems). A new format is one entry in READERS (tried in order) plus its tests."""
+    """One accepted kind of source: detect(spec) says whether a --data spec is of this kind; read(spec, seed)
+    returns (samples, problems). Every kind is a row of READERS, tried in order: files and folders (the spec
+    is an existing path), then the kinds named by their text (synth, DIR#name, a glob, a hub id)."""
 
-    detect: Callable[[Path], bool]
-    read: Callable[[Path], tuple[list[Sample], list[str]]]
+    detect: Callable[[str], bool]
+    read: Callable[[str, int], tuple[list[Sample], list[str]]]
     describe: str
+
+
+def on_path(test: Callable[[Path], bool], read: Callable[[Path], tuple[list[Sample], list[str]]],
+            describe: str) -> Reader:
+    """A reader of an existing file or folder: test and read take the spec as a Path."""
+    return Reader(lambda spec: _as_path(spec).exists() and test(_as_path(spec)),
+                  lambda spec, seed: read(_as_path(spec)), describe)
+
+
+def by_name(test: Callable[[str], bool], read: Callable[[str, int], tuple[list[Sample], list[str]]],
+            describe: str) -> Reader:
+    """A reader of a spec that is not a path on this machine (a path that exists always wins)."""
+    return Reader(lambda spec: not _as_path(spec).exists() and test(spec), read, describe)
+
+
+def _as_path(spec: str) -> Path:
+    return Path(spec).expanduser()
 
 
 def _suffix(*suffixes: str) -> Callable[[Path], bool]:
@@ -83,7 +102,7 @@ def _is_snapshot(p: Path) -> bool:
     return (p / "data").is_dir() or any((p / s).is_dir() and _data_files(p / s) for s in _SPLITS)
 
 
-READERS: dict[str, Reader] = {}  # filled at the end of this module, once every reader is defined
+READERS: Registry[Reader] = Registry("data format", "--data")  # filled at the end of this module
 
 
 def load_samples(spec: str, strict: bool = False, seed: int = 0) -> tuple[list[Sample], list[str]]:
@@ -91,26 +110,7 @@ def load_samples(spec: str, strict: bool = False, seed: int = 0) -> tuple[list[S
     spec = str(spec).strip()
     if not spec:
         raise UsageError("an empty data source was given")
-    path = Path(spec).expanduser()
-    if not path.exists() and (spec == "synth" or spec.startswith("synth:")):
-        from stages.common.world import synth
-        return synth.load(spec, seed=seed), []
-    if not path.exists() and "#" in spec:  # LLaMA-Factory: dataset_info.json#name or its folder#name
-        samples, problems = read_llamafactory(*spec.rsplit("#", 1))
-    elif not path.exists() and any(c in spec for c in "*?["):
-        samples, problems = read_glob(spec)
-    elif not path.exists() and _looks_like_hub_dataset(spec):
-        try:
-            samples, problems = read_hub_dataset(spec)
-        except PrismError as e:  # it may as well be a mistyped local path: say both
-            raise PrismError(f"data source {spec} is not a local path; as a hub dataset: {e.message}",
-                             hint=e.hint) from None
-    elif not path.exists():
-        raise PrismError(f"data source {spec} does not exist",
-                         hint="give a prism data dir, *.parquet, *.jsonl, *.arrow, ShareGPT *.json, an HF datasets "
-                              "folder or hub id, a glob, dataset_info.json#name or synth[:train:N]")
-    else:
-        samples, problems = read_path(path, spec)
+    samples, problems = read_spec(spec, seed)
     samples, dup_problems = _dedupe(samples, spec)
     problems += dup_problems
     if problems and not samples:
@@ -124,24 +124,33 @@ def load_samples(spec: str, strict: bool = False, seed: int = 0) -> tuple[list[S
     return samples, problems
 
 
-def read_path(path: Path, spec: str | None = None) -> tuple[list[Sample], list[str]]:
-    """A file or directory through the first reader of READERS that recognises it."""
-    spec = spec or str(path)
+def read_spec(spec: str, seed: int = 0) -> tuple[list[Sample], list[str]]:
+    """A spec through the first reader of READERS that recognises it."""
+    path = _as_path(spec)
     if path.is_file() and path.stat().st_size == 0:
         raise PrismError(f"data source {path} is an empty file")
     if path.is_dir() and (path / "config.json").is_file() and any(
             path.glob(g) for g in ("*.safetensors", "*.bin", "*.safetensors.index.json")):
         raise PrismError(f"data source {spec} is a model directory (config.json and weights), not data",
                          hint="give it as --ckpt; --data takes problems (a curate dir, parquet, jsonl, json ...)")
-    for name, reader in READERS.items():
-        if reader.detect(path):
-            return _read_prism(path, spec) if name == "prism checkpoint" else reader.read(path)
+    for reader in READERS.values():
+        if reader.detect(spec):
+            return reader.read(spec, seed)
     if path.is_dir():
         raise PrismError(f"data source {spec} is a directory with nothing prism reads",
                          hint="expected prism.json, an HF datasets folder, a data/ folder, or *.parquet / *.jsonl / "
                               "*.json / *.arrow files")
-    raise PrismError(f"data source {path}: unknown file type {path.suffix!r}",
-                     hint="prism reads " + "; ".join(r.describe for r in READERS.values()))
+    if path.exists():
+        raise PrismError(f"data source {path}: unknown file type {path.suffix!r}",
+                         hint="prism reads " + "; ".join(r.describe for r in READERS.values()))
+    raise PrismError(f"data source {spec} does not exist",
+                     hint="give a prism data dir, *.parquet, *.jsonl, *.arrow, ShareGPT *.json, an HF datasets "
+                          "folder or hub id, a glob, dataset_info.json#name or synth[:train:N]")
+
+
+def read_path(path: Path) -> tuple[list[Sample], list[str]]:
+    """A file or directory through the first reader of READERS that recognises it."""
+    return read_spec(str(path))
 
 
 def _read_prism(path: Path, spec: str) -> tuple[list[Sample], list[str]]:
@@ -931,17 +940,41 @@ def _is_llamafactory(p: Path) -> bool:
     return info.name == "dataset_info.json" and info.is_file() and _is_llamafactory_info(info)
 
 
-READERS.update({
-    "prism checkpoint": Reader(_is_prism_dir, lambda p: _read_prism(p, str(p)), "a prism curate checkpoint"),
-    "llamafactory": Reader(_is_llamafactory, lambda p: read_llamafactory(p, None),
-                           "a LLaMA-Factory dataset_info.json (or DIR#name)"),
-    "hf datasets folder": Reader(_is_hf_saved, lambda p: read_hf_folder(p), "an HF datasets folder (save_to_disk)"),
-    "snapshot": Reader(_is_snapshot, lambda p: read_snapshot(p), "a hub snapshot folder (files under data/)"),
-    "folder": Reader(lambda p: p.is_dir() and bool(_data_files(p)), read_dir, "a folder of data files"),
-    "parquet": Reader(_suffix(".parquet"), read_parquet,
-                      "*.parquet (sample schema, verl RL, or image/problem/solution columns)"),
-    "jsonl": Reader(_suffix(".jsonl"), lambda p: read_jsonl(p), "*.jsonl (sample schema, imagefolder metadata)"),
-    "json": Reader(_suffix(".json"), lambda p: read_json(p), "*.json (ShareGPT or a list of sample rows)"),
-    "arrow": Reader(_suffix(".arrow"), read_arrow, "*.arrow (datasets' Arrow files)"),
-    "csv": Reader(_suffix(".csv"), read_csv, "*.csv with a header (imagefolder metadata.csv)"),
-})
+def _read_synth(spec: str, seed: int) -> tuple[list[Sample], list[str]]:
+    from stages.common.world import synth
+
+    return synth.load(spec, seed=seed), []
+
+
+def _read_hub_spec(spec: str, seed: int) -> tuple[list[Sample], list[str]]:
+    try:
+        return read_hub_dataset(spec)
+    except PrismError as e:  # it may as well be a mistyped local path: say both
+        raise PrismError(f"data source {spec} is not a local path; as a hub dataset: {e.message}",
+                         hint=e.hint) from None
+
+
+for _name, _reader in {
+    # files and folders on this machine, tried in this order
+    "prism checkpoint": on_path(_is_prism_dir, lambda p: _read_prism(p, str(p)), "a prism curate checkpoint"),
+    "llamafactory": on_path(_is_llamafactory, lambda p: read_llamafactory(p, None),
+                            "a LLaMA-Factory dataset_info.json (or DIR#name)"),
+    "hf datasets folder": on_path(_is_hf_saved, read_hf_folder, "an HF datasets folder (save_to_disk)"),
+    "snapshot": on_path(_is_snapshot, read_snapshot, "a hub snapshot folder (files under data/)"),
+    "folder": on_path(lambda p: p.is_dir() and bool(_data_files(p)), read_dir, "a folder of data files"),
+    "parquet": on_path(_suffix(".parquet"), read_parquet,
+                       "*.parquet (sample schema, verl RL, or image/problem/solution columns)"),
+    "jsonl": on_path(_suffix(".jsonl"), read_jsonl, "*.jsonl (sample schema, imagefolder metadata)"),
+    "json": on_path(_suffix(".json"), read_json, "*.json (ShareGPT or a list of sample rows)"),
+    "arrow": on_path(_suffix(".arrow"), read_arrow, "*.arrow (datasets' Arrow files)"),
+    "csv": on_path(_suffix(".csv"), read_csv, "*.csv with a header (imagefolder metadata.csv)"),
+    # specs named by their text
+    "synth": by_name(lambda spec: spec == "synth" or spec.startswith("synth:"), _read_synth,
+                     "synth[:train:N...] (the built-in benchmark)"),
+    "llamafactory entry": by_name(lambda spec: "#" in spec, lambda spec, seed: read_llamafactory(*spec.rsplit("#", 1)),
+                                  "dataset_info.json#name or DIR#name (a LLaMA-Factory entry)"),
+    "glob": by_name(lambda spec: any(c in spec for c in "*?["), lambda spec, seed: read_glob(spec),
+                    "a glob of data files (data/*.parquet)"),
+    "hub dataset": by_name(_looks_like_hub_dataset, _read_hub_spec, "owner/name[:split] (a hub dataset)"),
+}.items():
+    READERS.register(_name, _reader)

@@ -14,6 +14,7 @@ import torch
 
 from stages.common.contract.checkpoint import CkptSpec, resolve
 from stages.common.contract.errors import PrismError
+from stages.common.models.parts import VISION_TOWER, first_attribute
 
 
 def default_device() -> torch.device:
@@ -193,14 +194,9 @@ def check_safetensors(folder: Path) -> None:
 
 
 def vision_tower(model):
-    for name in ("visual", "model.visual"):
-        obj = model
-        for part in name.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None:
-            return obj
+    tower = first_attribute(model, VISION_TOWER)
+    if tower is not None:
+        return tower
     raise PrismError(f"{type(model).__name__} has no vision tower to freeze")
 
 

@@ -42,6 +42,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from stages.common.models.parts import DECODER_LAYERS, LM_HEAD, VISION_TOWER, first_attribute
+
 BACKENDS = ("none", "ddp", "zero2", "zero3", "fsdp2", "offload")
 SHARDED_WEIGHTS = ("zero3", "fsdp2", "offload")
 # DeepSpeed defaults accelerate leaves in place: reduce_bucket_size and allgather_bucket_size, 5e8 elements each.
@@ -85,8 +87,8 @@ def shape_of(model, name: str) -> ModelShape:
     text = getattr(config, "text_config", config)
     vision = getattr(config, "vision_config", None)
     params = sum(p.numel() for p in model.parameters())
-    visual = _find(model, ("model.visual", "visual"))
-    layers = _find(model, ("model.language_model.layers", "model.layers", "language_model.layers"))
+    visual = first_attribute(model, VISION_TOWER)
+    layers = first_attribute(model, DECODER_LAYERS)
     largest = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0) if layers else 0
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     experts = int(getattr(text, "num_experts", 0) or 0)
@@ -100,21 +102,9 @@ def shape_of(model, name: str) -> ModelShape:
         vision_hidden=getattr(vision, "hidden_size", 0) if vision else 0,
         vision_layers=getattr(vision, "depth", 0) if vision else 0,
         vision_intermediate=getattr(vision, "intermediate_size", 0) if vision else 0,
-        has_lm_head=_find(model, ("lm_head",)) is not None,
+        has_lm_head=first_attribute(model, LM_HEAD) is not None,
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings",
                                                                                         False)))
-
-
-def _find(model, paths):
-    for path in paths:
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None:
-            return obj
-    return None
 
 
 # ------------------------------------------------------------------------------------- model states

@@ -34,10 +34,10 @@ from __future__ import annotations
 
 from stages.common.protocol import parse_response
 from stages.common.rewards.latex import MAX_ANSWER_CHARS, normalize_answer
-from stages.common.rewards.matching import (_MAX_MATH_VERIFY_CHARS, _cheap_verdict, _choice_letter, _choices_key,
-                                            _lenient_answer, _make_view, _prepare_target, _target_texts)
-from stages.common.rewards.matching import _prepare_choices  # noqa: F401 (benchmarks clear its cache)
-from stages.common.rewards.math_verify_sandbox import MATH_VERIFY_TIMEOUT_S, _math_verify_equal
+from stages.common.rewards.matching import (MAX_MATH_VERIFY_CHARS, cheap_verdict, choice_letter, hashable_choices,
+                                            lenient_answer, make_view, prepare_target, target_texts)
+from stages.common.rewards.matching import prepare_choices  # noqa: F401 (benchmarks clear its cache)
+from stages.common.rewards.math_verify_sandbox import MATH_VERIFY_TIMEOUT_S, math_verify_equal
 from stages.common.rewards.numbers import REL_TOL
 
 __all__ = ["compute_score", "answer_matches", "normalize_answer", "extract_choice_letter", "ACC_WEIGHT",
@@ -63,7 +63,7 @@ def compute_score(response, ground_truth, choices=None, equivalents=None, *, acc
         if parsed.answer is not None:
             pred = parsed.answer
         elif not require_format and isinstance(response, str):
-            pred = _lenient_answer(response)
+            pred = lenient_answer(response)
         if parsed.format_ok or not require_format:
             acc = 1.0 if answer_matches(pred, ground_truth, choices, equivalents,
                                         math_verify_timeout_s=math_verify_timeout_s) else 0.0
@@ -83,23 +83,23 @@ def answer_matches(pred, ground_truth, choices=None, equivalents=None, *,
         if not isinstance(pred, str):
             return False
         pred = pred.strip()
-        targets = _target_texts(ground_truth, equivalents)
+        targets = target_texts(ground_truth, equivalents)
         if not pred or not targets:
             return False
-        choices_key = _choices_key(choices)
+        choices_key = hashable_choices(choices)
         if len(pred) > MAX_ANSWER_CHARS:
             return any(pred == t for t in targets)
-        pred_view = _make_view(pred)
+        pred_view = make_view(pred)
         undecided = []
         for text in targets:
-            target = _prepare_target(text, choices_key)
-            verdict = _cheap_verdict(pred, pred_view, target, choices_key)
+            target = prepare_target(text, choices_key)
+            verdict = cheap_verdict(pred, pred_view, target, choices_key)
             if verdict:
                 return True
             if verdict is None and target.view.mathy:
                 undecided.append(target.view.raw)
-        if undecided and pred_view.mathy and len(pred) <= _MAX_MATH_VERIFY_CHARS:
-            return any(_math_verify_equal(pred, gold, math_verify_timeout_s) for gold in undecided)
+        if undecided and pred_view.mathy and len(pred) <= MAX_MATH_VERIFY_CHARS:
+            return any(math_verify_equal(pred, gold, math_verify_timeout_s) for gold in undecided)
         return False
     except Exception:
         return False
@@ -115,7 +115,7 @@ def extract_choice_letter(text, choices=None) -> str | None:
         s = text.strip()
         if not s or len(s) > MAX_ANSWER_CHARS:
             return None
-        choices_key = _choices_key(choices)
-        return _choice_letter(s, choices_key)
+        choices_key = hashable_choices(choices)
+        return choice_letter(s, choices_key)
     except Exception:
         return None

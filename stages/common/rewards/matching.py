@@ -12,14 +12,14 @@ from stages.common.rewards.latex import MAX_ANSWER_CHARS, _last_boxed, _to_plain
 from stages.common.rewards.numbers import _THOUSANDS, _Number, _numbers_match, _parse_number
 
 _MAX_ITEMS = 64
-_MAX_MATH_VERIFY_CHARS = 300
+MAX_MATH_VERIFY_CHARS = 300
 
 
 # ---------------------------------------------------------------------------------------------------
 # Inputs
 
 
-def _target_texts(ground_truth, equivalents) -> list[str]:
+def target_texts(ground_truth, equivalents) -> list[str]:
     """The accepted answers: the ground truth (a list/tuple ground truth lists several) and equivalents."""
     texts = []
     for value in (ground_truth, equivalents):
@@ -36,7 +36,7 @@ def _target_texts(ground_truth, equivalents) -> list[str]:
     return texts
 
 
-def _choices_key(choices) -> tuple[str, ...] | None:
+def hashable_choices(choices) -> tuple[str, ...] | None:
     """Choices as a hashable tuple of option texts in letter order."""
     if not choices:
         return None
@@ -50,7 +50,7 @@ def _choices_key(choices) -> tuple[str, ...] | None:
         return None
 
 
-def _lenient_answer(text: str) -> str:
+def lenient_answer(text: str) -> str:
     """An answer from a response without an <answer> block (eval of models that ignore the protocol)."""
     boxed = _last_boxed(text)
     if boxed is not None:
@@ -90,34 +90,34 @@ class _Target:
     letter: str | None  # set when the ground truth is a multiple-choice letter
 
 
-def _make_view(raw: str, depth: int = 0) -> _View:
+def make_view(raw: str, depth: int = 0) -> _View:
     norm = normalize_answer(raw)
     split = _split_items(norm) if depth < 3 else None
     if split is not None:
         texts, ordered, brackets = split
-        items = tuple(_make_view(text, depth + 1) for text in texts)
+        items = tuple(make_view(text, depth + 1) for text in texts)
         return _View(raw, norm, None, items, ordered, brackets, _looks_mathematical(norm))
     return _View(raw, norm, _parse_number(norm), None, False, "", _looks_mathematical(norm))
 
 
 @functools.lru_cache(maxsize=8192)
-def _prepare_target(text: str, choices_key: tuple[str, ...] | None) -> _Target:
+def prepare_target(text: str, choices_key: tuple[str, ...] | None) -> _Target:
     """Ground truths repeat across a group's rollouts: prepare each once."""
-    return _Target(_make_view(text), _choice_letter(text, choices_key) if len(text) <= MAX_ANSWER_CHARS else None)
+    return _Target(make_view(text), choice_letter(text, choices_key) if len(text) <= MAX_ANSWER_CHARS else None)
 
 
 @functools.lru_cache(maxsize=1024)
-def _prepare_choices(choices_key: tuple[str, ...]) -> tuple[_View, ...]:
-    return tuple(_make_view(_CHOICE_PREFIX.sub("", option.strip(), count=1)) for option in choices_key)
+def prepare_choices(choices_key: tuple[str, ...]) -> tuple[_View, ...]:
+    return tuple(make_view(_CHOICE_PREFIX.sub("", option.strip(), count=1)) for option in choices_key)
 
 
-def _cheap_verdict(pred: str, pred_view: _View, target: _Target, choices_key) -> bool | None:
+def cheap_verdict(pred: str, pred_view: _View, target: _Target, choices_key) -> bool | None:
     """True / False when a cheap rule decides, None when only math-verify could."""
     gold = target.view
     if pred == gold.raw or (pred_view.norm and pred_view.norm == gold.norm):
         return True
     if target.letter is not None:
-        return _choice_letter(pred, choices_key) == target.letter
+        return choice_letter(pred, choices_key) == target.letter
     if gold.items is not None or pred_view.items is not None:
         if gold.items is not None and pred_view.items is not None:
             if _items_match(pred_view, gold):
@@ -173,7 +173,7 @@ _OTHER_LETTER_MARK = re.compile(r"\([A-Z]\)|\b[A-Z][.)](?:\s|$)|\b(?:or|and)\s+[
 _CHOICE_PREFIX = re.compile(r"\(?[A-Za-z][.):]\s+|\([A-Za-z]\)\s*")
 
 
-def _choice_letter(text: str, choices_key: tuple[str, ...] | None) -> str | None:
+def choice_letter(text: str, choices_key: tuple[str, ...] | None) -> str | None:
     plain = _to_plain(text).strip().strip("\"'`").strip()
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(choices_key)] if choices_key else "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     for pattern in (_LETTER_ALONE, _LETTER_PHRASE):
@@ -181,7 +181,7 @@ def _choice_letter(text: str, choices_key: tuple[str, ...] | None) -> str | None
         if match:
             letter = match.group(1).upper()
             return letter if letter in letters else None
-    options = _prepare_choices(choices_key) if choices_key else ()
+    options = prepare_choices(choices_key) if choices_key else ()
     match = _LETTER_WITH_TEXT.fullmatch(plain)
     if match:
         letter = (match.group(1) or match.group(2)).upper()
@@ -189,14 +189,14 @@ def _choice_letter(text: str, choices_key: tuple[str, ...] | None) -> str | None
         if letter not in letters or _OTHER_LETTER_MARK.search(rest):
             return None
         if options:  # "B. <text>" naming another option's text is a contradiction, not an answer
-            rest_view = _make_view(rest)
+            rest_view = make_view(rest)
             index = letters.index(letter)
             if not _views_equal(rest_view, options[index]) and any(
                     _views_equal(rest_view, option) for option in options):
                 return None
         return letter
     if options:
-        view = _make_view(text)
+        view = make_view(text)
         found = [letters[i] for i, option in enumerate(options) if _views_equal(view, option)]
         if len(found) == 1:
             return found[0]
@@ -275,6 +275,6 @@ _MATH_WORDS = frozenset({"sqrt", "pi", "inf", "sin", "cos", "tan", "cot", "sec",
 
 
 def _looks_mathematical(norm: str) -> bool:
-    if not norm or len(norm) > _MAX_MATH_VERIFY_CHARS or not _MATH_MARK.search(norm):
+    if not norm or len(norm) > MAX_MATH_VERIFY_CHARS or not _MATH_MARK.search(norm):
         return False
     return all(word in _MATH_WORDS for word in _WORD.findall(norm))

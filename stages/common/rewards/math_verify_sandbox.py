@@ -69,7 +69,7 @@ def _math_verify_compare(pred: str, gold: str) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
-def _math_verify_equal(pred: str, gold: str, timeout_s: float) -> bool:
+def math_verify_equal(pred: str, gold: str, timeout_s: float) -> bool:
     try:
         import math_verify  # noqa: F401
     except ImportError:
