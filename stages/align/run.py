@@ -33,6 +33,7 @@ from stages.common.contract.samples import Sample, stream_item
 from stages.common.data.chat import problem_messages, rollout_prompt
 from stages.common.data.formats import dropped_report, image_bytes, load_sources, source_parents
 from stages.common.evaluation.held_out import Evaluator
+from stages.common.evaluation.options import HELD_OUT_PANEL
 from stages.common.evaluation.options import plan_row as eval_plan_row
 from stages.common.models.discriminator import (
     aux_loss_coef,
@@ -50,9 +51,6 @@ from stages.common.rollout import RolloutPrompt, SamplingParams, check_engine, m
 from stages.common.training import distributed
 from stages.common.training import runtime as training
 from stages.common.training.groups import GroupLayout, group_layout
-
-# The held-out evaluation (--eval-tasks) beside the drift gaps: the gap says the game is played, this whether it helps.
-HELD_OUT_PANEL = {"held-out synth (greedy)": {"eval/synth/acc": "accuracy", "eval/synth/caption_f1": "caption F1"}}
 
 
 def run(cfg: AlignConfig) -> Path:

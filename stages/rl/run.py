@@ -20,6 +20,7 @@ from stages.common.contract.samples import Sample, stream_item
 from stages.common.data.chat import rollout_prompt
 from stages.common.data.formats import dropped_report, load_sources, source_parents
 from stages.common.evaluation.held_out import Evaluator
+from stages.common.evaluation.options import HELD_OUT_PANEL
 from stages.common.evaluation.options import plan_row as eval_plan_row
 from stages.common.models.loading import load_policy, load_processor
 from stages.common.plan import report as plan_report
@@ -40,7 +41,7 @@ RL_PANELS = {"reward": {"reward/mean": "reward", "acc/mean": "accuracy", "format
              "entropy": {"update/entropy": "entropy"},
              "response length": {"response_length/mean": "mean", "response_length/max": "max"},
              "clip fraction": {"update/clipfrac": "clipped", "truncated/ratio": "truncated at max_new_tokens"},
-             "held-out synth (greedy)": {"eval/synth/acc": "accuracy", "eval/synth/caption_f1": "caption F1"}}
+             **HELD_OUT_PANEL}
 
 
 def run(cfg: RLConfig) -> Path:

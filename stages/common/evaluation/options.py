@@ -15,6 +15,9 @@ TRAINING_EVAL_TASKS = ("synth",)
 SYNTH_METRICS = ("acc", "format", "caption_f1", "caption_precision", "caption_recall")
 METRIC_PREFIX = "eval/"
 KEEP_BEST = "best:"
+# The plot panel of the held-out curves, drawn beside each training stage's own (align: beside the drift gaps, which
+# say the game is played; this says whether it helps).
+HELD_OUT_PANEL = {"held-out synth (greedy)": {"eval/synth/acc": "accuracy", "eval/synth/caption_f1": "caption F1"}}
 
 
 def metric_keys(task: str) -> list[str]:
