@@ -216,15 +216,17 @@ def test_resume_keeps_the_best_and_ranks_against_it(tmp_path, monkeypatch):
 
 @pytest.mark.dist
 def test_two_ranks_split_the_evaluation_in_lockstep(tmp_path):
-    """torchrun, 2 CPU ranks under FSDP2 (every forward a collective): 3 held-out problems split 2 + 1, the short
-    share padded, so both ranks make the same generate calls and finish; the records are gathered (n is 3)."""
+    """torchrun, 2 CPU ranks under FSDP2 (every forward a collective): 3 held-out problems split 2 + 1 and generated
+    one per call, the short share padded, so both ranks make the same generate calls and finish (unpadded, rank 0's
+    second call waits forever on rank 1); the records are gathered (n is 3)."""
     from tests.test_distributed import ROOT, _env, _run, _torchrun
 
     out = tmp_path / "rl"
     _run(_torchrun() + ["-m", "prism_cli", "rl", "--ckpt", "tiny", "--data", "synth:train:16", "--steps", "2",
                         "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "8",
                         "--eval-tasks", "synth", "--eval-every", "1", "--eval-n", "3", "--eval-max-new-tokens", "8",
-                        "--keep", "best:synth/caption_f1", "--out", str(out)], ROOT, _env(PRISM_BACKEND="fsdp2"))
+                        "--keep", "best:synth/caption_f1", "--set", "eval_batch_size=1", "--out", str(out)], ROOT,
+         _env(PRISM_BACKEND="fsdp2"))
     summary = json.loads((out / "prism.json").read_text())["summary"]
     assert summary["processes"] == 2 and summary["backend"] == "fsdp2"
     evals = _evals(_records(out))
