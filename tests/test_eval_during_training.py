@@ -208,6 +208,7 @@ def test_resume_keeps_the_best_and_ranks_against_it(tmp_path, monkeypatch):
     assert [r["step"] for r in records if "reward/mean" in r] == [1, 2, 3]  # no step logged twice
     assert sorted(_evals(records)) == [0, 1, 2, 3]
     manifest = json.loads((out / "prism.json").read_text())
+    assert manifest["summary"]["steps"] == 3 and manifest["summary"]["evaluations"] == 4   # step 0 is no step
     assert manifest["summary"]["best"] == dict(before, dir="best") == dict(pick_best(records, "eval/synth/acc"),
                                                                            dir="best")
     assert not (out / "best.saving").exists() and not any(f.startswith("best.saving") for f in manifest["files"])

@@ -129,8 +129,8 @@ def run(cfg: AlignConfig) -> Path:
             if evaluator and evaluator.due(step + 1, cfg.steps):
                 with timer.phase("eval"):
                     held_out = evaluator(step + 1, accelerator, engine, policy, processor)
-            record = {"step": step + 1, **d_metrics, **held_out, **game_metrics(scores.detached(), rewards, advantages), **update,
-                      **probe_metrics(engine), **timer.pop()}
+            record = {"step": step + 1, **d_metrics, **game_metrics(scores.detached(), rewards, advantages), **update,
+                      **held_out, **probe_metrics(engine), **timer.pop()}
             run_dir.log_metrics(record)
             tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"gap caption {record['gap/caption']:+.2f} think {record['gap/think']:+.2f} "

@@ -114,10 +114,11 @@ def run(cfg: RLConfig) -> Path:
     plots.plot_panels(records, RL_PANELS, run_dir.path / "reward.png", f"prism rl --algo {cfg.algo}")
     engine.close()   # vLLM's teardown first: it destroys the process groups it made
     accelerator.end_training()
-    summary = dict(summarize(records), engine=engine.name, processes=accelerator.num_processes,
+    trained = [r for r in records if r["step"] > 0]   # step 0 is the input's held-out evaluation
+    summary = dict(summarize(trained), engine=engine.name, processes=accelerator.num_processes,
                    backend=runtime.backend.name, replica_weight_sums=replicas, data_dropped=dropped,
                    **(evaluator.summary(records) if evaluator else {}))
-    summary["warnings"] = learning_warnings(records, cfg.max_new_tokens)
+    summary["warnings"] = learning_warnings(trained, cfg.max_new_tokens)
     for warning in summary["warnings"]:
         console.warn(warning)
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)

@@ -68,8 +68,8 @@ class Evaluator:
         if not cfg.eval_tasks:
             return None
         evaluator = cls(samples=held_out_problems(cfg.eval_synth, cfg.eval_n), every=cfg.eval_every,
-                        max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, batch_size=cfg.eval_batch_size, run_path=run_dir.path,
-                        keep=parse_keep(cfg.keep))
+                        max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                        batch_size=cfg.eval_batch_size, run_path=run_dir.path, keep=parse_keep(cfg.keep))
         if accelerator.is_main_process:
             recover(run_dir.path)
         accelerator.wait_for_everyone()
