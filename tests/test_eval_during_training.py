@@ -57,6 +57,14 @@ def test_bad_evaluation_options_are_one_line_before_anything_runs(flags, words):
     assert words in e.value.message + (e.value.hint or "")
 
 
+def test_sft_has_no_max_new_tokens_to_fall_back_on():
+    from stages.sft.config import SFTConfig
+
+    with pytest.raises(UsageError, match="eval-max-new-tokens must be >= 1"):
+        run_stage(SFTConfig, lambda cfg: cfg, eval_tasks=["synth"], eval_max_new_tokens=0)
+    assert run_stage(RLConfig, lambda cfg: cfg, ckpt="tiny", eval_tasks=["synth"], eval_max_new_tokens=0)
+
+
 def test_when_the_evaluation_runs():
     assert [s for s in range(1, 8) if eval_due(s, 3, 7)] == [3, 6, 7]     # every 3, and at the end
     assert [s for s in range(1, 7) if eval_due(s, 3, 6)] == [3, 6]         # the end once, not twice

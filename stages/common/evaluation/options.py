@@ -50,8 +50,11 @@ def check_eval_options(cfg) -> None:
                          hint="benchmark the finished checkpoint (or its #best) with prism eval --tasks ...")
     if len(set(cfg.eval_tasks)) != len(cfg.eval_tasks):
         raise UsageError(f"--eval-tasks names a task twice: {','.join(cfg.eval_tasks)}")
-    if cfg.eval_n < 1 or cfg.eval_batch_size < 1 or cfg.eval_max_new_tokens < 0:
-        raise UsageError("eval_n and eval_batch_size must be >= 1, eval_max_new_tokens >= 0")
+    if cfg.eval_n < 1 or cfg.eval_batch_size < 1:
+        raise UsageError("eval_n and eval_batch_size must be >= 1")
+    least = 0 if hasattr(cfg, "max_new_tokens") else 1     # 0: the stage's own max_new_tokens, where it has one
+    if cfg.eval_max_new_tokens < least:
+        raise UsageError(f"--eval-max-new-tokens must be >= {least}, not {cfg.eval_max_new_tokens}")
     if parse_spec(cfg.eval_synth).split != "test":
         raise UsageError(f"eval_synth {cfg.eval_synth!r} is not synth's test split: the held-out problems must not "
                          "be training problems", hint="e.g. synth:test:200")
