@@ -241,3 +241,26 @@ def test_two_ranks_split_the_evaluation_in_lockstep(tmp_path):
     evals = _evals(_records(out))
     assert sorted(evals) == [0, 1, 2] and all(r["eval/synth/n"] == 3 for r in evals.values())
     assert summary["best"]["metric"] == "eval/synth/caption_f1" and (out / "best" / "model" / "config.json").is_file()
+
+
+def test_the_evaluation_in_training_scores_as_prism_eval_does(sft_tiny, tmp_path):
+    """Step 0's evaluation of an sft run is the input's: `prism eval` of that input on the same problems (synth:test,
+    first N, seed 0, same max tokens) gives the same numbers, because both run stages/common/evaluation/synth.py.
+    sft_tiny answers in format, so the numbers are not all zero."""
+    from stages.eval.config import EvalConfig
+    from stages.eval.run import run as evaluate
+    from stages.sft.config import SFTConfig
+    from stages.sft.run import run as sft
+
+    out = run_stage(SFTConfig, sft, ckpt=str(sft_tiny), data=["synth:train:64"], out=str(tmp_path / "sft"),
+                    max_steps=1, batch_size=8, micro_batch_size=8, eval_fraction=0, eval_tasks=["synth"], eval_n=8,
+                    eval_max_new_tokens=96, seed=3)
+    step0 = _evals(_records(out))[0]
+    ev = run_stage(EvalConfig, evaluate, ckpt=[str(sft_tiny)], tasks=["synth"], synth="synth:test:200", limit=8,
+                   max_new_tokens=96, engine="hf", seed=0, out=str(tmp_path / "eval"))
+    synth = json.loads((ev / "results.json").read_text())["tasks"]["synth"]
+    assert step0["eval/synth/format"] > 0                                  # a policy that answers in format
+    assert step0["eval/synth/n"] == synth["n"] == 8
+    assert step0["eval/synth/acc"] == synth["value"]
+    for key in ("format", "caption_f1", "caption_precision", "caption_recall"):
+        assert step0[f"eval/synth/{key}"] == synth["extra"][key], key
