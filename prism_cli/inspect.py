@@ -26,6 +26,13 @@ def show(path: str, verify: bool = False) -> None:
         ["torch / transformers", f"{m['versions'].get('torch')} / {m['versions'].get('transformers')}"],
         ["files", f"{len(m['files'])} ({sum(f['size'] for f in m['files'].values()) / 1e6:.1f} MB)"],
     ])
+    best = (m.get("summary") or {}).get(checkpoint.BEST_KEY)
+    if best and spec.stage in checkpoint.POLICY_STAGES:
+        final = m["summary"].get(f"final_{best['metric']}")
+        console.print_table("weights (--ckpt takes either)", ["spec", "weights", "evaluation"], [
+            [path, "model/ (the final)", f"{best['metric']} {final:.4f} at the end" if final is not None else ""],
+            [f"{path}{checkpoint.VARIANT_MARK}{checkpoint.BEST_DIR}", f"{best['dir']}/model/ (the best)",
+             f"{best['metric']} {best['value']:.4f} at step {best['step']}"]])
     chain = checkpoint.lineage(spec)
     console.print_table("lineage (newest first)", ["stage", "checkpoint", "role", "fingerprint ok"],
                         [[c["stage"], c["ref"], c["role"], "yes" if c["ok"] else "NO / missing"] for c in chain])

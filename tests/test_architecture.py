@@ -43,6 +43,7 @@ FLOORS = {
     "models": "models from any checkpoint spec: policy, processor, discriminator, shapes, the seeing base",
     "training": "the training runtime: backends, optimiser, save/resume, collectives, groups over ranks",
     "policy_update": "the policy-update maths: log-probabilities, advantages, losses, the PPO step",
+    "evaluation": "held-out evaluation: the synth scorer prism eval uses, evaluation during training, the best kept",
     "plan": "the memory model of a run and the --dry-run report",
 }
 # Edges that go up a floor, each lazy and with its reason.

@@ -46,7 +46,7 @@ def metrics(out: Path) -> list[dict]:
 
 
 def check_trackers(out: Path, keys: list[str]) -> None:
-    logged = [r for r in metrics(out) if r.get("step", 0) > 0]
+    logged = [r for r in metrics(out) if r.get("step", 0) > 0 or "eval/seconds" in r]   # step 0: the input's evaluation
     scalars = tensorboard_scalars(out)
     history = wandb_history(out)
     for key in keys:
@@ -86,8 +86,9 @@ def test_rl_metrics_reach_tensorboard_and_wandb(tmp_path):
 
     out = run_stage(RLConfig, run, algo="grpo", ckpt="tiny", data=["synth:train:8"], out=str(tmp_path / "rl"),
                     steps=2, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=8, engine="hf", warmup=0,
-                    report_to="tensorboard,wandb", seed=0)
-    check_trackers(out, ["reward/mean", "acc/mean", "response_length/mean", "lr"])
+                    report_to="tensorboard,wandb", seed=0, eval_tasks=["synth"], eval_every=1, eval_n=2)
+    check_trackers(out, ["reward/mean", "acc/mean", "response_length/mean", "lr", "eval/synth/acc",
+                         "eval/synth/caption_f1", "eval/seconds"])
 
 
 def test_align_metrics_reach_tensorboard_and_wandb(tmp_path):

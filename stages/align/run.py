@@ -32,6 +32,9 @@ from stages.common.contract.errors import PrismError, UsageError
 from stages.common.contract.samples import Sample, stream_item
 from stages.common.data.chat import problem_messages, rollout_prompt
 from stages.common.data.formats import dropped_report, image_bytes, load_sources, source_parents
+from stages.common.evaluation.held_out import Evaluator
+from stages.common.evaluation.options import HELD_OUT_PANEL
+from stages.common.evaluation.options import plan_row as eval_plan_row
 from stages.common.models.discriminator import (
     aux_loss_coef,
     load_discriminator,
@@ -104,6 +107,9 @@ def run(cfg: AlignConfig) -> Path:
         warmup(cfg, accelerator, policy, engine, disc, disc_processor, samples, run_dir)
         state["warmed_up"] = True
         training.save_state(accelerator, run_dir.state_dir, state, [policy, disc])
+    evaluator = Evaluator.from_config(cfg, accelerator, run_dir)   # None without --eval-tasks
+    if evaluator:
+        evaluator.baseline(run_dir, accelerator, engine, policy, processor, cfg.report_to)
 
     timer = training.StepTimer()
     with console.progress("align", total=cfg.steps) as bar:
@@ -119,8 +125,12 @@ def run(cfg: AlignConfig) -> Path:
             with timer.phase("policy_update"):
                 advantages, update = policy_update(cfg, layout, accelerator, policy, processor, batch, completions,
                                                    scores.detached(), rewards)
+            held_out = {}
+            if evaluator and evaluator.due(step + 1, cfg.steps):
+                with timer.phase("eval"):
+                    held_out = evaluator(step + 1, accelerator, engine, policy, processor)
             record = {"step": step + 1, **d_metrics, **game_metrics(scores.detached(), rewards, advantages), **update,
-                      **probe_metrics(engine), **timer.pop()}
+                      **held_out, **probe_metrics(engine), **timer.pop()}
             run_dir.log_metrics(record)
             tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"gap caption {record['gap/caption']:+.2f} think {record['gap/think']:+.2f} "
@@ -137,14 +147,15 @@ def run(cfg: AlignConfig) -> Path:
     records = run_dir.read_metrics()
     plots.plot_panels(records, {"score gap (teacher - student)": {"gap/caption": "perception (caption)",
                                                                    "gap/think": "reasoning (think)"},
-                                "discriminator accuracy": {"d/acc_caption": "caption", "d/acc_think": "think"}},
+                                "discriminator accuracy": {"d/acc_caption": "caption", "d/acc_think": "think"},
+                                **HELD_OUT_PANEL},
                       run_dir.path / "drift_gap.png", "PRISM alignment: discriminator score gaps",
                       zero_line=("score gap (teacher - student)",))
     engine.close()   # vLLM's teardown first: it destroys the process groups it made
     accelerator.end_training()
     summary = summarize(records)
     summary.update(engine=engine.name, processes=accelerator.num_processes, backend=runtime.backend.name,
-                   data_dropped=dropped)
+                   data_dropped=dropped, **(evaluator.summary(records) if evaluator else {}))
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 
@@ -529,6 +540,8 @@ def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> No
                  f"max {cfg.max_new_tokens} new tokens; alpha {cfg.alpha}, format penalty {cfg.format_penalty}, "
                  f"advantages {cfg.advantage_mode}; scoring layout {cfg.disc_layout}"],
         ["optimizers", f"policy lr {cfg.lr} constant, discriminator lr {cfg.disc_lr}, wd {cfg.weight_decay}"],
+        *[row for row in [eval_plan_row(cfg, cfg.steps, cfg.steps * cfg.prompts_per_step * cfg.rollouts_per_prompt)]
+          if row],
         ["device", str(default_device())],
         ["output", cfg.out or "(--out not set)"],
     ]

@@ -1,22 +1,18 @@
-"""synth evaluated natively (no lmms-eval), scoring shared with its lmms-eval form, and the helpers both use.
+"""synth evaluated natively (no lmms-eval), or written as a local lmms-eval task; scored the same both ways.
 
-Besides answer accuracy, each response's caption is checked against the scene (the objects it names vs
-the objects drawn): a wrong answer under a correct caption is a reasoning error, one under a wrong caption
-a perception error, so the two are reported apart.
+The scorer and the native loop live in stages.common.evaluation.synth: the evaluation inside training (align, rl,
+sft --eval-tasks synth) runs the same code, so its curves and a later `prism eval` measure the same thing.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-from stages.common.contract import console
 from stages.common.contract.samples import Sample
-from stages.common.data.chat import rollout_prompt
-from stages.common.protocol import parse_response
-from stages.common.world.synth import caption_accuracy
-from stages.eval.tasks import rule_score
+from stages.common.evaluation.synth import error_kind, evaluate, mean_and_stderr, score_synth, summarize
+
+__all__ = ["SYNTH_TASK", "error_kind", "evaluate", "mean_and_stderr", "score_synth", "summarize", "write_lmms_task"]
 
 SYNTH_TASK = "prism_synth"
 # Written beside the parquet at run time; the functions live in the package (absolute paths).
@@ -49,64 +45,6 @@ metric_list:
 metadata:
   version: 1.0
 """
-
-
-def score_synth(sample: Sample, response: str) -> dict:
-    """acc/format/pred by the project's verifier, plus the caption's precision/recall/F1 against the scene."""
-    scored = rule_score(response, sample.answer, choices=sample.choices)
-    caption = caption_accuracy(parse_response(response).caption or "", sample)
-    return {**scored, "caption_precision": float(caption["precision"]), "caption_recall": float(caption["recall"]),
-            "caption_f1": float(caption["f1"])}
-
-
-def error_kind(record: dict) -> str:
-    """right | perception (wrong answer, caption misses or invents objects) | reasoning (caption right)."""
-    if record["acc"] >= 1.0:
-        return "right"
-    return "reasoning" if record["caption_f1"] >= 1.0 else "perception"
-
-
-def mean_and_stderr(values: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample std / sqrt(n)); stderr 0 for fewer than two values."""
-    n = len(values)
-    if n == 0:
-        return 0.0, 0.0
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
-def summarize(records: list[dict]) -> dict:
-    """The synth entry of results.json: answer accuracy as the metric; caption and error split as extras."""
-    acc, stderr = mean_and_stderr([r["acc"] for r in records])
-    n = len(records)
-    kinds = [error_kind(r) for r in records]
-    extra = {
-        "format": mean_and_stderr([r["format"] for r in records])[0],
-        "caption_f1": mean_and_stderr([r["caption_f1"] for r in records])[0],
-        "caption_precision": mean_and_stderr([r["caption_precision"] for r in records])[0],
-        "caption_recall": mean_and_stderr([r["caption_recall"] for r in records])[0],
-        "perception_errors": kinds.count("perception") / n if n else 0.0,
-        "reasoning_errors": kinds.count("reasoning") / n if n else 0.0,
-    }
-    return {"metric": "acc", "value": acc, "n": n, "stderr": stderr, "extra": extra}
-
-
-def evaluate(engine, samples: list[Sample], params, batch_size: int = 16) -> list[dict]:
-    """Generate for every sample with the rollout engine and score it: one record per sample."""
-    records = []
-    with console.progress("synth", total=len(samples)) as bar:
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start:start + batch_size]
-            outputs = engine.generate([rollout_prompt(s) for s in batch], params)
-            for sample, completions in zip(batch, outputs):
-                response = completions[0].text
-                records.append({"id": sample.id, "task": sample.task, "question": sample.question,
-                                "answer": sample.answer, "response": response, **score_synth(sample, response)})
-            bar.advance(len(batch))
-    return records
 
 
 def write_lmms_task(directory: str | Path, samples: list[Sample], max_new_tokens: int) -> Path:

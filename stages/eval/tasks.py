@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from stages.common.contract.errors import UsageError
 from stages.common.contract.registry import Registry
+from stages.common.evaluation.synth import rule_score
 from stages.common.protocol import parse_response
-from stages.common.rewards import compute_score
 
 LMMS_TASK_DIR_NAME = "lmms_tasks"
 
@@ -166,15 +166,6 @@ def letter_of(answer: str, choices: list[str]) -> str | None:
         if str(c).strip() == answer:
             return LETTERS[i]
     return None
-
-
-def rule_score(response: str, ground_truth: str, choices: list[str] | None = None,
-               equivalents: list[str] | None = None) -> dict:
-    """The project's verifier on a protocol response: acc without the format gate, format reported apart."""
-    scored = compute_score(response, str(ground_truth), choices=choices or None, equivalents=equivalents or None,
-                           require_format=False)
-    return {"acc": float(scored["acc"]), "format": float(parse_response(response).format_ok),
-            "pred": scored.get("pred")}
 
 
 def score_choice(response: str, answer: str, choices: list[str]) -> dict:

@@ -19,6 +19,9 @@ from stages.common.contract.errors import PrismError, UsageError
 from stages.common.contract.samples import Sample, stream_item
 from stages.common.data.chat import rollout_prompt
 from stages.common.data.formats import dropped_report, load_sources, source_parents
+from stages.common.evaluation.held_out import Evaluator
+from stages.common.evaluation.options import HELD_OUT_PANEL
+from stages.common.evaluation.options import plan_row as eval_plan_row
 from stages.common.models.loading import load_policy, load_processor
 from stages.common.plan import report as plan_report
 from stages.common.policy_update import advantages as advantage_fns
@@ -37,7 +40,8 @@ RL_PANELS = {"reward": {"reward/mean": "reward", "acc/mean": "accuracy", "format
              "KL": {"update/kl": "KL to reference", "update/approx_kl": "approx KL to old policy"},
              "entropy": {"update/entropy": "entropy"},
              "response length": {"response_length/mean": "mean", "response_length/max": "max"},
-             "clip fraction": {"update/clipfrac": "clipped", "truncated/ratio": "truncated at max_new_tokens"}}
+             "clip fraction": {"update/clipfrac": "clipped", "truncated/ratio": "truncated at max_new_tokens"},
+             **HELD_OUT_PANEL}
 
 
 def run(cfg: RLConfig) -> Path:
@@ -79,6 +83,9 @@ def run(cfg: RLConfig) -> Path:
             start_step, cursor = state["step"], state["cursor"]
             console.info(f"resuming {cfg.out} at step {start_step}/{cfg.steps}")
         run_dir.truncate_metrics(start_step)  # killed before the first save: steps logged since are redone
+    evaluator = Evaluator.from_config(cfg, accelerator, run_dir)   # None without --eval-tasks
+    if evaluator:
+        evaluator.baseline(run_dir, accelerator, engine, policy, processor, cfg.report_to)
 
     timer = training.StepTimer()
     with console.progress(f"rl ({cfg.algo})", total=cfg.steps) as bar:
@@ -88,6 +95,9 @@ def run(cfg: RLConfig) -> Path:
                                                           timer)
             with timer.phase("update"):
                 update = policy_update(cfg, accelerator, policy, reference, processor, rollouts)
+            if evaluator and evaluator.due(step + 1, cfg.steps):
+                with timer.phase("eval"):
+                    update.update(evaluator(step + 1, accelerator, engine, policy, processor))
             record = {"step": step + 1, **rollouts.metrics(), **sampling, **update, **timer.pop(), "lr": policy.lr}
             run_dir.log_metrics(record)
             tracking.log(accelerator, cfg.report_to, record, step + 1)
@@ -105,9 +115,11 @@ def run(cfg: RLConfig) -> Path:
     plots.plot_panels(records, RL_PANELS, run_dir.path / "reward.png", f"prism rl --algo {cfg.algo}")
     engine.close()   # vLLM's teardown first: it destroys the process groups it made
     accelerator.end_training()
-    summary = dict(summarize(records), engine=engine.name, processes=accelerator.num_processes,
-                   backend=runtime.backend.name, replica_weight_sums=replicas, data_dropped=dropped, reward=cfg.reward)
-    summary["warnings"] = learning_warnings(records, cfg.max_new_tokens)
+    trained = [r for r in records if r["step"] > 0]   # step 0 is the input's held-out evaluation
+    summary = dict(summarize(trained), engine=engine.name, processes=accelerator.num_processes,
+                   backend=runtime.backend.name, replica_weight_sums=replicas, data_dropped=dropped, reward=cfg.reward,
+                   **(evaluator.summary(records) if evaluator else {}))
+    summary["warnings"] = learning_warnings(trained, cfg.max_new_tokens)
     for warning in summary["warnings"]:
         console.warn(warning)
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
@@ -328,6 +340,7 @@ def print_plan(cfg: RLConfig, policy_spec, n_prompts: int) -> None:
         ["optimizer", f"AdamW lr {cfg.lr}, warmup {cfg.warmup}, wd {cfg.weight_decay}, clip {cfg.max_grad_norm}"],
         ["parameters", plan_report.parameter_summary(shape) + (" + a frozen reference" if cfg.kl_coef > 0 else "")],
         ["rollout engine", cfg.engine],
+        *[row for row in [eval_plan_row(cfg, cfg.steps, cfg.steps * rollouts)] if row],
         ["output", cfg.out or "(--out not set)"],
     ]
     console.print_table(f"prism rl --algo {cfg.algo} --dry-run", ["", "plan"], rows)

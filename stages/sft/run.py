@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,9 +20,14 @@ from stages.common.contract.config import to_dict
 from stages.common.contract.errors import PrismError, UsageError
 from stages.common.contract.samples import Sample
 from stages.common.data.formats import dropped_report, load_sources, source_parents
+from stages.common.evaluation.held_out import Evaluator
+from stages.common.evaluation.options import HELD_OUT_PANEL
+from stages.common.evaluation.options import plan_row as eval_plan_row
 from stages.common.models.loading import load_policy, load_processor
 from stages.common.plan import report as plan_report
 from stages.common.policy_update.logprobs import to_device
+from stages.common.rollout import make_engine
+from stages.common.training import distributed
 from stages.common.training import runtime as training
 from stages.sft import plan
 from stages.sft.config import SFTConfig
@@ -32,6 +38,8 @@ ENCODE_BATCH = 64  # samples per processor call when encoding
 
 
 def run(cfg: SFTConfig) -> Path:
+    """The stage, top to bottom. Long because it is the stage's recipe read in one place: data, setup, encoding,
+    resume, the loop with its evaluations, the save; each step is a named function below."""
     training.seed_everything(cfg.seed)
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     mixture = load_mixture(cfg.data, cfg.seed)
@@ -76,17 +84,20 @@ def run(cfg: SFTConfig) -> Path:
             console.info(f"resuming {cfg.out} at step {start_step}/{total_steps}")
         run_dir.truncate_metrics(start_step)  # killed before the first save: steps logged since are redone
 
-    train_loop(cfg, accelerator, policy, processor, train_set, eval_set, run_dir, start_step, total_steps)
+    held_out = held_out_evaluation(cfg, accelerator, runtime, run_dir, policy, processor)
+    train_loop(cfg, accelerator, policy, processor, train_set, eval_set, run_dir, start_step, total_steps, held_out)
 
     replicas = training.rank_fingerprints(accelerator, policy)
     training.save_model(accelerator, policy, processor, run_dir.model_dir)
     records = run_dir.read_metrics()
     plots.plot_curves(records, {"loss": "train loss", "eval_loss": "eval loss"}, run_dir.path / "loss.png",
                       f"SFT loss ({cfg.ckpt})")
+    plots.plot_panels(records, HELD_OUT_PANEL, run_dir.path / "held_out.png", f"SFT held-out evaluation ({cfg.ckpt})")
     summary = summarize(records, train_set, total_steps)
     summary.update(processes=accelerator.num_processes, backend=runtime.backend.name, replica_weight_sums=replicas,
                    encode_s=encode_s, encode_ms_per_sample=1000 * encode_s / max(len(train_samples), 1),
-                   samples_refused=sum(refused.values()), refused_reasons=refused, data_dropped=mixture.dropped)
+                   samples_refused=sum(refused.values()), refused_reasons=refused, data_dropped=mixture.dropped,
+                   **(held_out.evaluator.summary(records) if held_out else {}))
     accelerator.end_training()
     return run_dir.finalize(summary=summary, data=mixture.fingerprints, keep_state=cfg.keep_state)
 
@@ -196,7 +207,27 @@ def check_batches(cfg: SFTConfig, world: int) -> None:
                          hint=f"use a multiple of {cfg.micro_batch_size * world}")
 
 
-def train_loop(cfg, accelerator, policy, processor, train_set, eval_set, run_dir, start_step, total_steps):
+def held_out_evaluation(cfg, accelerator, runtime, run_dir, policy, processor):
+    """With --eval-tasks: the evaluator (stages.common.evaluation.held_out) and an hf engine sampling from the
+    policy being trained, the input evaluated as step 0; else None."""
+    evaluator = Evaluator.from_config(cfg, accelerator, run_dir)
+    if evaluator is None:
+        return None
+    engine = make_engine("hf", policy.module, processor, max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed,
+                         training=True)
+    engine.lockstep = distributed.lockstep(accelerator, runtime.backend)
+    evaluator.baseline(run_dir, accelerator, engine, policy, processor, cfg.report_to)
+    return HeldOutRun(evaluator, lambda step: evaluator(step, accelerator, engine, policy, processor))
+
+
+@dataclasses.dataclass
+class HeldOutRun:
+    evaluator: Evaluator
+    evaluate: Callable[[int], dict]     # step -> eval/synth/* metrics
+
+
+def train_loop(cfg, accelerator, policy, processor, train_set, eval_set, run_dir, start_step, total_steps,
+               held_out: HeldOutRun | None = None):
     rank, world = accelerator.process_index, accelerator.num_processes   # check_batches: divisible
     pad_id = processor.tokenizer.pad_token_id
     packed = use_packing(cfg, policy.module)
@@ -234,7 +265,9 @@ def train_loop(cfg, accelerator, policy, processor, train_set, eval_set, run_dir
             last = step + 1 == total_steps
             if eval_set and ((step + 1) % cfg.eval_every == 0 or last):
                 record["eval_loss"] = eval_loss(cfg, accelerator, model, eval_set, pad_id, packed)
-            if (step + 1) % cfg.log_every == 0 or last or "eval_loss" in record:
+            if held_out and ((step + 1) % cfg.eval_every == 0 or last):
+                record.update(held_out.evaluate(step + 1))
+            if (step + 1) % cfg.log_every == 0 or last or "eval_loss" in record or "eval/seconds" in record:
                 run_dir.log_metrics(record)
                 tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"loss {loss:.3f}" + (f" eval {record['eval_loss']:.3f}" if "eval_loss" in record
@@ -293,6 +326,7 @@ def print_plan(cfg: SFTConfig, policy_spec, mixture: Mixture, n_train: int, n_ev
                   f"packing {cfg.packing}, max_length {cfg.max_length})"],
         ["optimizer", f"AdamW lr {cfg.lr} {cfg.schedule}, warmup {cfg.warmup}, wd {cfg.weight_decay}"],
         ["parameters", plan_report.parameter_summary(shape)],
+        *[row for row in [eval_plan_row(cfg, total_steps, 0)] if row],
         ["output", cfg.out or "(--out not set)"],
     ]
     console.print_table("prism sft --dry-run", ["", "plan"], rows)

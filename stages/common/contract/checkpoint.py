@@ -38,6 +38,13 @@ SHAPE_SPECS = ("qwen3vl-2b-shape", "qwen3vl-4b-shape", "qwen3vl-8b-shape")
 _SECRET_KEY = re.compile(r"((api|secret|access|private)[_-]?key|secret|passw(or)?d|credentials?"
                          r"|(^|[_-])(access|auth|bearer|hf|api)?[_-]?token)$", re.I)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# --keep best:METRIC: the best evaluation's weights in <ckpt>/best/model, its record in best/best.json and in the
+# manifest's summary["best"]; a spec DIR#best names them (docs/eval-during-training.md).
+BEST_DIR = "best"
+BEST_RECORD = "best.json"
+BEST_KEY = "best"
+VARIANT_MARK = "#"
+VARIANTS = (BEST_DIR,)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -90,6 +97,7 @@ class CkptSpec:
     kind: str                     # "prism" | "hf" | "hub" | "tiny" | "shape"
     path: Path | None = None      # directory on disk (prism checkpoint dir or HF model dir)
     manifest: dict | None = None  # prism.json for kind == "prism"
+    variant: str = ""             # "best": the weights of its best evaluation (DIR#best), "" the final ones
 
     @property
     def stage(self) -> str:
@@ -99,7 +107,7 @@ class CkptSpec:
     def model_path(self) -> str:
         """Where from_pretrained should load the policy from."""
         if self.kind == "prism":
-            return str(self.path / "model")
+            return str(self.path / self.variant / "model" if self.variant else self.path / "model")
         if self.kind == "tiny":
             from stages.common.world import tiny  # only a tiny spec loads the tiny world (the architecture test)
             path = tiny.cached_path(self.ref)
@@ -115,8 +123,9 @@ class CkptSpec:
 
     @property
     def fingerprint(self) -> str:
-        if self.kind == "prism":
-            return hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
+        if self.kind == "prism":   # the manifest hashes both weights; the variant says which one is meant
+            sha = hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
+            return f"{sha}{VARIANT_MARK}{self.variant}" if self.variant else sha
         if self.kind == "tiny":
             from stages.common.world import tiny
             return f"tiny:{tiny.build_key(self.ref)}"
@@ -127,7 +136,11 @@ class CkptSpec:
         return f"hub:{self.ref}"
 
     def describe(self) -> str:
-        return f"{self.ref} ({self.stage if self.kind == 'prism' else self.kind + ' base model'})"
+        what = self.stage if self.kind == "prism" else self.kind + " base model"
+        if self.variant:
+            best = (self.manifest.get("summary") or {}).get(BEST_KEY) or {}
+            what += f", best {best.get('metric', '?')} {best.get('value', '?')} at step {best.get('step', '?')}"
+        return f"{self.ref} ({what})"
 
 
 def load_manifest(path: str | Path) -> dict:
@@ -197,6 +210,9 @@ def resolve(ref: str, role: str = "--ckpt") -> CkptSpec:
     if ref in SHAPE_SPECS:
         return CkptSpec(ref=ref, kind="shape")
     path = Path(ref).expanduser()
+    base, mark, variant = ref.rpartition(VARIANT_MARK)
+    if mark and base and not path.exists():
+        return resolve_variant(ref, base, variant, role)
     if path.is_dir():
         if (path / MANIFEST).is_file():
             manifest = load_manifest(path)
@@ -225,11 +241,27 @@ def resolve(ref: str, role: str = "--ckpt") -> CkptSpec:
     return CkptSpec(ref=ref, kind="hub")
 
 
+def resolve_variant(ref: str, base: str, variant: str, role: str) -> CkptSpec:
+    """DIR#best: the weights a run kept for its best evaluation (--keep best:METRIC), checked like the final ones
+    (the manifest lists and hashes both)."""
+    if variant not in VARIANTS:
+        raise PrismError(f"{role} {ref}: unknown variant #{variant}", hint="DIR (the final weights) or DIR#best")
+    spec = resolve(base, role)
+    if spec.kind != "prism":
+        raise PrismError(f"{role} {ref}: #{variant} names a prism checkpoint's kept weights; {base} is a "
+                         f"{spec.kind} model")
+    record = (spec.manifest.get("summary") or {}).get(BEST_KEY)
+    if not record or f"{BEST_DIR}/model/config.json" not in spec.manifest.get("files", {}):
+        raise PrismError(f"{role} {ref}: {base} kept no best checkpoint (its run had no --keep best:METRIC, or "
+                         "no evaluation)", hint=f"use {base} for its final weights")
+    return dataclasses.replace(spec, ref=ref, variant=variant)
+
+
 def default_eval_dir(spec: CkptSpec) -> Path:
     """Where `prism eval` writes by default, and where `prism export` looks for a checkpoint's results:
     eval-NAME beside a checkpoint directory, or eval-REF (made file-safe) in the working directory."""
     if spec.path is not None:
-        return spec.path.parent / f"eval-{spec.path.name}"
+        return spec.path.parent / f"eval-{spec.path.name}{'-' + spec.variant if spec.variant else ''}"
     return Path(f"eval-{re.sub(r'[^A-Za-z0-9._-]+', '--', spec.ref)}")
 
 
@@ -288,8 +320,11 @@ def parent_record(role: str, spec: CkptSpec, child: Path) -> dict:
     and survives moving or copying a whole chain."""
     record = {"role": role, "ref": spec.ref, "kind": spec.kind, "stage": spec.stage, "fingerprint": spec.fingerprint}
     if spec.path is not None and spec.kind in ("prism", "hf"):
-        record["ref"] = str(_real(spec.path))
-        record["relative"] = os.path.relpath(_real(spec.path), _real(child))
+        suffix = f"{VARIANT_MARK}{spec.variant}" if spec.variant else ""   # resolve_parent finds the same weights
+        record["ref"] = str(_real(spec.path)) + suffix
+        record["relative"] = os.path.relpath(_real(spec.path), _real(child)) + suffix
+        if spec.variant:
+            record["variant"] = spec.variant
     return record
 
 
