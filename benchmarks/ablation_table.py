@@ -22,7 +22,7 @@ from stages.common.protocol import parse_response
 from stages.common.world.synth import generate
 from stages.common.world.synth.caption_check import mentions, scene_items
 from stages.eval.compare import paired_bootstrap, resolved, wins_losses
-from stages.eval.synth_native import summarize
+from stages.common.evaluation.synth import summarize
 
 # The rows in the order the table reads; labels as the README and the plot show them (docs/miniature.md).
 ROWS = {

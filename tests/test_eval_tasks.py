@@ -126,17 +126,17 @@ def test_options_in_text():
 
 def test_synth_scoring_separates_perception_from_reasoning():
     from stages.common.world.synth import load, oracle_demo
-    from stages.eval import synth_native
+    from stages.common.evaluation import synth as synth_eval
 
     sample = load("synth:test:1")[0]
     demo = oracle_demo(sample)
-    right = synth_native.score_synth(sample, GOOD.replace("- a chart", demo.caption).format(demo.answer))
-    assert right["acc"] == 1.0 and right["caption_f1"] == 1.0 and synth_native.error_kind(right) == "right"
-    wrong_reasoning = synth_native.score_synth(sample, GOOD.replace("- a chart", demo.caption).format("zzz"))
-    assert synth_native.error_kind(wrong_reasoning) == "reasoning"
-    wrong_caption = synth_native.score_synth(sample, GOOD.format("zzz"))
-    assert synth_native.error_kind(wrong_caption) == "perception"
-    summary = synth_native.summarize([right, wrong_reasoning, wrong_caption])
+    right = synth_eval.score_synth(sample, GOOD.replace("- a chart", demo.caption).format(demo.answer))
+    assert right["acc"] == 1.0 and right["caption_f1"] == 1.0 and synth_eval.error_kind(right) == "right"
+    wrong_reasoning = synth_eval.score_synth(sample, GOOD.replace("- a chart", demo.caption).format("zzz"))
+    assert synth_eval.error_kind(wrong_reasoning) == "reasoning"
+    wrong_caption = synth_eval.score_synth(sample, GOOD.format("zzz"))
+    assert synth_eval.error_kind(wrong_caption) == "perception"
+    summary = synth_eval.summarize([right, wrong_reasoning, wrong_caption])
     assert summary["n"] == 3 and summary["value"] == pytest.approx(1 / 3)
     assert summary["extra"]["perception_errors"] == pytest.approx(1 / 3)
     assert summary["stderr"] == pytest.approx((1 / 3) ** 0.5 / 3 ** 0.5, rel=1e-6)

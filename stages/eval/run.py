@@ -24,6 +24,7 @@ from stages.common.contract.plots import plot_eval
 from stages.common.models.loading import load_policy, load_processor
 from stages.common.rollout import SamplingParams, check_engine, make_engine
 from stages.common.world.synth import load
+from stages.common.evaluation import synth as synth_eval
 from stages.eval import compare, lmms_runner, synth_native, task_data
 from stages.eval.config import EvalConfig
 from stages.eval.lmms_plugin import PrismLMM
@@ -70,8 +71,8 @@ def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan],
     samples: dict[str, list[dict]] = {}
     if any(p.backend == "native" for p in plans):
         greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        records = synth_native.evaluate(engine, synth_samples, greedy, cfg.batch_size)
-        results["synth"] = dict(synth_native.summarize(records), scorer="rule", lmms_tasks=[])
+        records = synth_eval.evaluate(engine, synth_samples, greedy, cfg.batch_size)
+        results["synth"] = dict(synth_eval.summarize(records), scorer="rule", lmms_tasks=[])
         samples["synth"] = records
     lmms_plans = [p for p in plans if p.backend == "lmms"]
     if lmms_plans:
@@ -118,7 +119,7 @@ def evaluate_with_lmms(cfg, spec, engine, plans: list[TaskPlan], synth_samples, 
 
 def add_error_split(result: dict, rows: list[dict]) -> None:
     """Perception / reasoning error shares for synth rows scored through lmms-eval."""
-    kinds = [synth_native.error_kind(r) for r in rows if "acc" in r and "caption_f1" in r]
+    kinds = [synth_eval.error_kind(r) for r in rows if "acc" in r and "caption_f1" in r]
     if kinds:
         result["extra"]["perception_errors"] = kinds.count("perception") / len(kinds)
         result["extra"]["reasoning_errors"] = kinds.count("reasoning") / len(kinds)

@@ -1,4 +1,4 @@
-"""synth evaluated natively (no lmms-eval), or written as a local lmms-eval task; scored the same both ways.
+"""synth written as a local lmms-eval task, scored by the same rule as the native evaluation.
 
 The scorer and the native loop live in stages.common.evaluation.synth: the evaluation inside training (align, rl,
 sft --eval-tasks synth) runs the same code, so its curves and a later `prism eval` measure the same thing.
@@ -10,9 +10,6 @@ import json
 from pathlib import Path
 
 from stages.common.contract.samples import Sample
-from stages.common.evaluation.synth import error_kind, evaluate, mean_and_stderr, score_synth, summarize
-
-__all__ = ["SYNTH_TASK", "error_kind", "evaluate", "mean_and_stderr", "score_synth", "summarize", "write_lmms_task"]
 
 SYNTH_TASK = "prism_synth"
 # Written beside the parquet at run time; the functions live in the package (absolute paths).

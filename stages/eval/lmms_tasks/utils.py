@@ -14,7 +14,7 @@ import re
 from stages.common.contract.samples import Sample
 from stages.common.data.chat import question_text
 from stages.eval import tasks
-from stages.eval.synth_native import score_synth
+from stages.common.evaluation.synth import score_synth
 
 _IMAGE_TAG = re.compile(r"<image (\d+)>")
 
