@@ -30,7 +30,7 @@ from stages.common.contract import checkpoint, console, plots, tracking
 from stages.common.contract.config import to_dict
 from stages.common.contract.errors import PrismError, UsageError
 from stages.common.contract.samples import Sample, stream_item
-from stages.common.data.chat import problem_messages, rollout_prompt
+from stages.common.data.chat import problem_messages, rollout_prompt, screened_rollout_prompts
 from stages.common.data.formats import dropped_report, image_bytes, load_sources, source_parents
 from stages.common.models.discriminator import (
     aux_loss_coef,
@@ -109,7 +109,10 @@ def run(cfg: AlignConfig) -> Path:
     with console.progress("align", total=cfg.steps) as bar:
         bar.advance(state["step"])
         for step in range(state["step"], cfg.steps):
-            batch, state["cursor"] = next_prompts(samples, state["cursor"], cfg, layout, accelerator.process_index)
+            batch, state["cursor"], refused = next_prompts(samples, state["cursor"], cfg, layout,
+                                                           accelerator.process_index, processor)
+            for reason in refused:
+                console.warn(f"align: skipped a prompt the processor refuses ({reason})")
             with timer.phase("rollout"):
                 completions = collect_rollouts(cfg, layout, accelerator, policy, engine, batch, step)
             with timer.phase("score"):
@@ -120,7 +123,8 @@ def run(cfg: AlignConfig) -> Path:
                 advantages, update = policy_update(cfg, layout, accelerator, policy, processor, batch, completions,
                                                    scores.detached(), rewards)
             record = {"step": step + 1, **d_metrics, **game_metrics(scores.detached(), rewards, advantages), **update,
-                      **probe_metrics(engine), **timer.pop()}
+                      **probe_metrics(engine), **timer.pop(),   # refused: a split group's processes all count it
+                      "sampling/refused": training.global_sum(accelerator, len(refused) / layout.ranks_per_group)}
             run_dir.log_metrics(record)
             tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"gap caption {record['gap/caption']:+.2f} think {record['gap/think']:+.2f} "
@@ -144,7 +148,7 @@ def run(cfg: AlignConfig) -> Path:
     accelerator.end_training()
     summary = summarize(records)
     summary.update(engine=engine.name, processes=accelerator.num_processes, backend=runtime.backend.name,
-                   data_dropped=dropped)
+                   data_dropped=dropped, prompts_refused=sum(round(r.get("sampling/refused", 0)) for r in records))
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 
@@ -251,11 +255,28 @@ def build_discriminator(cfg: AlignConfig, source, device):
 
 
 def next_prompts(samples: list[Sample], cursor: int, cfg: AlignConfig, layout: GroupLayout,
-                 rank: int) -> tuple[list, int]:
+                 rank: int, processor) -> tuple[list, int, list[str]]:
     """This process's share of the next prompts_per_step (global) prompts of a seeded endless stream (a split
-    group's prompt is held by each of its processes)."""
-    picked = [stream_item(samples, cursor + i, cfg.seed) for i in layout.prompt_indices(rank)]
-    return [(s, rollout_prompt(s)) for s in picked], cursor + cfg.prompts_per_step
+    group's prompt is held by each of its processes), and why any were refused. A prompt whose image the
+    processor refuses (or that does not decode) is replaced by the same slot of a later draw that it accepts:
+    decided from the stream alone, so the processes of a split group agree, every process keeps its share's
+    size, and a resumed run draws the same."""
+    batch, refused = [], []
+    for i in layout.prompt_indices(rank):
+        for later in range(MAX_REFUSED_IN_A_ROW):
+            sample = stream_item(samples, cursor + i + later * cfg.prompts_per_step, cfg.seed)
+            prompts, reasons = screened_rollout_prompts([sample], processor)
+            if not reasons:
+                batch.append((sample, prompts[0]))
+                break
+            refused.append(reasons[0])
+        else:
+            raise PrismError(f"the processor refuses the images of {MAX_REFUSED_IN_A_ROW} prompts in a row "
+                             f"(the last: {refused[-1]})", hint="check the --data images")
+    return batch, cursor + cfg.prompts_per_step, refused
+
+
+MAX_REFUSED_IN_A_ROW = 100
 
 
 # --------------------------------------------------------------------------------------------- warmup
@@ -305,6 +326,12 @@ def sample_pairs(cfg, accelerator, policy, engine, samples) -> list[PreferencePa
     dropped); the responses are then gathered so every process holds the same pairs."""
     rng = random.Random(cfg.seed + 1)
     chosen = rng.sample(samples, min(cfg.warmup_prompts, len(samples)))
+    _, refused = screened_rollout_prompts(chosen, engine.processor)   # the same on every process
+    for reason in refused.values():
+        console.warn(f"align warmup: skipped a prompt the processor refuses ({reason})")
+    chosen = [s for i, s in enumerate(chosen) if i not in refused]
+    if not chosen:
+        raise PrismError("the processor refuses the image of every warmup prompt", hint="check the --data images")
     rank, world = accelerator.process_index, accelerator.num_processes
     share = -(-len(chosen) // world)
     mine = list(range(rank * share, min((rank + 1) * share, len(chosen))))
