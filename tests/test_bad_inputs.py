@@ -236,6 +236,11 @@ CASES = {
     "--out pointing at a file": Case([*SFT, "--data", "synth:train:4", "--out", "{a_file}"], "exists and is a file"),
     "--out under a file": Case(["curate", "--teacher", "oracle", "--source", "synth:train:2", "--out",
                                 "{a_file}/out"], "cannot write to --out"),
+    # issue 33: contradictory options
+    "--dynamic-sampling with --no-dynamic-sampling": Case(["rl", "--ckpt", "tiny", "--dynamic-sampling",
+                                                           "--no-dynamic-sampling"], "contradict each other", code=2),
+    "the same --set key twice with two values": Case([*SFT, "--set", "lr=1e-5", "--set", "lr=2e-5"],
+                                                     "--set lr is given twice", code=2),
 }
 
 
