@@ -329,3 +329,12 @@ def test_broken_rows_among_good_ones_are_skipped_and_counted(inputs, tmp_path):
     line = _check_one_clear_line(_invoke(case, inputs, tmp_path / "out"), case)
     assert "row 1" in line and "image 0" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_where_there_is_no_run_says_it_starts_a_new_one(tmp_path, capsys):
+    """--resume with a mistyped --out: the new run from step 0 is said, not silent (issue 33)."""
+    from stages.common.contract.checkpoint import open_output
+
+    run = open_output(str(tmp_path / "typo"), "sft", {"lr": 1.0}, [], resume=True)
+    assert not run.resuming
+    assert "holds no interrupted sft run; starting a new one from step 0" in capsys.readouterr().err
