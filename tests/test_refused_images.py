@@ -276,3 +276,16 @@ def test_lmms_model_answers_a_refused_image_with_nothing_and_records_it(processo
     replies = lmm.generate_until([Request(0), Request(1)])
     assert "red" in replies[0] and replies[1] == ""
     assert list(lmm.refused) == [("t", 1)] and "aspect ratio" in lmm.refused[("t", 1)]
+
+
+def test_an_hf_teacher_answers_a_refused_image_as_a_bad_request(processor):
+    from stages.curate.teacher_api import TeacherRequest
+    from stages.curate.teachers import HFTeacher
+
+    teacher = HFTeacher.__new__(HFTeacher)   # the engine is a fake: no model is loaded
+    teacher.processor, teacher.engine, teacher.batch_size = processor, _GreedyEngine(processor), 8
+    teacher.temperature, teacher.max_new_tokens = 0.0, 4
+    samples = [_sample("good", _image(32, 24)), _sample("sliver", _image(4000, 3))]
+    replies = teacher.call_batch([TeacherRequest("", s.question, s.images, 0, 0, sample=s) for s in samples])
+    assert [r.finish for r in replies] == ["stop", "bad_request"]
+    assert "sample sliver" in replies[1].detail and replies[1].text is None
