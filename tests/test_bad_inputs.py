@@ -239,8 +239,6 @@ CASES = {
     # issue 33: contradictory options
     "--dynamic-sampling with --no-dynamic-sampling": Case(["rl", "--ckpt", "tiny", "--dynamic-sampling",
                                                            "--no-dynamic-sampling"], "contradict each other", code=2),
-    "the same --set key twice with two values": Case([*SFT, "--set", "lr=1e-5", "--set", "lr=2e-5"],
-                                                     "--set lr is given twice", code=2),
     # issue 33: the next inputs a researcher tries (docs/first-hour.md lists the ones that already worked)
     "--config pointing at a directory": Case([*SFT, "--config", "{dir}"], "is a directory, not a YAML file", code=2),
     "--dtype a training stage cannot run": Case([*SFT, "--data", "synth:train:4", "--dtype", "fp8"],

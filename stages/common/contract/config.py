@@ -186,10 +186,7 @@ def parse_sets(sets: list[str] | None) -> dict:
         if "=" not in item:
             raise UsageError(f"--set expects key=value, got '{item}'")
         k, v = item.split("=", 1)
-        key = k.strip().replace("-", "_")
-        if key in out and out[key] != v:   # which one was meant cannot be known: last-wins would be a guess
-            raise UsageError(f"--set {key} is given twice, as {out[key]!r} and {v!r}", hint="give it once")
-        out[key] = v
+        out[k.strip().replace("-", "_")] = v   # the last of a key wins: a script's --set can be overridden after it
     return out
 
 
