@@ -87,3 +87,15 @@ def test_the_output_cache_is_read_under_either_name():
         past_key_values = "old-kv"
 
     assert output_cache(OldOutput()) == "old-kv"
+
+
+def test_checkpointing_is_enabled_without_the_deprecated_name(tiny_path):
+    """load_policy(gradient_checkpointing=True) and align's discriminator switch checkpointing on through the
+    method the installed transformers names (5.24 warns on gradient_checkpointing_enable)."""
+    from stages.common.models.loading import load_policy
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_policy(tiny_path, train=True, gradient_checkpointing=True)
+    assert [str(w.message) for w in caught if "checkpointing_enable" in str(w.message)] == []
+    assert model.is_gradient_checkpointing

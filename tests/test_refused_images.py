@@ -33,6 +33,16 @@ def _truncated_jpeg() -> bytes:
     return raw[: len(raw) // 2]
 
 
+@pytest.fixture(autouse=True)
+def _strict_decoding(monkeypatch):
+    """lmms-eval, once imported (another test may have), sets PIL's LOAD_TRUNCATED_IMAGES for the whole
+    process, which fills a truncated image's missing rows with grey instead of failing: these tests need
+    PIL's default."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
+
+
 @pytest.fixture(scope="module")
 def processor():
     from stages.common.contract import checkpoint
@@ -289,3 +299,32 @@ def test_an_hf_teacher_answers_a_refused_image_as_a_bad_request(processor):
     replies = teacher.call_batch([TeacherRequest("", s.question, s.images, 0, 0, sample=s) for s in samples])
     assert [r.finish for r in replies] == ["stop", "bad_request"]
     assert "sample sliver" in replies[1].detail and replies[1].text is None
+
+
+def test_align_runs_past_refused_prompts_and_counts_them(tmp_path, capsys, monkeypatch):
+    """One good prompt and two whose images fail at rollout time: every draw of a bad one is replaced by a
+    later one, the warmup leaves them out, the run completes and counts them."""
+    from stages.align.config import AlignConfig
+    from stages.align.run import run
+    from stages.common.data import formats
+    from stages.common.world.synth import load as synth_load
+    from stages.common.world.synth import with_oracle_demos
+
+    monkeypatch.setattr(formats, "MAX_ASPECT_RATIO", 10**6)   # let the sliver past the load check
+    good = sample_to_row(with_oracle_demos(synth_load("synth:train:1"))[0])
+    encode = lambda raw: "data:image/png;base64," + base64.b64encode(raw).decode()  # noqa: E731
+    rows = [dict(good, images=[encode(good["images"][0])]),
+            dict(good, id="sliver", images=[encode(_image(4000, 3))]),
+            dict(good, id="broken", images=[encode(_truncated_jpeg())])]
+    data = tmp_path / "demos.jsonl"
+    data.write_text("\n".join(json.dumps(r, default=str) for r in rows) + "\n")
+    out = run(config.resolve(AlignConfig, flags=dict(
+        ckpt="tiny", data=[str(data)], out=str(tmp_path / "align"), steps=1, prompts_per_step=2,
+        rollouts_per_prompt=2, max_new_tokens=8, warmup_steps=1, warmup_prompts=3, warmup_batch=2, seed=0)))
+    summary = load_manifest(out)["summary"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step = [r for r in metrics if "sampling/refused" in r]
+    assert len(step) == 1 and step[0]["sampling/refused"] >= 1        # 2 of the 3 are bad: a draw of 2 hits one
+    assert summary["prompts_refused"] == round(step[0]["sampling/refused"])
+    err = capsys.readouterr().err
+    assert "align warmup: skipped a prompt" in err and "sample sliver" in err and "sample broken" in err

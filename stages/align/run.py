@@ -39,7 +39,7 @@ from stages.common.models.discriminator import (
     save_discriminator,
     upcycle,
 )
-from stages.common.models.loading import default_device, load_policy, load_processor
+from stages.common.models.loading import default_device, enable_checkpointing, load_policy, load_processor
 from stages.common.plan import report as plan_report
 from stages.common.policy_update.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
@@ -243,13 +243,13 @@ def build_discriminator(cfg: AlignConfig, source, device):
         path = spec.path / "discriminator" if spec.kind == "prism" else spec.path
         disc = load_discriminator(path, dtype=training.MASTER_WEIGHTS_DTYPE, device=device, train=True)
         if cfg.disc_gradient_checkpointing:
-            disc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(disc)
         return disc, load_discriminator_processor(path)
     disc = upcycle(spec, num_experts=cfg.num_experts, top_k=cfg.top_k, noise_std=cfg.expert_noise,
                    router_std=cfg.router_std, aux_loss_coef=cfg.aux_loss_coef, seed=cfg.seed, dense=cfg.disc_dense,
                    text_only=cfg.disc_text_only, dtype=training.MASTER_WEIGHTS_DTYPE, device=device)
     if cfg.disc_gradient_checkpointing:
-        disc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(disc)
     disc.train()
     return disc, load_processor(spec)
 
