@@ -328,3 +328,34 @@ def test_align_runs_past_refused_prompts_and_counts_them(tmp_path, capsys, monke
     assert summary["prompts_refused"] == round(step[0]["sampling/refused"])
     err = capsys.readouterr().err
     assert "align warmup: skipped a prompt" in err and "sample sliver" in err and "sample broken" in err
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("backend", ["zero3"])   # sharded parameters: every forward is a collective
+def test_rl_with_two_ranks_runs_past_refused_prompts(tmp_path, backend):
+    """Two processes, half the prompts with images that do not decode: the ranks stay in step (a rank that
+    ran one forward less would hang the other), the run completes and counts what it skipped."""
+    import subprocess
+    import sys
+
+    from stages.common.world.synth import load as synth_load
+    from tests.test_distributed import _env, _torchrun
+
+    rows = [dict(sample_to_row(s), images=["data:image/png;base64," + base64.b64encode(s.images[0]).decode()])
+            for s in synth_load("synth:train:4")]
+    for i in (1, 3):
+        rows[i] = dict(rows[i], id=f"broken{i}",
+                       images=["data:image/jpeg;base64," + base64.b64encode(_truncated_jpeg()).decode()])
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps(r, default=str) for r in rows) + "\n")
+    out = tmp_path / "rl"
+    proc = subprocess.run(_torchrun() + ["-m", "prism_cli", "rl", "--algo", "grpo", "--ckpt", "tiny", "--data", str(data),
+                                         "--steps", "2", "--prompts-per-step", "2", "--rollouts-per-prompt", "2",
+                                         "--max-new-tokens", "6", "--out", str(out)],
+                          cwd=tmp_path, env=_env(PRISM_BACKEND=backend), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = load_manifest(out)["summary"]
+    assert summary["processes"] == 2 and summary["backend"] == backend
+    refused = [json.loads(line)["sampling/refused"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(refused) == 2 and summary["prompts_refused"] == sum(refused) >= 1
+    assert "sample broken" in proc.stderr
