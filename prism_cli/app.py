@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover
 from prism_cli.inspect import show
 from stages.common.contract import __version__, console
 from stages.common.contract import config as cfgmod
-from stages.common.contract.errors import PrismError
+from stages.common.contract.errors import PrismError, UsageError
 
 # stage -> (config class, run function, one-line description)
 STAGES = {
@@ -163,6 +163,16 @@ def _no_emoji(text: str) -> str:
 NEGATED = "__no"  # the parameter of a --no-X switch: field X set to False
 
 
+def check_switch_pairs(given: dict, negated: list[str], flags_of: dict) -> None:
+    """--x with --no-x: the later one winning silently would run what half the command line did not ask for."""
+    for name in negated:
+        field_name = name[:-len(NEGATED)]
+        if given.get(name) and given.get(field_name):
+            flag = flags_of[field_name]
+            raise UsageError(f"{flag} and {flag.replace('--', '--no-', 1)} contradict each other",
+                             hint="give one of them")
+
+
 def _make_stage_command(stage: str, config_path: str, run_path: str, description: str):
     config_cls = _import(config_path)  # every stage is built: failing to import one is a bug, not "not built"
     hints = typing.get_type_hints(config_cls)
@@ -176,12 +186,12 @@ def _make_stage_command(stage: str, config_path: str, run_path: str, description
         inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                           default=typer.Option(False, "--debug", help="Show tracebacks.", rich_help_panel="Config")),
     ]
-    cli_fields, negated = [], []
+    cli_fields, negated, flags_of = [], [], {}
     for f in dataclasses.fields(config_cls):
         meta = f.metadata or {}
         if not meta.get("cli", True):
             continue
-        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        flag = flags_of[f.name] = meta.get("flag") or "--" + f.name.replace("_", "-")
         default_text = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         tp = _cli_type(hints[f.name])
@@ -209,6 +219,7 @@ def _make_stage_command(stage: str, config_path: str, run_path: str, description
         flags.update({k[:-len(NEGATED)]: False for k in negated if kwargs.get(k)})
 
         def go():
+            check_switch_pairs(kwargs, negated, flags_of)
             cfg = cfgmod.resolve(config_cls, config_file=config_file, flags=flags, sets=sets)
             run = _import(run_path)
             result = run(cfg)

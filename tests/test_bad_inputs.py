@@ -236,6 +236,17 @@ CASES = {
     "--out pointing at a file": Case([*SFT, "--data", "synth:train:4", "--out", "{a_file}"], "exists and is a file"),
     "--out under a file": Case(["curate", "--teacher", "oracle", "--source", "synth:train:2", "--out",
                                 "{a_file}/out"], "cannot write to --out"),
+    # issue 33: contradictory options
+    "--dynamic-sampling with --no-dynamic-sampling": Case(["rl", "--ckpt", "tiny", "--dynamic-sampling",
+                                                           "--no-dynamic-sampling"], "contradict each other", code=2),
+    # issue 33: the next inputs a researcher tries (docs/first-hour.md lists the ones that already worked)
+    "--config pointing at a directory": Case([*SFT, "--config", "{dir}"], "is a directory, not a YAML file", code=2),
+    "--dtype a training stage cannot run": Case([*SFT, "--data", "synth:train:4", "--dtype", "fp8"],
+                                                "unknown --dtype 'fp8'", code=2),
+    "rl --dry-run with an unknown --dtype": Case(["rl", "--ckpt", "tiny", "--data", "synth:train:4", "--dtype", "fp8",
+                                                  "--dry-run"], "unknown --dtype 'fp8'", code=2),
+    "sft --max-steps 0": Case([*SFT[:3], "--max-steps", "0", "--data", "synth:train:4"], "--max-steps 0 would train nothing",
+                              code=2),
 }
 
 
@@ -316,3 +327,12 @@ def test_broken_rows_among_good_ones_are_skipped_and_counted(inputs, tmp_path):
     line = _check_one_clear_line(_invoke(case, inputs, tmp_path / "out"), case)
     assert "row 1" in line and "image 0" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_where_there_is_no_run_says_it_starts_a_new_one(tmp_path, capsys):
+    """--resume with a mistyped --out: the new run from step 0 is said, not silent (issue 33)."""
+    from stages.common.contract.checkpoint import open_output
+
+    run = open_output(str(tmp_path / "typo"), "sft", {"lr": 1.0}, [], resume=True)
+    assert not run.resuming
+    assert "holds no interrupted sft run; starting a new one from step 0" in capsys.readouterr().err

@@ -30,7 +30,7 @@ from stages.common.contract import checkpoint, console, plots, tracking
 from stages.common.contract.config import to_dict
 from stages.common.contract.errors import PrismError, UsageError
 from stages.common.contract.samples import Sample, stream_item
-from stages.common.data.chat import problem_messages, rollout_prompt
+from stages.common.data.chat import problem_messages, rollout_prompt, screened_rollout_prompts
 from stages.common.data.formats import dropped_report, image_bytes, load_sources, source_parents
 from stages.common.evaluation.held_out import Evaluator
 from stages.common.evaluation.options import HELD_OUT_PANEL
@@ -42,7 +42,7 @@ from stages.common.models.discriminator import (
     save_discriminator,
     upcycle,
 )
-from stages.common.models.loading import default_device, load_policy, load_processor
+from stages.common.models.loading import default_device, enable_checkpointing, load_policy, load_processor
 from stages.common.plan import report as plan_report
 from stages.common.policy_update.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
@@ -115,7 +115,10 @@ def run(cfg: AlignConfig) -> Path:
     with console.progress("align", total=cfg.steps) as bar:
         bar.advance(state["step"])
         for step in range(state["step"], cfg.steps):
-            batch, state["cursor"] = next_prompts(samples, state["cursor"], cfg, layout, accelerator.process_index)
+            batch, state["cursor"], refused = next_prompts(samples, state["cursor"], cfg, layout,
+                                                           accelerator.process_index, processor)
+            for reason in refused:
+                console.warn(f"align: skipped a prompt the processor refuses ({reason})")
             with timer.phase("rollout"):
                 completions = collect_rollouts(cfg, layout, accelerator, policy, engine, batch, step)
             with timer.phase("score"):
@@ -130,7 +133,9 @@ def run(cfg: AlignConfig) -> Path:
                 with timer.phase("eval"):
                     held_out = evaluator(step + 1, accelerator, engine, policy, processor)
             record = {"step": step + 1, **d_metrics, **game_metrics(scores.detached(), rewards, advantages), **update,
-                      **held_out, **probe_metrics(engine), **timer.pop()}
+                      **held_out, **probe_metrics(engine), **timer.pop(),
+                      # refused: a split group's processes all count it
+                      "sampling/refused": training.global_sum(accelerator, len(refused) / layout.ranks_per_group)}
             run_dir.log_metrics(record)
             tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"gap caption {record['gap/caption']:+.2f} think {record['gap/think']:+.2f} "
@@ -155,7 +160,8 @@ def run(cfg: AlignConfig) -> Path:
     accelerator.end_training()
     summary = summarize(records)
     summary.update(engine=engine.name, processes=accelerator.num_processes, backend=runtime.backend.name,
-                   data_dropped=dropped, **(evaluator.summary(records) if evaluator else {}))
+                   data_dropped=dropped, prompts_refused=sum(round(r.get("sampling/refused", 0)) for r in records),
+                   **(evaluator.summary(records) if evaluator else {}))
     return run_dir.finalize(summary=summary, data=data_fp, keep_state=cfg.keep_state)
 
 
@@ -250,23 +256,40 @@ def build_discriminator(cfg: AlignConfig, source, device):
         path = spec.path / "discriminator" if spec.kind == "prism" else spec.path
         disc = load_discriminator(path, dtype=training.MASTER_WEIGHTS_DTYPE, device=device, train=True)
         if cfg.disc_gradient_checkpointing:
-            disc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(disc)
         return disc, load_discriminator_processor(path)
     disc = upcycle(spec, num_experts=cfg.num_experts, top_k=cfg.top_k, noise_std=cfg.expert_noise,
                    router_std=cfg.router_std, aux_loss_coef=cfg.aux_loss_coef, seed=cfg.seed, dense=cfg.disc_dense,
                    text_only=cfg.disc_text_only, dtype=training.MASTER_WEIGHTS_DTYPE, device=device)
     if cfg.disc_gradient_checkpointing:
-        disc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(disc)
     disc.train()
     return disc, load_processor(spec)
 
 
 def next_prompts(samples: list[Sample], cursor: int, cfg: AlignConfig, layout: GroupLayout,
-                 rank: int) -> tuple[list, int]:
+                 rank: int, processor) -> tuple[list, int, list[str]]:
     """This process's share of the next prompts_per_step (global) prompts of a seeded endless stream (a split
-    group's prompt is held by each of its processes)."""
-    picked = [stream_item(samples, cursor + i, cfg.seed) for i in layout.prompt_indices(rank)]
-    return [(s, rollout_prompt(s)) for s in picked], cursor + cfg.prompts_per_step
+    group's prompt is held by each of its processes), and why any were refused. A prompt whose image the
+    processor refuses (or that does not decode) is replaced by the same slot of a later draw that it accepts:
+    decided from the stream alone, so the processes of a split group agree, every process keeps its share's
+    size, and a resumed run draws the same."""
+    batch, refused = [], []
+    for i in layout.prompt_indices(rank):
+        for later in range(MAX_REFUSED_IN_A_ROW):
+            sample = stream_item(samples, cursor + i + later * cfg.prompts_per_step, cfg.seed)
+            prompts, reasons = screened_rollout_prompts([sample], processor)
+            if not reasons:
+                batch.append((sample, prompts[0]))
+                break
+            refused.append(reasons[0])
+        else:
+            raise PrismError(f"the processor refuses the images of {MAX_REFUSED_IN_A_ROW} prompts in a row "
+                             f"(the last: {refused[-1]})", hint="check the --data images")
+    return batch, cursor + cfg.prompts_per_step, refused
+
+
+MAX_REFUSED_IN_A_ROW = 100
 
 
 # --------------------------------------------------------------------------------------------- warmup
@@ -316,6 +339,12 @@ def sample_pairs(cfg, accelerator, policy, engine, samples) -> list[PreferencePa
     dropped); the responses are then gathered so every process holds the same pairs."""
     rng = random.Random(cfg.seed + 1)
     chosen = rng.sample(samples, min(cfg.warmup_prompts, len(samples)))
+    _, refused = screened_rollout_prompts(chosen, engine.processor)   # the same on every process
+    for reason in refused.values():
+        console.warn(f"align warmup: skipped a prompt the processor refuses ({reason})")
+    chosen = [s for i, s in enumerate(chosen) if i not in refused]
+    if not chosen:
+        raise PrismError("the processor refuses the image of every warmup prompt", hint="check the --data images")
     rank, world = accelerator.process_index, accelerator.num_processes
     share = -(-len(chosen) // world)
     mine = list(range(rank * share, min((rank + 1) * share, len(chosen))))

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from stages.common.contract.errors import UsageError
 from stages.common.contract.registry import Registry
-from stages.common.data.chat import rollout_prompt
+from stages.common.data.chat import screened_rollout_prompts
 from stages.common.models.loading import load_policy, load_processor
 from stages.common.protocol import format_response
 from stages.common.rollout import SamplingParams, make_engine
@@ -118,8 +118,12 @@ class HFTeacher:
             # one seed per chunk: the engine is deterministic given (seed, inputs), which the cache key holds
             params = SamplingParams(n=1, temperature=self.temperature, max_new_tokens=self.max_new_tokens,
                                     seed=chunk[0].seed * 1000 + chunk[0].attempt)
-            outs = self.engine.generate([rollout_prompt(r.sample) for r in chunk], params)
-            for group in outs:
+            prompts, refused = screened_rollout_prompts([r.sample for r in chunk], self.processor)
+            outs = self.engine.generate(prompts, params)
+            for i, group in enumerate(outs):
+                if i in refused:   # a request the model cannot take: the gate drops it, the tally counts it
+                    replies.append(Reply(None, "bad_request", {}, refused[i]))
+                    continue
                 c = group[0]
                 usage = {"output_tokens": len(c.token_ids), "total_tokens": len(c.token_ids)}
                 replies.append(Reply(c.text, "max_tokens" if c.finish_reason == "length" else "stop", usage))

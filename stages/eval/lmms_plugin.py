@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from itertools import groupby
 
+from stages.common.contract import console
 from stages.common.contract.errors import PrismError, UsageError
 from stages.common.models.loading import load_policy, load_processor
 from stages.common.protocol import SYSTEM_PROMPT, parse_response
 from stages.common.rollout import RolloutPrompt, SamplingParams, make_engine
+from stages.common.rollout.prompts import screen
 
 MODEL_ID = "prism"
 REPLY_MODES = ("auto", "full", "answer")
@@ -125,6 +127,7 @@ class PrismLMM(_LmmsBase):
         self.system_prompt = _flag(system_prompt) if isinstance(system_prompt, str) else bool(system_prompt)
         self.seed = int(seed)
         self.responses: dict[tuple[str, int], str] = {}
+        self.refused: dict[tuple[str, int], str] = {}   # docs whose image the processor refuses: answered ""
 
     def generate_until(self, requests) -> list[str]:
         replies: list[str | None] = [None] * len(requests)
@@ -143,9 +146,14 @@ class PrismLMM(_LmmsBase):
             group = list(group)
             for start in range(0, len(group), self.batch_size):
                 batch = group[start:start + self.batch_size]
-                outputs = self.engine.generate([job[3] for job in batch], batch[0][4])
-                for (index, task, doc_id, _, _), completions in zip(batch, outputs):
-                    response = completions[0].text
+                prompts, refused = screen(self.engine.processor, [job[3] for job in batch])
+                outputs = self.engine.generate(prompts, batch[0][4])
+                for i, ((index, task, doc_id, _, _), completions) in enumerate(zip(batch, outputs)):
+                    response = "" if i in refused else completions[0].text
+                    if i in refused:
+                        console.warn(f"eval: the processor refuses {task} doc {doc_id}, scored as unanswered "
+                                     f"({refused[i]})")
+                        self.refused[(task, doc_id)] = refused[i]
                     self.responses[(task, doc_id)] = response
                     replies[index] = reply_text(response, task, self.reply)
         return replies

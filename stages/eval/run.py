@@ -93,6 +93,9 @@ def evaluate_checkpoint(cfg: EvalConfig, spec, out: Path, plans: list[TaskPlan],
         summary["average"] = report["average"]
     if report["paper_average"] is not None:
         summary["paper_average"] = report["paper_average"]["value"]
+    refused = sum(r.get("extra", {}).get("refused", 0) for r in results.values())
+    if refused:   # scored as unanswered: named here so a low score is not read as the model's
+        summary["prompts_refused"] = refused
     return run_dir.finalize(summary=summary, data={"synth": cfg.synth} if synth_samples else None)
 
 
@@ -113,6 +116,7 @@ def evaluate_with_lmms(cfg, spec, engine, plans: list[TaskPlan], synth_samples, 
         rows = [row for task in plan.lmms_tasks for row in lmms_runner.sample_records(raw, task, lmm.responses)]
         if plan.name == "synth":
             add_error_split(results[plan.name], rows)
+        results[plan.name].setdefault("extra", {})["refused"] = sum(task in plan.lmms_tasks for task, _ in lmm.refused)
         samples[plan.name] = rows
     return results, samples
 

@@ -17,7 +17,7 @@ from stages.common.contract import checkpoint, console, plots, tracking
 from stages.common.contract.config import to_dict
 from stages.common.contract.errors import PrismError, UsageError
 from stages.common.contract.samples import Sample, stream_item
-from stages.common.data.chat import rollout_prompt
+from stages.common.data.chat import screened_rollout_prompts
 from stages.common.data.formats import dropped_report, load_sources, source_parents
 from stages.common.evaluation.held_out import Evaluator
 from stages.common.evaluation.options import HELD_OUT_PANEL
@@ -118,6 +118,7 @@ def run(cfg: RLConfig) -> Path:
     trained = [r for r in records if r["step"] > 0]   # step 0 is the input's held-out evaluation
     summary = dict(summarize(trained), engine=engine.name, processes=accelerator.num_processes,
                    backend=runtime.backend.name, replica_weight_sums=replicas, data_dropped=dropped, reward=cfg.reward,
+                   prompts_refused=sum(int(r.get("sampling/refused", 0)) for r in records),
                    **(evaluator.summary(records) if evaluator else {}))
     summary["warnings"] = learning_warnings(trained, cfg.max_new_tokens)
     for warning in summary["warnings"]:
@@ -210,37 +211,46 @@ def score_rows(cfg: RLConfig, samples: list[Sample], completions_by_prompt: list
 
 def collect_rollouts(cfg: RLConfig, accelerator, policy, engine, prompts: list[Sample], cursor: int, step: int,
                      timer: training.StepTimer) -> tuple[Rollouts, int, dict]:
-    """Sample rollout batches until this step has prompts_per_step useful groups (or the draw limit)."""
+    """Sample rollout batches until this step has prompts_per_step useful groups (or the draw limit). A prompt
+    the processor refuses is rolled out as a stand-in (the batch keeps its shape, so the processes run the same
+    forwards and collectives) and never scored or kept. Long because the draw loop is one piece: what is kept,
+    what is only reported, and the one global count that decides, on every process alike, whether to draw
+    again."""
     rank, world = accelerator.process_index, accelerator.num_processes
     quota = cfg.prompts_per_step // world   # check_prompts_per_step: divisible
     n = cfg.rollouts_per_prompt
     dynamic = cfg.resolved("dynamic_sampling")
     kept = dict(prompts=[], samples=[], completions=[], rewards=[], acc=[], fmt=[])
     seen = dict(rewards=[], acc=[], fmt=[], lengths=[])
-    groups_total = groups_kept = batches = 0
+    groups_total = groups_kept = batches = refused_total = 0
     engine.sync_weights(policy.module)
     while True:
         batch_samples = [stream_item(prompts, cursor + i, cfg.seed) for i in range(rank * quota, (rank + 1) * quota)]
         cursor += quota * world
         batches += 1
         with timer.phase("rollout"):
-            rollout_prompts = [rollout_prompt(s) for s in batch_samples]
+            rollout_prompts, refused = screened_rollout_prompts(batch_samples, engine.processor)
             params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p,
                                     max_new_tokens=cfg.max_new_tokens,
                                     seed=cfg.seed * 1_000_003 + step * 1009 + batches * 101 + rank)
             completions = engine.generate(rollout_prompts, params)
         with timer.phase("score"):
             rewards, acc, fmt, lengths = score_rows(cfg, batch_samples, completions)
-        seen["rewards"] += rewards.tolist()
-        seen["acc"] += acc.tolist()
-        seen["fmt"] += fmt.tolist()
-        seen["lengths"] += lengths
+        for reason in refused.values():
+            console.warn(f"rl: skipped a prompt the processor refuses ({reason})")
+        scored = [r for g in range(len(batch_samples)) if g not in refused for r in range(g * n, (g + 1) * n)]
+        seen["rewards"] += rewards[scored].tolist()
+        seen["acc"] += acc[scored].tolist()
+        seen["fmt"] += fmt[scored].tolist()
+        seen["lengths"] += [lengths[r] for r in scored]
         group_ids = torch.arange(len(batch_samples)).repeat_interleave(n)
         if dynamic:
             keep = dynamic_sampling_keep(acc, group_ids).group_mask.tolist()
         else:
             keep = [True] * len(batch_samples)
-        groups_total += len(batch_samples)
+        keep = [ok and g not in refused for g, ok in enumerate(keep)]   # a stand-in's rows are never trained
+        groups_total += len(batch_samples) - len(refused)
+        refused_total += len(refused)
         for g, ok in enumerate(keep):
             if ok and len(kept["prompts"]) < quota:
                 rows = slice(g * n, (g + 1) * n)
@@ -265,6 +275,7 @@ def collect_rollouts(cfg: RLConfig, accelerator, policy, engine, prompts: list[S
         filler=(rollout_prompts[0], completions[0][0]))
     sampling = {"sampling/gen_batches": batches, "sampling/groups_drawn": groups_total,
                 "sampling/groups_kept": groups_kept, "sampling/filled": filled / (quota * world),
+                "sampling/refused": int(training.global_sum(accelerator, refused_total)),   # every process calls it
                 **probe_metrics(engine)}   # vllm: this step's sync, engine vs trainer
     return rollouts, cursor, sampling
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stages.common.contract.errors import PrismError
 from stages.common.contract.samples import Sample
 from stages.common.data.chat import sft_messages
 from stages.sft import targets
@@ -102,7 +103,11 @@ def locate_targets(samples: list[Sample], processor, system_prompt: bool, out: l
 
     todo, texts, spans_of, images = [], [], [], []
     for i, sample in enumerate(samples):
-        pil = sample.pil_images() if sample.images else []
+        try:
+            pil = sample.pil_images() if sample.images else []
+        except PrismError as e:   # an image whose header passed the load checks but whose pixels do not decode
+            out[i] = e.message
+            continue
         messages = sft_messages(sample, system_prompt, pil or None)
         if messages is None:
             continue

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stages.common.contract import __version__, hub
+from stages.common.contract import __version__, console, hub
 from stages.common.contract.console import is_main_process
 from stages.common.contract.errors import PrismError, UsageError
 from stages.common.contract.redact import redact
@@ -499,6 +499,8 @@ def open_output(out: str, stage: str, config: dict, parents: list, overwrite: bo
         resuming = _output_decision(path, out, stage, config, overwrite, resume, check_lock=False)
     if barrier is not None:
         barrier()
+    if resume and not resuming and main:   # a typo in --out would otherwise restart a long run from step 0 unsaid
+        console.warn(f"--resume: {out} holds no interrupted {stage} run; starting a new one from step 0")
     if main:
         try:
             if overwrite and path.exists():

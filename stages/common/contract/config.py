@@ -180,6 +180,8 @@ def _apply(cls, values: dict, updates: dict, source: str, from_text: bool) -> No
 
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"--config {p} is a directory, not a YAML file", hint="give the .yaml file in it")
     if not p.is_file():
         raise UsageError(f"config file not found: {p}")
     try:
@@ -203,7 +205,7 @@ def parse_sets(sets: list[str] | None) -> dict:
         if "=" not in item:
             raise UsageError(f"--set expects key=value, got '{item}'")
         k, v = item.split("=", 1)
-        out[k.strip().replace("-", "_")] = v
+        out[k.strip().replace("-", "_")] = v   # the last of a key wins: a script's --set can be overridden after it
     return out
 
 
@@ -234,6 +236,9 @@ _BOUNDS = {"max_new_tokens": (1, True), "weight_decay": (0, True), "max_grad_nor
            "mini_batches": (1, True), "kl_coef": (0, True), "max_prompt_chars": (0, True)}
 
 
+DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+
+
 def check_common(cfg) -> None:
     """Rules every stage config obeys: finite numbers, positive learning rates, sane shared bounds, and
     --report-to trackers that exist and are installed."""
@@ -254,6 +259,10 @@ def check_common(cfg) -> None:
                                  f"not {value}")
         if f.name == "top_p" and not 0 < value <= 1:
             raise UsageError(f"config key 'top_p' must be in (0, 1], not {value}")
+    if getattr(cfg, "dtype", "auto") not in DTYPES:   # --dtype fp8 ran as fp32 on a CPU and failed on a GPU
+        raise UsageError(f"unknown --dtype {cfg.dtype!r}", hint="use auto, bf16, fp16 or fp32")
+    if getattr(cfg, "max_steps", -1) == 0:   # 0 ran the whole epochs, not none
+        raise UsageError("--max-steps 0 would train nothing", hint="give at least 1, or -1 to run the epochs")
     if hasattr(cfg, "report_to"):
         tracking.parse(cfg.report_to)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import re
 
+from stages.common.contract.errors import PrismError
 from stages.common.contract.samples import Sample
 from stages.common.protocol import SYSTEM_PROMPT, format_response
 from stages.common.rollout.base import RolloutPrompt
+from stages.common.rollout.prompts import screen, stand_in
 
 _HAS_OPTIONS = re.compile(r"(^|\n)\s*\(?A[.):]\s", re.M)
 
@@ -83,3 +85,20 @@ def sft_messages(sample: Sample, system_prompt: bool = True, images=None) -> lis
     if target is None:
         return None
     return problem_messages(sample, system_prompt, images) + [{"role": "assistant", "content": target}]
+
+
+def screened_rollout_prompts(samples: list[Sample], processor, system_prompt: bool = True
+                             ) -> tuple[list[RolloutPrompt], dict[int, str]]:
+    """rollout_prompt for each sample, with a stand-in (rollout.prompts.screen) where an image does not decode
+    or the processor refuses it, and {index: "sample <id>: reason"} for those: one bad row costs its own
+    rollouts, never the run, and every process keeps the batch's shape."""
+    prompts, undecodable = [], {}
+    for i, sample in enumerate(samples):
+        try:
+            prompts.append(rollout_prompt(sample, system_prompt))
+        except PrismError as e:   # an image that passed the header checks at load but does not decode
+            undecodable[i] = e.message
+            prompts.append(stand_in(RolloutPrompt(problem_messages(sample, system_prompt)), len(sample.images)))
+    prompts, refused = screen(processor, prompts, undecodable)
+    return prompts, {i: (reason if i in undecodable else f"sample {samples[i].id}: {reason}")
+                     for i, reason in refused.items()}

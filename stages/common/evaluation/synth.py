@@ -13,7 +13,7 @@ import math
 
 from stages.common.contract import console
 from stages.common.contract.samples import Sample
-from stages.common.data.chat import rollout_prompt
+from stages.common.data.chat import screened_rollout_prompts
 from stages.common.protocol import parse_response
 from stages.common.rewards import compute_score
 from stages.common.world.synth import caption_accuracy
@@ -67,6 +67,7 @@ def summarize(records: list[dict]) -> dict:
         "caption_recall": mean_and_stderr([r["caption_recall"] for r in records])[0],
         "perception_errors": kinds.count("perception") / n if n else 0.0,
         "reasoning_errors": kinds.count("reasoning") / n if n else 0.0,
+        "refused": sum("refused" in r for r in records),
     }
     return {"metric": "acc", "value": acc, "n": n, "stderr": stderr, "extra": extra}
 
@@ -77,11 +78,17 @@ def evaluate(engine, samples: list[Sample], params, batch_size: int = 16) -> lis
     with console.progress("synth", total=len(samples)) as bar:
         for start in range(0, len(samples), batch_size):
             batch = samples[start:start + batch_size]
-            outputs = engine.generate([rollout_prompt(s) for s in batch], params)
-            for sample, completions in zip(batch, outputs):
-                response = completions[0].text
-                records.append({"id": sample.id, "task": sample.task, "question": sample.question,
-                                "answer": sample.answer, "response": response, **score_synth(sample, response)})
+            prompts, refused = screened_rollout_prompts(batch, engine.processor)
+            outputs = engine.generate(prompts, params)
+            for i, (sample, completions) in enumerate(zip(batch, outputs)):
+                # a refused image scores as no answer (it stays in n) and is named in its record and the log
+                response = "" if i in refused else completions[0].text
+                record = {"id": sample.id, "task": sample.task, "question": sample.question,
+                          "answer": sample.answer, "response": response, **score_synth(sample, response)}
+                if i in refused:
+                    console.warn(f"eval: the processor refuses a prompt, scored as unanswered ({refused[i]})")
+                    record["refused"] = refused[i]
+                records.append(record)
             bar.advance(len(batch))
     return records
 

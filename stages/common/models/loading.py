@@ -36,6 +36,15 @@ def pick_dtype(dtype: str = "auto", device: torch.device | None = None) -> torch
     return table[dtype]
 
 
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant. transformers 5.24 renamed the method and warns on
+    the old name; older releases have only the old one. The old one calls the new one: the same checkpoints."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def pick_attention(attn: str = "auto", device: torch.device | None = None) -> str:
     device = device or default_device()
     if attn != "auto":
@@ -155,7 +164,7 @@ def load_policy(ckpt: str | CkptSpec, *, dtype: str = "auto", attn: str = "auto"
     if freeze_vision:
         freeze_vision_tower(model)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.config.use_cache = False
     model.train(train)
     return model

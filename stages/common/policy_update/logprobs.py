@@ -26,6 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from stages.common.rollout.base import RolloutPrompt
+from stages.common.rollout.kv_cache import cache_keyword, output_cache
 from stages.common.rollout.prompts import (
     banned_token_mask,
     encode_prompts,
@@ -281,7 +282,7 @@ def shared_prefix_predictors(model, batch: dict) -> torch.Tensor:
     out = inner(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=positions,
                 pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"), use_cache=True,
                 output_hidden_states=True, logits_to_keep=1)
-    cache, prompt_len = out.past_key_values, enc["input_ids"].shape[1]
+    cache, prompt_len = output_cache(out), enc["input_ids"].shape[1]
     last = out.hidden_states[-1][:, -1]                   # left-padded: every prompt ends in the last column
     cache.batch_select_indices(row_prompt)
 
@@ -291,8 +292,8 @@ def shared_prefix_predictors(model, batch: dict) -> torch.Tensor:
     mrope = (text_pos + rope_deltas[row_prompt].view(-1, 1)).unsqueeze(0).expand(3, -1, -1)
     attention_mask = torch.cat([enc["attention_mask"][row_prompt], batch["response_mask"].long()], 1)
     hidden = model(input_ids=responses, attention_mask=attention_mask,
-                   position_ids=torch.cat([text_pos.unsqueeze(0), mrope], 0), past_key_values=cache,
-                   use_cache=True, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+                   position_ids=torch.cat([text_pos.unsqueeze(0), mrope], 0), use_cache=True,
+                   output_hidden_states=True, logits_to_keep=1, **{cache_keyword(inner): cache}).hidden_states[-1]
     if cache.get_seq_length() != prompt_len + T:
         raise RuntimeError("the response pass did not extend the prompt's KV cache (gradient checkpointing "
                            "drops it); use the full-sequence path (shared_prefix=False)")

@@ -33,7 +33,7 @@ import torch
 
 from stages.common.rollout import shared_prefix
 from stages.common.rollout.base import Completion, RolloutPrompt, SamplingParams
-from stages.common.rollout.kv_cache import preallocate_cache
+from stages.common.rollout.kv_cache import cache_keyword, output_cache, preallocate_cache
 from stages.common.rollout.prompts import (
     banned_token_mask,
     encode_prompts,
@@ -106,7 +106,7 @@ class HFEngine:
         out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=positions,
                     pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"),
                     use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = output_cache(out)
         n = params.n
         # Share the prompt across its n samples: its KV stored once (shared_prefix) or repeated n-fold, and
         # every per-row tensor repeated.
@@ -143,6 +143,7 @@ class HFEngine:
         live = torch.arange(rows, device=device)           # original row index of each batch row
         alive = torch.ones(rows, dtype=torch.bool, device=device)
         use_4d_mask = model.config._attn_implementation in ("sdpa", "eager")
+        cache_arg = cache_keyword(model)
         for step in range(max_new):
             tok, logp = sample_tokens(logits, params.temperature, params.top_k, params.top_p, banned, generator)
             tokens[live, step] = tok   # finished rows write past their length; _completions cuts it off
@@ -173,7 +174,7 @@ class HFEngine:
             positions = torch.cat([text_pos, (text_pos + rope_deltas.view(1, -1, 1)).expand(3, -1, -1)], 0)
             if groups is not None:  # the prompt padding lives in the cache; generated keys are all valid
                 out = model(input_ids=tok.view(-1, 1), attention_mask=None, position_ids=positions,
-                            past_key_values=cache, use_cache=True, prefix_cache=cache)
+                            use_cache=True, prefix_cache=cache, **{cache_arg: cache})
                 if step == 0:
                     shared_prefix.check_attended(cache)
             else:
@@ -181,8 +182,8 @@ class HFEngine:
                 if use_4d_mask:  # skip transformers' per-step mask building: a decode query sees every live key
                     step_mask = step_mask.bool()[:, None, None, :]
                 out = model(input_ids=tok.view(-1, 1), attention_mask=step_mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True)
-            logits, next_pos, cache = out.logits[:, -1].float(), next_pos + 1, out.past_key_values
+                            use_cache=True, **{cache_arg: cache})
+            logits, next_pos, cache = out.logits[:, -1].float(), next_pos + 1, output_cache(out)
         return tokens, logprobs, lengths, reasons
 
     def _still_decoding(self, local: bool) -> bool:

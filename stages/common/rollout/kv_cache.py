@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import DynamicLayer
+
+
+def cache_keyword(model) -> str:
+    """The forward's name for the KV cache argument: newer transformers 5.x call it `cache` and warn on every
+    process that still passes `past_key_values` (the name older ones know); whichever the forward takes."""
+    forward = getattr(model, "module", model).forward
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under the new name (`cache`) or the old one, without reading the
+    deprecated alias (which warns)."""
+    return out["cache"] if "cache" in out else out.past_key_values
 
 
 class PreallocatedLayer(DynamicLayer):

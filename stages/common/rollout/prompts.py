@@ -123,3 +123,44 @@ def banned_token_mask(vocab_size: int, banned_ids: Sequence[int], device=None) -
     if ids:
         mask[ids] = True
     return mask
+
+
+# A prompt the processor refuses (an image it cannot resize, one that would not decode) is rolled out as a
+# stand-in: the same messages with each image replaced by this plain one, which every processor accepts.
+# The stand-in keeps the batch's shape, so every process runs the same forwards and collectives (under
+# sharded parameters the vision tower's forward is one); its completions are never scored or trained.
+STAND_IN_SIZE = 64
+
+
+def stand_in(prompt: RolloutPrompt, n_images: int | None = None) -> RolloutPrompt:
+    from PIL import Image
+
+    count = len(prompt.images) if n_images is None else n_images
+    return RolloutPrompt(messages=prompt.messages,
+                         images=[Image.new("RGB", (STAND_IN_SIZE, STAND_IN_SIZE), (128, 128, 128))] * count)
+
+
+def refusal(processor, prompt: RolloutPrompt) -> str | None:
+    """Why the processor refuses this prompt's images (its one-line message), or None when it accepts them."""
+    if not prompt.images:
+        return None
+    try:
+        processor.image_processor(images=list(prompt.images), return_tensors="pt")
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # transformers' own message, e.g. the aspect ratio
+        return (str(e).splitlines() or [e.__class__.__name__])[0][:200]
+    return None
+
+
+def screen(processor, prompts: Sequence[RolloutPrompt], refused: dict[int, str] | None = None
+           ) -> tuple[list[RolloutPrompt], dict[int, str]]:
+    """(prompts with a stand-in for each refused one, {index: reason}). One processor call for the batch; only
+    when it fails is each prompt tried alone. `refused` holds reasons already known (an image that did not
+    decode), whose prompts are stand-ins already."""
+    refused = dict(refused or {})
+    images = [img for i, p in enumerate(prompts) if i not in refused for img in p.images]
+    if images and refusal(processor, RolloutPrompt(messages=[], images=images)) is not None:
+        for i, p in enumerate(prompts):
+            reason = None if i in refused else refusal(processor, p)
+            if reason is not None:
+                refused[i] = reason
+    return [stand_in(p) if i in refused else p for i, p in enumerate(prompts)], refused
