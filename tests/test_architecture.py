@@ -122,6 +122,32 @@ def import_graph(sources: dict[str, Path] | None = None) -> dict[str, set[str]]:
     return graph
 
 
+def unresolved_imports(sources: dict[str, Path] | None = None) -> list[str]:
+    """Imports of a project module that does not exist (a stale path after a move, a relative import that climbs
+    to the wrong package): Python finds them only when the line runs, which for a lazy import may be never in CI."""
+    sources = sources or _sources()
+    known = set(sources)
+    bad = []
+    for module, path in sources.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    here = module.split(".") if is_package else module.split(".")[:-1]
+                    here = here[:len(here) - (node.level - 1)]
+                    base = ".".join(here + ([node.module] if node.module else []))
+                targets = [base]
+            else:
+                continue
+            for name in targets:
+                if name.split(".")[0] in PACKAGES and name not in known:
+                    bad.append(f"{module}:{node.lineno} imports {name}")
+    return bad
+
+
 def blind_dynamic_imports(sources: dict[str, Path] | None = None) -> list[str]:
     """Dynamic imports whose target the source does not name (a variable, an f-string): invisible to the graph."""
     bad = []
@@ -254,6 +280,10 @@ def test_no_long_function_without_a_reason():
     assert long_functions() == []
 
 
+def test_every_project_import_resolves():
+    assert unresolved_imports() == []
+
+
 def test_every_dynamic_import_names_its_target():
     assert blind_dynamic_imports() == []
 
@@ -320,6 +350,7 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
         "stages/rl/run.py": "def f():\n    from stages.align import scoring\n",   # lazy stage -> stage
         "stages/align/__init__.py": "",
         "stages/align/scoring.py": "from ..rl import run\n",                     # relative, and a circle
+        "stages/align/stale.py": "from stages.common.gone import x\ndef f():\n    from .nowhere import y\n",  # moved away
         "stages/sft/__init__.py": "",
         "stages/sft/run.py": "import importlib\nTABLE = 'stages.rl.run:f'\n"   # a string edge (stage -> stage)
                              "def g(name):\n    return importlib.import_module(name)\n",  # a blind dynamic import
@@ -371,6 +402,8 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
         "stages.sft.run -> stages.rl.run (a stage imports only itself and common)",
     ]
     assert blind_dynamic_imports(sources) == ["stages.sft.run:4"]
+    assert unresolved_imports(sources) == ["stages.align.stale:1 imports stages.common.gone",
+                                           "stages.align.stale:3 imports stages.align.nowhere"]
     assert ["stages.align.scoring", "stages.rl.run"] in cycles(graph)
     init_cycle = ["stages.common.policy_update.logprobs", "stages.common.rollout", "stages.common.rollout.hf"]
     assert init_cycle in cycles(load_graph(graph)) and init_cycle not in cycles(graph)

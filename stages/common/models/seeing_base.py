@@ -142,7 +142,7 @@ def probe_scenes() -> list[tuple[str, dict, dict]]:
 @torch.no_grad()
 def feature_cosines(visual, image_processor) -> dict[str, float]:
     """Mean cosine of the centre merged token between scenes differing only in colour / only in shape."""
-    from .synth.scene import render
+    from stages.common.world.synth.scene import render
 
     pairs = probe_scenes()
     images = [render(s, 64) for _, a, b in pairs for s in (a, b)]
@@ -160,8 +160,8 @@ def feature_cosines(visual, image_processor) -> dict[str, float]:
 
 def scene_images(n: int, seed: int, split: str = "train") -> list[tuple[dict, object]]:
     """n (scene, 64-px image) pairs drawn like synth's problems (all task families, all levels)."""
-    from .synth.scene import render, split_of
-    from .synth.tasks import FAMILIES, TASKS
+    from stages.common.world.synth.scene import render, split_of
+    from stages.common.world.synth.tasks import FAMILIES, TASKS
 
     rng = random.Random(f"seeing/{seed}/{split}")
     out = []
@@ -262,7 +262,7 @@ def pretrain_language(model, processor, recipe: SeeingRecipe, log=print, first_r
     """The tower frozen; everything else learns the clean oracle's demonstrations of synth problems.
     first_round > 0 continues weights that already ran the earlier rounds: each round starts from a fresh
     optimiser and its own data order, so that is the same computation as the whole build."""
-    from .synth import generate, with_oracle_demos
+    from stages.common.world.synth import generate, with_oracle_demos
 
     for p in model.model.visual.parameters():
         p.requires_grad_(False)
@@ -319,7 +319,7 @@ def attribute_f1(named: list[str], actual: list[str]) -> float:
 def perception_scores(caption: str, sample) -> dict:
     """Caption F1 (objects), colour F1 and shape F1 (attribute multisets), exact count (as many things named
     as drawn)."""
-    from .synth.caption_check import caption_accuracy, mentions, scene_items
+    from stages.common.world.synth.caption_check import caption_accuracy, mentions, scene_items
 
     named, actual = mentions(caption), scene_items(sample.meta["scene"])
     expand = lambda c, i: [k[i] for k, n in c.items() for _ in range(n)]
@@ -377,7 +377,7 @@ def build(out_dir, seed: int = 0, recipe: SeeingRecipe | None = None, log=None):
 
     from stages.common.contract import console
 
-    from . import tiny
+    from stages.common.world import tiny
 
     recipe = recipe or dataclasses.replace(RECIPE, seed=seed)
     log = log or (lambda record: console.info(progress_line(record)))
@@ -485,7 +485,7 @@ def main(argv=None) -> int:
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .synth import generate
+    from stages.common.world.synth import generate
 
     parser = argparse.ArgumentParser(prog="python -m stages.common.models.seeing_base")
     parser.add_argument("command", choices=["build"])
