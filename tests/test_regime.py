@@ -75,3 +75,123 @@ def test_align_cli_runs_under_zero2_with_several_scoring_chunks_per_rank(tmp_pat
     warm = [r for r in records if r.get("phase") == "warmup"]
     assert game and warm and game[0]["d/grad_norm"] > 0 and warm[0]["warmup/grad_norm"] > 0
     assert game[0]["d/chunks"] > 1 and warm[0]["warmup/chunks"] > 1      # rank 0's; the budget split the groups
+
+
+# ------------------------------------------------------------------------------------------- SIGKILL + resume
+
+# sft as in tests/test_distributed.py (2 ranks, micro-batch 2, 2 accumulation steps), long enough to be killed
+# after a save and resumed: state is saved after steps 2 and 4, and the kill waits for step 3's metrics line.
+RESUME_SFT = ["sft", "--ckpt", "tiny", "--data", "synth:train:64", "--batch-size", "8", "--micro-batch-size", "2",
+              "--max-steps", "5", "--save-every", "2", "--lr", "1e-3", "--set", "eval_fraction=0.08"]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below pid (torchrun starts each rank in a session of its own, so killpg misses them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_torchrun_when(cmd, cwd, env, ready, timeout=600) -> None:
+    """Start a 2-rank torchrun; once ready() holds, SIGKILL the launcher and every process below it at once, as
+    a machine that dies takes them all."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline and not ready():
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before the kill point"
+    finally:
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(60)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("backend", ["fsdp2", "zero2", "zero3"])
+def test_resume_after_sigkill_under_sharding_matches_the_uninterrupted_run(backend, tmp_path):
+    """SIGKILL of the launcher and both ranks after the first save, then `--resume` under the same backend: the
+    final weights and every logged loss equal an uninterrupted run's (sharded optimiser state, RNG and data cursor
+    all come back)."""
+    env = _env(PRISM_BACKEND=backend)
+    _run(_torchrun() + ["-m", "prism_cli", *RESUME_SFT, "--out", "ref"], tmp_path, env)
+    run = tmp_path / "run"
+
+    def after_first_save():
+        try:
+            return len((run / "metrics.jsonl").read_text().splitlines()) >= 3
+        except FileNotFoundError:
+            return False
+
+    _kill_torchrun_when(_torchrun() + ["-m", "prism_cli", *RESUME_SFT, "--out", "run"], tmp_path, env,
+                        after_first_save)
+    assert not (run / "prism.json").exists() and (run / "state").is_dir()
+    _run(_torchrun() + ["-m", "prism_cli", *RESUME_SFT, "--out", "run", "--resume"], tmp_path, env)
+    ref = tmp_path / "ref"
+    ours, want = _records_of(run), _records_of(ref)
+    assert [r["step"] for r in ours] == [r["step"] for r in want] == [1, 2, 3, 4, 5]
+    for a, b in zip(ours, want):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (a, b)
+    assert _max_weight_diff(run / "model" / "model.safetensors", ref / "model" / "model.safetensors") <= 1e-6
+
+
+def _records_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+
+
+# ------------------------------------------------------------------------------------------- two "nodes"
+
+def _two_node_launch(args: list[str], cwd: Path, env: dict) -> None:
+    """Two torchrun invocations, one process each, as two machines would start them (--nnodes 2, node ranks 0 and
+    1, a static rendezvous on 127.0.0.1); both share cwd, as a multi-node run shares --out (docs/distributed.md)."""
+    import subprocess
+
+    from tests.conftest import free_port
+
+    port = str(free_port())
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                               "-m", "prism_cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [node.communicate(timeout=900)[0] for node in nodes]
+    for rank, (node, log) in enumerate(zip(nodes, logs)):
+        assert node.returncode == 0, f"node {rank}:\n{log[-3000:]}"
+
+
+TWO_NODE_ARGS = {
+    "sft": ["sft", "--ckpt", "tiny", "--data", "synth:train:32", "--batch-size", "8", "--micro-batch-size", "2",
+            "--max-steps", "2", "--lr", "1e-3"],
+    "rl": ["rl", "--algo", "dapo", "--ckpt", "tiny", "--data", "synth:train:16", "--steps", "1",
+           "--prompts-per-step", "2", "--rollouts-per-prompt", "4", "--max-new-tokens", "16"],
+    "align": ["align", "--ckpt", "tiny", "--data", "synth:train:16", "--steps", "1", "--prompts-per-step", "2",
+              "--rollouts-per-prompt", "4", "--max-new-tokens", "16", "--warmup-steps", "1", "--warmup-prompts", "4",
+              "--warmup-batch", "2"],
+}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("stage", ["sft", "rl", "align"])
+def test_two_node_launch_on_one_machine(stage, tmp_path):
+    """sft, rl and align under a 2-"node" launch (one process per node, DDP over gloo) complete, and their
+    manifest says two processes ran; only the global main process wrote the shared --out."""
+    _two_node_launch([*TWO_NODE_ARGS[stage], "--out", "out"], tmp_path, _env(PRISM_BACKEND="ddp"))
+    summary = json.loads((tmp_path / "out" / "prism.json").read_text())["summary"]
+    assert summary["processes"] == 2 and summary["backend"] == "ddp"
