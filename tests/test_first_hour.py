@@ -296,13 +296,13 @@ def test_rl_that_learns_nothing_warns_and_a_slow_step_keeps_the_log_alive(tmp_pa
     from stages.rl import run as rl_run
     from stages.rl.config import RLConfig
 
-    score = rl_run.compute_score
+    score = rl_run.score_rows
 
     def slow_score(*args, **kwargs):
-        time.sleep(0.15)   # 4 rows a step: 0.6 s of scoring, three intervals
+        time.sleep(0.6)   # a step's scoring: 0.6 s, three progress intervals
         return score(*args, **kwargs)
 
-    monkeypatch.setattr(rl_run, "compute_score", slow_score)
+    monkeypatch.setattr(rl_run, "score_rows", slow_score)
     monkeypatch.setattr(console, "HEARTBEAT", True)
     monkeypatch.delenv("PRISM_NO_PROGRESS", raising=False)
     monkeypatch.setenv("PRISM_PROGRESS_EVERY", "0.2")

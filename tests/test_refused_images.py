@@ -248,7 +248,7 @@ class _GreedyEngine(_FakeEngine):
 
 def test_native_eval_scores_a_refused_prompt_as_unanswered_and_counts_it(processor, capsys):
     from stages.common.rollout import SamplingParams
-    from stages.eval.synth_native import evaluate, summarize
+    from stages.common.evaluation.synth import evaluate, summarize
 
     import dataclasses
 

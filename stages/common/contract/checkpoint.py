@@ -209,6 +209,7 @@ def resolve(ref: str, role: str = "--ckpt") -> CkptSpec:
         return CkptSpec(ref=ref, kind="tiny")
     if ref in SHAPE_SPECS:
         return CkptSpec(ref=ref, kind="shape")
+    ref = str(ref)   # a Path is a spec too
     path = Path(ref).expanduser()
     base, mark, variant = ref.rpartition(VARIANT_MARK)
     if mark and base and not path.exists():

@@ -13,7 +13,6 @@ import math
 
 from stages.common.contract import console
 from stages.common.contract.samples import Sample
-from stages.common.data.chat import screened_rollout_prompts
 from stages.common.protocol import parse_response
 from stages.common.rewards import compute_score
 from stages.common.world.synth import caption_accuracy
@@ -74,6 +73,9 @@ def summarize(records: list[dict]) -> dict:
 
 def evaluate(engine, samples: list[Sample], params, batch_size: int = 16) -> list[dict]:
     """Generate for every sample with the rollout engine and score it: one record per sample."""
+    # imported here: the scorer above is read by eval's config when the CLI starts, which must not load torch
+    from stages.common.data.chat import screened_rollout_prompts
+
     records = []
     with console.progress("synth", total=len(samples)) as bar:
         for start in range(0, len(samples), batch_size):
