@@ -14,6 +14,9 @@ if ! importable "$PY"; then
   fi
 fi
 prism() { "$PY" -m prism_cli "$@"; }
+# This checkout's code for every python the recipe starts (the table scripts too), even where the interpreter has
+# prism installed from another checkout (an ablation run from a snapshot once built its table with the wrong one).
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Everything in these recipes is local (tiny models, synth data, oracle teacher): never reach for the hub.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # One thread per process: the tiny model's matrices are too small to gain from more, and on a shared
