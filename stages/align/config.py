@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from stages.common.contract.config import CommonConfig, HardwareConfig, opt
 from stages.common.contract.errors import UsageError
 from stages.common.contract.registry import Registry
-from stages.common.evaluation.options import check_eval_options
+from stages.common.evaluation.options import HeldOutEvalConfig, check_eval_options
 from stages.common.plan.report import check_plan_options
 
 
@@ -27,7 +27,7 @@ ADVANTAGE_MODES.register("rlvr-mixed", AdvantageMode("plus the group-normalised 
 
 
 @dataclass
-class AlignConfig(HardwareConfig, CommonConfig):
+class AlignConfig(HeldOutEvalConfig, HardwareConfig, CommonConfig):
     ckpt: str = opt("", "policy to align: an sft checkpoint (or any policy spec)", group="Model")
     data: list[str] = opt(help="prompts with teacher demonstrations (repeatable): a curate dir, parquet, synth",
                           group="Data", factory=list)
@@ -89,19 +89,8 @@ class AlignConfig(HardwareConfig, CommonConfig):
     report_to: str = opt("none", "trackers through accelerate: none, tensorboard, wandb", group="Logging")
     keep_state: bool = opt(False, "keep optimizer state in the final checkpoint", group="Output", cli=False)
 
-    eval_tasks: list[str] = opt(help="evaluate greedily on held-out problems as the run trains: synth (its test split, "
-                                     "never a training problem; docs/eval-during-training.md); empty: no evaluation",
-                                group="Evaluation", factory=list)
     eval_every: int = opt(25, "with --eval-tasks: evaluate every N steps, at the start and at the end",
                           group="Evaluation")
-    eval_n: int = opt(64, "held-out problems per evaluation (the first N of eval_synth, drawn with seed 0)",
-                      group="Evaluation")
-    eval_synth: str = opt("synth:test:200", "the synth test split the held-out problems come from", group="Evaluation",
-                          cli=False)
-    eval_max_new_tokens: int = opt(0, "max response tokens of an evaluation (0: --max-new-tokens)", group="Evaluation")
-    eval_batch_size: int = opt(16, "prompts per generate call of an evaluation", group="Evaluation", cli=False)
-    keep: str = opt("", "best:synth/METRIC (acc, caption_f1, format...): also keep the weights of the best evaluation "
-                        "in OUT/best; the next stage takes them as --ckpt OUT#best", group="Output")
 
     def validate(self) -> None:
         check_plan_options(self.gpu_memory, self.backend, self.world_size)

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 from stages.common.contract.config import CommonConfig, HardwareConfig, opt
 from stages.common.contract.errors import UsageError
-from stages.common.evaluation.options import check_eval_options
+from stages.common.evaluation.options import HeldOutEvalConfig, check_eval_options
 from stages.common.plan.report import check_plan_options
 from stages.rl.algorithms import ALGORITHMS
 
 
 @dataclass
-class RLConfig(HardwareConfig, CommonConfig):
+class RLConfig(HeldOutEvalConfig, HardwareConfig, CommonConfig):
     algo: str = opt("dapo", f"one of {', '.join(ALGORITHMS.names())}", group="Algorithm")
     ckpt: str = opt("", "policy to train: an sft/align/rl checkpoint, an HF dir or hub id, or tiny", group="Model")
     data: list[str] = opt(help="prompts with ground-truth answers (repeatable): synth, a curate dir, parquet...",
@@ -65,19 +65,8 @@ class RLConfig(HardwareConfig, CommonConfig):
     report_to: str = opt("none", "trackers through accelerate: none, tensorboard, wandb", group="Logging")
     keep_state: bool = opt(False, "keep optimizer state in the final checkpoint", group="Output", cli=False)
 
-    eval_tasks: list[str] = opt(help="evaluate greedily on held-out problems as the run trains: synth (its test split, "
-                                     "never a training problem; docs/eval-during-training.md); empty: no evaluation",
-                                group="Evaluation", factory=list)
     eval_every: int = opt(10, "with --eval-tasks: evaluate every N steps, at the start and at the end",
                           group="Evaluation")
-    eval_n: int = opt(64, "held-out problems per evaluation (the first N of eval_synth, drawn with seed 0)",
-                      group="Evaluation")
-    eval_synth: str = opt("synth:test:200", "the synth test split the held-out problems come from", group="Evaluation",
-                          cli=False)
-    eval_max_new_tokens: int = opt(0, "max response tokens of an evaluation (0: --max-new-tokens)", group="Evaluation")
-    eval_batch_size: int = opt(16, "prompts per generate call of an evaluation", group="Evaluation", cli=False)
-    keep: str = opt("", "best:synth/METRIC (acc, caption_f1, format...): also keep the weights of the best evaluation "
-                        "in OUT/best; the next stage takes them as --ckpt OUT#best", group="Output")
 
     def resolved(self, key: str):
         value = getattr(self, key)

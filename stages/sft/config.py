@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 from stages.common.contract.config import CommonConfig, HardwareConfig, opt
 from stages.common.contract.errors import UsageError
-from stages.common.evaluation.options import check_eval_options
+from stages.common.evaluation.options import HeldOutEvalConfig, check_eval_options
 from stages.common.plan.report import check_plan_options
 
 
 @dataclass
-class SFTConfig(HardwareConfig, CommonConfig):
+class SFTConfig(HeldOutEvalConfig, HardwareConfig, CommonConfig):
     ckpt: str = opt("tiny", "policy to fine-tune: tiny, an HF dir or hub id, or a prism checkpoint", group="Model")
     data: list[str] = opt(help="training data (repeatable), optionally weighted: out/curated, a.parquet:0.9, "
                                "synth:0.1", group="Data", factory=lambda: ["synth"])
@@ -41,17 +41,8 @@ class SFTConfig(HardwareConfig, CommonConfig):
     report_to: str = opt("none", "trackers through accelerate: none, tensorboard, wandb", group="Logging")
     keep_state: bool = opt(False, "keep optimizer state in the final checkpoint", group="Output", cli=False)
 
-    eval_tasks: list[str] = opt(help="evaluate greedily on held-out problems as the run trains: synth (its test split, "
-                                     "never a training problem; docs/eval-during-training.md); empty: no evaluation",
-                                group="Evaluation", factory=list)
-    eval_n: int = opt(64, "held-out problems per evaluation (the first N of eval_synth, drawn with seed 0)",
-                      group="Evaluation")
-    eval_synth: str = opt("synth:test:200", "the synth test split the held-out problems come from", group="Evaluation",
-                          cli=False)
+
     eval_max_new_tokens: int = opt(1024, "max response tokens of an evaluation", group="Evaluation")
-    eval_batch_size: int = opt(16, "prompts per generate call of an evaluation", group="Evaluation", cli=False)
-    keep: str = opt("", "best:synth/METRIC (acc, caption_f1, format...): also keep the weights of the best evaluation "
-                        "in OUT/best; the next stage takes them as --ckpt OUT#best", group="Output")
 
     def validate(self) -> None:
         check_plan_options(self.gpu_memory, self.backend, self.world_size)

@@ -5,6 +5,9 @@ imports this, and the CLI starts without torch.
 
 from __future__ import annotations
 
+import dataclasses
+
+from stages.common.contract.config import opt
 from stages.common.contract.errors import UsageError
 from stages.common.world.synth.benchmark import parse_spec
 
@@ -18,6 +21,26 @@ KEEP_BEST = "best:"
 # The plot panel of the held-out curves, drawn beside each training stage's own (align: beside the drift gaps, which
 # say the game is played; this says whether it helps).
 HELD_OUT_PANEL = {"held-out synth (greedy)": {"eval/synth/acc": "accuracy", "eval/synth/caption_f1": "caption F1"}}
+
+
+@dataclasses.dataclass
+class HeldOutEvalConfig:
+    """The held-out evaluation section every training stage offers (align, rl, sft), defined once so the stages
+    cannot drift apart. Stage configs inherit it first (`class RLConfig(HeldOutEvalConfig, HardwareConfig,
+    CommonConfig)`); `eval_every` stays in each stage, whose default pace differs (sft's also paces its eval loss),
+    and sft, which has no --max-new-tokens, sets its own eval_max_new_tokens."""
+
+    eval_tasks: list[str] = opt(help="evaluate greedily on held-out problems as the run trains: synth (its test split, "
+                                     "never a training problem; docs/eval-during-training.md); empty: no evaluation",
+                                group="Evaluation", factory=list)
+    eval_n: int = opt(64, "held-out problems per evaluation (the first N of eval_synth, drawn with seed 0)",
+                      group="Evaluation")
+    eval_synth: str = opt("synth:test:200", "the synth test split the held-out problems come from", group="Evaluation",
+                          cli=False)
+    eval_max_new_tokens: int = opt(0, "max response tokens of an evaluation (0: --max-new-tokens)", group="Evaluation")
+    eval_batch_size: int = opt(16, "prompts per generate call of an evaluation", group="Evaluation", cli=False)
+    keep: str = opt("", "best:synth/METRIC (acc, caption_f1, format...): also keep the weights of the best evaluation "
+                        "in OUT/best; the next stage takes them as --ckpt OUT#best", group="Output")
 
 
 def metric_keys(task: str) -> list[str]:
