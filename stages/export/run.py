@@ -155,8 +155,11 @@ def verify(cfg: ExportConfig, directory: Path, model, processor) -> dict:
         return {"reloaded": True, "max_abs_weight_diff": max_weight_diff(model, reloaded)}
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    check_dtype = verify_dtype(model.dtype)
+    if check_dtype != model.dtype:   # the weights are written: the check may run them wider (never narrower)
+        model = model.to(check_dtype)
     try:
-        reloaded = AutoModelForImageTextToText.from_pretrained(directory, dtype=model.dtype,
+        reloaded = AutoModelForImageTextToText.from_pretrained(directory, dtype=check_dtype,
                                                                attn_implementation=model.config._attn_implementation)
         reprocessor = AutoProcessor.from_pretrained(directory)
     except (OSError, ValueError) as e:
@@ -170,6 +173,17 @@ def verify(cfg: ExportConfig, directory: Path, model, processor) -> dict:
         raise PrismError(f"the reloaded export in {directory} computes different logits (max diff {diff:.3g})")
     new_tokens = int(generated.shape[-1] - inputs["input_ids"].shape[-1])
     return {"reloaded": True, "max_abs_logit_diff": diff, "generated_tokens": new_tokens}
+
+
+def verify_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU reload check computes in: the export's own, except half precision where torch's CPU
+    kernels lack it. torch's bf16/fp16 attention on x86 needs its AVX512 kernels ("pack_vnni2 is only supported
+    when avx512 is supported" on AVX2 and default kernel paths, issue 37); there the check runs the exported
+    weights in fp32, which holds every half-precision value exactly, so bit-exactness still holds."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    if half and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        return torch.float32
+    return dtype
 
 
 def probe_inputs(processor) -> dict:
