@@ -253,3 +253,37 @@ def test_overlap_under_sharded_parameters_is_refused():
     check_overlap(1, 2.0, "hf", sharded=False)
     with pytest.raises(UsageError, match="sharded parameters"):
         check_overlap(1, 2.0, "hf", sharded=True)
+
+
+# ------------------------------------------------------------------------------------------- processes
+
+def _launch(tmp_path, backend: str, ok: bool):
+    from tests.test_distributed import ROOT, _env, _run, _torchrun
+
+    out = tmp_path / backend
+    proc = _run(_torchrun() + ["-m", "prism_cli", "rl", "--algo", "grpo", "--ckpt", "tiny", "--data", "synth:train:64",
+                               "--steps", "3", "--prompts-per-step", "2", "--rollouts-per-prompt", "4",
+                               "--max-new-tokens", "8", "--lr", "1e-3", "--warmup", "0", "--reward", REWARD,
+                               "--overlap", "1", "--tis-cap", "2", "--out", str(out)], ROOT,
+                _env(PRISM_BACKEND=backend), ok=ok)
+    return out, proc
+
+
+@pytest.mark.dist
+def test_two_ddp_processes_overlap_and_keep_identical_replicas(tmp_path):
+    """torchrun, 2 CPU ranks under DDP: each rank's worker generates its share ahead without a collective; the
+    ranks meet in the same collectives as without overlap (a stray one would hang or fail the run), and the
+    replicas stay identical (the run raises otherwise)."""
+    out, _ = _launch(tmp_path, "ddp", ok=True)
+    summary = json.loads((out / "prism.json").read_text())["summary"]
+    assert summary["processes"] == 2 and summary["backend"] == "ddp"
+    assert len(summary["replica_weight_sums"]) == 2
+    assert [r["rollout/policy_lag"] for r in _records(out)] == [0, 1, 1]
+
+
+@pytest.mark.dist
+def test_overlap_under_fsdp2_is_refused_before_the_output_is_written(tmp_path):
+    out, proc = _launch(tmp_path, "fsdp2", ok=False)
+    assert proc.returncode != 0
+    assert "not supported with sharded parameters" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()
