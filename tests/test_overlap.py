@@ -287,3 +287,10 @@ def test_overlap_under_fsdp2_is_refused_before_the_output_is_written(tmp_path):
     assert proc.returncode != 0
     assert "not supported with sharded parameters" in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()
+
+
+def test_dry_run_says_what_overlap_adds_to_memory(capsys):
+    for cls, run, flags in ((RLConfig, rl_run.run, dict(algo="grpo")), (AlignConfig, align_run.run, dict(data=["synth"]))):
+        assert run(config.resolve(cls, flags=dict(ckpt="tiny", overlap=1, tis_cap=2.0, dry_run=True, **flags))) is None
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--overlap 1: one more copy of the policy's weights" in text, text

@@ -48,6 +48,7 @@ from stages.common.policy_update.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
 from stages.common.rewards import compute_score
 from stages.common.rollout import (
+    OVERLAP_PLAN_NOTE,
     RolloutPrompt,
     SamplingParams,
     check_engine,
@@ -586,6 +587,7 @@ def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> No
         ["optimizers", f"policy lr {cfg.lr} constant, discriminator lr {cfg.disc_lr}, wd {cfg.weight_decay}"],
         *[row for row in [eval_plan_row(cfg, cfg.steps, cfg.steps * cfg.prompts_per_step * cfg.rollouts_per_prompt)]
           if row],
+        ["rollout engine", cfg.engine + (OVERLAP_PLAN_NOTE if cfg.overlap else "")],
         ["device", str(default_device())],
         ["output", cfg.out or "(--out not set)"],
     ]

@@ -29,7 +29,14 @@ from stages.common.policy_update import losses
 from stages.common.policy_update.advantages import dynamic_sampling_keep, overlong_penalty
 from stages.common.policy_update.ppo import PPOSettings, ppo_update
 from stages.common.rewards.table import load_reward, probe
-from stages.common.rollout import SamplingParams, check_engine, check_overlap, make_engine, probe_metrics
+from stages.common.rollout import (
+    OVERLAP_PLAN_NOTE,
+    SamplingParams,
+    check_engine,
+    check_overlap,
+    make_engine,
+    probe_metrics,
+)
 from stages.common.rollout.ahead import RolloutsAhead
 from stages.common.training import distributed
 from stages.common.training import runtime as training
@@ -381,7 +388,7 @@ def print_plan(cfg: RLConfig, policy_spec, n_prompts: int) -> None:
                          f"tokens; {cfg.ppo_epochs} epoch(s) x {cfg.mini_batches} mini-batch(es)"],
         ["optimizer", f"AdamW lr {cfg.lr}, warmup {cfg.warmup}, wd {cfg.weight_decay}, clip {cfg.max_grad_norm}"],
         ["parameters", plan_report.parameter_summary(shape) + (" + a frozen reference" if cfg.kl_coef > 0 else "")],
-        ["rollout engine", cfg.engine],
+        ["rollout engine", cfg.engine + (OVERLAP_PLAN_NOTE if cfg.overlap else "")],
         *[row for row in [eval_plan_row(cfg, cfg.steps, cfg.steps * rollouts)] if row],
         ["output", cfg.out or "(--out not set)"],
     ]

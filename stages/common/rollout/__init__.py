@@ -16,7 +16,7 @@ from stages.common.contract.registry import Registry
 from stages.common.rollout.base import Completion, RolloutEngine, RolloutPrompt, SamplingParams
 
 __all__ = ["Completion", "RolloutEngine", "RolloutPrompt", "SamplingParams", "make_engine", "probe_metrics",
-           "vllm_usable", "check_overlap", "OVERLAP_HELP",
+           "vllm_usable", "check_overlap", "OVERLAP_HELP", "OVERLAP_PLAN_NOTE",
            "ENGINES", "ENGINE_NAMES"]
 
 
@@ -110,6 +110,10 @@ def check_engine(name: str) -> str:
 
 OVERLAP_HELP = ("1: generate the next step's rollouts while this step updates (one step off-policy, corrected by "
                 "--tis-cap; hf engine, one process or DDP); 0: off")
+
+# --dry-run: what --overlap 1 adds that the memory plan does not model yet
+OVERLAP_PLAN_NOTE = (", --overlap 1: one more copy of the policy's weights, and the rollout's KV cache held during "
+                     "the update (not counted in the memory plan below)")
 
 
 def check_overlap(overlap: int, tis_cap: float, engine: str, sharded: bool = False) -> None:
