@@ -34,6 +34,13 @@ def spread_reward(response, sample):
     return (sum(map(ord, response)) % 101) / 100
 
 
+def half_decided(response, sample):
+    """spread_reward, with the accuracy of every other problem the same on all its samples: DAPO's dynamic
+    sampling drops those groups and draws refill batches."""
+    decided = sum(map(ord, sample.id)) % 2 == 0
+    return {"score": spread_reward(response, sample), "acc": 1.0 if decided else spread_reward(response, sample)}
+
+
 REWARD = "tests.test_overlap:spread_reward"
 RL_TINY = dict(algo="grpo", ckpt="tiny", data=["synth:train:64"], prompts_per_step=2, rollouts_per_prompt=4,
                max_new_tokens=12, lr=1e-3, warmup=0, tis_cap=2.0, reward=REWARD, seed=0)
@@ -206,6 +213,16 @@ def test_rl_overlap_one_trains_one_step_off_policy_with_tis(tmp_path):
     assert all(r["rollout/gap_mean_abs"] > 100 * max(noise, 1e-7) for r in records[1:])
     manifest = json.loads((out / "prism.json").read_text())
     assert manifest["config"]["overlap"] == 1 and manifest["config"]["tis_cap"] == 2.0
+
+
+def test_dapo_with_overlap_draws_its_refill_batches_in_the_step(tmp_path):
+    flags = dict(RL_TINY, algo="dapo", reward="tests.test_overlap:half_decided", prompts_per_step=4,
+                 max_num_gen_batches=3)
+    out = run_stage(RLConfig, rl_run.run, out=str(tmp_path / "dapo"), steps=2, overlap=1, **flags)
+    records = _records(out)
+    assert [r["rollout/policy_lag"] for r in records] == [0, 1]   # the first batch's; refills are at lag 0
+    assert max(r["sampling/gen_batches"] for r in records) > 1         # refills were drawn
+    assert all(r["sampling/groups_kept"] > 0 for r in records)
 
 
 def test_rl_overlap_one_resumes_and_redraws_the_batch_in_flight(tmp_path, monkeypatch):
