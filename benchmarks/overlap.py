@@ -112,6 +112,11 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             out[f"{stage}-speedup"] = sync["median_step_s"] / ahead["median_step_s"]
         if t2 and ahead:
             out[f"{stage}-speedup-vs-sync-t2"] = t2["median_step_s"] / ahead["median_step_s"]
+        if sync:   # the arithmetic on free hardware: (R + U) / max(R, U), R the rollout, U the rest of the step
+            split = sync["median_split_s"]
+            rollout = split.get("time/rollout", 0.0)
+            rest = sum(v for k, v in split.items() if k != "time/rollout")
+            out[f"{stage}-ideal-speedup"] = (rollout + rest) / max(rollout, rest)
     return out
 
 
