@@ -311,3 +311,14 @@ def test_dry_run_says_what_overlap_adds_to_memory(capsys):
         assert run(config.resolve(cls, flags=dict(ckpt="tiny", overlap=1, tis_cap=2.0, dry_run=True, **flags))) is None
         text = " ".join(capsys.readouterr().out.split())
         assert "--overlap 1: one more copy of the policy's weights" in text, text
+
+
+def test_the_cli_refuses_overlap_without_the_correction_in_one_line(tmp_path):
+    from tests.test_cli import invoke, one_error_line
+
+    out = tmp_path / "rl"
+    line = one_error_line(invoke("rl", "--ckpt", "tiny", "--overlap", "1", "--out", out), 2, "--overlap 1",
+                          "--tis-cap 2")
+    assert "off-policy" in line and not out.exists()
+    one_error_line(invoke("align", "--ckpt", "tiny", "--data", "synth", "--overlap", "2", "--tis-cap", "2",
+                          "--out", out), 2, "--overlap takes 0 or 1")
