@@ -225,6 +225,16 @@ def test_dapo_with_overlap_draws_its_refill_batches_in_the_step(tmp_path):
     assert all(r["sampling/groups_kept"] > 0 for r in records)
 
 
+def test_held_out_evaluation_runs_beside_the_worker(tmp_path):
+    """The evaluation samples the live policy in the main thread while the worker generates the next batch from
+    its snapshot: both run and every step is evaluated."""
+    out = run_stage(RLConfig, rl_run.run, out=str(tmp_path / "rl"), steps=3, overlap=1, eval_tasks=["synth"],
+                    eval_every=1, eval_n=3, eval_max_new_tokens=8, **RL_TINY)
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert sorted(r["step"] for r in records if "eval/synth/acc" in r) == [0, 1, 2, 3]
+    assert [r["rollout/policy_lag"] for r in records if "reward/mean" in r] == [0, 1, 1]
+
+
 def test_rl_overlap_one_resumes_and_redraws_the_batch_in_flight(tmp_path, monkeypatch):
     """Interrupted in step 3's update (step 3's batch and step 4's ahead batch drawn), then resumed from the
     state saved after step 2: steps 3 and 4 are redone, step 3 at lag 0 (nothing was generated ahead)."""
