@@ -129,6 +129,7 @@ class _Accelerator:
 
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_a_rank_whose_prompts_are_all_refused_runs_the_same_collectives_as_the_others(processor, dynamic):
+    from stages.common.rollout.ahead import RolloutsAhead
     from stages.common.training.runtime import StepTimer
     from stages.rl.config import RLConfig
     from stages.rl.run import collect_rollouts
@@ -144,7 +145,8 @@ def test_a_rank_whose_prompts_are_all_refused_runs_the_same_collectives_as_the_o
         try:
             accelerator, engine = _Accelerator(rank, group), _FakeEngine(processor)
             rollouts, _, sampling = collect_rollouts(cfg, accelerator, type("P", (), {"module": None}), engine,
-                                                     data[rank], 0, 0, StepTimer())
+                                                     RolloutsAhead(engine, None, lag=0), data[rank], 0, 0,
+                                                     StepTimer())
             runs[rank] = (accelerator.collectives, engine.batches, rollouts, sampling)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)

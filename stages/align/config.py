@@ -9,6 +9,7 @@ from stages.common.contract.errors import UsageError
 from stages.common.contract.registry import Registry
 from stages.common.evaluation.options import HeldOutEvalConfig, check_eval_options
 from stages.common.plan.report import check_plan_options
+from stages.common.rollout import OVERLAP_HELP, check_overlap
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ class AlignConfig(HeldOutEvalConfig, HardwareConfig, CommonConfig):
     max_grad_norm: float = opt(1.0, "gradient clipping (both models)", group="Game", cli=False)
     micro_batch_tokens: int = opt(16384, "token budget of a policy micro-batch", group="Game", cli=False)
     engine: str = opt("auto", "rollout engine: auto, hf, vllm", group="Game")
+    overlap: int = opt(0, OVERLAP_HELP, group="Game")
+    tis_cap: float = opt(0.0, "truncated importance sampling: weight each token by min(pi_trainer / pi_rollout, cap) "
+                              "(0: off; e.g. 2; --overlap 1 needs it)", group="Game")
 
     disc_row_tokens: int = opt(8192, "token budget of one discriminator scoring row (a group is split into rows "
                                      "of at most this many tokens, each repeating the prompt)", group="Discriminator")
@@ -110,5 +114,8 @@ class AlignConfig(HeldOutEvalConfig, HardwareConfig, CommonConfig):
             raise UsageError("alpha must be in [0, 1]")
         if self.steps < 0 or self.prompts_per_step < 1 or self.rollouts_per_prompt < 1:
             raise UsageError("steps must be >= 0, prompts_per_step and rollouts_per_prompt >= 1")
+        if self.tis_cap < 0:
+            raise UsageError("tis_cap must be >= 0 (0: off)")
+        check_overlap(self.overlap, self.tis_cap, self.engine)
         if self.disc and (self.disc_base or self.disc_dense):
             raise UsageError("--disc reuses a discriminator; it cannot be combined with --disc-base/--disc-dense")

@@ -47,7 +47,16 @@ from stages.common.plan import report as plan_report
 from stages.common.policy_update.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
 from stages.common.rewards import compute_score
-from stages.common.rollout import RolloutPrompt, SamplingParams, check_engine, make_engine, probe_metrics
+from stages.common.rollout import (
+    OVERLAP_PLAN_NOTE,
+    RolloutPrompt,
+    SamplingParams,
+    check_engine,
+    check_overlap,
+    make_engine,
+    probe_metrics,
+)
+from stages.common.rollout.ahead import RolloutsAhead
 from stages.common.training import distributed
 from stages.common.training import runtime as training
 from stages.common.training.groups import GroupLayout, group_layout
@@ -68,9 +77,10 @@ def run(cfg: AlignConfig) -> Path:
         return print_plan(cfg, policy_spec, disc_source, len(samples))
 
     cfg.dtype = training.training_dtype(cfg.dtype)  # what runs is what the manifest records
-    check_engine(cfg.engine)
+    engine_name = check_engine(cfg.engine)
     checkpoint.check_output(cfg.out, "align", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
+    check_overlap(cfg.overlap, cfg.tis_cap, engine_name, sharded=runtime.backend.shards_parameters)
     accelerator = runtime.accelerator
     layout = check_batches(cfg, accelerator.num_processes)
     parents = [("policy", policy_spec), ("discriminator", disc_source[1]), *data_parents]
@@ -92,6 +102,7 @@ def run(cfg: AlignConfig) -> Path:
     engine = make_engine(cfg.engine, policy.module, processor, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                          training=True)
     engine.lockstep = distributed.lockstep(accelerator, runtime.backend)
+    ahead = RolloutsAhead(engine, policy.module, lag=cfg.overlap)   # --overlap 1: each step's rollouts ahead
     tracking.start(accelerator, "align", to_dict(cfg), cfg.report_to, cfg.out)
 
     state = {"step": 0, "cursor": 0, "warmed_up": False}
@@ -115,12 +126,19 @@ def run(cfg: AlignConfig) -> Path:
     with console.progress("align", total=cfg.steps) as bar:
         bar.advance(state["step"])
         for step in range(state["step"], cfg.steps):
+            key = (step, state["cursor"])
             batch, state["cursor"], refused = next_prompts(samples, state["cursor"], cfg, layout,
                                                            accelerator.process_index, processor)
             for reason in refused:
                 console.warn(f"align: skipped a prompt the processor refuses ({reason})")
             with timer.phase("rollout"):
-                completions = collect_rollouts(cfg, layout, accelerator, policy, engine, batch, step)
+                completions = ahead.take(key, [p for _, p in batch], rollout_params(cfg, layout, accelerator, step),
+                                         policy.module)
+            if step + 1 < cfg.steps:   # the next step's rollouts, from these weights (lag 1: while this step trains)
+                upcoming, _, _ = next_prompts(samples, state["cursor"], cfg, layout, accelerator.process_index,
+                                              processor)
+                ahead.submit((step + 1, state["cursor"]), [p for _, p in upcoming],
+                             rollout_params(cfg, layout, accelerator, step + 1), policy.module)
             with timer.phase("score"):
                 scores, rewards, scored = score_rollouts(cfg, disc, disc_processor, batch, completions)
             with timer.phase("disc_update"):
@@ -133,7 +151,7 @@ def run(cfg: AlignConfig) -> Path:
                 with timer.phase("eval"):
                     held_out = evaluator(step + 1, accelerator, engine, policy, processor)
             record = {"step": step + 1, **d_metrics, **game_metrics(scores.detached(), rewards, advantages), **update,
-                      **held_out, **probe_metrics(engine), **timer.pop(),
+                      **held_out, **probe_metrics(engine), **ahead.metrics(), **timer.pop(),
                       # refused: a split group's processes all count it
                       "sampling/refused": training.global_sum(accelerator, len(refused) / layout.ranks_per_group)}
             run_dir.log_metrics(record)
@@ -144,6 +162,7 @@ def run(cfg: AlignConfig) -> Path:
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 training.save_state(accelerator, run_dir.state_dir, state, [policy, disc])
 
+    ahead.close()
     training.save_model(accelerator, policy, processor, run_dir.model_dir)
     disc_weights = disc.full_state_dict()
     if accelerator.is_main_process:
@@ -413,14 +432,11 @@ def load_pairs(path: str) -> list[PreferencePair]:
 
 # --------------------------------------------------------------------------------------------- the game
 
-def collect_rollouts(cfg: AlignConfig, layout: GroupLayout, accelerator, policy, engine, batch,
-                     step: int) -> list[list]:
-    """This process's rollouts of its prompts (all n, or its slice of a split group), from the current policy;
-    the seed differs per process, so the slices of a split group are different samples."""
-    engine.sync_weights(policy.module)
-    return engine.generate([p for _, p in batch], SamplingParams(
-        n=layout.rollouts_per_rank, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-        seed=cfg.seed * 1_000_003 + step * 1009 + accelerator.process_index))
+def rollout_params(cfg: AlignConfig, layout: GroupLayout, accelerator, step: int) -> SamplingParams:
+    """How this process samples its rollouts of a step (all n of a group, or its slice of a split group); the
+    seed differs per process, so the slices of a split group are different samples."""
+    return SamplingParams(n=layout.rollouts_per_rank, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                          seed=cfg.seed * 1_000_003 + step * 1009 + accelerator.process_index)
 
 
 def score_rollouts(cfg: AlignConfig, disc, disc_processor, batch, completions
@@ -472,7 +488,7 @@ def policy_update(cfg: AlignConfig, layout: GroupLayout, accelerator, policy, pr
         advantages = game_advantages(cfg, scores, rewards)
     settings = PPOSettings(clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.loss_agg,
                            temperature=cfg.temperature, micro_batch_tokens=cfg.micro_batch_tokens,
-                           max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)
+                           max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, tis_cap=cfg.tis_cap)
     n = len(completions[0])
     rows = [c for group in completions for c in group]
     update = ppo_update(settings, accelerator, policy, processor, [p for _, p in batch], rows,
@@ -571,6 +587,7 @@ def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> No
         ["optimizers", f"policy lr {cfg.lr} constant, discriminator lr {cfg.disc_lr}, wd {cfg.weight_decay}"],
         *[row for row in [eval_plan_row(cfg, cfg.steps, cfg.steps * cfg.prompts_per_step * cfg.rollouts_per_prompt)]
           if row],
+        ["rollout engine", cfg.engine + (OVERLAP_PLAN_NOTE if cfg.overlap else "")],
         ["device", str(default_device())],
         ["output", cfg.out or "(--out not set)"],
     ]

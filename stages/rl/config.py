@@ -9,6 +9,7 @@ from stages.common.contract.config import CommonConfig, HardwareConfig, opt
 from stages.common.contract.errors import UsageError
 from stages.common.evaluation.options import HeldOutEvalConfig, check_eval_options
 from stages.common.plan.report import check_plan_options
+from stages.common.rollout import OVERLAP_HELP, check_overlap
 from stages.rl.algorithms import ALGORITHMS
 
 
@@ -28,6 +29,7 @@ class RLConfig(HeldOutEvalConfig, HardwareConfig, CommonConfig):
     temperature: float = opt(1.0, "sampling temperature", group="Rollout")
     top_p: float = opt(1.0, "nucleus sampling", group="Rollout")
     engine: str = opt("auto", "rollout engine: auto (vllm when installed on a GPU, else hf), hf, vllm", group="Rollout")
+    overlap: int = opt(0, OVERLAP_HELP, group="Rollout")
 
     lr: float = opt(1e-6, "learning rate", group="Optimization")
     warmup: float = opt(10, "lr warmup: steps if >= 1, else a ratio of steps", group="Optimization")
@@ -112,5 +114,10 @@ class RLConfig(HeldOutEvalConfig, HardwareConfig, CommonConfig):
         if self.tis_cap and not ALGORITHMS.get(self.algo).token_ratio:
             raise UsageError(f"tis_cap weights tokens; {self.algo}'s ratio is per sequence",
                              hint="use " + " or ".join(n for n, a in ALGORITHMS.items() if a.token_ratio))
+        if self.overlap and not ALGORITHMS.get(self.algo).token_ratio:
+            raise UsageError(f"--overlap 1 is corrected per token (--tis-cap); {self.algo}'s ratio is per sequence",
+                             hint="use " + " or ".join(n for n, a in ALGORITHMS.items() if a.token_ratio)
+                                  + ", or --overlap 0")
+        check_overlap(self.overlap, self.tis_cap, self.engine)
         if self.prompts_per_step * self.rollouts_per_prompt % self.mini_batches:
             raise UsageError("prompts_per_step x rollouts_per_prompt must be divisible by mini_batches")

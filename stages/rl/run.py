@@ -29,7 +29,15 @@ from stages.common.policy_update import losses
 from stages.common.policy_update.advantages import dynamic_sampling_keep, overlong_penalty
 from stages.common.policy_update.ppo import PPOSettings, ppo_update
 from stages.common.rewards.table import load_reward, probe
-from stages.common.rollout import SamplingParams, check_engine, make_engine, probe_metrics
+from stages.common.rollout import (
+    OVERLAP_PLAN_NOTE,
+    SamplingParams,
+    check_engine,
+    check_overlap,
+    make_engine,
+    probe_metrics,
+)
+from stages.common.rollout.ahead import RolloutsAhead
 from stages.common.training import distributed
 from stages.common.training import runtime as training
 from stages.rl import plan
@@ -55,9 +63,10 @@ def run(cfg: RLConfig) -> Path:
         return print_plan(cfg, policy_spec, len(prompts))
 
     cfg.dtype = training.training_dtype(cfg.dtype)  # what runs is what the manifest records
-    check_engine(cfg.engine)
+    engine_name = check_engine(cfg.engine)
     checkpoint.check_output(cfg.out, "rl", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
+    check_overlap(cfg.overlap, cfg.tis_cap, engine_name, sharded=runtime.backend.shards_parameters)
     accelerator = runtime.accelerator
     check_prompts_per_step(cfg.prompts_per_step, accelerator.num_processes)
     processor = load_processor(policy_spec)
@@ -74,6 +83,7 @@ def run(cfg: RLConfig) -> Path:
     engine = make_engine(cfg.engine, policy.module, processor, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                          training=True)
     engine.lockstep = distributed.lockstep(accelerator, runtime.backend)
+    ahead = RolloutsAhead(engine, policy.module, lag=cfg.overlap)   # --overlap 1: each step's first batch ahead
     tracking.start(accelerator, "rl", to_dict(cfg), cfg.report_to, cfg.out)
 
     start_step, cursor = 0, 0
@@ -91,8 +101,10 @@ def run(cfg: RLConfig) -> Path:
     with console.progress(f"rl ({cfg.algo})", total=cfg.steps) as bar:
         bar.advance(start_step)
         for step in range(start_step, cfg.steps):
-            rollouts, cursor, sampling = collect_rollouts(cfg, accelerator, policy, engine, prompts, cursor, step,
-                                                          timer)
+            rollouts, cursor, sampling = collect_rollouts(cfg, accelerator, policy, engine, ahead, prompts, cursor,
+                                                          step, timer)
+            if step + 1 < cfg.steps:   # the next step's first batch, from these weights (lag 1: during the update)
+                ahead.submit(*first_batch_request(cfg, accelerator, engine, prompts, cursor, step + 1), policy.module)
             with timer.phase("update"):
                 update = policy_update(cfg, accelerator, policy, reference, processor, rollouts)
             if evaluator and evaluator.due(step + 1, cfg.steps):
@@ -109,6 +121,7 @@ def run(cfg: RLConfig) -> Path:
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 training.save_state(accelerator, run_dir.state_dir, {"step": step + 1, "cursor": cursor}, [policy])
 
+    ahead.close()
     replicas = training.rank_fingerprints(accelerator, policy)   # raises if the processes' weights drifted apart
     training.save_model(accelerator, policy, processor, run_dir.model_dir)
     records = run_dir.read_metrics()
@@ -209,31 +222,55 @@ def score_rows(cfg: RLConfig, samples: list[Sample], completions_by_prompt: list
     return rewards_t, torch.tensor(acc), torch.tensor(fmt), lengths
 
 
-def collect_rollouts(cfg: RLConfig, accelerator, policy, engine, prompts: list[Sample], cursor: int, step: int,
-                     timer: training.StepTimer) -> tuple[Rollouts, int, dict]:
-    """Sample rollout batches until this step has prompts_per_step useful groups (or the draw limit). A prompt
-    the processor refuses is rolled out as a stand-in (the batch keeps its shape, so the processes run the same
-    forwards and collectives) and never scored or kept. Long because the draw loop is one piece: what is kept,
-    what is only reported, and the one global count that decides, on every process alike, whether to draw
-    again."""
+def draw_batch(cfg: RLConfig, accelerator, processor, prompts: list[Sample], cursor: int, step: int,
+               batch: int) -> tuple[list[Sample], list, dict, SamplingParams]:
+    """Rollout batch `batch` (1, 2, ...) of `step`, drawn at `cursor`: this process's share of the prompts, their
+    rollout prompts (a refused one as a stand-in, with its reason) and the sampling parameters (seeded per step,
+    batch and process)."""
     rank, world = accelerator.process_index, accelerator.num_processes
+    quota = cfg.prompts_per_step // world   # check_prompts_per_step: divisible
+    samples = [stream_item(prompts, cursor + i, cfg.seed) for i in range(rank * quota, (rank + 1) * quota)]
+    rollout_prompts, refused = screened_rollout_prompts(samples, processor)
+    params = SamplingParams(n=cfg.rollouts_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_new_tokens=cfg.max_new_tokens,
+                            seed=cfg.seed * 1_000_003 + step * 1009 + batch * 101 + rank)
+    return samples, rollout_prompts, refused, params
+
+
+def first_batch_request(cfg: RLConfig, accelerator, engine, prompts: list[Sample], cursor: int, step: int) -> tuple:
+    """(key, rollout prompts, sampling parameters) of `step`'s first batch, as collect_rollouts draws it."""
+    _, rollout_prompts, _, params = draw_batch(cfg, accelerator, engine.processor, prompts, cursor, step, 1)
+    return (step, cursor), rollout_prompts, params
+
+
+def collect_rollouts(cfg: RLConfig, accelerator, policy, engine, ahead: RolloutsAhead, prompts: list[Sample],
+                     cursor: int, step: int, timer: training.StepTimer) -> tuple[Rollouts, int, dict]:
+    """Sample rollout batches until this step has prompts_per_step useful groups (or the draw limit). The first
+    batch comes through `ahead` (generated during the last step's update with --overlap 1); DAPO's refills are
+    sampled here, from the current weights. A prompt the processor refuses is rolled out as a stand-in (the
+    batch keeps its shape, so the processes run the same forwards and collectives) and never scored or kept.
+    Long because the draw loop is one piece: what is kept, what is only reported, and the one global count
+    that decides, on every process alike, whether to draw again."""
+    world = accelerator.num_processes
     quota = cfg.prompts_per_step // world   # check_prompts_per_step: divisible
     n = cfg.rollouts_per_prompt
     dynamic = cfg.resolved("dynamic_sampling")
     kept = dict(prompts=[], samples=[], completions=[], rewards=[], acc=[], fmt=[])
     seen = dict(rewards=[], acc=[], fmt=[], lengths=[])
     groups_total = groups_kept = batches = refused_total = 0
-    engine.sync_weights(policy.module)
     while True:
-        batch_samples = [stream_item(prompts, cursor + i, cfg.seed) for i in range(rank * quota, (rank + 1) * quota)]
-        cursor += quota * world
+        key = (step, cursor)
         batches += 1
         with timer.phase("rollout"):
-            rollout_prompts, refused = screened_rollout_prompts(batch_samples, engine.processor)
-            params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                                    max_new_tokens=cfg.max_new_tokens,
-                                    seed=cfg.seed * 1_000_003 + step * 1009 + batches * 101 + rank)
-            completions = engine.generate(rollout_prompts, params)
+            batch_samples, rollout_prompts, refused, params = draw_batch(cfg, accelerator, engine.processor,
+                                                                         prompts, cursor, step, batches)
+            if batches == 1:
+                completions = ahead.take(key, rollout_prompts, params, policy.module)
+            else:
+                if batches == 2 and cfg.overlap:   # the first batch came from the snapshot: sync the engine now
+                    engine.sync_weights(policy.module)
+                completions = engine.generate(rollout_prompts, params)
+        cursor += quota * world
         with timer.phase("score"):
             rewards, acc, fmt, lengths = score_rows(cfg, batch_samples, completions)
         for reason in refused.values():
@@ -276,6 +313,7 @@ def collect_rollouts(cfg: RLConfig, accelerator, policy, engine, prompts: list[S
     sampling = {"sampling/gen_batches": batches, "sampling/groups_drawn": groups_total,
                 "sampling/groups_kept": groups_kept, "sampling/filled": filled / (quota * world),
                 "sampling/refused": int(training.global_sum(accelerator, refused_total)),   # every process calls it
+                **ahead.metrics(),         # the first batch's policy lag (and, generated ahead, the wait for it)
                 **probe_metrics(engine)}   # vllm: this step's sync, engine vs trainer
     return rollouts, cursor, sampling
 
@@ -350,7 +388,7 @@ def print_plan(cfg: RLConfig, policy_spec, n_prompts: int) -> None:
                          f"tokens; {cfg.ppo_epochs} epoch(s) x {cfg.mini_batches} mini-batch(es)"],
         ["optimizer", f"AdamW lr {cfg.lr}, warmup {cfg.warmup}, wd {cfg.weight_decay}, clip {cfg.max_grad_norm}"],
         ["parameters", plan_report.parameter_summary(shape) + (" + a frozen reference" if cfg.kl_coef > 0 else "")],
-        ["rollout engine", cfg.engine],
+        ["rollout engine", cfg.engine + (OVERLAP_PLAN_NOTE if cfg.overlap else "")],
         *[row for row in [eval_plan_row(cfg, cfg.steps, cfg.steps * rollouts)] if row],
         ["output", cfg.out or "(--out not set)"],
     ]

@@ -16,7 +16,7 @@ from stages.common.contract.registry import Registry
 from stages.common.rollout.base import Completion, RolloutEngine, RolloutPrompt, SamplingParams
 
 __all__ = ["Completion", "RolloutEngine", "RolloutPrompt", "SamplingParams", "make_engine", "probe_metrics",
-           "vllm_usable",
+           "vllm_usable", "check_overlap", "OVERLAP_HELP", "OVERLAP_PLAN_NOTE",
            "ENGINES", "ENGINE_NAMES"]
 
 
@@ -106,6 +106,33 @@ def check_engine(name: str) -> str:
         raise PrismError(f"rollout engine {name} needs {engine.needs}, and this machine lacks {engine.missing()}",
                          hint=engine.hint or None)
     return name
+
+
+OVERLAP_HELP = ("1: generate the next step's rollouts while this step updates (one step off-policy, corrected by "
+                "--tis-cap; hf engine, one process or DDP); 0: off")
+
+# --dry-run: what --overlap 1 adds that the memory plan does not model yet
+OVERLAP_PLAN_NOTE = (", --overlap 1: one more copy of the policy's weights, and the rollout's KV cache held during "
+                     "the update (not counted in the memory plan below)")
+
+
+def check_overlap(overlap: int, tis_cap: float, engine: str, sharded: bool = False) -> None:
+    """--overlap 1 (stages.common.rollout.ahead) samples one step behind the update, so it needs the truncated
+    importance-sampling correction; it runs on the hf engine, with replicated weights. The config's validate
+    calls this with the engine as given, the stage again with the engine `auto` resolved to and the backend."""
+    if overlap not in (0, 1):
+        raise UsageError(f"--overlap takes 0 or 1, not {overlap}: the rollouts run at most one step ahead")
+    if not overlap:
+        return
+    if tis_cap <= 0:
+        raise UsageError("--overlap 1 trains on rollouts sampled one step behind the update and needs the "
+                         "off-policy correction", hint="add --tis-cap 2 (truncated importance sampling)")
+    if engine == "vllm":
+        raise UsageError("--overlap 1 is not supported with the vllm engine yet (it sleeps during the update)",
+                         hint="use --engine hf, or --overlap 0")
+    if sharded:
+        raise UsageError("--overlap 1 is not supported with sharded parameters (FSDP2, ZeRO-3) yet",
+                         hint="use DDP or one process, or --overlap 0")
 
 
 def make_engine(name: str, model, processor, **opts) -> RolloutEngine:
