@@ -19,6 +19,30 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# The learning tests (marker `learning`) train from this seed; benchmarks/learning_spread.py reruns them at other
+# seeds and kernel paths and reads what they record (record_learning), to measure the spread their bars rely on.
+LEARNING_SEED = int(os.environ.get("PRISM_LEARNING_SEED", "0"))
+
+
+@pytest.fixture
+def record_learning(request):
+    """record(name, value, bar, above=True): one statistic a learning test asserts against its bar, appended to
+    $PRISM_LEARNING_RECORD (a JSON-lines file) when set. Call it before the assertion, so a failing seed is
+    recorded too."""
+    import json
+
+    def record(name: str, value: float, bar: float, above: bool = True) -> None:
+        path = os.environ.get("PRISM_LEARNING_RECORD")
+        if not path:
+            return
+        row = {"test": request.node.nodeid, "name": name, "value": float(value), "bar": float(bar), "above": above,
+               "seed": LEARNING_SEED, "kernels": os.environ.get("ATEN_CPU_CAPABILITY", "unset"),
+               "capability": torch.backends.cpu.get_cpu_capability()}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    return record
+
 
 def pytest_runtest_makereport(item, call):
     """CI lists markers whose tests must not skip (PRISM_CI_NO_SKIP=slow,needs_root): such a skip is a failure,
@@ -85,4 +109,4 @@ def sft_tiny(tmp_path_factory, tiny_path):
     out = tmp_path_factory.mktemp("pipeline") / "sft"
     return run_stage(SFTConfig, run, ckpt="tiny", data=["synth:train:1024"], out=str(out), lr=3e-3,
                      batch_size=16, micro_batch_size=8, max_steps=200, warmup=0.05, eval_every=50,
-                     save_every=1000, seed=0)
+                     save_every=1000, seed=LEARNING_SEED)

@@ -20,7 +20,7 @@ from stages.curate.config import CurateConfig
 from stages.curate.run import run as curate
 from stages.sft.config import SFTConfig
 from stages.sft.run import run as sft
-from tests.conftest import run_stage
+from tests.conftest import LEARNING_SEED, run_stage
 
 DATA = "synth:train:256"
 
@@ -33,7 +33,8 @@ def noisy_policy(sft_tiny, tmp_path_factory):
     demos = run_stage(CurateConfig, curate, source=["synth:train:512"], teacher="oracle-noisy", gate="none",
                       caption_error_rate=0.6, reasoning_slip_rate=0.6, out=str(root / "curated"))
     return run_stage(SFTConfig, sft, ckpt=str(sft_tiny), data=[str(demos)], out=str(root / "sft-noisy"), lr=1e-3,
-                     batch_size=16, micro_batch_size=8, max_steps=40, warmup=0.05, eval_fraction=0, seed=0)
+                     batch_size=16, micro_batch_size=8, max_steps=40, warmup=0.05, eval_fraction=0,
+                     seed=LEARNING_SEED)
 
 
 def drift_gaps(policy_path, disc, disc_processor, samples, n=4) -> dict:
@@ -62,10 +63,14 @@ def drift_gaps(policy_path, disc, disc_processor, samples, n=4) -> dict:
 
 
 @pytest.mark.learning
-def test_alignment_shrinks_the_in_run_gap_and_keeps_the_format(noisy_policy, tmp_path):
+def test_alignment_plays_the_game_and_keeps_the_format(noisy_policy, tmp_path, record_learning):
+    """The game end to end: warmup, 16 steps, the discriminator saved, the format kept. What each player's
+    update does is checked exactly elsewhere (see the comments below); this run's trajectory statistics are
+    recorded for benchmarks/learning_spread.py and asserted only where their margin is large."""
     out = run_stage(AlignConfig, align, ckpt=str(noisy_policy), data=[DATA], out=str(tmp_path / "align"),
                     steps=16, prompts_per_step=4, rollouts_per_prompt=8, max_new_tokens=96, lr=2e-5,
-                    disc_lr=1e-4, warmup_steps=150, warmup_prompts=256, warmup_batch=8, warmup_lr=1e-3, seed=0)
+                    disc_lr=1e-4, warmup_steps=150, warmup_prompts=256, warmup_batch=8, warmup_lr=1e-3,
+                    seed=LEARNING_SEED)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "prism.json").read_text())["summary"]
     game = [r for r in records if "gap/caption" in r]
@@ -74,25 +79,34 @@ def test_alignment_shrinks_the_in_run_gap_and_keeps_the_format(noisy_policy, tmp
                 "gap/caption", "gap/think", "format/valid", "advantage/mean", "time/rollout", "time/score"):
         assert key in game[0], key
     assert (out / "discriminator" / "config.json").is_file() and (out / "drift_gap.png").stat().st_size > 1000
-    # The warmup fit its pairs: the pairwise loss fell and training accuracy ended above chance. Held-out
-    # accuracy is reported, not asserted: on this run's 26 held-out pairs it went caption 0.50 -> 0.31, think
-    # 0.31 -> 0.42 (2026-12-01), while training accuracy rose 0.54 -> 0.66: the tiny warmup does not generalise.
+    # The warmup's own statistics are recorded, not asserted: over seeds 0-2 (AVX512) and seed 0 (AVX2) its loss
+    # fell by 0.04-0.28 (first quarter against the last; mean 0.16, sd 0.10) and its training accuracy ended at
+    # 0.64-0.76 (mean 0.68, sd 0.05), too near their old bars (0 and 0.55) for a verdict that holds on any
+    # machine (issue 37). That the warmup learns to rank is test_warmup_learns_to_rank_teacher_above_corrupted_
+    # student's claim (test_scoring.py, bar 0.8 against a measured 0.90-0.95); held-out accuracy on this run's
+    # 26 pairs does not generalise on the tiny model (caption 0.50 -> 0.31, 2026-12-01) and is only reported.
     warm = [r for r in records if r.get("phase") == "warmup"]
     quarter = max(len(warm) // 4, 1)
     first, last = warm[:quarter], warm[-quarter:]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    assert mean(last, "warmup/loss") < mean(first, "warmup/loss")
-    assert mean(last, "warmup/acc_caption") > 0.55 and mean(last, "warmup/acc_think") > 0.55
+    record_learning("warmup loss fall, reported (first quarter - last)",
+                    mean(first, "warmup/loss") - mean(last, "warmup/loss"), 0.0)
+    record_learning("warmup training accuracy, caption, reported", mean(last, "warmup/acc_caption"), 0.55)
+    record_learning("warmup training accuracy, think, reported", mean(last, "warmup/acc_think"), 0.55)
     assert summary["warmup/pairs"] > 0 and "warmup/heldout_acc_caption" in summary
 
-    # The game's own measure: the gap (teacher minus policy score) under the co-trained discriminator
-    # falls over the run, for both segments (half against half: one step scores only 4 prompts).
+    # Reported, not asserted: the gap (teacher minus policy score) under the co-trained discriminator, first
+    # half of the run against the second. It used to be asserted to fall; measured across seeds it does not
+    # hold (issue 37: caption +0.146 at seed 0, -0.285 at seed 1, AVX512 kernels), because the judge moves
+    # with the policy and one step scores only 4 prompts. What each player's update does is checked exactly,
+    # on any machine, by test_one_discriminator_update_lowers_its_own_objective (the judge) and
+    # test_one_update_lowers_the_algorithms_own_surrogate in test_rl_stage.py (the shared policy update).
     half = len(game) // 2
     for seg in ("caption", "think"):
         first = sum(r[f"gap/{seg}"] for r in game[:half]) / half
         last = sum(r[f"gap/{seg}"] for r in game[half:]) / (len(game) - half)
         print(f"\nalign: in-run {seg} gap, first half {first:.3f} -> second half {last:.3f}")
-        assert last < first, seg
+        record_learning(f"in-run {seg} gap fall, reported (first half - second half)", first - last, 0.0)
 
     # Reported, not asserted: the same (final) discriminator judging samples from the policy before and
     # after. On the tiny model this 16-step run does not move it beyond its noise: with 24 prompts x 4
@@ -106,7 +120,52 @@ def test_alignment_shrinks_the_in_run_gap_and_keeps_the_format(noisy_policy, tmp
     print(f"align: drift gap under the final discriminator, before -> after: caption "
           f"{before['caption']:.3f} -> {after['caption']:.3f}, think {before['think']:.3f} -> {after['think']:.3f}; "
           f"format valid {before['valid']:.2f} -> {after['valid']:.2f}; in-run summary {summary}")
-    assert after["valid"] >= 0.8
+    record_learning("format valid after", after["valid"], 0.8)
+    assert after["valid"] >= 0.8   # measured 0.958-0.969 over seeds and kernel paths (issue 37)
+
+
+def test_one_discriminator_update_lowers_its_own_objective(sft_tiny):
+    """Trajectory-free, so it holds on any machine: one small SGD step of align's discriminator update
+    (score_rollouts, then discriminator_update: Bradley-Terry per segment + score L2 + the router's aux loss,
+    backpropagated through the chunked scoring's replay) lowers that objective on the same rollouts by about
+    lr x |g|^2 (first order). A sign error in the objective, a chunk whose replay drops its gradient or an
+    update that steps the wrong parameters fails here whatever the CPU's kernels."""
+    from stages.align.objective import discriminator_objective
+    from stages.align.run import discriminator_update, score_rollouts
+    from stages.common.contract import config
+    from stages.common.models.discriminator import aux_loss_coef, upcycle
+    from stages.common.training import runtime as training
+
+    # disc_row_tokens 256: a group splits over several rows and chunks, so the replay path is what runs
+    cfg = config.resolve(AlignConfig, flags=dict(ckpt="tiny", data=[DATA], out="unused"), sets=["disc_row_tokens=256"])
+    samples = synth.with_oracle_demos(synth.load(DATA, seed=0)[:3])
+    batch = [(s, rollout_prompt(s)) for s in samples]
+    policy_path = str(sft_tiny / "model")
+    completions = make_engine("hf", load_policy(policy_path, train=False), load_processor(policy_path)).generate(
+        [p for _, p in batch], SamplingParams(n=4, temperature=1.0, max_new_tokens=96, seed=11))
+    # 1e-4: measured falls are ~1e-4 of an objective ~1.4 (float32 rounds it at ~1e-7)
+    lr = 1e-4
+    runtime = training.make_runtime()
+    disc = runtime.prepare(upcycle("tiny", seed=0), lambda m: torch.optim.SGD(m.parameters(), lr=lr),
+                           lambda opt: training.build_scheduler(opt, "constant", 0, 1), name="discriminator")
+    disc_processor = load_processor("tiny")
+
+    def objective() -> float:
+        with torch.no_grad():
+            scores, _, _ = score_rollouts(cfg, disc, disc_processor, batch, completions)
+            return float(discriminator_objective(scores, score_reg=cfg.score_reg, clip=cfg.score_clip,
+                                                 aux_coef=aux_loss_coef(disc.module)).loss)
+
+    before = objective()
+    scores, _, scored = score_rollouts(cfg, disc, disc_processor, batch, completions)
+    assert scored.num_chunks > 1 and int(scores.format_ok.sum()) > 0
+    grad_norm = discriminator_update(cfg, disc, scores, scored)["d/grad_norm"]
+    after = objective()
+    predicted = lr * grad_norm ** 2 * min(1.0, cfg.max_grad_norm / grad_norm)
+    print(f"\ndiscriminator objective {before:.7f} -> {after:.7f} (fell {before - after:.3e}, first order predicts "
+          f"{predicted:.3e}); {scored.num_chunks} chunks, {int(scores.format_ok.sum())} format-valid rollouts")
+    assert before - after > 0
+    assert 0.5 * predicted < before - after < 1.5 * predicted
 
 
 def test_text_only_and_dense_discriminator_ablations_run(sft_tiny, tmp_path):

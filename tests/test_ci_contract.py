@@ -52,7 +52,7 @@ def test_ci_run_names_the_cpu_and_the_kernel_path_it_ran_with():
             if isinstance(node, ast.FunctionDef) and any("mark.learning" in ast.unparse(d) for d in node.decorator_list):
                 marked.add(node.name)
     for name in ("test_rl_raises_reward", "test_sft_learns_synth", "test_warmup_learns_to_rank_teacher_above_corrupted_student",
-                 "test_tiny_seeing_meets_the_perception_targets", "test_alignment_shrinks_the_in_run_gap_and_keeps_the_format"):
+                 "test_tiny_seeing_meets_the_perception_targets", "test_alignment_plays_the_game_and_keeps_the_format"):
         assert name in marked, name
 
 

@@ -149,7 +149,7 @@ def test_recipe_scripts_exist():
                     reason="the README demo takes 12-13 min on 2 cores; run it with "
                            "`PRISM_SLOW=1 python -m pytest tests/test_recipes.py -k tiny_sh`")
 @pytest.mark.learning
-def test_tiny_sh_end_to_end(tmp_path):
+def test_tiny_sh_end_to_end(tmp_path, record_learning):
     out = tmp_path / "tiny"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
     env.pop("PRISM_NO_PROGRESS", None)
@@ -163,6 +163,13 @@ def test_tiny_sh_end_to_end(tmp_path):
         results = json.loads((out / "eval" / f"eval-{name}" / "results.json").read_text())
         synth[name] = results["tasks"]["synth"]
     # The demo shows what it says: the seeing base perceives, and SFT on drifted demos costs perception.
+    # (The demo has its own fixed seeds: benchmarks/learning_spread.py varies only the kernel path here.)
+    f1 = {name: synth[name]["extra"]["caption_f1"] for name in synth}
+    record_learning("tiny-seeing caption F1", f1["tiny-seeing"], 0.85)
+    record_learning("caption F1 lost to SFT on drifted demos", f1["tiny-seeing"] - f1["sft"], 0.1)
+    record_learning("lowest format rate", min(synth[n]["extra"]["format"] for n in synth), 0.9)
+    # CI's runs of the demo on a 2-core AVX512 machine passed these bars with its best kernels and with
+    # ATEN_CPU_CAPABILITY=default (2026-12-07, issue 37); the demo's figures are in the README's table.
     assert synth["tiny-seeing"]["extra"]["caption_f1"] >= 0.85, synth
     assert synth["sft"]["extra"]["caption_f1"] <= synth["tiny-seeing"]["extra"]["caption_f1"] - 0.1, synth
     assert all(synth[n]["extra"]["format"] >= 0.9 for n in synth), synth

@@ -21,6 +21,7 @@ from stages.align.scoring import (
 from stages.common.models.discriminator import upcycle
 from stages.common.models.loading import load_processor
 from stages.common.rollout.base import RolloutPrompt
+from tests.conftest import LEARNING_SEED
 
 SEGMENTS = ["- three red circles on the left\n- one blue square at the top",
             "3 + 1 = 4. So the answer is 4.",
@@ -179,12 +180,12 @@ def _synthetic_pair(rng: random.Random) -> PreferencePair:
 
 
 @pytest.mark.learning
-def test_warmup_learns_to_rank_teacher_above_corrupted_student(processor):
-    torch.manual_seed(0)
-    rng = random.Random(0)
+def test_warmup_learns_to_rank_teacher_above_corrupted_student(processor, record_learning):
+    torch.manual_seed(LEARNING_SEED)
+    rng = random.Random(LEARNING_SEED)
     train = [_synthetic_pair(rng) for _ in range(256)]
-    held_out = [_synthetic_pair(rng) for _ in range(32)]
-    disc = upcycle("tiny", seed=0)
+    held_out = [_synthetic_pair(rng) for _ in range(96)]
+    disc = upcycle("tiny", seed=LEARNING_SEED)
     optimizer = torch.optim.AdamW(disc.parameters(), lr=1e-3, weight_decay=0.0)
     before = pairwise_accuracy(disc, processor, held_out)
     for step in range(48):
@@ -192,5 +193,12 @@ def test_warmup_learns_to_rank_teacher_above_corrupted_student(processor):
     assert {"loss", "bt_caption", "bt_think", "aux_loss", "acc_caption", "acc_think"} <= metrics.keys()
     assert metrics["aux_loss"] > 0
     after = pairwise_accuracy(disc, processor, held_out)
-    assert before["mean"] < 0.7
-    assert after["mean"] > 0.9, after
+    record_learning("held-out pairwise accuracy before, reported", before["mean"], 0.7, above=False)
+    record_learning("held-out pairwise accuracy after", after["mean"], 0.8)
+    # Chance is 0.5. Measured on these 96 held-out pairs (issue 37): after 48 steps 0.896-0.953 over seeds 0-2
+    # with AVX512 kernels, seed 0 with AVX2, seeds 0-1 with the default kernels (mean 0.933, sd 0.022); the
+    # old bar, 0.9, sat 1.5 sd under that mean and seed 2 missed it (0.896); longer warmups did not narrow it
+    # (seed 0, default kernels: 0.917, 0.891, 0.917 at 48, 72, 96 steps). 0.8 is chance + 0.3 and 6 sd under
+    # the mean. Before training the pairs rank at 0.39-0.59 (reported: an untrained judge's ranking is its
+    # random init's, not a property of the code).
+    assert after["mean"] > 0.8, after

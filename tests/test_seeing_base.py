@@ -12,6 +12,7 @@ import torch
 
 from stages.common.models import seeing_base as sb
 from stages.common.world.synth import TASKS, generate
+from tests.conftest import LEARNING_SEED
 
 
 def scene(*objects):
@@ -71,17 +72,24 @@ def test_norm_penalty_only_punishes_excess():
 
 
 @pytest.mark.learning
-def test_vision_pretraining_learns_and_is_monitored(tiny_path):
+def test_vision_pretraining_learns_and_is_monitored(tiny_path, record_learning):
     """A few dozen steps already beat chance on held-out cells, and the monitor reports the cosines."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     ip = AutoProcessor.from_pretrained(tiny_path).image_processor
     ip.size = {"shortest_edge": 32 * 32, "longest_edge": sb.IMAGE_PIXELS ** 2}
     visual = AutoModelForImageTextToText.from_pretrained(tiny_path).model.visual
-    recipe = sb.SeeingRecipe(vision_steps=60, vision_batch=16, vision_images=400, vision_warmup=10)
+    recipe = sb.SeeingRecipe(vision_steps=60, vision_batch=16, vision_images=400, vision_warmup=10,
+                             seed=LEARNING_SEED)
     records = sb.pretrain_vision(visual, ip, recipe, log=lambda r: None)
     first, last = records[0], records[-1]
-    assert last["loss"] < first["loss"] / 2
+    record_learning("loss last / first", last["loss"] / first["loss"], 0.7, above=False)
+    record_learning("colour probe", last["probe_color"], 0.6)
+    record_learning("size probe", last["probe_size"], 0.6)
+    # Measured (issue 37, benchmarks/learning_spread.py; seeds 0-2 with AVX512 kernels and seed 0 with AVX2): 
+    # loss last/first 0.34-0.44 (mean 0.38, sd 0.05: the old bar, 0.5, was 2.1 sd away; 0.7 is 6 sd); colour
+    # probe 0.92-0.94 and size probe 0.99-1.0 against 0.6 (over 30 sd). The probes are the claim.
+    assert last["loss"] < 0.7 * first["loss"]
     assert last["probe_color"] > 0.6 and last["probe_size"] > 0.6  # chance: 1/6 and 1/3 on occupied cells
     for key in ("cos_colour", "cos_shape"):
         assert -1.0 <= last[key] <= 1.0
@@ -232,10 +240,20 @@ def majority_rate(samples) -> float:
     return Counter(s.answer for s in samples).most_common(1)[0][1] / len(samples)
 
 
-def assert_meets_the_targets(got: dict, test) -> None:
+def assert_meets_the_targets(got: dict, test, record=None) -> None:
     """The issue's perception targets, and each family well above its majority-answer rate on its 20 problems of
     `test`, by at least 4 problems (20 problems put about ±20 points of noise on a family; on 1,000 held-out
-    problems the smallest margin is count_shape's +24, docs/seeing-base.md)."""
+    problems the smallest margin is count_shape's +24, docs/seeing-base.md). record: a learning test's
+    record_learning, given every statistic before the first assertion."""
+    if record:
+        for name, bar in {"caption_f1": 0.85, "color_f1": 0.9, "shape_f1": 0.9, "exact_count": 0.95}.items():
+            record(name, got[name], bar)
+        for task in TASKS:
+            rate = majority_rate([s for s in test if s.task == task])
+            record(f"{task} accuracy over its majority rate", got["acc_by_task"][task] - rate, 0.2)
+    # No training here: greedy decoding of the shipped weights gave the same figures on every seed and on the
+    # AVX512 and AVX2 kernel paths (issue 37): caption F1 0.983, colour 1.0, shape 0.995, exact count 1.0, and
+    # every family 0.30-0.60 over its majority rate; the default kernels pass it in CI's run too.
     assert got["caption_f1"] >= 0.85 and got["color_f1"] >= 0.9 and got["shape_f1"] >= 0.9, got
     assert got["exact_count"] >= 0.95, got
     for task in TASKS:
@@ -244,7 +262,7 @@ def assert_meets_the_targets(got: dict, test) -> None:
 
 
 @pytest.mark.learning
-def test_tiny_seeing_meets_the_perception_targets():
+def test_tiny_seeing_meets_the_perception_targets(record_learning):
     """The issue's perception targets on 100 held-out problems, greedy, from the shipped base (cached like any
     tiny model)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -257,7 +275,7 @@ def test_tiny_seeing_meets_the_perception_targets():
     test = generate("test", 100, seed=0)
     got = sb.evaluate(model, processor, test)
     print(f"\ntiny-seeing on 100 held-out problems (greedy): {got}")
-    assert_meets_the_targets(got, test)
+    assert_meets_the_targets(got, test, record_learning)
 
 
 # Not `slow` (CI runs those): the build is longer than the rest of CI together. Run it by hand.

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from stages.common.world import tiny
+from tests.conftest import LEARNING_SEED
 
 BUILT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "processor_config.json", "chat_template.jinja")
@@ -199,12 +200,12 @@ def test_generate_from_an_image(processor, model):
 
 
 @pytest.mark.learning
-def test_tiny_model_learns_a_fixed_answer(tiny_path, processor):
+def test_tiny_model_learns_a_fixed_answer(tiny_path, processor, record_learning):
     """Trainable, not only constructible: a few dozen AdamW steps on one example and greedy decoding
     reproduces the answer."""
     from transformers import AutoModelForImageTextToText
 
-    torch.manual_seed(0)
+    torch.manual_seed(LEARNING_SEED)   # the weights are the cached tiny's; the seed reaches dropout and sampling
     model = AutoModelForImageTextToText.from_pretrained(tiny_path)
     image, answer = red_square(), "<answer>42</answer>"
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many sides?"}]}
@@ -233,5 +234,10 @@ def test_tiny_model_learns_a_fixed_answer(tiny_path, processor):
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+    learned = greedy()
+    record_learning("loss last / first", losses[-1] / losses[0], 0.2, above=False)
+    record_learning("greedy reproduces the answer", float(learned == answer), 1.0)
+    # The same on every seed and kernel path measured (issue 37): loss last/first 0.0375 against 0.2, and the
+    # answer reproduced; the seed only reaches sampling-free code here, so the trajectory is the weights'.
     assert losses[-1] < 0.2 * losses[0], losses
-    assert greedy() == answer
+    assert learned == answer

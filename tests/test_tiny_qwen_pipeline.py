@@ -30,7 +30,7 @@ from stages.rl.config import RLConfig
 from stages.rl.run import run as rl
 from stages.sft.config import SFTConfig
 from stages.sft.run import run as sft
-from tests.conftest import run_stage
+from tests.conftest import LEARNING_SEED, run_stage
 from tests.test_logprobs import engine_logprobs
 from tests.test_rollout import two_prompts, with_logit_bias
 
@@ -45,7 +45,7 @@ def chain(tmp_path_factory, tiny_qwen_path):
                                student="tiny-qwen", k=2, student_max_new_tokens=SHORT, out=str(root / "curated"))
     out["sft"] = run_stage(SFTConfig, sft, ckpt="tiny-qwen", data=[str(out["curated"])], out=str(root / "sft"),
                            lr=3e-3, batch_size=4, micro_batch_size=4, max_steps=3, warmup=0, eval_fraction=0,
-                           save_every=1000, seed=0)
+                           save_every=1000, seed=LEARNING_SEED)
     out["align"] = run_stage(AlignConfig, align, ckpt=str(out["sft"]), data=[str(out["curated"])],
                              disc_base="tiny-qwen", warmup_steps=1, warmup_prompts=4, warmup_batch=4, steps=1,
                              prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=SHORT, lr=5e-5, disc_lr=5e-5,
@@ -65,12 +65,13 @@ def manifest(path):
 
 @pytest.mark.learning
 @pytest.mark.slow
-def test_every_stage_completes_on_tiny_qwen(chain):
+def test_every_stage_completes_on_tiny_qwen(chain, record_learning):
     for stage in ("curated", "sft", "align", "rl", "eval"):
         assert (chain[stage] / "prism.json").is_file(), stage
     curated = manifest(chain["curated"])["summary"]
     assert curated["student_pass"]["k"] == 2 and sum(curated["student_pass"]["histogram"].values()) == 8
     sft_summary = manifest(chain["sft"])["summary"]
+    record_learning("sft loss fall (first - final)", sft_summary["first_loss"] - sft_summary["final_loss"], 0.0)
     assert sft_summary["samples_refused"] == 0 and sft_summary["final_loss"] < sft_summary["first_loss"]
     assert manifest(chain["eval"])["summary"]["synth"] is not None
 
@@ -169,7 +170,7 @@ def test_lmms_plugin_prompt_carries_the_system_prompt(qwen_policy):
 
 @pytest.mark.learning
 @pytest.mark.slow
-def test_sft_loss_trend_matches_tiny(tmp_path, tiny_path, tiny_qwen_path):
+def test_sft_loss_trend_matches_tiny(tmp_path, tiny_path, tiny_qwen_path, record_learning):
     """The same SFT (synth oracle demonstrations, seed, lr, 12 steps) on tiny and on tiny-qwen: both losses
     fall steadily and by a similar fraction (measured: 6.72 -> 2.87 on tiny, 11.93 -> 5.38 on tiny-qwen,
     whose start is ln 151,936 instead of ln 2,048). Without real label masks tiny-qwen trained on nothing."""
@@ -177,11 +178,19 @@ def test_sft_loss_trend_matches_tiny(tmp_path, tiny_path, tiny_qwen_path):
     for ckpt in ("tiny", "tiny-qwen"):
         out = run_stage(SFTConfig, sft, ckpt=ckpt, data=["synth:train:32"], out=str(tmp_path / ckpt), lr=3e-3,
                         batch_size=4, micro_batch_size=4, max_steps=12, warmup=0, schedule="constant",
-                        eval_fraction=0, save_every=1000, seed=0)
+                        eval_fraction=0, save_every=1000, seed=LEARNING_SEED)
         losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert len(losses) == 12 and manifest(out)["summary"]["samples_refused"] == 0
+        record_learning(f"{ckpt}: loss rises over 12 steps", sum(b > a for a, b in zip(losses, losses[1:])), 2,
+                        above=False)
         assert sum(b > a for a, b in zip(losses, losses[1:])) <= 2, (ckpt, losses)  # falls steadily
         ratios[ckpt] = losses[-1] / losses[0]
+    record_learning("tiny: final / first loss", ratios["tiny"], 0.6, above=False)
+    record_learning("tiny-qwen: final / first loss", ratios["tiny-qwen"], 0.6, above=False)
+    record_learning("tiny - tiny-qwen loss ratio, absolute", abs(ratios["tiny"] - ratios["tiny-qwen"]), 0.15, above=False)
+    # Measured (issue 37, benchmarks/learning_spread.py; seeds 0-2 with AVX512 kernels and seed 0 with AVX2): 
+    # final/first 0.40-0.44 on tiny and 0.44-0.45 on tiny-qwen against 0.6 (sd 0.02 and 0.005: 9 sd and more);
+    # their difference 0.004-0.05 against 0.15 (sd 0.025: 5 sd); rises over the 12 steps 0-1 against 2.
     assert ratios["tiny"] < 0.6 and ratios["tiny-qwen"] < 0.6, ratios
     assert abs(ratios["tiny"] - ratios["tiny-qwen"]) < 0.15, ratios
 
