@@ -134,7 +134,7 @@ def run(cfg: AlignConfig) -> Path:
             with timer.phase("rollout"):
                 completions = ahead.take(key, [p for _, p in batch], rollout_params(cfg, layout, accelerator, step),
                                          policy.module)
-            if step + 1 < cfg.steps:   # the next step's rollouts, from these weights (lag 1: while this step trains)
+            if ahead.takes_submissions and step + 1 < cfg.steps:   # the next step's rollouts, from these weights
                 upcoming, _, _ = next_prompts(samples, state["cursor"], cfg, layout, accelerator.process_index,
                                               processor)
                 ahead.submit((step + 1, state["cursor"]), [p for _, p in upcoming],

@@ -103,7 +103,7 @@ def run(cfg: RLConfig) -> Path:
         for step in range(start_step, cfg.steps):
             rollouts, cursor, sampling = collect_rollouts(cfg, accelerator, policy, engine, ahead, prompts, cursor,
                                                           step, timer)
-            if step + 1 < cfg.steps:   # the next step's first batch, from these weights (lag 1: during the update)
+            if ahead.takes_submissions and step + 1 < cfg.steps:   # the next step's first batch, from these weights
                 ahead.submit(*first_batch_request(cfg, accelerator, engine, prompts, cursor, step + 1), policy.module)
             with timer.phase("update"):
                 update = policy_update(cfg, accelerator, policy, reference, processor, rollouts)

@@ -71,6 +71,13 @@ class RolloutsAhead:
             self.mirror.lockstep = None           # the worker never joins a collective
             self.mirror.sync_weights(self.snapshot)
 
+    @property
+    def takes_submissions(self) -> bool:
+        """Whether submit does anything take would not: only with a snapshot. Without one (--overlap 0) take
+        generates from the live module anyway, so a stage skips choosing the next batch early (that costs a
+        second prompt screening, an image-processor pass over the batch)."""
+        return self.snapshot is not None
+
     def submit(self, key: tuple, prompts: list[RolloutPrompt], params: SamplingParams, module) -> None:
         """The next step's first batch: with lag 1 refresh the snapshot from `module` now and start generating;
         with lag 0 hold it until take."""
