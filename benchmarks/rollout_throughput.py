@@ -194,6 +194,7 @@ def main() -> None:
                           "straightforward": statistics.median(r["straightforward_tokens"] for r in timed)},
         "runs": runs,
         "machine": machine_info(),
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "note": "shared, noisy machine: only the side-by-side ratio is meaningful",
     }
     out = Path(args.out) if args.out else RESULTS / f"rollout_throughput_{args.model}.json"
