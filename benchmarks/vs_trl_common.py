@@ -50,6 +50,12 @@ def single_thread_torch():
     return torch
 
 
+def targets_met(ratios: dict, targets: dict) -> dict:
+    """{ratio name: {"ratio", "target", "met"}} for each ratio a target names (issue 34's targets)."""
+    return {name: {"ratio": round(ratios[name], 3), "target": target, "met": ratios[name] >= target}
+            for name, target in targets.items() if ratios.get(name) is not None}
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
