@@ -41,7 +41,7 @@ def run_one(seed: int, path: str, pytest_args: list[str], record: Path) -> dict:
     env.pop("ATEN_CPU_CAPABILITY", None)
     if path != "unset":
         env["ATEN_CPU_CAPABILITY"] = path
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "learning", *pytest_args]
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "learning", *pytest_args]   # -q: addopts
     started = datetime.datetime.now(datetime.timezone.utc)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     log = record.with_suffix(".log")
