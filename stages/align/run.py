@@ -80,7 +80,7 @@ def run(cfg: AlignConfig) -> Path:
     engine_name = check_engine(cfg.engine)
     checkpoint.check_output(cfg.out, "align", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
-    check_overlap(cfg.overlap, cfg.tis_cap, engine_name, sharded=runtime.backend.shards_parameters)
+    check_overlap(cfg.overlap, cfg.tis_cap, engine_name, sharded=cfg.overlap > 0 and runtime.backend.shards_parameters)
     accelerator = runtime.accelerator
     layout = check_batches(cfg, accelerator.num_processes)
     parents = [("policy", policy_spec), ("discriminator", disc_source[1]), *data_parents]

@@ -66,7 +66,7 @@ def run(cfg: RLConfig) -> Path:
     engine_name = check_engine(cfg.engine)
     checkpoint.check_output(cfg.out, "rl", to_dict(cfg), cfg.overwrite, cfg.resume)
     runtime = training.make_runtime(cfg.dtype, report_to=cfg.report_to, project_dir=cfg.out)
-    check_overlap(cfg.overlap, cfg.tis_cap, engine_name, sharded=runtime.backend.shards_parameters)
+    check_overlap(cfg.overlap, cfg.tis_cap, engine_name, sharded=cfg.overlap > 0 and runtime.backend.shards_parameters)
     accelerator = runtime.accelerator
     check_prompts_per_step(cfg.prompts_per_step, accelerator.num_processes)
     processor = load_processor(policy_spec)
