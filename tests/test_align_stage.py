@@ -125,7 +125,8 @@ def test_alignment_plays_the_game_and_keeps_the_format(noisy_policy, tmp_path, r
     assert after["valid"] >= 0.8   # measured 0.93-0.99 over 5 runs, seeds and kernel paths (7 sd; issue 37)
 
 
-def test_one_discriminator_update_lowers_its_own_objective(sft_tiny):
+@pytest.mark.parametrize("layout", ["prefix", "shared"])
+def test_one_discriminator_update_lowers_its_own_objective(sft_tiny, layout):
     """Trajectory-free, so it holds on any machine: one small SGD step of align's discriminator update
     (score_rollouts, then discriminator_update: Bradley-Terry per segment + score L2 + the router's aux loss,
     backpropagated through the chunked scoring's replay) lowers that objective on the same rollouts by about
@@ -138,7 +139,8 @@ def test_one_discriminator_update_lowers_its_own_objective(sft_tiny):
     from stages.common.training import runtime as training
 
     # disc_row_tokens 256: a group splits over several rows and chunks, so the replay path is what runs
-    cfg = config.resolve(AlignConfig, flags=dict(ckpt="tiny", data=[DATA], out="unused"), sets=["disc_row_tokens=256"])
+    cfg = config.resolve(AlignConfig, flags=dict(ckpt="tiny", data=[DATA], out="unused"),
+                         sets=["disc_row_tokens=256", f"disc_layout={layout}", "disc_gradient_checkpointing=off"])
     samples = synth.with_oracle_demos(synth.load(DATA, seed=0)[:3])
     batch = [(s, rollout_prompt(s)) for s in samples]
     policy_path = str(sft_tiny / "model")

@@ -455,7 +455,7 @@ def test_switches_reach_the_config(monkeypatch):
     for args, want in ((["export", "--no-verify"], {"verify": False}), (["sft", "--freeze-vision"], {"freeze_vision": True}),
                        (["rl", "--no-dynamic-sampling"], {"dynamic_sampling": False}),
                        (["rl", "--dynamic-sampling"], {"dynamic_sampling": True}),
-                       (["align", "--no-disc-grad-checkpointing"], {"disc_gradient_checkpointing": False})):
+                       (["align", "--disc-grad-checkpointing", "off"], {"disc_gradient_checkpointing": "off"})):
         seen.clear()
         CliRunner().invoke(app_module.app, args)
         assert seen == want, (args, seen)

@@ -259,3 +259,40 @@ def test_the_align_plan_follows_the_launch_s_group_split():
                           max_new_tokens=6144)
         rollout = next(p for p in align_plan.memory_plan(cfg, SHAPE, disc, True).phases if p.name == "rollout")
         assert rollout.parts["hf engine KV cache"] == mp.kv_cache_bytes(SHAPE, prompts * (2048 + rollouts * 6144), 2)
+
+
+def test_disc_checkpointing_auto_follows_the_plan_and_picks_the_layout():
+    """--disc-grad-checkpointing auto is on only where a phase the discriminator's activations peak in (warmup,
+    scoring) does not fit without it; --disc-layout auto is prefix unless checkpointed (the prefix layout reads
+    the prompt's KV cache, which checkpointing drops), and an explicit prefix turns auto checkpointing off."""
+    from stages.align.config import AlignConfig
+
+    disc = dataclasses_replace(SHAPE, name="disc", experts=4, top_k=2, has_lm_head=False)
+    cfg = AlignConfig(engine="hf", backend="zero2", world_size=8, prompts_per_step=4, rollouts_per_prompt=16,
+                      max_new_tokens=6144)
+    without = align_plan.memory_plan(cfg, SHAPE, disc, True, disc_checkpointing=False)
+    need = max(p.total for p in without.phases if p.name in align_plan.DISC_PHASES)
+    tight = align_plan.memory_plan(cfg, SHAPE, disc, True, disc_checkpointing=False, gpu_bytes=need - 1)
+    roomy = align_plan.memory_plan(cfg, SHAPE, disc, True, disc_checkpointing=False, gpu_bytes=need)
+    assert align_plan.memory_plan(cfg, SHAPE, disc, True).phases != without.phases   # the setting reaches the plan
+    assert align_plan.resolve_disc_settings("auto", "auto", tight) == (True, "shared")
+    assert align_plan.resolve_disc_settings("auto", "auto", roomy) == (False, "prefix")
+    assert align_plan.resolve_disc_settings("auto", "prefix", tight) == (False, "prefix")
+    assert align_plan.resolve_disc_settings("auto", "separate", roomy) == (False, "separate")
+    assert align_plan.resolve_disc_settings("on", "auto", None) == (True, "shared")
+    assert align_plan.resolve_disc_settings("off", "auto", None) == (False, "prefix")
+
+
+def test_disc_settings_are_checked_when_the_config_is():
+    from stages.align.config import AlignConfig
+
+    base = dict(ckpt="tiny", data=["synth:8"])
+    with pytest.raises(UsageError, match="prefix cannot run with --disc-grad-checkpointing on"):
+        AlignConfig(**base, disc_layout="prefix", disc_gradient_checkpointing="on").validate()
+    with pytest.raises(UsageError, match="unknown disc_gradient_checkpointing"):
+        AlignConfig(**base, disc_gradient_checkpointing="sometimes").validate()
+    with pytest.raises(UsageError, match="unknown disc_layout"):
+        AlignConfig(**base, disc_layout="packed").validate()
+    yaml_bool = AlignConfig(**base, disc_gradient_checkpointing=False)   # YAML reads an unquoted off as False
+    yaml_bool.validate()
+    assert yaml_bool.disc_gradient_checkpointing == "off"

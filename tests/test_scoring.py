@@ -1,4 +1,5 @@
-"""Segment scoring: the shared-prompt layout equals the separate layout (scores and gradients); warmup learns."""
+"""Segment scoring: the shared-prompt and prefix layouts equal the separate layout (scores, gradients, the router's
+aux loss); warmup learns."""
 
 import random
 
@@ -13,6 +14,7 @@ from stages.align.scoring import (
     encode_prompt,
     encode_segment,
     pairwise_accuracy,
+    prefix_layout_mask,
     score_groups,
     score_segments,
     shared_layout_mask,
@@ -76,33 +78,68 @@ def test_shared_layout_mask_blocks():
     assert torch.equal(visible, want)
 
 
+def test_prefix_layout_mask_blocks():
+    """Packed segment rows over a 3-token prompt cache whose first column is left padding."""
+    prompt_visible = torch.tensor([[False, True, True]])
+    blocks = torch.tensor([[0, 0, 1, -2]])
+    visible = prefix_layout_mask(prompt_visible, blocks, torch.float32)[0, 0] == 0
+    want = torch.tensor([[0, 1, 1, 1, 0, 0, 0],
+                         [0, 1, 1, 1, 1, 0, 0],
+                         [0, 1, 1, 0, 0, 1, 0],
+                         [0, 0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(visible, want)
+
+
 def test_layouts_agree_with_an_image_and_uneven_segments(disc, processor):
     prompt = _prompt()
     with torch.no_grad():
         separate = score_segments(disc, processor, prompt, SEGMENTS, layout="separate")
         shared = score_segments(disc, processor, prompt, SEGMENTS, layout="shared")
+        prefix = score_segments(disc, processor, prompt, SEGMENTS, layout="prefix")
         truth = torch.stack([_single_sequence_score(disc, processor, prompt, s) for s in SEGMENTS])
     assert separate.shape == (len(SEGMENTS),)
     assert separate.abs().max() > 0.1  # not trivially zero
     assert (shared - separate).abs().max() < 1e-4
+    assert (prefix - separate).abs().max() < 1e-4
     assert (separate - truth).abs().max() < 1e-4
     assert len({round(float(s), 4) for s in shared}) == len(SEGMENTS)  # segments do not see each other
+    assert len({round(float(s), 4) for s in prefix}) == len(SEGMENTS)  # nor when packed into one row
 
 
 def test_layouts_agree_on_gradients(disc, processor):
     prompt = _prompt(seed=3)
     weights = torch.linspace(-1.0, 1.5, len(SEGMENTS))
     grads = {}
-    for layout in ("separate", "shared"):
+    for layout in ("separate", "shared", "prefix"):
         disc.zero_grad(set_to_none=True)
         (score_segments(disc, processor, prompt, SEGMENTS, layout=layout) * weights).sum().backward()
         grads[layout] = {n: p.grad.clone() for n, p in disc.named_parameters() if p.grad is not None}
     disc.zero_grad(set_to_none=True)
-    assert grads["shared"].keys() == grads["separate"].keys()
-    assert any(n.startswith("model.visual.") for n in grads["shared"])  # the image is in the graph
-    assert any("experts" in n for n in grads["shared"])
-    worst = max(float((grads["shared"][n] - grads["separate"][n]).abs().max()) for n in grads["shared"])
-    assert worst < 1e-4
+    for layout in ("shared", "prefix"):
+        assert grads[layout].keys() == grads["separate"].keys()
+        assert any(n.startswith("model.visual.") for n in grads[layout])  # the image is in the graph
+        assert any("experts" in n for n in grads[layout])
+        worst = max(float((grads[layout][n] - grads["separate"][n]).abs().max()) for n in grads[layout])
+        assert worst < 1e-4, layout
+
+
+def test_prefix_layout_gives_the_shared_layouts_router_aux_loss(disc, processor):
+    """Both passes' router logits (the prompt once, every segment token) enter one load-balancing loss: the
+    same tokens as the shared layout's one row, so the same value, and its gradient reaches the routers."""
+    prompts = [_prompt(seed=8), _prompt("Which shape is largest?", seed=9, size=(48, 64))]
+    groups = [SEGMENTS, SEGMENTS[1:4]]
+    aux = {}
+    for layout in ("shared", "prefix"):
+        disc.zero_grad(set_to_none=True)
+        result = score_groups(disc, processor, prompts, groups, layout, output_router_logits=True)
+        result.backward(result.aux_loss)
+        aux[layout] = (float(result.aux_loss.detach()), {n: p.grad.clone() for n, p in disc.named_parameters()
+                                                if p.grad is not None and "mlp.gate" in n})
+    disc.zero_grad(set_to_none=True)
+    assert aux["prefix"][0] > 0 and abs(aux["prefix"][0] - aux["shared"][0]) < 1e-5
+    assert aux["prefix"][1].keys() == aux["shared"][1].keys() and aux["prefix"][1]
+    for name, grad in aux["prefix"][1].items():
+        assert torch.allclose(grad, aux["shared"][1][name], atol=1e-6, rtol=1e-4), name
 
 
 def test_several_groups_split_rows_and_text_only(disc, processor):
@@ -114,9 +151,16 @@ def test_several_groups_split_rows_and_text_only(disc, processor):
         split = score_groups(disc, processor, prompts, groups, "shared", max_row_tokens=80)
         text_sep = score_groups(disc, processor, prompts, groups, "separate", text_only=True)
         text_shared = score_groups(disc, processor, prompts, groups, "shared", text_only=True)
+        # prefix: prompts of different lengths (image sizes) are left-padded in one pass
+        prefix = score_groups(disc, processor, prompts, groups, "prefix")
+        prefix_split = score_groups(disc, processor, prompts, groups, "prefix", max_row_tokens=80)
+        text_prefix = score_groups(disc, processor, prompts, groups, "prefix", text_only=True)
     assert [len(s) for s in shared.scores] == [4, 4]
     assert (shared.flat - separate.flat).abs().max() < 1e-4
     assert (split.flat - separate.flat).abs().max() < 1e-4 and split.num_rows > shared.num_rows
+    assert (prefix.flat - separate.flat).abs().max() < 1e-4
+    assert (prefix_split.flat - separate.flat).abs().max() < 1e-4 and prefix_split.num_chunks > 1
+    assert (text_prefix.flat - text_sep.flat).abs().max() < 1e-4
     assert (text_shared.flat - text_sep.flat).abs().max() < 1e-4
     assert (text_shared.flat - shared.flat).abs().max() > 1e-3  # withholding the image changes scores
     assert shared.num_tokens < separate.num_tokens
@@ -141,8 +185,10 @@ def test_dense_variant_layouts_agree(processor):
     prompt = _prompt(seed=7)
     with torch.no_grad():
         shared = score_segments(disc, processor, prompt, SEGMENTS)
+        prefix = score_segments(disc, processor, prompt, SEGMENTS, layout="prefix")
         separate = score_segments(disc, processor, prompt, SEGMENTS, layout="separate")
     assert (shared - separate).abs().max() < 1e-4
+    assert (prefix - separate).abs().max() < 1e-4
 
 
 def test_clip_and_bad_layout(disc, processor):

@@ -42,13 +42,14 @@ def _grads(disc):
     return {n: p.grad.detach().clone() for n, p in disc.named_parameters() if p.grad is not None}
 
 
-def test_budget_gives_the_same_scores_and_gradients(disc, processor):
+@pytest.mark.parametrize("layout", ["shared", "prefix"])
+def test_budget_gives_the_same_scores_and_gradients(disc, processor, layout):
     prompts, segments = _groups()
     weights = torch.linspace(-1, 1, sum(len(s) for s in segments))
 
     def run(budget):
         disc.zero_grad(set_to_none=True)
-        result = score_groups(disc, processor, prompts, segments, "shared", max_row_tokens=budget)
+        result = score_groups(disc, processor, prompts, segments, layout, max_row_tokens=budget)
         flat = torch.cat(result.scores)
         result.backward((flat * weights).sum())
         return flat.detach(), _grads(disc), result
@@ -56,6 +57,7 @@ def test_budget_gives_the_same_scores_and_gradients(disc, processor):
     whole, g_whole, r_whole = run(None)
     chunked, g_chunked, r_chunked = run(120)
     assert r_chunked.num_rows > r_whole.num_rows == 2              # the budget split the groups
+    assert r_chunked.num_chunks > 1 == r_whole.num_chunks          # ... into chunks, re-run in backward
     assert r_chunked.num_tokens > r_whole.num_tokens                # each row repeats its prompt
     assert (whole - chunked).abs().max() < 1e-4
     assert g_whole.keys() == g_chunked.keys() and g_whole

@@ -27,6 +27,9 @@ ADVANTAGE_MODES.register("rlvr-mixed", AdvantageMode("plus the group-normalised 
                                                      "mixed_with_rlvr"))
 
 
+DISC_LAYOUTS = ("auto", "prefix", "shared", "separate")
+
+
 @dataclass
 class AlignConfig(HeldOutEvalConfig, HardwareConfig, CommonConfig):
     ckpt: str = opt("", "policy to align: an sft checkpoint (or any policy spec)", group="Model")
@@ -46,7 +49,9 @@ class AlignConfig(HeldOutEvalConfig, HardwareConfig, CommonConfig):
     router_std: float = opt(0.02, "std of the router initialisation", group="Discriminator", cli=False)
     aux_loss_coef: float = opt(0.01, "router load-balancing loss coefficient", group="Discriminator", cli=False)
     disc_lr: float = opt(1e-6, "discriminator learning rate in the game", group="Discriminator")
-    disc_layout: str = opt("shared", "scoring layout: shared (prompt encoded once per group) or separate",
+    disc_layout: str = opt("auto", "scoring layout: prefix (each prompt once as a KV cache, segments packed in "
+                                   "narrow rows on top), shared (prompt once per group, one row with a block mask), "
+                                   "separate; auto: prefix unless the discriminator is checkpointed, then shared",
                            group="Discriminator")
     score_clip: float = opt(10.0, "discriminator scores are clipped to [-clip, clip] in its loss",
                             group="Discriminator", cli=False)
@@ -86,8 +91,9 @@ class AlignConfig(HeldOutEvalConfig, HardwareConfig, CommonConfig):
 
     disc_row_tokens: int = opt(8192, "token budget of one discriminator scoring row (a group is split into rows "
                                      "of at most this many tokens, each repeating the prompt)", group="Discriminator")
-    disc_gradient_checkpointing: bool = opt(True, "recompute the discriminator's activations in backward",
-                                            group="Discriminator", flag="--disc-grad-checkpointing")
+    disc_gradient_checkpointing: str | bool = opt(
+        "auto", "recompute the discriminator's activations in backward: on, off, or auto (on only where the memory "
+                "plan needs it on this device)", group="Discriminator", flag="--disc-grad-checkpointing")
 
     save_every: int = opt(25, "save resumable state every N steps", group="Logging")
     report_to: str = opt("none", "trackers through accelerate: none, tensorboard, wandb", group="Logging")
@@ -106,8 +112,17 @@ class AlignConfig(HeldOutEvalConfig, HardwareConfig, CommonConfig):
         if not self.data:
             raise UsageError("--data is required", hint="curated prompts with teacher demonstrations")
         ADVANTAGE_MODES.get(self.advantage_mode)  # an unknown name fails here, listing the registered ones
-        if self.disc_layout not in ("shared", "separate"):
-            raise UsageError(f"unknown disc_layout {self.disc_layout!r}", hint="shared or separate")
+        if isinstance(self.disc_gradient_checkpointing, bool):  # YAML reads an unquoted on/off as a boolean
+            self.disc_gradient_checkpointing = "on" if self.disc_gradient_checkpointing else "off"
+        if self.disc_gradient_checkpointing not in ("auto", "on", "off"):
+            raise UsageError(f"unknown disc_gradient_checkpointing {self.disc_gradient_checkpointing!r}",
+                             hint="use auto, on or off")
+        if self.disc_layout not in DISC_LAYOUTS:
+            raise UsageError(f"unknown disc_layout {self.disc_layout!r}", hint=", ".join(DISC_LAYOUTS))
+        if self.disc_layout == "prefix" and self.disc_gradient_checkpointing == "on":
+            raise UsageError("--disc-layout prefix cannot run with --disc-grad-checkpointing on",
+                             hint="checkpointing drops the prompt's KV cache the prefix layout reads; use "
+                                  "--disc-layout shared, or checkpointing off")
         if not 1 <= self.top_k <= self.num_experts:
             raise UsageError(f"top_k {self.top_k} must be between 1 and num_experts ({self.num_experts})")
         if not 0.0 <= self.alpha <= 1.0:

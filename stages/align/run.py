@@ -42,7 +42,13 @@ from stages.common.models.discriminator import (
     save_discriminator,
     upcycle,
 )
-from stages.common.models.loading import default_device, enable_checkpointing, load_policy, load_processor
+from stages.common.models.loading import (
+    default_device,
+    device_memory_bytes,
+    enable_checkpointing,
+    load_policy,
+    load_processor,
+)
 from stages.common.plan import report as plan_report
 from stages.common.policy_update.ppo import PPOSettings, ppo_update
 from stages.common.protocol import parse_response
@@ -72,7 +78,7 @@ def run(cfg: AlignConfig) -> Path:
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     samples, data_fp, data_parents, dropped = load_demonstrations(cfg.data, cfg.seed)
     disc_source = discriminator_source(cfg, policy_spec)
-    cfg = with_reused_shape(cfg, disc_source)
+    cfg = with_disc_settings(with_reused_shape(cfg, disc_source), policy_spec, disc_source)
     if cfg.dry_run:   # every check a launch runs, at the planned world size, then the memory plan
         return print_plan(cfg, policy_spec, disc_source, len(samples))
 
@@ -269,18 +275,31 @@ def with_reused_shape(cfg: AlignConfig, source) -> AlignConfig:
     return cfg
 
 
+def with_disc_settings(cfg: AlignConfig, policy_spec, disc_source) -> AlignConfig:
+    """--disc-grad-checkpointing and --disc-layout resolved (stages.align.plan.resolve_disc_settings), so what
+    runs is what the manifest records: auto checkpointing asks the memory plan without it, on this device's
+    memory (a dry run: on --gpu-memory)."""
+    plan_without = None
+    if cfg.disc_gradient_checkpointing == "auto" and cfg.disc_layout != "prefix":
+        shape, disc_shape = plan_report.align_shapes(cfg, policy_spec, disc_source)
+        plan_without = plan.memory_plan(cfg, shape, disc_shape, vllm_sleeps=True, disc_checkpointing=False,
+                                        gpu_bytes=None if cfg.dry_run else device_memory_bytes())
+    on, layout = plan.resolve_disc_settings(cfg.disc_gradient_checkpointing, cfg.disc_layout, plan_without)
+    return dataclasses.replace(cfg, disc_gradient_checkpointing="on" if on else "off", disc_layout=layout)
+
+
 def build_discriminator(cfg: AlignConfig, source, device):
     how, spec = source
     if how == "reuse":
         path = spec.path / "discriminator" if spec.kind == "prism" else spec.path
         disc = load_discriminator(path, dtype=training.MASTER_WEIGHTS_DTYPE, device=device, train=True)
-        if cfg.disc_gradient_checkpointing:
+        if cfg.disc_gradient_checkpointing == "on":
             enable_checkpointing(disc)
         return disc, load_discriminator_processor(path)
     disc = upcycle(spec, num_experts=cfg.num_experts, top_k=cfg.top_k, noise_std=cfg.expert_noise,
                    router_std=cfg.router_std, aux_loss_coef=cfg.aux_loss_coef, seed=cfg.seed, dense=cfg.disc_dense,
                    text_only=cfg.disc_text_only, dtype=training.MASTER_WEIGHTS_DTYPE, device=device)
-    if cfg.disc_gradient_checkpointing:
+    if cfg.disc_gradient_checkpointing == "on":
         enable_checkpointing(disc)
     disc.train()
     return disc, load_processor(spec)
@@ -565,6 +584,9 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
+DISC_SETTINGS_NOTE = " (auto: checkpointing only where the plan needs it; prefix unless checkpointed)"
+
+
 def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> None:
     """--dry-run: the checks a launch runs before loading anything, at the planned world size (--world-size, or
     the launch's WORLD_SIZE), then the resolved settings and the memory plan."""
@@ -583,7 +605,9 @@ def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> No
                       f", pairs sampled from the policy on {min(cfg.warmup_prompts, n_samples)} prompts")],
         ["game", f"{cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.rollouts_per_prompt} rollouts, "
                  f"max {cfg.max_new_tokens} new tokens; alpha {cfg.alpha}, format penalty {cfg.format_penalty}, "
-                 f"advantages {cfg.advantage_mode}; scoring layout {cfg.disc_layout}"],
+                 f"advantages {cfg.advantage_mode}"],
+        ["discriminator memory", f"scoring layout {cfg.disc_layout}, gradient checkpointing "
+                                 f"{cfg.disc_gradient_checkpointing}" + DISC_SETTINGS_NOTE],
         ["optimizers", f"policy lr {cfg.lr} constant, discriminator lr {cfg.disc_lr}, wd {cfg.weight_decay}"],
         *[row for row in [eval_plan_row(cfg, cfg.steps, cfg.steps * cfg.prompts_per_step * cfg.rollouts_per_prompt)]
           if row],

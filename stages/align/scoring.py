@@ -42,7 +42,7 @@ import torch
 from stages.align.objective import GroupScores, discriminator_objective
 from stages.common.models.discriminator import aux_loss_coef, is_text_only
 
-LAYOUTS = ("shared", "separate")
+LAYOUTS = ("shared", "separate", "prefix")
 SCORE_CLIP = 10.0
 END_TOKEN = "<|im_end|>"
 _PAD_BLOCK = -2     # block id of padding tokens
@@ -188,7 +188,8 @@ def score_groups(disc, processor, prompts: Sequence[Any], segments: Sequence[Seq
     seg_ids = [[encode_segment(processor.tokenizer, s, max_segment_tokens) for s in group] for group in segments]
     if layout == "separate":
         return _score_separate(disc, processor, encoded, seg_ids, output_router_logits)
-    return _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_row_tokens, global_chunks)
+    return _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_row_tokens, global_chunks,
+                         prefix=layout == "prefix")
 
 
 def score_segments(disc, processor, prompt: Any, segments: Sequence[str | None], layout: str = "shared",
@@ -342,6 +343,117 @@ def _shared_inputs(disc, processor, rows: list[_Row], seg_ids, prompt_pos_cache:
     return inputs, last_index
 
 
+def _bins(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices of segments packed into rows of at most `width` tokens (a longer segment gets a row of its
+    own), longest first, each into the first row it fits: rows come out nearly full."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(width - lengths[i])
+    return rows
+
+
+def _prefix_forward(disc, processor, rows: list[_Row], seg_ids, output_router_logits: bool,
+                    prompt_pos_cache: dict) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+    """One chunk in the prefix layout (module docstring): its distinct prompts once with a KV cache, then the
+    segments packed into narrow rows on top. Returns the value at every segment's end, the router aux loss
+    over all real tokens of both passes, and (group, segment) of every value.
+
+    Long because it builds both passes' inputs: left-padded prompts with their M-RoPE positions, and packed
+    segment rows with each segment's own positions and its 4-D mask over the prompt's cache and itself."""
+    from stages.common.models.discriminator import router_aux_loss
+    from stages.common.rollout.kv_cache import cache_keyword, output_cache
+
+    device, dtype = _model_device_dtype(disc)
+    pad_id = processor.tokenizer.pad_token_id
+    prompts, prompt_of_row = [], []
+    for row in rows:
+        if not any(p is row.prompt for p in prompts):
+            prompts.append(row.prompt)
+        prompt_of_row.append(next(i for i, p in enumerate(prompts) if p is row.prompt))
+    # pass 1: the chunk's prompts, left-padded (every prompt ends in the last column)
+    width_p = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width_p), pad_id, dtype=torch.long)
+    mm_types = torch.zeros((len(prompts), width_p), dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), width_p), dtype=torch.long)
+    positions = torch.zeros((3, len(prompts), width_p), dtype=torch.long)
+    starts = []
+    for i, prompt in enumerate(prompts):
+        if id(prompt) not in prompt_pos_cache:
+            prompt_pos_cache[id(prompt)] = prompt_positions(disc, prompt).cpu()
+        p_pos, pad = prompt_pos_cache[id(prompt)], width_p - len(prompt)
+        input_ids[i, pad:], mm_types[i, pad:], prompt_mask[i, pad:] = prompt.input_ids, prompt.mm_token_type_ids, 1
+        positions[:, i, pad:] = p_pos
+        starts.append(int(p_pos.max()) + 1)   # where text after the prompt continues, on all three axes
+    pixel_values, grid = _cat_images(prompts)
+    backbone = _backbone(disc)
+    want_router = output_router_logits and _is_moe(disc)
+    first = backbone(input_ids=input_ids.to(device), attention_mask=prompt_mask.to(device),
+                     position_ids=positions.to(device), mm_token_type_ids=mm_types.to(device),
+                     pixel_values=pixel_values.to(device, dtype) if pixel_values is not None else None,
+                     image_grid_thw=grid.to(device) if grid is not None else None, use_cache=True,
+                     **({"output_router_logits": True} if want_router else {}))
+    cache = output_cache(first)
+
+    # pass 2: each row's segments packed into rows as wide as the chunk's longest segment, on its prompt's cache
+    seg_width = max(len(seg_ids[row.group][i]) for row in rows for i in row.segments)
+    packed = []     # (chunk row, [segment indices]) per packed row
+    for r, row in enumerate(rows):
+        lengths = [len(seg_ids[row.group][i]) for i in row.segments]
+        packed += [(r, [row.segments[j] for j in sorted(b)]) for b in _bins(lengths, seg_width)]
+    seg_input = torch.full((len(packed), seg_width), pad_id, dtype=torch.long)
+    seg_pos = torch.zeros((3, len(packed), seg_width), dtype=torch.long)
+    blocks = torch.full((len(packed), seg_width), _PAD_BLOCK, dtype=torch.long)
+    last_index = []
+    for k, (r, segments) in enumerate(packed):
+        col, start = 0, starts[prompt_of_row[r]]
+        for block, i in enumerate(segments):
+            ids = seg_ids[rows[r].group][i]
+            seg_input[k, col:col + len(ids)] = torch.tensor(ids, dtype=torch.long)
+            seg_pos[:, k, col:col + len(ids)] = torch.arange(start, start + len(ids))
+            blocks[k, col:col + len(ids)] = block
+            last_index.append((k, col + len(ids) - 1, rows[r].group, i))
+            col += len(ids)
+    cache_rows = torch.tensor([prompt_of_row[r] for r, _ in packed], device=device)
+    cache.batch_select_indices(cache_rows)
+    blocks = blocks.to(device)
+    mask = prefix_layout_mask(prompt_mask.to(device)[cache_rows].bool(), blocks, dtype)
+    out = disc(input_ids=seg_input.to(device), attention_mask=mask, position_ids=seg_pos.to(device),
+               mm_token_type_ids=torch.zeros_like(seg_input, device=device), use_cache=True,
+               output_router_logits=want_router, aux_loss_mask=(blocks != _PAD_BLOCK).long(),
+               **{cache_keyword(backbone): cache})
+    row_idx = torch.tensor([x[0] for x in last_index], device=device)
+    col_idx = torch.tensor([x[1] for x in last_index], device=device)
+    aux = None
+    if want_router:
+        aux = router_aux_loss(disc, [first.router_logits, out.router_logits], [prompt_mask, blocks != _PAD_BLOCK])
+    return out.token_values[row_idx, col_idx], aux, last_index
+
+
+def prefix_layout_mask(prompt_visible: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask [R, 1, W, P + W] of packed segment rows over their prompt's cache: a segment token
+    sees its prompt's real tokens (prompt_visible [R, P], False at left padding) and causally its own
+    segment (blocks [R, W]: segment ids, -2 padding); padding sees only itself."""
+    width = blocks.shape[1]
+    idx = torch.arange(width, device=blocks.device)
+    causal = idx[None, :, None] >= idx[None, None, :]
+    q_block, k_block = blocks[:, :, None], blocks[:, None, :]
+    own = causal & (k_block == q_block) & (q_block != _PAD_BLOCK)
+    own |= torch.eye(width, dtype=torch.bool, device=blocks.device)[None]
+    sees_prompt = prompt_visible[:, None, :] & (q_block != _PAD_BLOCK)
+    visible = torch.cat([sees_prompt.expand(-1, width, -1), own], dim=2)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=blocks.device)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
 class _ReplayOnly(torch.autograd.Function):
     """Identity on scores that were computed without a graph. Its backward passes the gradient on only inside
     ScoreResult.backward (which then re-runs the chunks); anywhere else it raises, so a plain loss.backward()
@@ -405,7 +517,7 @@ def _backward(trained, loss: torch.Tensor) -> None:
 
 
 def _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_row_tokens,
-                  global_chunks) -> ScoreResult:
+                  global_chunks, prefix: bool = False) -> ScoreResult:
     """Shared layout; with max_row_tokens, rows of at most that many tokens run in chunks of at most that
     many (padded) tokens, so neither the [t, t] masks nor the activations grow with the group.
 
@@ -422,13 +534,19 @@ def _score_shared(disc, processor, encoded, seg_ids, output_router_logits, max_r
     located = []   # per chunk: (group, segment) of each score it returns
 
     def run_chunk(c: int):
-        inputs, last_index = _shared_inputs(disc, processor, [rows[r] for r in chunks[c]], seg_ids, prompt_pos_cache)
-        out = disc(**inputs, output_router_logits=output_router_logits)
-        row_idx = torch.tensor([x[0] for x in last_index], device=device)
-        col_idx = torch.tensor([x[1] for x in last_index], device=device)
+        chunk_rows = [rows[r] for r in chunks[c]]
+        if prefix:
+            values, aux, last_index = _prefix_forward(disc, processor, chunk_rows, seg_ids, output_router_logits,
+                                                      prompt_pos_cache)
+        else:
+            inputs, last_index = _shared_inputs(disc, processor, chunk_rows, seg_ids, prompt_pos_cache)
+            out = disc(**inputs, output_router_logits=output_router_logits)
+            row_idx = torch.tensor([x[0] for x in last_index], device=device)
+            col_idx = torch.tensor([x[1] for x in last_index], device=device)
+            values, aux = out.token_values[row_idx, col_idx], out.aux_loss
         if len(located) <= c:
             located.append([(x[2], x[3]) for x in last_index])
-        return out.token_values[row_idx, col_idx], out.aux_loss
+        return values, aux
 
     tokens = [sum(rows[r].length for r in chunk) for chunk in chunks]
     weights = [t / sum(tokens) for t in tokens]   # aux loss: token-weighted mean over chunks

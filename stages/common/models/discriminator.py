@@ -124,6 +124,21 @@ def _value_forward(model, input_ids, attention_mask, position_ids, pixel_values,
     return DiscriminatorOutput(token_values=values, aux_loss=aux_loss, router_logits=router_logits)
 
 
+def router_aux_loss(model, router_logits: list[tuple[torch.Tensor, ...]], token_masks: list[torch.Tensor]) -> torch.Tensor | None:
+    """The router load-balancing loss over the real tokens of several forwards at once (each forward's
+    per-layer logits [tokens, experts] and its real-token mask, any shape with that many elements): the same
+    value as one forward over those tokens. None for the dense variant or without router logits."""
+    inner = getattr(model, "module", model)
+    if inner.config.model_type != "qwen3_vl_moe" or not router_logits:
+        return None
+    layers = len(router_logits[0])
+    kept = tuple(torch.cat([logits[layer][mask.reshape(-1).bool().to(logits[layer].device)]
+                            for logits, mask in zip(router_logits, token_masks)])
+                 for layer in range(layers))
+    text = inner.config.text_config
+    return load_balancing_loss_func(kept, text.num_experts, text.num_experts_per_tok, None)
+
+
 class _ValueHeadModel:
     """What both discriminator classes share: a multimodal backbone `model` (the causal LM's tensor names)
     plus `value_head`. Mixed in ahead of the Hugging Face pretrained-model class, which it defers to."""

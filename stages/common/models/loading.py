@@ -23,6 +23,15 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def device_memory_bytes(device: torch.device | None = None) -> int:
+    """Memory of the device a process trains on: the GPU's total, or on a CPU the machine's physical memory
+    (what the memory plan's verdicts are checked against at launch)."""
+    device = device or default_device()
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def pick_dtype(dtype: str = "auto", device: torch.device | None = None) -> torch.dtype:
     device = device or default_device()
     if dtype == "auto":
