@@ -30,6 +30,8 @@ class SFTConfig(HeldOutEvalConfig, HardwareConfig, CommonConfig):
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", group="Training")
     batch_size: int = opt(32, "samples per optimizer step, over all processes", group="Training")
     micro_batch_size: int = opt(8, "samples per forward pass per process (packed into one row)", group="Training")
+    compile: bool = opt(False, "compile the policy's decoder layers with torch.compile (faster steps after a "
+                               "one-time compile; see docs/compile.md)", group="Hardware")
     packing: str | bool = opt("auto", "auto: pack a micro-batch into one padding-free row with flash-attention-2 "
                                 "(varlen), else pad length-grouped micro-batches; on; off", group="Training")
 

@@ -59,7 +59,8 @@ def run(cfg: SFTConfig) -> Path:
     check_batches(cfg, accelerator.num_processes)   # before loading the model and encoding the data
     processor = load_processor(policy_spec, cfg.min_pixels, cfg.max_pixels)
     model = load_policy(policy_spec, dtype=training.MASTER_WEIGHTS_DTYPE, attn=cfg.attn, device=accelerator.device,
-                        gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision)
+                        gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision,
+                        compile_layers=cfg.compile)
     run_dir = checkpoint.open_output(cfg.out, "sft", to_dict(cfg), [("policy", policy_spec), *mixture.parents],
                                      overwrite=cfg.overwrite, resume=cfg.resume,
                                      barrier=accelerator.wait_for_everyone)
