@@ -100,10 +100,11 @@ DISC_GROUPS = [
 ]
 
 
-def disc(out: Path, runtime=None) -> None:
-    """Two discriminator steps of the align objective (stages.align.objective) on DISC_GROUPS, scored under the
-    token budget DISC_ROW_TOKENS (several chunks per process, unequal counts over processes), backpropagated
-    by ScoreResult.backward through the backend. Writes stats.json and weights.safetensors like ppo."""
+def disc(out: Path, runtime=None, layout: str = "prefix") -> None:
+    """Two discriminator steps of the align objective (stages.align.objective) on DISC_GROUPS, scored in `layout`
+    under the token budget DISC_ROW_TOKENS (several chunks per process, unequal counts over processes),
+    backpropagated by ScoreResult.backward through the backend. Writes stats.json and weights.safetensors like
+    ppo."""
     from functools import partial
 
     from safetensors.torch import save_file
@@ -134,7 +135,7 @@ def disc(out: Path, runtime=None) -> None:
     stats = []
     for _ in range(2):
         result = score_groups(trained.model, processor, [prompts[g] for g in mine], [DISC_GROUPS[g] for g in mine],
-                              "shared", output_router_logits=True, max_row_tokens=budget,
+                              layout, output_router_logits=True, max_row_tokens=budget,
                               global_chunks=partial(training.global_max, accelerator))
         s = torch.stack(result.scores)
         terms = discriminator_objective(
@@ -155,11 +156,13 @@ def disc(out: Path, runtime=None) -> None:
 
 
 def regime(out: Path) -> None:
-    """disc then ppo in one process (one interpreter start and one process group for both: the suite's cost is
-    mostly starting torch and DeepSpeed), into OUT_DIR/disc and OUT_DIR/ppo."""
+    """disc in both scoring layouts that chunk (prefix, align's default without checkpointing; shared, with it),
+    then ppo, in one process (one interpreter start and one process group for all: the suite's cost is mostly
+    starting torch and DeepSpeed), into OUT_DIR/disc-prefix, OUT_DIR/disc-shared and OUT_DIR/ppo."""
     from stages.common.training import runtime as training
     runtime = training.make_runtime()
-    disc(out / "disc", runtime)
+    for layout in ("prefix", "shared"):
+        disc(out / f"disc-{layout}", runtime, layout)
     ppo(out / "ppo", runtime)
     runtime.accelerator.end_training()
 

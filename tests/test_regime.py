@@ -3,7 +3,9 @@ scale, through the real code, compared with one process where the maths says the
 
 tests/dist_worker.py `regime` runs, in one process per rank:
   disc  two discriminator steps of the align objective under a row budget of 200 tokens: several scoring
-        chunks per rank and unequal counts over ranks (5 and 2), backpropagated by ScoreResult.backward;
+        chunks per rank and unequal counts over ranks (5 and 2), backpropagated by ScoreResult.backward; in
+        both chunked layouts (prefix: each chunk's prompts once into a KV cache, then its packed segments;
+        shared: one block-masked row per group);
   ppo   two clipped policy updates with 16-token lm_head chunks (several per micro-batch, unequal over
         ranks), process 1 left with no group at all (DAPO's dynamic sampling can do that; it joins with a
         zero-weight filler row) and process 0 holding a text-only group next to image groups (under
@@ -42,15 +44,18 @@ def _stats(out: Path) -> dict:
 @pytest.mark.parametrize("backend", ["ddp", "fsdp2", "zero2", "zero3"])
 def test_regime_two_ranks_equal_one_process(regime_single, backend, tmp_path):
     _run(_torchrun() + [str(WORKER), "regime", str(tmp_path)], ROOT, _env(PRISM_BACKEND=backend, **REGIME))
-    ours, ref = _stats(tmp_path / "disc"), _stats(regime_single / "disc")
-    assert ours["backend"] == backend and ours["world"] == 2
-    chunks = ours["stats"][0]["chunks"]
-    assert min(chunks) > 1 and chunks[0] != chunks[1]          # several chunks per rank, unequal counts
-    for key, rtol in (("loss", 1e-5), ("grad_norm", 1e-4)):
-        torch.testing.assert_close(torch.tensor([s[key] for s in ours["stats"]]),
-                                   torch.tensor([s[key] for s in ref["stats"]]), rtol=rtol, atol=1e-6, msg=key)
-    assert _max_weight_diff(tmp_path / "disc" / "weights.safetensors",
-                            regime_single / "disc" / "weights.safetensors") < 1e-4
+    for layout in ("prefix", "shared"):
+        disc = f"disc-{layout}"
+        ours, ref = _stats(tmp_path / disc), _stats(regime_single / disc)
+        assert ours["backend"] == backend and ours["world"] == 2
+        chunks = ours["stats"][0]["chunks"]
+        assert min(chunks) > 1 and chunks[0] != chunks[1], layout      # several chunks per rank, unequal counts
+        for key, rtol in (("loss", 1e-5), ("grad_norm", 1e-4)):
+            torch.testing.assert_close(torch.tensor([s[key] for s in ours["stats"]]),
+                                       torch.tensor([s[key] for s in ref["stats"]]), rtol=rtol, atol=1e-6,
+                                       msg=f"{layout} {key}")
+        assert _max_weight_diff(tmp_path / disc / "weights.safetensors",
+                                regime_single / disc / "weights.safetensors") < 1e-4, layout
 
     ours, ref = _stats(tmp_path / "ppo"), _stats(regime_single / "ppo")
     torch.testing.assert_close(torch.tensor([s["update/grad_norm"] for s in ours["stats"]]),

@@ -191,6 +191,18 @@ def test_dense_variant_layouts_agree(processor):
     assert (prefix - separate).abs().max() < 1e-4
 
 
+def test_prefix_layout_refuses_a_checkpointed_discriminator(processor):
+    """Gradient checkpointing makes transformers drop the KV cache the prefix layout's segments read."""
+    from stages.common.models.loading import enable_checkpointing
+
+    disc = upcycle("tiny", seed=1, value_head_std=0.1)
+    enable_checkpointing(disc)
+    disc.train()
+    with pytest.raises(RuntimeError, match="no KV cache"):
+        score_segments(disc, processor, _prompt(), SEGMENTS[:2], layout="prefix")
+    assert score_segments(disc, processor, _prompt(), SEGMENTS[:2], layout="shared").requires_grad
+
+
 def test_clip_and_bad_layout(disc, processor):
     assert torch.equal(clip_scores(torch.tensor([-12.0, 3.0, 10.5])), torch.tensor([-10.0, 3.0, 10.0]))
     with pytest.raises(ValueError, match="layout"):

@@ -9,7 +9,7 @@ rollout with no caption gets a score there; the align stage leaves such rollouts
 Segment text is tokenised with special tokens split, so a rollout that writes "<|image_pad|>" as text
 cannot inject a vision placeholder.
 
-Two layouts give the same scores (to float rounding):
+Three layouts give the same scores (to float rounding):
 
   separate  the authors' layout: one full sequence per (prompt, segment), right-padded into a batch;
             the model builds its own causal mask and M-RoPE positions.
@@ -20,6 +20,13 @@ Two layouts give the same scores (to float rounding):
             (vision tokens get their temporal/height/width grid positions), and each segment restarts at
             the prompt's max position + 1 on all three axes -- what the segment gets as a separate
             sequence. The prompt is processed once instead of 2(n+1) times.
+  prefix    the prompts once, left-padded, into a KV cache (pass 1); then every segment packed into rows as
+            wide as the longest segment (longest first, each into the first row it fits), each row reading
+            its prompt's cache (pass 2). A 4-D mask [rows, 1, W, P + W] lets a segment see its prompt's real
+            tokens and causally itself; positions restart as in shared. Attention is W x (P + W) per row
+            instead of the group row squared. The router aux loss is taken over both passes' real tokens:
+            the shared row's tokens. Needs the discriminator without gradient checkpointing, under which
+            transformers drops the KV cache (refused, never silently wrong).
 
 The mask is a float [B, 1, T, T] tensor (0 = attend, dtype-min = blocked): transformers 5.23's
 create_causal_mask returns any 4-D mask as is, and both sdpa and eager add it to the attention logits
@@ -369,7 +376,7 @@ def _prefix_forward(disc, processor, rows: list[_Row], seg_ids, output_router_lo
     Long because it builds both passes' inputs: left-padded prompts with their M-RoPE positions, and packed
     segment rows with each segment's own positions and its 4-D mask over the prompt's cache and itself."""
     from stages.common.models.discriminator import router_aux_loss
-    from stages.common.rollout.kv_cache import cache_keyword, output_cache
+    from stages.common.rollout.kv_cache import cache_keyword
 
     device, dtype = _model_device_dtype(disc)
     pad_id = processor.tokenizer.pad_token_id
@@ -393,14 +400,18 @@ def _prefix_forward(disc, processor, rows: list[_Row], seg_ids, output_router_lo
         positions[:, i, pad:] = p_pos
         starts.append(int(p_pos.max()) + 1)   # where text after the prompt continues, on all three axes
     pixel_values, grid = _cat_images(prompts)
-    backbone = _backbone(disc)
     want_router = output_router_logits and _is_moe(disc)
-    first = backbone(input_ids=input_ids.to(device), attention_mask=prompt_mask.to(device),
-                     position_ids=positions.to(device), mm_token_type_ids=mm_types.to(device),
-                     pixel_values=pixel_values.to(device, dtype) if pixel_values is not None else None,
-                     image_grid_thw=grid.to(device) if grid is not None else None, use_cache=True,
-                     **({"output_router_logits": True} if want_router else {}))
-    cache = output_cache(first)
+    # Pass 1 calls the unwrapped model (under FSDP2 the model itself, so its root unit gathers its parameters)
+    # and pass 2 the wrapper: DDP/DeepSpeed see one forward per backward, as in the policy's shared prefix.
+    first = getattr(disc, "module", disc)(
+        input_ids=input_ids.to(device), attention_mask=prompt_mask.to(device), position_ids=positions.to(device),
+        mm_token_type_ids=mm_types.to(device), pixel_values=pixel_values.to(device, dtype) if pixel_values is not None
+        else None, image_grid_thw=grid.to(device) if grid is not None else None, use_cache=True,
+        output_router_logits=want_router, aux_loss_mask=prompt_mask.to(device))
+    cache = first.cache
+    if cache is None or cache.get_seq_length() != width_p:
+        raise RuntimeError("the discriminator's prompt pass returned no KV cache (gradient checkpointing drops "
+                           "it): score with the shared layout, or without checkpointing")
 
     # pass 2: each row's segments packed into rows as wide as the chunk's longest segment, on its prompt's cache
     seg_width = max(len(seg_ids[row.group][i]) for row in rows for i in row.segments)
@@ -428,13 +439,16 @@ def _prefix_forward(disc, processor, rows: list[_Row], seg_ids, output_router_lo
     out = disc(input_ids=seg_input.to(device), attention_mask=mask, position_ids=seg_pos.to(device),
                mm_token_type_ids=torch.zeros_like(seg_input, device=device), use_cache=True,
                output_router_logits=want_router, aux_loss_mask=(blocks != _PAD_BLOCK).long(),
-               **{cache_keyword(backbone): cache})
+               **{cache_keyword(_backbone(disc)): cache})
     row_idx = torch.tensor([x[0] for x in last_index], device=device)
     col_idx = torch.tensor([x[1] for x in last_index], device=device)
     aux = None
     if want_router:
         aux = router_aux_loss(disc, [first.router_logits, out.router_logits], [prompt_mask, blocks != _PAD_BLOCK])
-    return out.token_values[row_idx, col_idx], aux, last_index
+    # Under FSDP2 a unit gathers its parameters for backward when a gradient reaches its forward's output; the
+    # prompt pass is reached only through its cache, inside the layers, so its output joins at weight 0.
+    anchor = 0.0 * first.token_values[:, -1].sum()
+    return out.token_values[row_idx, col_idx] + anchor, aux, last_index
 
 
 def prefix_layout_mask(prompt_visible: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

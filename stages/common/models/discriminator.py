@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -66,6 +67,7 @@ class DiscriminatorOutput(ModelOutput):
     token_values: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
+    cache: Any = None       # the backbone's KV cache, with use_cache=True (the prefix scoring layout's prompt pass)
 
 
 def disc_settings(config) -> dict:
@@ -121,7 +123,8 @@ def _value_forward(model, input_ids, attention_mask, position_ids, pixel_values,
             aux_loss_mask = attention_mask
         text = model.config.text_config
         aux_loss = load_balancing_loss_func(router_logits, text.num_experts, text.num_experts_per_tok, aux_loss_mask)
-    return DiscriminatorOutput(token_values=values, aux_loss=aux_loss, router_logits=router_logits)
+    cache = (outputs["cache"] if "cache" in outputs else outputs.get("past_key_values")) if kwargs["use_cache"] else None
+    return DiscriminatorOutput(token_values=values, aux_loss=aux_loss, router_logits=router_logits, cache=cache)
 
 
 def router_aux_loss(model, router_logits: list[tuple[torch.Tensor, ...]], token_masks: list[torch.Tensor]) -> torch.Tensor | None:
