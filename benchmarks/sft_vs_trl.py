@@ -13,6 +13,8 @@ Configurations, each in its own process, repetitions interleaved round by round:
     prism         stages.sft.run.run with prism's defaults (packing auto: on CPU/sdpa that means
                   length-grouped padded micro-batches; no checkpointing)
     prism-pack    the same with packing forced on (one padding-free row under a block-diagonal mask)
+    prism-compile the defaults plus --compile (opt-in: the decoder layers under torch.compile; its one-time
+                  compile lands in the warm-up steps, which are dropped: reported as first_step_s)
 
 Per step: non-padding input tokens (prompt incl. image tokens + completion; trl: attention_mask sum of the
 collated batch, prism: the `tokens` it logs) over the end-to-end step time (trl: previous step end ->
@@ -35,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vs_trl_common as H  # noqa: E402  (single-thread env before torch)
 
-CONFIGS = ("trl-gc", "trl-nogc", "prism", "prism-pack")
+CONFIGS = ("trl-gc", "trl-nogc", "prism", "prism-pack", "prism-compile")
 BATCH = 8
 SEED = 0
 LR = 1e-4
@@ -163,7 +165,8 @@ def prism_worker(a) -> dict:
     cfg = config.resolve(SFTConfig, flags=dict(
         ckpt="tiny", data=[data_spec(a.samples)], out=str(out), overwrite=True, eval_fraction=0.0,
         batch_size=BATCH, micro_batch_size=BATCH, max_steps=a.steps, lr=LR, seed=SEED,
-        packing="on" if a.config == "prism-pack" else "auto", save_every=10**9, eval_every=10**9))
+        packing="on" if a.config == "prism-pack" else "auto", compile=a.config == "prism-compile",
+        save_every=10**9, eval_every=10**9))
     t0 = time.perf_counter()
     run(cfg)
     total_s = time.perf_counter() - t0
@@ -180,7 +183,8 @@ def prism_worker(a) -> dict:
     return {"config": a.config, "steps": steps, "train_s": total_s,
             "setup_s": total_s - sum(s["step_s"] for s in steps),
             "encode_ms_per_sample": summary["encode_ms_per_sample"],
-            "prism_config": {"packing": cfg.packing, "gradient_checkpointing": cfg.gradient_checkpointing,
+            "prism_config": {"packing": cfg.packing, "compile": cfg.compile,
+                             "gradient_checkpointing": cfg.gradient_checkpointing,
                              "micro_batch_size": cfg.micro_batch_size, "batch_size": cfg.batch_size,
                              "max_length": cfg.max_length, "attn": cfg.attn, "dtype": cfg.dtype},
             "model_dir": str(tiny.ensure("tiny"))}
@@ -235,6 +239,7 @@ def main() -> None:
             "per_round_median_tokens_per_s": [round(r["summary"]["median_tokens_per_s"], 1) for r in rs],
             "timed_steps": len(timed),
             "setup_s_per_round": [r["summary"]["setup_s"] for r in rs],
+            "first_step_s_per_round": [round(r["steps"][0]["step_s"], 2) for r in rs if r["steps"]],
         }
         if c.startswith("prism"):  # the same figure from successive metrics.jsonl appends (logging included)
             per_config[c]["median_tokens_per_s_between_log_appends"] = H.median(
@@ -256,9 +261,14 @@ def main() -> None:
         "prism/trl-nogc": ratio("prism", "trl-nogc"),
         "prism-pack/trl-gc": ratio("prism-pack", "trl-gc"),
         "prism-pack/trl-nogc": ratio("prism-pack", "trl-nogc"),
+        "prism-compile/trl-gc": ratio("prism-compile", "trl-gc"),
+        "prism-compile/trl-nogc": ratio("prism-compile", "trl-nogc"),
+        "prism-compile/prism": ratio("prism-compile", "prism"),
     }
     per_round = {}
-    for key, (num, den) in {"prism/trl-gc": ("prism", "trl-gc"), "prism/trl-nogc": ("prism", "trl-nogc")}.items():
+    for key, (num, den) in {"prism/trl-gc": ("prism", "trl-gc"), "prism/trl-nogc": ("prism", "trl-nogc"),
+                            "prism-compile/trl-gc": ("prism-compile", "trl-gc"),
+                            "prism-compile/trl-nogc": ("prism-compile", "trl-nogc")}.items():
         if num in runs and den in runs:
             per_round[key] = [round(x["summary"]["median_tokens_per_s"] / y["summary"]["median_tokens_per_s"], 3)
                               for x, y in zip(runs[num], runs[den])]
