@@ -1,4 +1,4 @@
-"""Discriminator scoring per prompt group: shared-prompt layout vs the authors' separate layout.
+"""Discriminator scoring per prompt group: the shared-prompt and prefix layouts vs the authors' separate layout.
 
 One prompt group = the teacher demo + n rollouts, each scored on its caption and its think segment:
 2(n + 1) segments against one prompt (the protocol system prompt, one image, a multiple-choice
@@ -164,9 +164,11 @@ def run(args) -> dict:
     prompt, segments = make_group(processor.tokenizer, args.n, args.image_size, args.seed)
     # "shared_rows": the shared layout split into rows of at most --max-row-tokens (each repeats the prompt),
     # which trades a few repeated prompt tokens for less masked-out attention work (T^2 per row)
-    layouts = ("separate", "shared", "shared_rows")
+    # "prefix": the prompt once into a KV cache, the segments packed into narrow rows on it (align's default
+    # without discriminator checkpointing)
+    layouts = ("separate", "shared", "shared_rows", "prefix")
     options = {"separate": ("separate", None), "shared": ("shared", None),
-               "shared_rows": ("shared", args.max_row_tokens)}
+               "shared_rows": ("shared", args.max_row_tokens), "prefix": ("prefix", None)}
 
     def infer(layout):
         with torch.no_grad():
@@ -208,6 +210,8 @@ def run(args) -> dict:
         figures[mode].update({f"{layout}_all_s": by_layout[layout] for layout in layouts})
         figures[mode]["speedup"] = med["separate"] / med["shared"]
         figures[mode]["speedup_rows"] = med["separate"] / med["shared_rows"]
+        figures[mode]["speedup_prefix"] = med["separate"] / med["prefix"]
+        figures[mode]["prefix_over_shared"] = med["shared"] / med["prefix"]
     sep, sha, rows = results["separate"], results["shared"], results["shared_rows"]
     token_ratio = sep.num_tokens / sha.num_tokens
     report = {
@@ -230,13 +234,16 @@ def run(args) -> dict:
         "tokens": {"separate": sep.num_tokens, "separate_padded": sep.num_padded_tokens, "shared": sha.num_tokens,
                    "shared_padded": sha.num_padded_tokens, "shared_rows": rows.num_tokens,
                    "shared_rows_padded": rows.num_padded_tokens,
+                   "prefix": results["prefix"].num_tokens,
                    "rows": {"separate": sep.num_rows, "shared": sha.num_rows, "shared_rows": rows.num_rows}},
         "figures": figures,
         "ratios": {"tokens": token_ratio, "padded_tokens": sep.num_padded_tokens / sha.num_padded_tokens,
                    "tokens_rows": sep.num_tokens / rows.num_tokens,
                    "inference_speedup": figures["inference"]["speedup"], "train_speedup": figures["train"]["speedup"],
                    "inference_speedup_rows": figures["inference"]["speedup_rows"],
-                   "train_speedup_rows": figures["train"]["speedup_rows"]},
+                   "train_speedup_rows": figures["train"]["speedup_rows"],
+                   "inference_prefix_over_shared": figures["inference"]["prefix_over_shared"],
+                   "train_prefix_over_shared": figures["train"]["prefix_over_shared"]},
         "scores_max_abs_diff": max_abs_diff,
         "targets": {"tokens_ratio_min": TARGET_TOKEN_RATIO, "speedup_min": TARGET_SPEEDUP,
                     "tokens_met": token_ratio >= TARGET_TOKEN_RATIO,
@@ -271,7 +278,8 @@ def main(argv=None) -> int:
           f"({r['tokens']:.2f}x); inference {report['figures']['inference']['separate_median_s'] * 1e3:.1f} ms vs "
           f"{report['figures']['inference']['shared_median_s'] * 1e3:.1f} ms ({r['inference_speedup']:.2f}x); "
           f"train {r['train_speedup']:.2f}x; rows<={args.max_row_tokens}: tokens {r['tokens_rows']:.2f}x, inference "
-          f"{r['inference_speedup_rows']:.2f}x, train {r['train_speedup_rows']:.2f}x; "
+          f"{r['inference_speedup_rows']:.2f}x, train {r['train_speedup_rows']:.2f}x; prefix over shared: "
+          f"inference {r['inference_prefix_over_shared']:.2f}x, train {r['train_prefix_over_shared']:.2f}x; "
           f"max |diff| {max(report['scores_max_abs_diff'].values()):.2e} -> {out}")
     return 0
 
