@@ -281,13 +281,23 @@ def prompt_positions(disc, prompt: EncodedPrompt) -> torch.Tensor:
 def shared_layout_mask(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive 4-D mask [B, 1, T, T] from block ids [B, T] (-1 prompt, 0.. segments, -2 padding): key k is
     visible to query q iff k <= q and k is a prompt token or in q's block; padding sees only itself."""
+    return _additive(_block_visibility(blocks), dtype)
+
+
+def _block_visibility(blocks: torch.Tensor) -> torch.Tensor:
+    """[B, T, T] bool: key k visible to query q iff k <= q and k is a prompt token or in q's block; padding
+    sees only itself (so no softmax row is empty)."""
     length = blocks.shape[1]
     idx = torch.arange(length, device=blocks.device)
     causal = idx[None, :, None] >= idx[None, None, :]                     # [1, Tq, Tk]
     q_block, k_block = blocks[:, :, None], blocks[:, None, :]
     visible = causal & ((k_block == _PROMPT_BLOCK) | (k_block == q_block)) & (q_block != _PAD_BLOCK)
-    visible |= torch.eye(length, dtype=torch.bool, device=blocks.device)[None]
-    mask = torch.zeros(visible.shape, dtype=dtype, device=blocks.device)
+    return visible | torch.eye(length, dtype=torch.bool, device=blocks.device)[None]
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, Tq, Tk] bool -> additive [B, 1, Tq, Tk] (0 attend, dtype-min blocked)."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
     mask.masked_fill_(~visible, torch.finfo(dtype).min)
     return mask[:, None]
 
@@ -380,11 +390,9 @@ def _prefix_forward(disc, processor, rows: list[_Row], seg_ids, output_router_lo
 
     device, dtype = _model_device_dtype(disc)
     pad_id = processor.tokenizer.pad_token_id
-    prompts, prompt_of_row = [], []
-    for row in rows:
-        if not any(p is row.prompt for p in prompts):
-            prompts.append(row.prompt)
-        prompt_of_row.append(next(i for i, p in enumerate(prompts) if p is row.prompt))
+    by_id = {id(row.prompt): row.prompt for row in rows}   # the rows of a split group share its prompt
+    prompts, index_of = list(by_id.values()), {key: i for i, key in enumerate(by_id)}
+    prompt_of_row = [index_of[id(row.prompt)] for row in rows]
     # pass 1: the chunk's prompts, left-padded (every prompt ends in the last column)
     width_p = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width_p), pad_id, dtype=torch.long)
@@ -455,17 +463,8 @@ def prefix_layout_mask(prompt_visible: torch.Tensor, blocks: torch.Tensor, dtype
     """Additive 4-D mask [R, 1, W, P + W] of packed segment rows over their prompt's cache: a segment token
     sees its prompt's real tokens (prompt_visible [R, P], False at left padding) and causally its own
     segment (blocks [R, W]: segment ids, -2 padding); padding sees only itself."""
-    width = blocks.shape[1]
-    idx = torch.arange(width, device=blocks.device)
-    causal = idx[None, :, None] >= idx[None, None, :]
-    q_block, k_block = blocks[:, :, None], blocks[:, None, :]
-    own = causal & (k_block == q_block) & (q_block != _PAD_BLOCK)
-    own |= torch.eye(width, dtype=torch.bool, device=blocks.device)[None]
-    sees_prompt = prompt_visible[:, None, :] & (q_block != _PAD_BLOCK)
-    visible = torch.cat([sees_prompt.expand(-1, width, -1), own], dim=2)
-    mask = torch.zeros(visible.shape, dtype=dtype, device=blocks.device)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
-    return mask[:, None]
+    sees_prompt = prompt_visible[:, None, :] & (blocks[:, :, None] != _PAD_BLOCK)
+    return _additive(torch.cat([sees_prompt.expand(-1, blocks.shape[1], -1), _block_visibility(blocks)], dim=2), dtype)
 
 
 class _ReplayOnly(torch.autograd.Function):
