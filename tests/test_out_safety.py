@@ -98,6 +98,18 @@ def test_resume_accepts_safe_changes_and_names_the_unsafe_one(tmp_path, capsys):
         open_output(str(out), "rl", dict(extended, data=["x"]), [], resume=True)
 
 
+def test_resume_on_a_device_that_resolves_the_discriminator_settings_otherwise(tmp_path, capsys):
+    """align's --disc-grad-checkpointing/--disc-layout auto resolve from the device's memory: an 80 GB run
+    resumed on a CPU (or a bigger GPU) resolves them differently, with the same maths."""
+    out = tmp_path / "run"
+    config = {"steps": 10, "lr": 1e-6, "disc_gradient_checkpointing": "on", "disc_layout": "shared", "resume": False}
+    open_output(str(out), "align", config, [])
+    elsewhere = dict(config, disc_gradient_checkpointing="off", disc_layout="prefix", resume=True)
+    assert open_output(str(out), "align", elsewhere, [], resume=True).resuming
+    err = capsys.readouterr().err
+    assert "disc_layout 'shared' -> 'prefix'" in err and err.count("resuming") == 1, err   # said once
+
+
 def test_ctrl_c_while_finalizing_keeps_the_state_for_resume(tmp_path, monkeypatch):
     out = tmp_path / "run"
     run = open_output(str(out), "sft", {"seed": 0}, [])

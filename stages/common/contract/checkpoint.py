@@ -469,8 +469,11 @@ def share_as_umask_allows(root: Path) -> None:
 # Fields a resumed run may change: how long it runs (extend a run), how often it saves, logs and
 # evaluates, where it reports. Everything else (data, model, optimiser, algorithm) must match the
 # interrupted run, or the resumed half would be a different experiment.
+# Keys a resumed run may change. The discriminator's checkpointing and layout change memory and speed, not
+# the maths (the layouts agree to rounding, tests/test_scoring.py), and `auto` resolves them from the device's
+# memory: a run resumed on another machine may resolve them differently.
 SAFE_ON_RESUME = ("max_steps", "steps", "epochs", "save_every", "log_every", "eval_every", "report_to",
-                  "keep_state")
+                  "keep_state", "disc_gradient_checkpointing", "disc_layout")
 
 
 def _config_for_compare(config: dict) -> dict:
@@ -497,7 +500,7 @@ def open_output(out: str, stage: str, config: dict, parents: list, overwrite: bo
     resuming = _output_decision(path, out, stage, config, overwrite, resume)
     if main:  # decided read-only first (a refused --out is not created); then again under the lock
         acquire_lock(path, out)
-        resuming = _output_decision(path, out, stage, config, overwrite, resume, check_lock=False)
+        resuming = _output_decision(path, out, stage, config, overwrite, resume, check_lock=False, announce=True)
     if barrier is not None:
         barrier()
     if resume and not resuming and main:   # a typo in --out would otherwise restart a long run from step 0 unsaid
@@ -641,8 +644,9 @@ def check_output(out: str, stage: str, config: dict, overwrite: bool = False, re
 
 
 def _output_decision(path: Path, out: str, stage: str, config: dict, overwrite: bool, resume: bool,
-                     check_lock: bool = True) -> bool:
-    """Read-only: may this run write to `path`, and is it resuming? Raises with the reason when not."""
+                     check_lock: bool = True, announce: bool = False) -> bool:
+    """Read-only: may this run write to `path`, and is it resuming? Raises with the reason when not.
+    announce: say which safe keys a resume changes (once: the decision is taken up to three times)."""
     if path.exists() and not path.is_dir():
         raise PrismError(f"--out {out} exists and is a file")
     # only the main process takes the lock, so only it asks (other ranks would see their own main's lock)
@@ -678,7 +682,7 @@ def _output_decision(path: Path, out: str, stage: str, config: dict, overwrite: 
                              f"{', '.join(f'{k} ({before.get(k)!r} -> {now.get(k)!r})' for k in unsafe)}",
                              hint=f"resume with the same options (only {', '.join(SAFE_ON_RESUME)} may change), "
                                   "or --overwrite")
-        if changed and is_main_process():
+        if changed and announce and is_main_process():
             from stages.common.contract import console
             console.info(f"resuming {out} with changed {', '.join(f'{k} {before.get(k)!r} -> {now.get(k)!r}' for k in changed)}")
         return True
