@@ -1,6 +1,7 @@
 """The memory plan: published shapes counted on the meta device, each backend's sharding on hand-made
 shapes, the --dry-run table and verdict, and (slow) the plan against a measured training step."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -296,3 +297,15 @@ def test_disc_settings_are_checked_when_the_config_is():
     yaml_bool = AlignConfig(**base, disc_gradient_checkpointing=False)   # YAML reads an unquoted off as False
     yaml_bool.validate()
     assert yaml_bool.disc_gradient_checkpointing == "off"
+
+
+def test_the_dry_run_says_auto_only_where_auto_chose():
+    from stages.align.config import AlignConfig
+    from stages.align.run import disc_settings_row
+
+    asked = AlignConfig(ckpt="tiny", data=["synth:8"])
+    resolved = dataclasses.replace(asked, disc_layout="prefix", disc_gradient_checkpointing="off")
+    assert disc_settings_row(resolved, asked) == ("scoring layout prefix (auto: prefix unless checkpointed), "
+                                                  "gradient checkpointing off (auto: only where the plan needs it)")
+    explicit = dataclasses.replace(asked, disc_layout="shared", disc_gradient_checkpointing="on")
+    assert disc_settings_row(explicit, explicit) == "scoring layout shared, gradient checkpointing on"

@@ -78,9 +78,10 @@ def run(cfg: AlignConfig) -> Path:
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     samples, data_fp, data_parents, dropped = load_demonstrations(cfg.data, cfg.seed)
     disc_source = discriminator_source(cfg, policy_spec)
+    asked = cfg
     cfg = with_disc_settings(with_reused_shape(cfg, disc_source), policy_spec, disc_source)
     if cfg.dry_run:   # every check a launch runs, at the planned world size, then the memory plan
-        return print_plan(cfg, policy_spec, disc_source, len(samples))
+        return print_plan(cfg, policy_spec, disc_source, len(samples), asked)
 
     cfg.dtype = training.training_dtype(cfg.dtype)  # what runs is what the manifest records
     engine_name = check_engine(cfg.engine)
@@ -584,12 +585,21 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
-DISC_SETTINGS_NOTE = " (auto: checkpointing only where the plan needs it; prefix unless checkpointed)"
+def disc_settings_row(cfg: AlignConfig, asked: AlignConfig) -> str:
+    """The discriminator's resolved layout and checkpointing, each marked with why where `auto` chose it."""
+    layout = f"scoring layout {cfg.disc_layout}"
+    if asked.disc_layout == "auto":
+        layout += " (auto: prefix unless checkpointed)"
+    checkpointing = f"gradient checkpointing {cfg.disc_gradient_checkpointing}"
+    if asked.disc_gradient_checkpointing == "auto":
+        checkpointing += " (auto: only where the plan needs it)"
+    return f"{layout}, {checkpointing}"
 
 
-def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> None:
+def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int, asked: AlignConfig) -> None:
     """--dry-run: the checks a launch runs before loading anything, at the planned world size (--world-size, or
-    the launch's WORLD_SIZE), then the resolved settings and the memory plan."""
+    the launch's WORLD_SIZE), then the resolved settings and the memory plan. asked: the options as given (before
+    `auto` was resolved)."""
     plan_report.check_output_if_set(cfg, "align")
     check_batches(cfg, plan_report.world_of(cfg.world_size))
     how, spec = disc_source
@@ -606,8 +616,7 @@ def print_plan(cfg: AlignConfig, policy_spec, disc_source, n_samples: int) -> No
         ["game", f"{cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.rollouts_per_prompt} rollouts, "
                  f"max {cfg.max_new_tokens} new tokens; alpha {cfg.alpha}, format penalty {cfg.format_penalty}, "
                  f"advantages {cfg.advantage_mode}"],
-        ["discriminator memory", f"scoring layout {cfg.disc_layout}, gradient checkpointing "
-                                 f"{cfg.disc_gradient_checkpointing}" + DISC_SETTINGS_NOTE],
+        ["discriminator memory", disc_settings_row(cfg, asked)],
         ["optimizers", f"policy lr {cfg.lr} constant, discriminator lr {cfg.disc_lr}, wd {cfg.weight_decay}"],
         *[row for row in [eval_plan_row(cfg, cfg.steps, cfg.steps * cfg.prompts_per_step * cfg.rollouts_per_prompt)]
           if row],
