@@ -128,10 +128,21 @@ def test_duplicates_and_missing(tmp_path):
 
 def test_parse_mixture(tmp_path):
     (tmp_path / "a:b.parquet").write_bytes(b"")
-    assert parse_mixture(["a.parquet:0.9", "synth:train:2000", "synth:train:2000:0.1", "b.json", "synth:0.5",
+    assert parse_mixture(["a.parquet:0.9", "synth:train:1000", "synth:train:2000:0.1", "b.json", "synth:0.5",
                           str(tmp_path / "a:b.parquet")]) == [
         # no weight given -> None: the stage concatenates such sources as they are
-        ("a.parquet", 0.9), ("synth:train:2000", None), ("synth:train:2000", 0.1), ("b.json", None),
+        ("a.parquet", 0.9), ("synth:train:1000", None), ("synth:train:2000", 0.1), ("b.json", None),
         ("synth", 0.5), (str(tmp_path / "a:b.parquet"), None)]
     with pytest.raises(UsageError):
         parse_mixture(["a.parquet:0"])
+
+
+def test_a_source_given_twice_is_refused(tmp_path, monkeypatch):
+    """A line repeated in a launch script would train on that source twice, unsaid."""
+    with pytest.raises(UsageError, match=r"^--data synth:train:64 is given twice$"):
+        parse_mixture(["synth:train:64", "b.json", "synth:train:64:0.5"])
+    (tmp_path / "a.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=r"given twice \(as a.jsonl\)"):
+        parse_mixture(["a.jsonl", str(tmp_path / "a.jsonl")])
+    assert parse_mixture(["synth:train:64", "synth:val:64"]) == [("synth:train:64", None), ("synth:val:64", None)]

@@ -723,8 +723,20 @@ def parse_mixture(specs: list[str]) -> list[tuple[str, float | None]]:
                 spec, weight = head, float(tail)
         if weight is not None and weight <= 0:
             raise UsageError(f"data source {raw!r}: a mixture weight must be positive")
+        same = [earlier for earlier, _ in out if _same_source(earlier, spec)]
+        if same:   # a repeated line in a launch script would silently train on that source twice
+            raise UsageError(f"--data {spec} is given twice" + (f" (as {same[0]})" if same[0] != spec else ""),
+                             hint="give each source once; to weigh sources, give each a weight (a.jsonl:0.7 "
+                                  "b.jsonl:0.3)")
         out.append((spec, weight))
     return out
+
+
+def _same_source(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 @dataclasses.dataclass
