@@ -98,6 +98,21 @@ def run_stage(config_cls, run_fn, **flags):
     return run_fn(config.resolve(config_cls, flags=flags))
 
 
+def interrupt_at_call(monkeypatch, module, name: str, call: int):
+    """Make module.name raise KeyboardInterrupt (Ctrl-C) at its call-th call; returns the real function, to put back
+    with monkeypatch.setattr before resuming."""
+    real, calls = getattr(module, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupted)
+    return real
+
+
 @pytest.fixture(scope="session")
 def sft_tiny(tmp_path_factory, tiny_path):
     """The tiny model after a short SFT on synth with oracle demonstrations: it has learnt the response

@@ -27,7 +27,7 @@ from stages.common.evaluation.options import (
 )
 from stages.rl.config import RLConfig
 from stages.rl.run import run as rl
-from tests.conftest import run_stage
+from tests.conftest import interrupt_at_call, run_stage
 
 EVAL = dict(eval_tasks=["synth"], eval_every=1, eval_n=3, eval_max_new_tokens=8)
 RL_TINY = dict(data=["synth:train:16"], prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=8, seed=0)
@@ -194,15 +194,7 @@ def test_resume_keeps_the_best_and_ranks_against_it(tmp_path, monkeypatch):
 
     out = tmp_path / "rl"
     flags = dict(ckpt="tiny", out=str(out), steps=3, save_every=1, keep="best:synth/acc", **RL_TINY, **EVAL)
-    real_update, calls = rl_run.policy_update, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(rl_run, "policy_update", interrupted)
+    real_update = interrupt_at_call(monkeypatch, rl_run, "policy_update", 3)
     with pytest.raises(KeyboardInterrupt):
         run_stage(RLConfig, rl, **flags)
     before = held_out.saved_best(out)

@@ -25,7 +25,7 @@ from stages.common.contract.errors import UsageError
 from stages.common.rollout.ahead import RolloutsAhead
 from stages.common.rollout.base import Completion, RolloutPrompt, SamplingParams
 from stages.rl.config import RLConfig
-from tests.conftest import run_stage
+from tests.conftest import interrupt_at_call, run_stage
 
 
 def spread_reward(response, sample):
@@ -240,15 +240,7 @@ def test_rl_overlap_one_resumes_and_redraws_the_batch_in_flight(tmp_path, monkey
     state saved after step 2: steps 3 and 4 are redone, step 3 at lag 0 (nothing was generated ahead)."""
     out = tmp_path / "rl"
     flags = dict(out=str(out), steps=4, overlap=1, save_every=1, **RL_TINY)
-    real_update, calls = rl_run.policy_update, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(rl_run, "policy_update", interrupted)
+    real_update = interrupt_at_call(monkeypatch, rl_run, "policy_update", 3)
     with pytest.raises(KeyboardInterrupt):
         run_stage(RLConfig, rl_run.run, **flags)
     monkeypatch.setattr(rl_run, "policy_update", real_update)
