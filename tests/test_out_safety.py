@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -167,7 +166,7 @@ def test_overwrite_refuses_a_run_of_another_stage(tmp_path, complete):
         open_output(str(out), "align", CONFIG, [])
         checkpoint.release_lock(out)
     before = snapshot(out)
-    with pytest.raises(PrismError, match=f"'align' .*--overwrite only replaces a 'rl' run"):
+    with pytest.raises(PrismError, match="'align' .*--overwrite only replaces a 'rl' run"):
         open_output(str(out), "rl", CONFIG, [], overwrite=True)
     assert snapshot(out) == before
     # the same stage is replaced, and an empty folder is used
