@@ -27,7 +27,7 @@ ADVANTAGE_MODES.register("rlvr-mixed", AdvantageMode("plus the group-normalised 
                                                      "mixed_with_rlvr"))
 
 
-DISC_LAYOUTS = ("auto", "prefix", "shared", "separate")
+DISC_LAYOUTS = ("auto", "prefix", "shared", "separate")   # --disc-layout; stages.align.scoring runs all but auto
 
 
 @dataclass

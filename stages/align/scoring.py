@@ -46,10 +46,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from stages.align.config import DISC_LAYOUTS
 from stages.align.objective import GroupScores, discriminator_objective
 from stages.common.models.discriminator import aux_loss_coef, is_text_only
 
-LAYOUTS = ("shared", "separate", "prefix")
+LAYOUTS = tuple(layout for layout in DISC_LAYOUTS if layout != "auto")   # the options' list, less auto
 SCORE_CLIP = 10.0
 END_TOKEN = "<|im_end|>"
 _PAD_BLOCK = -2     # block id of padding tokens
