@@ -467,11 +467,10 @@ def share_as_umask_allows(root: Path) -> None:
 
 
 # Fields a resumed run may change: how long it runs (extend a run), how often it saves, logs and
-# evaluates, where it reports. Everything else (data, model, optimiser, algorithm) must match the
-# interrupted run, or the resumed half would be a different experiment.
-# Keys a resumed run may change. The discriminator's checkpointing and layout change memory and speed, not
-# the maths (the layouts agree to rounding, tests/test_scoring.py), and `auto` resolves them from the device's
-# memory: a run resumed on another machine may resolve them differently.
+# evaluates, where it reports, and align's discriminator checkpointing and layout (memory and speed, not the
+# maths: the layouts agree to rounding, tests/test_scoring.py; `auto` resolves them from the device's memory,
+# so a run resumed on another machine may resolve them differently). Everything else (data, model, optimiser,
+# algorithm) must match the interrupted run, or the resumed half would be a different experiment.
 SAFE_ON_RESUME = ("max_steps", "steps", "epochs", "save_every", "log_every", "eval_every", "report_to",
                   "keep_state", "disc_gradient_checkpointing", "disc_layout")
 
