@@ -78,8 +78,7 @@ def run(cfg: AlignConfig) -> Path:
     policy_spec = checkpoint.require_stage(checkpoint.resolve(cfg.ckpt), checkpoint.POLICY_STAGES)
     samples, data_fp, data_parents, dropped = load_demonstrations(cfg.data, cfg.seed)
     disc_source = discriminator_source(cfg, policy_spec)
-    asked = cfg
-    cfg = with_disc_settings(with_reused_shape(cfg, disc_source), policy_spec, disc_source)
+    asked, cfg = cfg, with_disc_settings(with_reused_shape(cfg, disc_source), policy_spec, disc_source)
     if cfg.dry_run:   # every check a launch runs, at the planned world size, then the memory plan
         return print_plan(cfg, policy_spec, disc_source, len(samples), asked)
 
