@@ -98,6 +98,10 @@ DISC_GROUPS = [
     [LONG[::-1], "three triangles in a row, then a star: three. " * 3, "triangles", LONG[:60], "3", "count: 3"],
     ["stars", "4", "a star", "blue", "four", ""],
 ]
+# Which student responses are format-valid, per group: as an early policy's are, unevenly, so the processes hold
+# different numbers of counted pairs (3 on process 0, 4 on process 1) and a per-process mean would weigh them
+# differently from one process's mean over all 7.
+DISC_FORMAT_OK = [[True, False], [True, True], [True, True], [True, True]]
 
 
 def disc(out: Path, runtime=None, layout: str = "prefix") -> None:
@@ -139,8 +143,9 @@ def disc(out: Path, runtime=None, layout: str = "prefix") -> None:
                               global_chunks=partial(training.global_max, accelerator))
         s = torch.stack(result.scores)
         terms = discriminator_objective(
-            GroupScores(s[:, 0], s[:, 1], s[:, 2:4], s[:, 4:6], torch.ones(len(mine), 2, dtype=torch.bool),
-                        result.aux_loss), score_reg=0.01, clip=10.0, aux_coef=aux_loss_coef(trained.module))
+            GroupScores(s[:, 0], s[:, 1], s[:, 2:4], s[:, 4:6], torch.tensor([DISC_FORMAT_OK[g] for g in mine]),
+                        result.aux_loss), score_reg=0.01, clip=10.0, aux_coef=aux_loss_coef(trained.module),
+            across=training.processes(accelerator))
         result.backward(terms.loss, trained)
         chunks = len(result.replay.sizes) if result.replay is not None else 1
         stats.append({"loss": training.global_sum(accelerator, float(terms.loss.detach())) / world,

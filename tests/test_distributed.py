@@ -208,6 +208,60 @@ def test_the_discriminator_objective_counts_valid_responses_and_the_models_aux_c
     assert terms.valid_pairs == 1 and terms.acc_caption == 1.0
 
 
+def test_the_discriminator_objective_over_processes_is_the_one_process_mean():
+    """Two processes (threads summing through a barrier, as the backend's all-reduce does) hold unequal numbers of
+    groups and of format-valid pairs: their gradients averaged, as every backend averages them, equal the gradient
+    of one process holding every group, and the floats they return are that process's. Per-process means would
+    weigh the 1 valid pair of process 1 as much as the 4 of process 0."""
+    import threading
+
+    from stages.align.objective import GroupScores, discriminator_objective
+    from stages.common.training.runtime import Processes
+
+    torch.manual_seed(0)
+    teacher = torch.randn(3, 2)                      # [groups, caption/think]
+    student = torch.randn(3, 2, 3)                   # [groups, caption/think, responses]
+    valid = torch.tensor([[True, True, False], [True, True, True], [False, True, False]])
+    aux = torch.tensor(0.0)
+
+    def objective(groups, across=None):
+        t, s = teacher[groups].clone().requires_grad_(), student[groups].clone().requires_grad_()
+        terms = discriminator_objective(GroupScores(t[:, 0], t[:, 1], s[:, 0], s[:, 1], valid[groups], aux),
+                                        score_reg=0.05, clip=1.5, aux_coef=0.0, across=across)
+        terms.loss.backward()
+        return terms, t.grad, s.grad
+
+    one, t_grad, s_grad = objective([0, 1, 2])
+    barrier, posted, results = threading.Barrier(2), {}, {}
+
+    def sums(rank, values):
+        posted[rank] = values
+        barrier.wait()
+        total = [a + b for a, b in zip(posted[0], posted[1])]
+        barrier.wait()
+        return total
+
+    def process(rank, groups):
+        results[rank] = objective(groups, Processes(2, lambda values: sums(rank, values)))
+
+    threads = [threading.Thread(target=process, args=(0, [0, 1])), threading.Thread(target=process, args=(1, [2]))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (first, t0, s0), (second, t1, s1) = results[0], results[1]
+    # the backend averages the processes' gradients
+    torch.testing.assert_close(torch.cat([t0, t1]) / 2, t_grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.cat([s0, s1]) / 2, s_grad, rtol=1e-6, atol=1e-7)
+    for terms in (first, second):
+        assert terms.valid_pairs == one.valid_pairs == 6
+        for key in ("loss_value", "bt_caption", "bt_think", "l2", "acc_caption", "acc_think"):
+            assert getattr(terms, key) == pytest.approx(getattr(one, key), rel=1e-6), key
+    # what a per-process mean would have given instead: not the one-process gradient
+    _, t_local, _ = objective([2])
+    assert not torch.allclose(t_local / 2, t_grad[2:], rtol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------ conformance
 
 def _env(**extra):
@@ -225,8 +279,8 @@ def _run(cmd, cwd, env, ok=True):
     return proc
 
 
-def _torchrun() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+def _torchrun(processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
             str(free_port())]
 
 

@@ -1,11 +1,12 @@
-"""The paper's regime, scaled down to two CPU ranks (torchrun, gloo; marked dist): the paths that only trigger at
-scale, through the real code, compared with one process where the maths says they must agree.
+"""The paper's regime, scaled down to two and three CPU ranks (torchrun, gloo; marked dist): the paths that only
+trigger at scale, through the real code, compared with one process where the maths says they must agree.
 
 tests/dist_worker.py `regime` runs, in one process per rank:
   disc  two discriminator steps of the align objective under a row budget of 200 tokens: several scoring
-        chunks per rank and unequal counts over ranks (5 and 2), backpropagated by ScoreResult.backward; in
-        both chunked layouts (prefix: each chunk's prompts once into a KV cache, then its packed segments;
-        shared: one block-masked row per group);
+        chunks per rank and unequal counts over ranks (5 and 2), format-valid pairs falling unevenly (3 and 4;
+        with three ranks the groups too, 2 / 1 / 1), backpropagated by ScoreResult.backward; in both chunked
+        layouts (prefix: each chunk's prompts once into a KV cache, then its packed segments; shared: one
+        block-masked row per group);
   ppo   two clipped policy updates with 16-token lm_head chunks (several per micro-batch, unequal over
         ranks), process 1 left with no group at all (DAPO's dynamic sampling can do that; it joins with a
         zero-weight filler row) and process 0 holding a text-only group next to image groups (under
@@ -42,15 +43,19 @@ def _stats(out: Path) -> dict:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("backend", ["ddp", "fsdp2", "zero2", "zero3"])
-def test_regime_two_ranks_equal_one_process(regime_single, backend, tmp_path):
-    _run(_torchrun() + [str(WORKER), "regime", str(tmp_path)], ROOT, _env(PRISM_BACKEND=backend, **REGIME))
+@pytest.mark.parametrize("backend,processes", [("ddp", 2), ("fsdp2", 2), ("zero2", 2), ("zero3", 2),
+                                               ("ddp", 3), ("fsdp2", 3)])
+def test_regime_several_ranks_equal_one_process(regime_single, backend, processes, tmp_path):
+    """Three processes too: 4 groups fall 2 / 1 / 1, so the processes hold unequal numbers of groups as well as of
+    valid pairs, and every mean must still be the one-process mean."""
+    _run(_torchrun(processes) + [str(WORKER), "regime", str(tmp_path)], ROOT, _env(PRISM_BACKEND=backend, **REGIME))
     for layout in ("prefix", "shared"):
         disc = f"disc-{layout}"
         ours, ref = _stats(tmp_path / disc), _stats(regime_single / disc)
-        assert ours["backend"] == backend and ours["world"] == 2
+        assert ours["backend"] == backend and ours["world"] == processes
         chunks = ours["stats"][0]["chunks"]
-        assert min(chunks) > 1 and chunks[0] != chunks[1], layout      # several chunks per rank, unequal counts
+        assert max(chunks) > 1 and len(set(chunks)) > 1, layout      # several chunks per rank, unequal counts
+        assert processes > 2 or min(chunks) > 1, layout                # (3 processes: one holds a single short group)
         for key, rtol in (("loss", 1e-5), ("grad_norm", 1e-4)):
             torch.testing.assert_close(torch.tensor([s[key] for s in ours["stats"]]),
                                        torch.tensor([s[key] for s in ref["stats"]]), rtol=rtol, atol=1e-6,

@@ -114,12 +114,14 @@ def mixed_with_rlvr(adv, rewards: dict, group_ids: GroupIds) -> torch.Tensor:
 
 
 def bradley_terry_loss(teacher_scores: torch.Tensor, student_scores: torch.Tensor,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
+                       mask: torch.Tensor | None = None, denominator: float | None = None) -> torch.Tensor:
     """Discriminator pairwise loss: mean over pairs of -log sigmoid(s_teacher - s_student).
 
     The discriminator minimises it (teacher above student). `mask` (bool [N]) selects the pairs
     that count -- the stage passes format-valid student responses. No selected pair gives 0, still
-    attached to the graph so `.backward()` works on every rank.
+    attached to the graph so `.backward()` works on every rank. `denominator` replaces the local count of
+    pairs in the mean: under several processes, the global count's share per process, so that the
+    backend's average over processes gives the mean over every process's pairs.
     """
     if teacher_scores.shape != student_scores.shape:
         raise ValueError(f"teacher_scores {tuple(teacher_scores.shape)} and student_scores "
@@ -128,6 +130,8 @@ def bradley_terry_loss(teacher_scores: torch.Tensor, student_scores: torch.Tenso
     if mask is None:
         # logsigmoid is the stable form of log(sigmoid(.)) for large margins
         pair_losses = -F.logsigmoid(margins)
+        if denominator is not None:
+            return pair_losses.sum() / _positive(denominator)
         return pair_losses.mean() if pair_losses.numel() else pair_losses.sum()
     mask = mask.to(device=margins.device).bool()
     if mask.shape != margins.shape:
@@ -135,20 +139,32 @@ def bradley_terry_loss(teacher_scores: torch.Tensor, student_scores: torch.Tenso
     # select before logsigmoid: excluded pairs may hold NaN, which would leak into the gradient
     margins = torch.where(mask, margins, torch.zeros_like(margins))
     pair_losses = torch.where(mask, -F.logsigmoid(margins), torch.zeros_like(margins))
-    return pair_losses.sum() / mask.sum().clamp(min=1)
+    return pair_losses.sum() / (mask.sum().clamp(min=1) if denominator is None else _positive(denominator))
 
 
-def score_l2(*score_tensors: torch.Tensor) -> torch.Tensor:
+def score_l2(*score_tensors: torch.Tensor, denominators: tuple[float, ...] | None = None) -> torch.Tensor:
     """L2 regulariser on discriminator scores: sum over the given score sets of mean(s^2).
 
     The stage passes the four sets (teacher caption, teacher think, student caption, student think)
     and multiplies by its coefficient (0.001); it keeps scores near 0 since BT only fixes differences.
-    An empty set contributes 0.
+    An empty set contributes 0. `denominators` (one per set) replace the sets' local sizes, as in
+    bradley_terry_loss.
     """
     if not score_tensors:
         raise ValueError("score_l2 needs at least one score tensor")
+    if denominators is not None and len(denominators) != len(score_tensors):
+        raise ValueError(f"score_l2 got {len(denominators)} denominators for {len(score_tensors)} score sets")
     total = None
-    for scores in score_tensors:  # a handful of tensors, not a loop over tokens
-        term = scores.pow(2).mean() if scores.numel() else scores.sum()
+    for i, scores in enumerate(score_tensors):  # a handful of tensors, not a loop over tokens
+        if denominators is not None:
+            term = scores.pow(2).sum() / _positive(denominators[i])
+        else:
+            term = scores.pow(2).mean() if scores.numel() else scores.sum()
         total = term if total is None else total + term
     return total
+
+
+def _positive(denominator: float) -> float:
+    # a count's share per process may be a fraction of one (1 pair over 2 processes: 0.5); none at all means
+    # every sum it divides is 0, and any positive number keeps that 0 finite
+    return float(denominator) if denominator > 0 else 1.0

@@ -487,9 +487,10 @@ def score_rollouts(cfg: AlignConfig, disc, disc_processor, batch, completions
 
 
 def discriminator_update(cfg: AlignConfig, disc, scores: GroupScores, scored: ScoreResult) -> dict:
-    """One step of the discriminator objective (stages.align.objective) on this step's scores."""
+    """One step of the discriminator objective (stages.align.objective) on this step's scores: means over the
+    step's pairs on every process."""
     terms = discriminator_objective(scores, score_reg=cfg.score_reg, clip=cfg.score_clip,
-                                    aux_coef=aux_loss_coef(disc.module))
+                                    aux_coef=aux_loss_coef(disc.module), across=training.processes(disc.accelerator))
     scored.backward(terms.loss, disc)
     return {**terms.metrics("d/"), "d/chunks": scored.num_chunks, "d/grad_norm": disc.step(cfg.max_grad_norm),
             "d/lr": disc.lr}

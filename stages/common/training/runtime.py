@@ -19,6 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -161,6 +162,30 @@ def global_sum(accelerator, value: float) -> float:
         return float(value)
     t = torch.tensor([float(value)], device=accelerator.device, dtype=torch.float64)
     return float(accelerator.reduce(t, reduction="sum").item())
+
+
+def global_sums(accelerator, values: list[float]) -> list[float]:
+    """Sum several python numbers over all processes in one all-reduce."""
+    if accelerator.num_processes == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], device=accelerator.device, dtype=torch.float64)
+    return [float(v) for v in accelerator.reduce(t, reduction="sum").tolist()]
+
+
+@dataclass(frozen=True)
+class Processes:
+    """What a per-process loss needs of the others to be a share of the global mean: how many processes
+    there are, and a sum of several numbers over all of them (one all-reduce)."""
+
+    count: int
+    sums: Callable[[list[float]], list[float]]
+
+
+def processes(accelerator) -> Processes | None:
+    """The run's processes for global means (stages.align.objective), or None with one process."""
+    if accelerator.num_processes == 1:
+        return None
+    return Processes(accelerator.num_processes, lambda values: global_sums(accelerator, values))
 
 
 def global_max(accelerator, value: int) -> int:
