@@ -160,15 +160,55 @@ def disc(out: Path, runtime=None, layout: str = "prefix") -> None:
     accelerator.wait_for_everyone()
 
 
+def figures(out: Path, runtime=None) -> None:
+    """The figures an align and an rl step log, over hand-made values of which each process holds its share:
+    align 6 groups of 2 rollouts (an equal share each, as group_layout gives), rl 7 scored rows (process r takes
+    rows r, r + w, ...: unequal counts, as dynamic sampling leaves them). The main process writes figures.json;
+    with several processes they must equal one process's over everything."""
+    from stages.align.objective import GroupScores
+    from stages.align.run import game_metrics
+    from stages.common.rollout.base import Completion
+    from stages.common.training import runtime as training
+    from stages.rl.run import Rollouts
+
+    runtime = runtime or training.make_runtime()
+    accelerator = runtime.accelerator
+    rank, world = accelerator.process_index, accelerator.num_processes
+    gen = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(6, 2, generator=gen), torch.randn(6, 2, 2, generator=gen)
+    format_ok = torch.tensor([[True, False], [True, True], [False, False], [True, True], [True, False], [True, True]])
+    acc, score = (torch.rand(6, 2, generator=gen) > 0.5).float(), torch.rand(6, 2, generator=gen)
+    advantages = torch.randn(12, generator=gen)
+    groups = slice(rank * 6 // world, (rank + 1) * 6 // world)
+    rows = slice(groups.start * 2, groups.stop * 2)
+    scores = GroupScores(teacher[groups, 0], teacher[groups, 1], student[groups, 0], student[groups, 1],
+                         format_ok[groups], None, tokens=50 * (groups.stop - groups.start))
+    align = game_metrics(accelerator, scores, {"acc": acc[groups], "score": score[groups]}, advantages[rows])
+
+    lengths, reasons = [5, 12, 3, 12, 8, 1, 12], ["stop", "length", "stop", "length", "stop", "stop", "length"]
+    mine = list(range(rank, 7, world))
+    rl = Rollouts(prompts=[], samples=[], completions=[Completion([1] * lengths[i], "", [0.0] * lengths[i],
+                                                                  reasons[i]) for i in mine],
+                  prompt_index=[], rewards=torch.zeros(0), acc=torch.zeros(0), fmt=torch.zeros(0),
+                  all_rewards=[0.1 * i for i in mine], all_acc=[float(i % 2) for i in mine],
+                  all_fmt=[float(i % 3 > 0) for i in mine], all_lengths=[lengths[i] for i in mine]).metrics(accelerator)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "figures.json").write_text(json.dumps({"align": align, "rl": rl, "world": world}))
+    accelerator.wait_for_everyone()
+
+
 def regime(out: Path) -> None:
     """disc in both scoring layouts that chunk (prefix, align's default without checkpointing; shared, with it),
-    then ppo, in one process (one interpreter start and one process group for all: the suite's cost is mostly
-    starting torch and DeepSpeed), into OUT_DIR/disc-prefix, OUT_DIR/disc-shared and OUT_DIR/ppo."""
+    then ppo and figures, in one process (one interpreter start and one process group for all: the suite's cost
+    is mostly starting torch and DeepSpeed), into OUT_DIR/disc-prefix, OUT_DIR/disc-shared, OUT_DIR/ppo and
+    OUT_DIR/figures."""
     from stages.common.training import runtime as training
     runtime = training.make_runtime()
     for layout in ("prefix", "shared"):
         disc(out / f"disc-{layout}", runtime, layout)
     ppo(out / "ppo", runtime)
+    figures(out / "figures", runtime)
     runtime.accelerator.end_training()
 
 

@@ -350,6 +350,11 @@ def test_policy_update_two_ranks_equals_the_single_process_update(ppo_single, ba
     torch.testing.assert_close(torch.tensor([s["update/grad_norm"] for s in ours["stats"]]),
                                torch.tensor([s["update/grad_norm"] for s in theirs["stats"]]), rtol=1e-4, atol=0)
     assert _max_weight_diff(tmp_path / "weights.safetensors", ref / "weights.safetensors") < 1e-4
+    # every logged figure (loss, entropy, clip fractions, ...) is the step's over both processes' tokens
+    for mine, one in zip(ours["stats"], theirs["stats"]):
+        assert mine.keys() == one.keys()
+        for key in one:
+            assert mine[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.dist

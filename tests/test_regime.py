@@ -69,6 +69,14 @@ def test_regime_several_ranks_equal_one_process(regime_single, backend, processe
     assert _max_weight_diff(tmp_path / "ppo" / "weights.safetensors",
                             regime_single / "ppo" / "weights.safetensors") < 1e-4
 
+    # what the log shows is the whole step's, not the main process's share
+    ours, ref = (json.loads((out / "figures" / "figures.json").read_text()) for out in (tmp_path, regime_single))
+    assert ours["world"] == processes and ref["world"] == 1
+    for stage in ("align", "rl"):
+        assert ours[stage].keys() == ref[stage].keys()
+        for key, value in ref[stage].items():
+            assert ours[stage][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (stage, key)
+
 
 @pytest.mark.dist
 def test_align_cli_runs_under_zero2_with_several_scoring_chunks_per_rank(tmp_path):

@@ -156,7 +156,7 @@ def run(cfg: AlignConfig) -> Path:
             if evaluator and evaluator.due(step + 1, cfg.steps):
                 with timer.phase("eval"):
                     held_out = evaluator(step + 1, accelerator, engine, policy, processor)
-            record = {"step": step + 1, **d_metrics, **game_metrics(scores.detached(), rewards, advantages), **update,
+            record = {"step": step + 1, **d_metrics, **game_metrics(accelerator, scores, rewards, advantages), **update,
                       **held_out, **probe_metrics(engine), **ahead.metrics(), **timer.pop(),
                       # refused: a split group's processes all count it
                       "sampling/refused": training.global_sum(accelerator, len(refused) / layout.ranks_per_group)}
@@ -550,8 +550,28 @@ def game_advantages(cfg: AlignConfig, scores: GroupScores, rewards: dict) -> tor
     return adjust(adv, {key: value.flatten() for key, value in rewards.items()}, groups)
 
 
-def game_metrics(scores: GroupScores, rewards: dict, advantages: torch.Tensor) -> dict:
-    """Teacher and student mean scores per segment and the drift gap (teacher - student)."""
+def every_process(accelerator, scores: GroupScores, rewards: dict, advantages: torch.Tensor
+                  ) -> tuple[GroupScores, dict, torch.Tensor]:
+    """Every process's detached scores, rewards and advantages, concatenated, for the logged figures (each
+    process holds an equal share of the step: group_layout). A group split over processes comes back as its
+    slices, each with a copy of its teacher scores: the means are the whole group's."""
+    scores = scores.detached()
+    if accelerator.num_processes == 1:
+        return scores, rewards, advantages
+
+    def gathered(t: torch.Tensor) -> torch.Tensor:
+        return accelerator.gather(t.detach().to(accelerator.device).float().contiguous()).cpu()
+
+    return (GroupScores(gathered(scores.teacher_caption), gathered(scores.teacher_think),
+                        gathered(scores.student_caption), gathered(scores.student_think),
+                        gathered(scores.format_ok).bool(), None, int(training.global_sum(accelerator, scores.tokens))),
+            {key: gathered(value) for key, value in rewards.items()}, gathered(advantages))
+
+
+def game_metrics(accelerator, scores: GroupScores, rewards: dict, advantages: torch.Tensor) -> dict:
+    """Teacher and student mean scores per segment and the drift gap (teacher - student), over every process's
+    groups."""
+    scores, rewards, advantages = every_process(accelerator, scores, rewards, advantages)
     valid = scores.format_ok
     sc, st = scores.student_caption, scores.student_think
     mean_valid = lambda x: float(x[valid].mean()) if bool(valid.any()) else float("nan")  # noqa: E731

@@ -110,7 +110,8 @@ def run(cfg: RLConfig) -> Path:
             if evaluator and evaluator.due(step + 1, cfg.steps):
                 with timer.phase("eval"):
                     update.update(evaluator(step + 1, accelerator, engine, policy, processor))
-            record = {"step": step + 1, **rollouts.metrics(), **sampling, **update, **timer.pop(), "lr": policy.lr}
+            record = {"step": step + 1, **rollouts.metrics(accelerator), **sampling, **update, **timer.pop(),
+                      "lr": policy.lr}
             run_dir.log_metrics(record)
             tracking.log(accelerator, cfg.report_to, record, step + 1)
             bar.advance(status=f"reward {record['reward/mean']:.3f} acc {record['acc/mean']:.3f} "
@@ -196,12 +197,18 @@ class Rollouts:
     all_lengths: list[int]
     filler: tuple | None = None   # (prompt, completion) drawn here: the zero-weight row of a process left with no group
 
-    def metrics(self) -> dict:
-        mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
-        return {"reward/mean": mean(self.all_rewards), "acc/mean": mean(self.all_acc),
-                "format/mean": mean(self.all_fmt), "response_length/mean": mean(self.all_lengths),
-                "response_length/max": max(self.all_lengths, default=0),
-                "truncated/ratio": mean([float(c.finish_reason == "length") for c in self.completions])}
+    def metrics(self, accelerator) -> dict:
+        """The step's figures over every process's rows (one all-reduce; each process holds its share)."""
+        scored, kept = float(len(self.all_rewards)), float(len(self.completions))
+        truncated = float(sum(c.finish_reason == "length" for c in self.completions))
+        rewards, acc, fmt, lengths, scored, truncated, kept = training.global_sums(
+            accelerator, [sum(self.all_rewards), sum(self.all_acc), sum(self.all_fmt), sum(self.all_lengths),
+                          scored, truncated, kept])
+        mean = lambda total, count: total / count if count else 0.0  # noqa: E731
+        return {"reward/mean": mean(rewards, scored), "acc/mean": mean(acc, scored), "format/mean": mean(fmt, scored),
+                "response_length/mean": mean(lengths, scored),
+                "response_length/max": training.global_max(accelerator, max(self.all_lengths, default=0)),
+                "truncated/ratio": mean(truncated, kept)}
 
 
 def score_rows(cfg: RLConfig, samples: list[Sample], completions_by_prompt: list[list]) -> tuple:

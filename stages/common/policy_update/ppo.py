@@ -187,4 +187,4 @@ def _minibatch(settings: PPOSettings, accelerator, policy, reference, batch, old
         stats["entropy"] = (entropy.detach() * mask).sum() / max(n_tok, 1)
         for key, value in stats.items():
             stats_acc[key] = stats_acc.get(key, 0.0) + float(value) * n_tok
-    return {k: v / max(tokens, 1) for k, v in stats_acc.items()}
+    return training.global_token_means(accelerator, stats_acc, tokens)   # over every process's tokens

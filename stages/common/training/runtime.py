@@ -172,6 +172,26 @@ def global_sums(accelerator, values: list[float]) -> list[float]:
     return [float(v) for v in accelerator.reduce(t, reduction="sum").tolist()]
 
 
+def gather_objects(accelerator, obj) -> list:
+    """Every process's picklable `obj`, in rank order (one all_gather_object)."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    gathered = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def global_token_means(accelerator, sums: dict[str, float], tokens: float) -> dict[str, float]:
+    """Means over every process's tokens of token-weighted sums: what a logged per-token figure means under
+    several processes. A process with no tokens contributes no keys."""
+    if accelerator.num_processes > 1:
+        parts = gather_objects(accelerator, (sums, tokens))
+        keys = list(dict.fromkeys(key for part, _ in parts for key in part))
+        sums = {key: sum(part.get(key, 0.0) for part, _ in parts) for key in keys}
+        tokens = sum(count for _, count in parts)
+    return {key: value / max(tokens, 1) for key, value in sums.items()}
+
+
 @dataclass(frozen=True)
 class Processes:
     """What a per-process loss needs of the others to be a share of the global mean: how many processes
