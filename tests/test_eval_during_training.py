@@ -47,6 +47,7 @@ def test_keep_names_an_evaluation_metric():
 @pytest.mark.parametrize("flags,words", [
     (dict(keep="best:synth/acc"), "--eval-tasks synth"),                   # ranks by an evaluation never made
     (dict(eval_tasks=["mathvista"]), "prism eval"),                        # only synth during training
+    (dict(eval_tasks=["synth:test:6"]), "--eval-tasks synth --eval-n N"),  # a data spec for the task's name
     (dict(eval_tasks=["synth"], eval_synth="synth:train:200"), "test split"),
     (dict(eval_tasks=["synth"], data=["synth:test:32"]), "test split"),   # training on the held-out problems
     (dict(eval_tasks=["synth"], eval_n=0), "eval_n"),

@@ -67,6 +67,11 @@ def check_eval_options(cfg) -> None:
     """The checks every training stage runs on its evaluation options (eval_tasks, eval_n, eval_synth,
     eval_batch_size, keep, data): at config validation, before anything loads."""
     unknown = [t for t in cfg.eval_tasks if t not in TRAINING_EVAL_TASKS]
+    specs = [t for t in unknown if t.split(":")[0] in TRAINING_EVAL_TASKS]
+    if specs:   # a data spec (synth:test:6) where the task's name goes
+        raise UsageError(f"--eval-tasks {specs[0]}: name the task ({specs[0].split(':')[0]}), not a data spec",
+                         hint=f"--eval-tasks {specs[0].split(':')[0]} --eval-n N evaluates on the first N problems of "
+                              f"{cfg.eval_synth} (--set eval_synth=... picks the pool)")
     if unknown:
         raise UsageError(f"--eval-tasks {','.join(unknown)}: a training stage evaluates only on "
                          f"{', '.join(TRAINING_EVAL_TASKS)} as it runs",
