@@ -381,6 +381,8 @@ def test_align_and_rl_run_with_two_ranks_under_zero2(tmp_path):
     summary = json.loads((rl / "prism.json").read_text())["summary"]
     sums = summary["replica_weight_sums"]
     assert summary["backend"] == "zero2" and len(sums) == 2 and sums[0] == sums[1]
+    for record in _records(rl):   # the step's counts over both processes (one group each), not process 0's
+        assert record["sampling/groups_drawn"] == 2 * record["sampling/gen_batches"]
 
 
 def test_hf_decode_keeps_stepping_while_another_rank_decodes_and_returns_the_same_samples(tiny_path):

@@ -317,9 +317,11 @@ def collect_rollouts(cfg: RLConfig, accelerator, policy, engine, ahead: Rollouts
         acc=torch.cat(kept["acc"]) if k else torch.zeros(0), fmt=torch.cat(kept["fmt"]) if k else torch.zeros(0),
         all_rewards=seen["rewards"], all_acc=seen["acc"], all_fmt=seen["fmt"], all_lengths=seen["lengths"],
         filler=(rollout_prompts[0], completions[0][0]))
-    sampling = {"sampling/gen_batches": batches, "sampling/groups_drawn": groups_total,
-                "sampling/groups_kept": groups_kept, "sampling/filled": filled / (quota * world),
-                "sampling/refused": int(training.global_sum(accelerator, refused_total)),   # every process calls it
+    # every process calls it: the step's counts over all of them
+    drawn, kept_groups, refused_groups = training.global_sums(accelerator, [groups_total, groups_kept, refused_total])
+    sampling = {"sampling/gen_batches": batches, "sampling/groups_drawn": int(drawn),
+                "sampling/groups_kept": int(kept_groups), "sampling/filled": filled / (quota * world),
+                "sampling/refused": int(refused_groups),
                 **ahead.metrics(),         # the first batch's policy lag (and, generated ahead, the wait for it)
                 **probe_metrics(engine)}   # vllm: this step's sync, engine vs trainer
     return rollouts, cursor, sampling
