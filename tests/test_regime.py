@@ -96,6 +96,48 @@ def test_align_cli_runs_under_zero2_with_several_scoring_chunks_per_rank(tmp_pat
     assert game[0]["d/chunks"] > 1 and warm[0]["warmup/chunks"] > 1      # rank 0's; the budget split the groups
 
 
+@pytest.mark.dist
+def test_the_discriminator_warmup_on_two_ranks_equals_one_process_given_the_same_pairs(tmp_path):
+    """`--warmup-pairs` fixes the pairs, so each warmup batch on two ranks is the one-process batch split in two
+    (rank r takes pairs r, r + 2, ...): every logged warmup figure and the discriminator's weights must equal the
+    one-process run's. A dense discriminator: the router aux loss is a per-process statistic."""
+    import base64
+
+    from stages.common.world import synth
+
+    rows = []
+    samples = synth.load("synth:train:10", seed=0)
+    demos = [synth.oracle_demo(sample) for sample in samples]
+    for i, sample in enumerate(samples):
+        other = demos[(i + 3) % len(samples)]                      # a wrong but well-formed student
+        rows.append({"prompt": sample.question,
+                     "image": "data:image/png;base64," + base64.b64encode(sample.images[0]).decode(),
+                     "teacher_caption": demos[i].caption, "teacher_cot": demos[i].think,
+                     "student_caption": other.caption, "student_cot": other.think if i % 3 else ""})
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["-m", "prism_cli", "align", "--ckpt", "tiny", "--data", "synth:train:8", "--steps", "0",
+            "--warmup-steps", "3", "--warmup-batch", "4", "--warmup-pairs", str(pairs), "--set", "warmup_holdout=0.2",
+            "--set", "disc_dense=true", "--set", "disc_row_tokens=200"]
+    _run([sys.executable, *args, "--out", str(tmp_path / "one")], tmp_path, _env())
+    _run(_torchrun() + [*args, "--out", str(tmp_path / "two")], tmp_path, _env(PRISM_BACKEND="ddp"))
+
+    def warmup(out):
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in records if r.get("phase") in ("warmup", "warmup_done")]
+
+    one, two = warmup(tmp_path / "one"), warmup(tmp_path / "two")
+    assert len(one) == len(two) == 4 and one[0].keys() == two[0].keys()
+    for mine, theirs in zip(two, one):
+        for key, value in theirs.items():
+            if isinstance(value, str):
+                assert mine[key] == value, key
+            elif key != "warmup/chunks":   # each process's own count of its scoring chunks
+                assert mine[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert _max_weight_diff(tmp_path / "two" / "discriminator" / "model.safetensors",
+                            tmp_path / "one" / "discriminator" / "model.safetensors") < 1e-4
+
+
 # ------------------------------------------------------------------------------------------- SIGKILL + resume
 
 # sft as in tests/test_distributed.py (2 ranks, micro-batch 2, 2 accumulation steps), long enough to be killed

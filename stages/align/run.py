@@ -351,8 +351,9 @@ def warmup(cfg, accelerator, policy, engine, disc, disc_processor, samples, run_
             start = (step * cfg.warmup_batch) % max(len(train), 1)
             batch = [train[(start + i) % len(train)] for i in range(cfg.warmup_batch)][rank::world]
             loss, metrics, scored = pair_loss(disc.model, disc_processor, batch, layout=cfg.disc_layout,
-                                              score_l2_coef=cfg.score_reg, clip=cfg.score_clip, **budget)
-            scored.backward(loss, disc)  # mean over this process's pairs; the backend averages the processes
+                                              score_l2_coef=cfg.score_reg, clip=cfg.score_clip,
+                                              across=training.processes(accelerator), **budget)
+            scored.backward(loss, disc)   # this process's share of the mean over every process's pairs
             grad_norm = disc.step(cfg.max_grad_norm)
             record = {"phase": "warmup", "warmup_step": step + 1, "step": 0, **{f"warmup/{k}": v for k, v in
                                                                                   metrics.items()},

@@ -621,24 +621,29 @@ def _pair_scores(disc, processor, pairs: Sequence[PreferencePair], layout: str, 
 
 
 def pair_loss(disc, processor, pairs: Sequence[PreferencePair], *, layout: str = "shared",
-              score_l2_coef: float = 0.0, clip: float = SCORE_CLIP, **score_kwargs
+              score_l2_coef: float = 0.0, clip: float = SCORE_CLIP, across=None, **score_kwargs
               ) -> tuple[torch.Tensor, dict, ScoreResult]:
     """The pairwise Bradley-Terry objective on (teacher, student) pairs, for the caller to backward:
     BT(caption) + BT(think) + aux_coef * router aux loss (+ score_l2_coef * mean squared score over the
     four score sets), scores clipped to [-clip, clip]. score_kwargs go to score_groups (max_row_tokens,
-    global_chunks). Returns (loss, float metrics, the ScoreResult whose backward(loss) backpropagates)."""
+    global_chunks); `across` (training.processes) makes the means, and the metrics, those over every process's
+    pairs (stages.align.objective). Returns (loss, float metrics, the ScoreResult whose backward(loss)
+    backpropagates)."""
     raw, result = _pair_scores(disc, processor, pairs, layout, output_router_logits=True, **score_kwargs)
     # a pair is a group of one response; the objective is the game's (stages.align.objective)
     terms = discriminator_objective(
         GroupScores(raw[:, 0], raw[:, 1], raw[:, 2:3], raw[:, 3:4], torch.ones(len(pairs), 1, dtype=torch.bool),
-                    result.aux_loss), score_reg=score_l2_coef, clip=clip, aux_coef=aux_loss_coef(disc))
-    loss = terms.loss
+                    result.aux_loss), score_reg=score_l2_coef, clip=clip, aux_coef=aux_loss_coef(disc), across=across)
     with torch.no_grad():
-        metrics = {"loss": float(loss), "bt_caption": terms.bt_caption, "bt_think": terms.bt_think,
-                   "aux_loss": terms.aux_loss, "acc_caption": terms.acc_caption, "acc_think": terms.acc_think,
-                   "score_teacher": float(raw[:, :2].mean()), "score_student": float(raw[:, 2:].mean()),
-                   "tokens": result.num_tokens, "chunks": result.num_chunks}
-    return loss, metrics, result
+        teacher, student = float(raw[:, :2].sum()), float(raw[:, 2:].sum())
+    scores, tokens = 2 * len(pairs), result.num_tokens
+    if across is not None:
+        teacher, student, scores, tokens = across.sums([teacher, student, scores, tokens])
+    metrics = {"loss": terms.loss_value, "bt_caption": terms.bt_caption, "bt_think": terms.bt_think,
+               "aux_loss": terms.aux_loss, "acc_caption": terms.acc_caption, "acc_think": terms.acc_think,
+               "score_teacher": teacher / max(scores, 1), "score_student": student / max(scores, 1),
+               "tokens": int(tokens), "chunks": result.num_chunks}
+    return terms.loss, metrics, result
 
 
 def warmup_step(disc, optimizer, pairs: Sequence[PreferencePair], processor, *, layout: str = "shared",
