@@ -97,6 +97,29 @@ def test_align_cli_runs_under_zero2_with_several_scoring_chunks_per_rank(tmp_pat
 
 
 @pytest.mark.dist
+def test_align_and_rl_run_on_three_processes_with_a_group_split_over_all_three(tmp_path):
+    """The paper's align layout on 8 GPUs, 4 prompts x 16 rollouts, splits each group over processes. Scaled to 3:
+    one prompt's 3 rollouts, one on each process, under FSDP2; then rl with one prompt per process. The counts rl
+    logs are the step's over all three processes."""
+    align = tmp_path / "align"
+    _run(_torchrun(3) + ["-m", "prism_cli", "align", "--ckpt", "tiny", "--data", "synth:train:16", "--steps", "2",
+                         "--prompts-per-step", "1", "--rollouts-per-prompt", "3", "--max-new-tokens", "12",
+                         "--warmup-steps", "1", "--warmup-prompts", "6", "--warmup-batch", "3",
+                         "--out", str(align)], tmp_path, _env(PRISM_BACKEND="fsdp2"))
+    summary = json.loads((align / "prism.json").read_text())["summary"]
+    assert summary["processes"] == 3 and summary["backend"] == "fsdp2" and summary["steps"] == 2
+    game = [json.loads(line) for line in (align / "metrics.jsonl").read_text().splitlines() if '"d/grad_norm"' in line]
+    assert len(game) == 2 and all(r["d/valid_pairs"] <= 3 for r in game)
+    rl = tmp_path / "rl"
+    _run(_torchrun(3) + ["-m", "prism_cli", "rl", "--algo", "grpo", "--ckpt", str(align), "--data", "synth:train:16",
+                         "--steps", "2", "--prompts-per-step", "3", "--rollouts-per-prompt", "2", "--max-new-tokens",
+                         "12", "--out", str(rl)], tmp_path, _env(PRISM_BACKEND="ddp"))
+    records = [json.loads(line) for line in (rl / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "sampling/groups_drawn" in r]
+    assert len(steps) == 2 and all(r["sampling/groups_drawn"] == 3 * r["sampling/gen_batches"] for r in steps)
+
+
+@pytest.mark.dist
 def test_the_discriminator_warmup_on_two_ranks_equals_one_process_given_the_same_pairs(tmp_path):
     """`--warmup-pairs` fixes the pairs, so each warmup batch on two ranks is the one-process batch split in two
     (rank r takes pairs r, r + 2, ...): every logged warmup figure and the discriminator's weights must equal the
