@@ -97,12 +97,17 @@ def test_align_cli_runs_under_zero2_with_several_scoring_chunks_per_rank(tmp_pat
 
 
 @pytest.mark.dist
-def test_align_and_rl_run_on_three_processes_with_a_group_split_over_all_three(tmp_path):
-    """The paper's align layout on 8 GPUs, 4 prompts x 16 rollouts, splits each group over processes. Scaled to 3:
-    one prompt's 3 rollouts, one on each process, under FSDP2; then rl with one prompt per process. The counts rl
-    logs are the step's over all three processes."""
+def test_the_pipeline_runs_on_three_processes_with_a_group_split_over_all_three(tmp_path):
+    """sft, align and rl chained through the CLI on 3 processes. The paper's align layout on 8 GPUs, 4 prompts x
+    16 rollouts, splits each group over processes; scaled to 3: one prompt's 3 rollouts, one on each process, under
+    FSDP2. Then rl with one prompt per process; the counts it logs are the step's over all three processes."""
+    sft = tmp_path / "sft"
+    _run(_torchrun(3) + ["-m", "prism_cli", "sft", "--ckpt", "tiny", "--data", "synth:train:24", "--batch-size", "6",
+                         "--micro-batch-size", "2", "--max-steps", "2", "--set", "eval_fraction=0", "--out", str(sft)],
+         tmp_path, _env(PRISM_BACKEND="zero2"))
+    assert json.loads((sft / "prism.json").read_text())["summary"]["processes"] == 3
     align = tmp_path / "align"
-    _run(_torchrun(3) + ["-m", "prism_cli", "align", "--ckpt", "tiny", "--data", "synth:train:16", "--steps", "2",
+    _run(_torchrun(3) + ["-m", "prism_cli", "align", "--ckpt", str(sft), "--data", "synth:train:16", "--steps", "2",
                          "--prompts-per-step", "1", "--rollouts-per-prompt", "3", "--max-new-tokens", "12",
                          "--warmup-steps", "1", "--warmup-prompts", "6", "--warmup-batch", "3",
                          "--out", str(align)], tmp_path, _env(PRISM_BACKEND="fsdp2"))
