@@ -521,14 +521,11 @@ def gather_split_groups(accelerator, layout: GroupLayout, scores: GroupScores,
                         rewards: dict) -> tuple[GroupScores, dict]:
     """Every process's [1, n/k] student scores, format flags and rewards (one slice of a group split over k
     processes), gathered into whole groups [prompts, n], in rank order: slice r % k of group r // k."""
-    def gathered(t: torch.Tensor) -> torch.Tensor:   # [1, ...] per process -> [world, ...]
-        return accelerator.gather(t.detach().to(accelerator.device).float().contiguous()).cpu()
+    def whole(t: torch.Tensor) -> torch.Tensor:   # [1, n/k] per process -> [prompts, n]
+        return gathered(accelerator, t).reshape(layout.prompts, layout.rollouts)
 
-    def whole(t: torch.Tensor) -> torch.Tensor:
-        return gathered(t).reshape(layout.prompts, layout.rollouts)
-
-    return (GroupScores(teacher_caption=gathered(scores.teacher_caption)[::layout.ranks_per_group],
-                        teacher_think=gathered(scores.teacher_think)[::layout.ranks_per_group],
+    return (GroupScores(teacher_caption=gathered(accelerator, scores.teacher_caption)[::layout.ranks_per_group],
+                        teacher_think=gathered(accelerator, scores.teacher_think)[::layout.ranks_per_group],
                         student_caption=whole(scores.student_caption), student_think=whole(scores.student_think),
                         format_ok=whole(scores.format_ok).bool(), aux_loss=scores.aux_loss, tokens=scores.tokens),
             {key: whole(value) for key, value in rewards.items()})
@@ -559,14 +556,16 @@ def every_process(accelerator, scores: GroupScores, rewards: dict, advantages: t
     scores = scores.detached()
     if accelerator.num_processes == 1:
         return scores, rewards, advantages
+    every = lambda t: gathered(accelerator, t)  # noqa: E731
+    return (GroupScores(every(scores.teacher_caption), every(scores.teacher_think), every(scores.student_caption),
+                        every(scores.student_think), every(scores.format_ok).bool(), None,
+                        int(training.global_sum(accelerator, scores.tokens))),
+            {key: every(value) for key, value in rewards.items()}, every(advantages))
 
-    def gathered(t: torch.Tensor) -> torch.Tensor:
-        return accelerator.gather(t.detach().to(accelerator.device).float().contiguous()).cpu()
 
-    return (GroupScores(gathered(scores.teacher_caption), gathered(scores.teacher_think),
-                        gathered(scores.student_caption), gathered(scores.student_think),
-                        gathered(scores.format_ok).bool(), None, int(training.global_sum(accelerator, scores.tokens))),
-            {key: gathered(value) for key, value in rewards.items()}, gathered(advantages))
+def gathered(accelerator, t: torch.Tensor) -> torch.Tensor:
+    """Every process's copy of `t` (equal shapes), concatenated along dim 0 in rank order, as float on the CPU."""
+    return accelerator.gather(t.detach().to(accelerator.device).float().contiguous()).cpu()
 
 
 def game_metrics(accelerator, scores: GroupScores, rewards: dict, advantages: torch.Tensor) -> dict:

@@ -158,10 +158,7 @@ def warmup_steps_from(warmup: float, total_steps: int) -> int:
 
 def global_sum(accelerator, value: float) -> float:
     """Sum a python number over all processes (token counts for loss normalisation)."""
-    if accelerator.num_processes == 1:
-        return float(value)
-    t = torch.tensor([float(value)], device=accelerator.device, dtype=torch.float64)
-    return float(accelerator.reduce(t, reduction="sum").item())
+    return global_sums(accelerator, [value])[0]
 
 
 def global_sums(accelerator, values: list[float]) -> list[float]:
